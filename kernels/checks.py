@@ -1,0 +1,142 @@
+"""Host-side argument checks shared by the reference and Triton kernels.
+
+A bad argument must be a clear Python error before launch, never a device fault. The
+checks read shapes and dtypes only, except the bound check of block tables and seq_starts,
+which reads one max() from the device: callers in a hot loop that build those tables
+themselves (the engines) pass ``validate=False``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KernelArgumentError(ValueError):
+    """An argument a kernel cannot run with; the message names it."""
+
+
+_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_TYPES = (torch.int32, torch.int64)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise KernelArgumentError(message)
+
+
+def check_block_size(block_size: int) -> None:
+    _require(
+        isinstance(block_size, int) and 1 <= block_size <= 256 and block_size & (block_size - 1) == 0,
+        f"block_size must be a power of two in [1, 256], got {block_size!r}",
+    )
+
+
+def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _require(k_cache.dim() == 3, f"k_cache must be [num_slots, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
+    _require(k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _require(k_cache.dtype == v_cache.dtype, f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    _require(k_cache.dtype in _FLOAT_TYPES, f"cache dtype must be fp16, bf16 or fp32, got {k_cache.dtype}")
+    _require(k_cache.device == v_cache.device, "k_cache and v_cache are on different devices")
+
+
+def check_addressing(
+    batch: int,
+    num_slots: int,
+    block_tables: torch.Tensor | None,
+    seq_starts: torch.Tensor | None,
+    block_size: int,
+    seq_lens: torch.Tensor,
+) -> None:
+    """Exactly one addressing mode, with every address inside the cache."""
+    _require(
+        (block_tables is None) != (seq_starts is None),
+        "pass exactly one of block_tables (paged) or seq_starts (contiguous)",
+    )
+    _require(seq_lens.dim() == 1 and seq_lens.shape[0] == batch, f"seq_lens must be [{batch}], got {tuple(seq_lens.shape)}")
+    _require(seq_lens.dtype in _INDEX_TYPES, f"seq_lens must be int32 or int64, got {seq_lens.dtype}")
+    max_len = int(seq_lens.max()) if batch else 0
+    if block_tables is not None:
+        check_block_size(block_size)
+        _require(block_tables.dim() == 2 and block_tables.shape[0] == batch,
+                 f"block_tables must be [{batch}, max_blocks], got {tuple(block_tables.shape)}")
+        _require(block_tables.dtype in _INDEX_TYPES, f"block_tables must be int32 or int64, got {block_tables.dtype}")
+        _require(num_slots % block_size == 0, f"cache of {num_slots} slots is not a whole number of {block_size}-slot blocks")
+        needed = -(-max_len // block_size)
+        _require(block_tables.shape[1] >= needed,
+                 f"block_tables has {block_tables.shape[1]} columns but a sequence of {max_len} tokens needs {needed}")
+        if batch and block_tables.numel():
+            num_blocks = num_slots // block_size
+            # Only the entries a sequence actually uses must be valid; padding entries may hold anything.
+            used = torch.arange(block_tables.shape[1], device=block_tables.device) < (
+                (seq_lens.to(block_tables.device).long() + block_size - 1) // block_size
+            ).unsqueeze(1)
+            entries = block_tables[used]
+            if entries.numel():
+                lo, hi = int(entries.min()), int(entries.max())
+                _require(lo >= 0 and hi < num_blocks,
+                         f"block table entry {hi if hi >= num_blocks else lo} is outside the cache's {num_blocks} blocks")
+    else:
+        _require(seq_starts.dim() == 1 and seq_starts.shape[0] == batch, f"seq_starts must be [{batch}], got {tuple(seq_starts.shape)}")
+        _require(seq_starts.dtype in _INDEX_TYPES, f"seq_starts must be int32 or int64, got {seq_starts.dtype}")
+        if batch:
+            ends = seq_starts.long() + seq_lens.to(seq_starts.device).long()
+            _require(int(seq_starts.min()) >= 0 and int(ends.max()) <= num_slots,
+                     f"a contiguous region runs past the cache's {num_slots} slots")
+
+
+def check_attention_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor | None,
+    seq_starts: torch.Tensor | None,
+    block_size: int,
+    query_start_loc: torch.Tensor | None = None,
+) -> None:
+    check_cache_pair(k_cache, v_cache)
+    _require(q.dim() == 3, f"q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
+    _require(q.dtype == k_cache.dtype, f"q is {q.dtype} but the cache is {k_cache.dtype}")
+    _require(q.device == k_cache.device, f"q is on {q.device} but the cache is on {k_cache.device}")
+    _require(q.shape[2] == k_cache.shape[2], f"q head_dim {q.shape[2]} != cache head_dim {k_cache.shape[2]}")
+    _require(q.shape[1] % k_cache.shape[1] == 0,
+             f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[1]} KV heads")
+    if query_start_loc is None:
+        batch = q.shape[0]
+    else:
+        _require(query_start_loc.dim() == 1 and query_start_loc.shape[0] >= 1, "query_start_loc must be [batch + 1]")
+        batch = query_start_loc.shape[0] - 1
+        if batch:
+            q_lens = (query_start_loc[1:] - query_start_loc[:-1]).to(seq_lens.device)
+            _require(int(query_start_loc[-1]) == q.shape[0],
+                     f"query_start_loc ends at {int(query_start_loc[-1])} but q has {q.shape[0]} tokens")
+            _require(bool((q_lens >= 0).all()) and bool((q_lens <= seq_lens).all()),
+                     "each sequence needs 0 <= query length <= seq_len")
+    check_addressing(batch, k_cache.shape[0], block_tables, seq_starts, block_size, seq_lens)
+
+
+def check_write_args(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    check_cache_pair(k_cache, v_cache)
+    _require(key.shape == value.shape, f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
+    _require(key.dim() == 3 and key.shape[1:] == k_cache.shape[1:],
+             f"key must be [tokens, {k_cache.shape[1]}, {k_cache.shape[2]}], got {tuple(key.shape)}")
+    _require(slot_mapping.dim() == 1 and slot_mapping.shape[0] == key.shape[0],
+             f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
+    _require(slot_mapping.dtype in _INDEX_TYPES, f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    if slot_mapping.numel():
+        _require(int(slot_mapping.max()) < k_cache.shape[0],
+                 f"slot {int(slot_mapping.max())} is outside the cache's {k_cache.shape[0]} slots")
+
+
+def check_copy_args(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
+    check_block_size(block_size)
+    _require(kv_cache.dim() == 5 and kv_cache.shape[1] == 2,
+             f"kv_cache must be [num_layers, 2, num_slots, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+    _require(src.shape == dst.shape and src.dim() == 1, "src and dst must be 1-D block lists of equal length")
+    num_blocks = kv_cache.shape[2] // block_size
+    for name, blocks in (("src", src), ("dst", dst)):
+        if blocks.numel():
+            _require(int(blocks.min()) >= 0 and int(blocks.max()) < num_blocks,
+                     f"{name} block outside the cache's {num_blocks} blocks")

@@ -1,0 +1,156 @@
+"""Pure-torch attention and KV-cache kernels: the test oracles and the CPU path.
+
+Layout shared by every kernel and both engines. One layer's cache is a tensor
+``[num_slots, num_kv_heads, head_dim]``; a paged cache is the same memory seen as
+``[num_blocks, block_size, num_kv_heads, head_dim]``. Only the addressing differs:
+
+* paged: token ``t`` of sequence ``b`` lives in slot
+  ``block_tables[b, t // block_size] * block_size + t % block_size``;
+* contiguous: it lives in slot ``seq_starts[b] + t`` (one region of an arena per sequence).
+
+``seq_lens[b]`` counts every token of sequence ``b`` whose K/V is in the cache after this
+step's write, new tokens included; the ``q_len`` new query tokens of a sequence are its
+last ``q_len`` positions and attend causally to everything up to their own position.
+Math runs in float32 whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.checks import check_attention_args, check_copy_args, check_write_args
+
+
+def context_slots(
+    b: int,
+    n: int,
+    *,
+    block_tables: torch.Tensor | None,
+    seq_starts: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    """Slot index of each of the first ``n`` tokens of sequence ``b``."""
+    device = block_tables.device if block_tables is not None else seq_starts.device
+    pos = torch.arange(n, device=device, dtype=torch.long)
+    if block_tables is not None:
+        blocks = block_tables[b, pos // block_size].long()
+        return blocks * block_size + pos % block_size
+    return seq_starts[b].long() + pos
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last ``m`` positions (q: [m, Hq, D]) over ``n`` keys (k, v: [n, Hkv, D])."""
+    m, n = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    qf = q.float().transpose(0, 1)  # [Hq, m, D]
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, n, D]
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [Hq, m, n]
+    q_pos = torch.arange(n - m, n, device=q.device).unsqueeze(1)
+    k_pos = torch.arange(n, device=q.device).unsqueeze(0)
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), vf)  # [Hq, m, D]
+    return out.transpose(0, 1).to(q.dtype)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    block_tables: torch.Tensor | None = None,
+    seq_starts: torch.Tensor | None = None,
+    block_size: int = 1,
+    scale: float | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Varlen causal attention: q [T, Hq, D], query tokens of sequence b are
+    ``q[query_start_loc[b]:query_start_loc[b+1]]``; keys and values come from the cache.
+
+    ``max_query_len`` / ``max_seq_len`` are host-side upper bounds that a GPU kernel sizes its
+    grid with (the engine knows them without a device sync); the reference ignores them."""
+    if validate:
+        check_attention_args(q, k_cache, v_cache, seq_lens, block_tables, seq_starts, block_size, query_start_loc)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, n in enumerate(lens):
+        lo, hi = starts[b], starts[b + 1]
+        if hi == lo:
+            continue
+        slots = context_slots(b, n, block_tables=block_tables, seq_starts=seq_starts, block_size=block_size)
+        out[lo:hi] = _attend(q[lo:hi], k_cache[slots], v_cache[slots], scale)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    block_tables: torch.Tensor | None = None,
+    seq_starts: torch.Tensor | None = None,
+    block_size: int = 1,
+    scale: float | None = None,
+    max_seq_len: int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """One query token per sequence (q: [B, Hq, D]) attending to its whole context."""
+    query_start_loc = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
+    return prefill_attention(
+        q, k_cache, v_cache, query_start_loc, seq_lens,
+        block_tables=block_tables, seq_starts=seq_starts, block_size=block_size, scale=scale,
+        max_query_len=1, max_seq_len=max_seq_len, validate=validate,
+    )
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    validate: bool = True,
+) -> None:
+    """Store new K/V rows (key, value: [T, Hkv, D]) at ``slot_mapping`` [T]; a negative slot is padding, skipped."""
+    if validate:
+        check_write_args(key, value, k_cache, v_cache, slot_mapping)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache[slots] = key[keep].to(k_cache.dtype)
+    v_cache[slots] = value[keep].to(v_cache.dtype)
+
+
+def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` in every layer (copy-on-write).
+
+    ``kv_cache`` is the engine's whole cache ``[num_layers, 2, num_slots, Hkv, D]``.
+    """
+    check_copy_args(kv_cache, src, dst, block_size)
+    offs = torch.arange(block_size, device=kv_cache.device)
+    src_slots = (src.to(kv_cache.device).long().unsqueeze(1) * block_size + offs).flatten()
+    dst_slots = (dst.to(kv_cache.device).long().unsqueeze(1) * block_size + offs).flatten()
+    kv_cache[:, :, dst_slots] = kv_cache[:, :, src_slots]
+
+
+def swap_blocks(
+    src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int
+) -> None:
+    """Copy blocks ``src[i]`` of one cache to blocks ``dst[i]`` of another (GPU <-> pinned CPU swap).
+
+    Both caches are ``[num_layers, 2, num_slots, Hkv, D]`` and may live on different devices.
+    """
+    check_copy_args(src_cache, src, src, block_size)
+    check_copy_args(dst_cache, dst, dst, block_size)
+    offs = torch.arange(block_size)
+    src_slots = (src.cpu().long().unsqueeze(1) * block_size + offs).flatten()
+    dst_slots = (dst.cpu().long().unsqueeze(1) * block_size + offs).flatten()
+    moved = src_cache[:, :, src_slots.to(src_cache.device)]
+    dst_cache[:, :, dst_slots.to(dst_cache.device)] = moved.to(dst_cache.device, non_blocking=True)
