@@ -1,0 +1,107 @@
+"""Per-step attention metadata: built by a KV manager, passed explicitly to the model.
+
+A step's tokens are flattened into one batch with the decoding sequences (one new token
+each) first and the prefilling ones (a chunk of their prompt) after them, so that the
+model can run the decode kernel on the first part and the prefill kernel on the rest.
+The paged and contiguous engines differ only in ``Addressing``: block tables or start
+offsets into one arena. Everything here is device tensors plus host-side bounds, so the
+model needs no device sync to launch its kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Addressing:
+    """Where each sequence's tokens live in the cache: exactly one of the two tensors is set."""
+
+    block_tables: torch.Tensor | None  # [B, max_blocks] int32 (paged)
+    seq_starts: torch.Tensor | None  # [B] int32 (contiguous)
+    block_size: int
+
+    def rows(self, lo: int, hi: int) -> "Addressing":
+        if self.block_tables is not None:
+            return Addressing(self.block_tables[lo:hi], None, self.block_size)
+        return Addressing(None, self.seq_starts[lo:hi], self.block_size)
+
+    def kernel_kwargs(self) -> dict:
+        return {"block_tables": self.block_tables, "seq_starts": self.seq_starts, "block_size": self.block_size}
+
+
+@dataclass
+class DecodeBatch:
+    seq_lens: torch.Tensor  # [Bd] int32, context including the new token
+    addressing: Addressing
+    max_seq_len: int  # host-side upper bound of seq_lens
+
+
+@dataclass
+class PrefillBatch:
+    query_start_loc: torch.Tensor  # [Bp + 1] int32, offsets into this part's query tokens
+    seq_lens: torch.Tensor  # [Bp] int32, context including this chunk
+    addressing: Addressing
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: the cache slot each new token's K/V is written to (-1: skip)
+    num_decode_tokens: int  # the first num_decode_tokens tokens are single-token decodes
+    decode: DecodeBatch | None
+    prefill: PrefillBatch | None
+
+
+@dataclass
+class StepSequence:
+    """One sequence's share of a step, as a KV manager describes it (host side)."""
+
+    num_computed: int  # tokens whose K/V is already in the cache
+    num_new: int  # tokens computed this step
+
+
+def build_metadata(
+    seqs: list[StepSequence],
+    slot_mapping: np.ndarray,
+    *,
+    block_tables: np.ndarray | None,
+    seq_starts: np.ndarray | None,
+    block_size: int,
+    device: torch.device,
+) -> AttentionMetadata:
+    """Turn host-side step data into device metadata; decodes must come first in ``seqs``."""
+    num_new = np.fromiter((s.num_new for s in seqs), dtype=np.int32, count=len(seqs))
+    seq_lens = num_new + np.fromiter((s.num_computed for s in seqs), dtype=np.int32, count=len(seqs))
+    num_decodes = 0
+    while num_decodes < len(seqs) and num_new[num_decodes] == 1 and seqs[num_decodes].num_computed > 0:
+        num_decodes += 1
+    seq_lens_t = torch.from_numpy(seq_lens).to(device, non_blocking=True)
+    if block_tables is not None:
+        full = Addressing(torch.from_numpy(block_tables).to(device, non_blocking=True), None, block_size)
+    else:
+        full = Addressing(None, torch.from_numpy(seq_starts.astype(np.int32)).to(device, non_blocking=True), block_size)
+    decode = prefill = None
+    if num_decodes:
+        decode = DecodeBatch(seq_lens_t[:num_decodes], full.rows(0, num_decodes), int(seq_lens[:num_decodes].max()))
+    if num_decodes < len(seqs):
+        rest = num_new[num_decodes:]
+        qsl = np.zeros(len(rest) + 1, dtype=np.int32)
+        np.cumsum(rest, out=qsl[1:])
+        prefill = PrefillBatch(
+            query_start_loc=torch.from_numpy(qsl).to(device, non_blocking=True),
+            seq_lens=seq_lens_t[num_decodes:],
+            addressing=full.rows(num_decodes, len(seqs)),
+            max_query_len=int(rest.max()),
+            max_seq_len=int(seq_lens[num_decodes:].max()),
+        )
+    return AttentionMetadata(
+        slot_mapping=torch.from_numpy(slot_mapping.astype(np.int64)).to(device, non_blocking=True),
+        num_decode_tokens=num_decodes,
+        decode=decode,
+        prefill=prefill,
+    )

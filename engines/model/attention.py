@@ -1,0 +1,59 @@
+"""Self-attention over a KV cache, addressed through the step's explicit metadata."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from engines.kv.metadata import AttentionMetadata
+from engines.model.config import ModelConfig
+from engines.model.layers import RMSNorm, RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = rotary
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        ops: ModuleType,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False)
+        out = torch.empty_like(q)
+        n = meta.num_decode_tokens
+        if meta.decode is not None:
+            d = meta.decode
+            out[:n] = ops.decode_attention(
+                q[:n], k_cache, v_cache, d.seq_lens, **d.addressing.kernel_kwargs(),
+                scale=self.scale, max_seq_len=d.max_seq_len, validate=False,
+            )
+        if meta.prefill is not None:
+            p = meta.prefill
+            out[n:] = ops.prefill_attention(
+                q[n:], k_cache, v_cache, p.query_start_loc, p.seq_lens, **p.addressing.kernel_kwargs(),
+                scale=self.scale, max_query_len=p.max_query_len, max_seq_len=p.max_seq_len, validate=False,
+            )
+        return self.o_proj(out.view(-1, self.q_size))
