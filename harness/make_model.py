@@ -16,7 +16,6 @@ from engines.model.config import ModelConfig
 from harness.presets import Preset, get_preset
 from harness.tokenizer_builder import build_tokenizer
 
-INIT_STD = 0.02
 DEFAULT_SHARD_BYTES = 4 * 2**30
 
 
@@ -50,11 +49,11 @@ def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Norm weights are 1 (plus a little noise so tests see them), the rest N(0, 0.02); seeded per tensor."""
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float) -> torch.Tensor:
+    """Norm weights are 1 + N(0, std) (so a test sees a misplaced one), the rest N(0, std); seeded per tensor."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    t = torch.empty(shape, dtype=torch.float32).normal_(0.0, INIT_STD, generator=gen)
+    t = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
     if name.endswith("norm.weight"):
         t = 1.0 + t
     return t.to(dtype)
@@ -81,7 +80,7 @@ def make_model(
               "pad_token_id": ids[chat.pad], "kvbench_preset": preset.name, "kvbench_seed": seed}
     cfg = ModelConfig.from_dict(config)
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    _write_weights(out, hf_weight_shapes(cfg), seed, torch_dtype, shard_bytes)
+    _write_weights(out, hf_weight_shapes(cfg), seed, torch_dtype, shard_bytes, preset.init_std)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": bos_id, "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0], "pad_token_id": ids[chat.pad]},
@@ -100,7 +99,9 @@ def make_model(
     return out
 
 
-def _write_weights(out: Path, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, shard_bytes: int) -> None:
+def _write_weights(
+    out: Path, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, shard_bytes: int, std: float
+) -> None:
     elem = torch.empty((), dtype=dtype).element_size()
     shards: list[list[str]] = [[]]
     size = 0
@@ -112,13 +113,13 @@ def _write_weights(out: Path, shapes: dict[str, tuple[int, ...]], seed: int, dty
         shards[-1].append(name)
         size += nbytes
     if len(shards) == 1:
-        save_file({n: random_tensor(n, shapes[n], seed, dtype) for n in shards[0]}, out / "model.safetensors",
+        save_file({n: random_tensor(n, shapes[n], seed, dtype, std) for n in shards[0]}, out / "model.safetensors",
                   metadata={"format": "pt"})
         return
     weight_map, total = {}, 0
     for k, names in enumerate(shards, start=1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: random_tensor(n, shapes[n], seed, dtype) for n in names}
+        tensors = {n: random_tensor(n, shapes[n], seed, dtype, std) for n in names}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, out / file, metadata={"format": "pt"})
         weight_map.update({n: file for n in names})

@@ -1,0 +1,91 @@
+"""Typed engine configs: one dataclass per engine, the schema of Hydra's ``engine/`` group.
+
+Names follow vLLM where a vLLM user would look for them (max_model_len, max_num_seqs,
+max_num_batched_tokens, gpu_memory_utilization, block_size, swap_space,
+enable_prefix_caching, enforce_eager).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class RuntimeConfig:
+    """How our model runs: shared by the paged and contiguous engines."""
+
+    dtype: str = "auto"  # auto = checkpoint dtype on GPU, float32 on CPU
+    device: str = "auto"  # auto = cuda if available
+    attn_backend: str = "auto"  # auto = triton on CUDA, torch elsewhere
+    max_model_len: Optional[int] = None  # default: the model's context
+    seed: int = 0  # for requests without their own seed
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching, shared by the paged and contiguous engines."""
+
+    max_num_seqs: int = 256  # sequences running at once
+    max_num_batched_tokens: int = 8192  # token budget of one step (decodes + prefill chunks)
+    enable_chunked_prefill: bool = True  # else a prompt must fit the budget whole
+    preemption_mode: str = "recompute"  # recompute | swap
+
+
+@dataclass
+class KVBudgetConfig:
+    """How much KV memory an engine gets; the paged and contiguous engines size it alike."""
+
+    gpu_memory_utilization: float = 0.9  # of the device, minus weights and peak activations
+    kv_budget_gb: Optional[float] = None  # an explicit budget instead (the budget sweeps use it)
+    num_kv_slots: Optional[int] = None  # or an exact number of token slots
+    cpu_kv_budget_gb: float = 0.5  # the budget on a CPU device when none is given
+    swap_space: float = 4.0  # GiB of pinned CPU memory for swapped-out sequences
+
+
+@dataclass
+class PagedConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig):
+    name: str = "paged"
+    block_size: int = 16
+    num_blocks: Optional[int] = None  # overrides the budget when set
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # True turns CUDA graphs off
+    cuda_graph_max_batch: int = 256  # decode batches up to this size replay captured graphs
+
+
+@dataclass
+class ContiguousConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig):
+    name: str = "contiguous"
+    reservation: str = "max"  # max | pow2 | oracle
+    allocator: str = "first_fit"  # first_fit | best_fit
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256
+
+
+@dataclass
+class HFConfig:
+    name: str = "hf"
+    batch_size: int = 1  # 1 = one request at a time; more = static padded batches
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    max_model_len: Optional[int] = None
+
+
+@dataclass
+class HFPagedConfig:
+    name: str = "hf_paged"
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "paged|sdpa"
+    block_size: int = 256
+    num_blocks: Optional[int] = None
+    max_batch_tokens: Optional[int] = None
+    max_memory_percent: Optional[float] = None
+    use_cuda_graph: Optional[bool] = None
+    allow_block_sharing: bool = True
+    do_sample: bool = False  # per-request temperature/top-k/top-p need it
+    max_model_len: Optional[int] = None
+
+
+ENGINE_CONFIGS = {"hf": HFConfig, "hf_paged": HFPagedConfig, "contiguous": ContiguousConfig, "paged": PagedConfig}

@@ -1,0 +1,390 @@
+"""Baselines on transformers, behind the Engine contract.
+
+``hf``: ``model.generate`` on static, left-padded batches (``batch_size`` 1 is one request
+at a time), run on a worker thread so each decoding step's tokens stream out as they are
+made; a batch admits no newcomer until its last row finishes, which is what static
+batching costs. ``hf_paged``: transformers' own continuous batching
+(``init_continuous_batching`` with a ``ContinuousBatchingConfig``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from engines.base import Engine, KVStats
+from engines.detokenizer import SampleStream
+from engines.model.loader import resolve_dtype
+from engines.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
+
+POLL_SECONDS = 0.01  # how long step() waits for the worker before returning nothing
+
+
+def load_hf_model(model_dir: Path, dtype: str, device: torch.device, attn_implementation: str, cfg) -> torch.nn.Module:
+    torch_dtype = resolve_dtype(cfg, dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval()
+
+
+def _batch_key(p: SamplingParams) -> tuple:
+    """Rows of one generate() call must share these; the rest is handled per row."""
+    return (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.seed)
+
+
+class _PresenceFrequencyPenalty(LogitsProcessor):
+    """OpenAI-style presence/frequency penalties on generated tokens (generate has none)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+@dataclass
+class _Row:
+    request: Request
+    index: int
+    stream: SampleStream
+    aborted: bool = False
+
+
+@dataclass
+class _Batch:
+    rows: list[_Row]
+    events: "queue.Queue[list[RequestOutput] | BaseException | None]" = field(default_factory=queue.Queue)
+    padded_len: int = 0  # cache length every row occupies right now
+    thread: threading.Thread | None = None
+
+
+class _StreamRows(StoppingCriteria):
+    """Called by generate after every step: timestamps the new tokens, feeds our stop rules, streams outputs."""
+
+    def __init__(self, batch: _Batch, prompt_len: int, first_scheduled: float) -> None:
+        self.batch, self.prompt_len, self.first_scheduled = batch, prompt_len, first_scheduled
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        now = time.perf_counter()
+        new = input_ids[:, -1].tolist()
+        self.batch.padded_len = input_ids.shape[1]
+        outputs = []
+        for row, token in zip(self.batch.rows, new):
+            if row.stream.finished or row.aborted:
+                continue
+            text = row.stream.append(token)
+            outputs.append(RequestOutput(
+                request_id=row.request.request_id, index=row.index, new_token_ids=[token], token_times=[now],
+                text=text, finished=row.stream.finished, finish_reason=row.stream.finish_reason,
+                stop_reason=row.stream.stop_reason, num_prompt_tokens=row.request.num_prompt_tokens,
+                first_scheduled_time=self.first_scheduled if len(row.stream.token_ids) == 1 else None,
+            ))
+        self.batch.events.put(outputs)
+        done = [row.stream.finished or row.aborted for row in self.batch.rows]
+        return torch.tensor(done, device=input_ids.device)
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        batch_size: int = 1,
+        dtype: str = "auto",
+        device: str = "auto",
+        attn_implementation: str = "sdpa",
+        max_model_len: int | None = None,
+    ) -> None:
+        super().__init__(model_dir, max_model_len)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.batch_size = batch_size
+        self.model = load_hf_model(self.model_dir, dtype, self.device, attn_implementation, self.model_config)
+        self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+        self.waiting: deque[Request] = deque()
+        self.batch: _Batch | None = None
+
+    def add_request(self, request: Request) -> None:
+        self.check_request(request)
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or self.batch is not None
+
+    def abort(self, request_id: str) -> None:
+        for r in list(self.waiting):
+            if r.request_id == request_id:
+                self.waiting.remove(r)
+                for i in range(r.sampling_params.n):
+                    self.report_aborted(request_id, i, r.num_prompt_tokens)
+        if self.batch is not None:
+            for row in self.batch.rows:
+                if row.request.request_id == request_id and not row.stream.finished and not row.aborted:
+                    row.aborted = True
+                    self.report_aborted(request_id, row.index, row.request.num_prompt_tokens)
+
+    def _step(self) -> list[RequestOutput]:
+        if self.batch is None:
+            if not self.waiting:
+                return []
+            self.batch = self._start_batch()
+        try:
+            event = self.batch.events.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            return []
+        outputs: list[RequestOutput] = []
+        while True:
+            if event is None:  # generate() returned
+                self.batch.thread.join()
+                self.batch = None
+                return outputs
+            if isinstance(event, BaseException):
+                self.batch.thread.join()
+                rows, self.batch = self.batch.rows, None
+                return outputs + [_error_output(r, event) for r in rows if not (r.stream.finished or r.aborted)]
+            outputs.extend(o for o in event if not self._row_aborted(o))
+            try:
+                event = self.batch.events.get_nowait()
+            except queue.Empty:
+                return outputs
+
+    def _row_aborted(self, out: RequestOutput) -> bool:
+        return any(r.aborted and r.request.request_id == out.request_id and r.index == out.index for r in self.batch.rows)
+
+    def _take_batch(self) -> list[_Row]:
+        """FCFS: the head request and the next waiting ones that can share its generate() call."""
+        head = self.waiting[0]
+        key = _batch_key(head.sampling_params)
+        chosen: list[Request] = []
+        rows = 0
+        for r in list(self.waiting):
+            if _batch_key(r.sampling_params) != key or rows + r.sampling_params.n > max(self.batch_size, head.sampling_params.n):
+                continue
+            chosen.append(r)
+            rows += r.sampling_params.n
+            self.waiting.remove(r)
+            if rows >= self.batch_size:
+                break
+        return [_Row(r, i, self.new_stream(r)) for r in chosen for i in range(r.sampling_params.n)]
+
+    def _start_batch(self) -> _Batch:
+        batch = _Batch(self._take_batch())
+        batch.thread = threading.Thread(target=self._run_batch, args=(batch,), daemon=True, name="hf-generate")
+        batch.thread.start()
+        return batch
+
+    @torch.no_grad()
+    def _run_batch(self, batch: _Batch) -> None:
+        try:
+            self._generate(batch)
+        except BaseException as e:  # reported to the caller of step(), never lost in the thread
+            batch.events.put(e)
+            return
+        batch.events.put(None)
+
+    def _generate(self, batch: _Batch) -> None:
+        prompts = [row.request.prompt_token_ids for row in batch.rows]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding, as decoder-only generate wants
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        params = batch.rows[0].request.sampling_params
+        max_new = max(min(r.request.sampling_params.max_tokens, self.max_model_len - len(p)) for r, p in zip(batch.rows, prompts))
+        config = GenerationConfig(
+            max_new_tokens=max_new, do_sample=not params.greedy, temperature=params.temperature or None,
+            top_k=params.top_k or None, top_p=params.top_p if params.top_p < 1 else None,
+            min_p=params.min_p or None, repetition_penalty=params.repetition_penalty, eos_token_id=None,
+            pad_token_id=self.pad_id,
+        )
+        processors = LogitsProcessorList()
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(_PresenceFrequencyPenalty(width, params.presence_penalty, params.frequency_penalty))
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        criteria = StoppingCriteriaList([_StreamRows(batch, width, time.perf_counter())])
+        self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=config,
+            logits_processor=processors, stopping_criteria=criteria,
+        )
+
+    def kv_stats(self) -> KVStats:
+        """The DynamicCache of a static batch: every row holds the padded length until the batch ends."""
+        batch = self.batch
+        if batch is None:
+            return KVStats(0, 0, 0, 0, 0, num_waiting=len(self.waiting))
+        seqs = {}
+        for row in batch.rows:
+            stored = row.request.num_prompt_tokens + len(row.stream.token_ids)
+            seqs[(row.request.request_id, row.index)] = (stored, batch.padded_len)
+        allocated = batch.padded_len * len(batch.rows)
+        stored = sum(s for s, _ in seqs.values())
+        return KVStats(capacity=allocated, stored=stored, allocated=allocated, free=0, largest_free_extent=0,
+                       sequences=seqs, num_running=len(batch.rows), num_waiting=len(self.waiting))
+
+    def close(self) -> None:
+        if self.batch is not None:
+            for row in self.batch.rows:
+                row.aborted = True
+            self.batch.thread.join()
+            self.batch = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _error_output(row: _Row, error: BaseException) -> RequestOutput:
+    return RequestOutput(
+        request_id=row.request.request_id, index=row.index, new_token_ids=[], token_times=[], finished=True,
+        finish_reason=FinishReason.ERROR, error=f"{type(error).__name__}: {error}",
+        num_prompt_tokens=row.request.num_prompt_tokens,
+    )
+
+
+class HFPagedEngine(Engine):
+    """transformers' continuous batching (paged attention over its own block cache)."""
+
+    name = "hf_paged"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        attn_implementation: str = "paged|sdpa",
+        block_size: int = 256,
+        num_blocks: int | None = None,
+        max_batch_tokens: int | None = None,
+        max_memory_percent: float | None = None,
+        use_cuda_graph: bool | None = None,
+        allow_block_sharing: bool = True,
+        do_sample: bool = False,
+        max_model_len: int | None = None,
+    ) -> None:
+        from transformers import ContinuousBatchingConfig
+
+        super().__init__(model_dir, max_model_len)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.model = load_hf_model(self.model_dir, dtype, self.device, attn_implementation, self.model_config)
+        self.do_sample = do_sample
+        self.cb_config = ContinuousBatchingConfig(
+            block_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
+            max_memory_percent=max_memory_percent, use_cuda_graph=use_cuda_graph,
+            allow_block_sharing=allow_block_sharing, per_request_processors=do_sample,
+        )
+        gen = GenerationConfig(do_sample=do_sample, max_new_tokens=self.max_model_len, eos_token_id=-1,
+                               pad_token_id=self.model.config.pad_token_id)
+        if do_sample:
+            gen.temperature, gen.top_k, gen.top_p = 1.0, 0, 1.0
+        self.manager = self.model.init_continuous_batching(generation_config=gen, continuous_batching_config=self.cb_config)
+        self.manager.start()
+        self.rows: dict[str, _Row] = {}  # "<request id>#<index>" -> row
+
+    def _check_supported(self, p: SamplingParams) -> None:
+        unsupported = [name for name, on in (
+            ("min_p", p.min_p > 0), ("presence_penalty", p.presence_penalty != 0),
+            ("frequency_penalty", p.frequency_penalty != 0), ("repetition_penalty", p.repetition_penalty != 1),
+            ("seed", p.seed is not None),
+            ("temperature/top_p/top_k (start hf_paged with do_sample=true)", not self.do_sample and not p.greedy),
+        ) if on]
+        if unsupported:
+            raise RequestError(f"engine hf_paged does not support {', '.join(unsupported)}")
+
+    def add_request(self, request: Request) -> None:
+        self.check_request(request)
+        p = request.sampling_params
+        self._check_supported(p)
+        sampling = {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p} if self.do_sample else {}
+        eos = -1 if p.ignore_eos else list(self.model_config.eos_token_ids) or -1
+        for i in range(p.n):
+            key = f"{request.request_id}#{i}"
+            self.rows[key] = _Row(request, i, self.new_stream(request))
+            self.manager.add_request(
+                request.prompt_token_ids, request_id=key,
+                max_new_tokens=min(p.max_tokens, self.max_model_len - request.num_prompt_tokens),
+                streaming=True, record_timestamps=True, eos_token_id=eos, **sampling,
+            )
+
+    def has_unfinished(self) -> bool:
+        return bool(self.rows)
+
+    def abort(self, request_id: str) -> None:
+        for key, row in list(self.rows.items()):
+            if row.request.request_id == request_id:
+                self.manager.cancel_request(key)
+                del self.rows[key]
+                self.report_aborted(request_id, row.index, row.request.num_prompt_tokens)
+
+    def _step(self) -> list[RequestOutput]:
+        outputs = []
+        result = self.manager.get_result(timeout=POLL_SECONDS)
+        while result is not None:
+            out = self._convert(result)
+            if out is not None:
+                outputs.append(out)
+            result = self.manager.get_result(timeout=0)
+        if not outputs and self.rows and not self.manager.is_running():
+            error = "transformers' continuous batching loop stopped"
+            outputs = [_error_output(r, RuntimeError(error)) for r in self.rows.values()]
+            self.rows.clear()
+        return outputs
+
+    def _convert(self, result) -> RequestOutput | None:
+        row = self.rows.get(result.request_id)
+        if row is None:  # aborted or finished already
+            return None
+        if result.error:
+            del self.rows[result.request_id]
+            return _error_output(row, RuntimeError(result.error))
+        done = len(row.stream.token_ids)
+        new = result.generated_tokens[done:]
+        times = (result.timestamps or [])[done:]
+        times = times + [time.perf_counter()] * (len(new) - len(times))
+        text = "".join(row.stream.append(t) for t in new if not row.stream.finished)
+        new = row.stream.token_ids[done:]
+        finished = row.stream.finished or result.is_finished()
+        if finished:
+            del self.rows[result.request_id]
+            if not result.is_finished():
+                self.manager.cancel_request(result.request_id)  # our stop rule ended it early
+        reason = row.stream.finish_reason or (FinishReason.LENGTH if finished else None)
+        return RequestOutput(
+            request_id=row.request.request_id, index=row.index, new_token_ids=new, token_times=times[: len(new)],
+            text=text, finished=finished, finish_reason=reason, stop_reason=row.stream.stop_reason,
+            num_prompt_tokens=row.request.num_prompt_tokens,
+            first_scheduled_time=result.lifespan[0] if done == 0 and result.lifespan[0] > 0 else None,
+        )
+
+    def kv_stats(self) -> KVStats:
+        """Only what the manager exposes: its block pool's size and free blocks, when it has them."""
+        stats = KVStats(0, 0, 0, 0, 0, num_running=len(self.rows))
+        cache = getattr(getattr(self.manager, "batch_processor", None), "cache", None)
+        if cache is not None and hasattr(cache, "num_blocks"):
+            capacity = cache.num_blocks * cache.block_size
+            free_blocks = cache.get_num_free_blocks() if hasattr(cache, "get_num_free_blocks") else None
+            if free_blocks is not None:
+                free = free_blocks * cache.block_size
+                stored = sum(r.request.num_prompt_tokens + len(r.stream.token_ids) for r in self.rows.values())
+                stats = KVStats(capacity, stored, capacity - free, free, free, num_running=len(self.rows))
+        return stats
+
+    def close(self) -> None:
+        self.manager.stop(block=True, timeout=10)
+        self.model.destroy_cached_continuous_batching_manager()
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
