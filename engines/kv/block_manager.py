@@ -1,0 +1,253 @@
+"""Paged KV memory: fixed-size blocks, ref counts, block tables, prefix caching, copy-on-write.
+
+A block that no sequence holds sits in the free queue, least recently freed first. If it
+holds a full block of tokens it stays findable in the prefix cache (hash of its tokens
+chained with its parent's hash, verified against the tokens on a hit) until the free
+queue hands it out again. Samples of one request (n > 1) share blocks; a write into a
+shared block first copies it. Swapped-out sequences keep their data in a host pool.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from engines.base import KVStats
+from engines.kv.manager import KVManager
+from engines.sequence import Sequence
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set once the block is full and published
+    tokens: tuple[int, ...] = ()  # the tokens behind ``hash``, to verify a hit
+
+
+class BlockPool:
+    """Blocks, their ref counts, the free queue (LRU) and the prefix-cache index."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, Block] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_queue)
+
+    def take(self) -> Block:
+        """The least recently freed block, dropped from the prefix cache if it was in it."""
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.cached.get(block.hash) is block:
+                del self.cached[block.hash]
+            block.hash, block.tokens = None, ()
+        block.ref_count = 1
+        return block
+
+    def acquire(self, block: Block) -> None:
+        """Add a holder to a block (a prefix hit, or a forked sample)."""
+        if block.ref_count == 0:
+            del self.free_queue[block.block_id]
+        block.ref_count += 1
+
+    def release(self, block: Block) -> None:
+        assert block.ref_count > 0, f"block {block.block_id} released more often than acquired"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_queue[block.block_id] = None
+
+    def lookup(self, block_hash: int, tokens: tuple[int, ...]) -> Block | None:
+        block = self.cached.get(block_hash)
+        return block if block is not None and block.tokens == tokens else None
+
+    def publish(self, block: Block, block_hash: int, tokens: tuple[int, ...]) -> None:
+        block.hash, block.tokens = block_hash, tokens
+        self.cached.setdefault(block_hash, block)
+
+    @property
+    def num_cached_free(self) -> int:
+        return sum(1 for b in self.cached.values() if b.ref_count == 0)
+
+
+def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class PagedKVManager(KVManager):
+    supports_swap = True
+
+    def __init__(self, num_blocks: int, block_size: int, *, num_host_blocks: int = 0, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.capacity = num_blocks * block_size
+        self.pool = BlockPool(num_blocks)
+        self.num_host_blocks = num_host_blocks
+        self.host_free = list(range(num_host_blocks))[::-1]
+        self.enable_prefix_caching = enable_prefix_caching
+        self.tables: dict[int, list[Block]] = {}  # seq_id -> its blocks, in order
+        self.host_tables: dict[int, list[int]] = {}  # seq_id -> host blocks of a swapped-out sequence
+        self.num_published: dict[int, int] = {}  # seq_id -> leading blocks already in the prefix cache
+
+    # -- admission and growth ----------------------------------------------------------------
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_ever_fit(self, seq: Sequence) -> bool:
+        return self.blocks_for(seq.final_len_bound) <= self.num_blocks
+
+    def admit(self, seq: Sequence) -> None:
+        table: list[Block] = []
+        if self.enable_prefix_caching:
+            bs = self.block_size
+            parent = None
+            # at least one token must be computed, to give the step logits to sample from
+            for i in range((seq.num_tokens - 1) // bs):
+                tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                block = self.pool.lookup(chain_hash(parent, tokens), tokens)
+                if block is None:
+                    break
+                self.pool.acquire(block)
+                table.append(block)
+                parent = block.hash
+            self.num_prefix_queries += seq.num_prompt
+            self.num_prefix_hits += min(len(table) * bs, seq.num_prompt)
+        self.tables[seq.seq_id] = table
+        self.num_published[seq.seq_id] = len(table)
+        seq.num_computed = len(table) * self.block_size
+        seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
+
+    def allocate(self, seq: Sequence, num_new: int) -> bool:
+        table = self.tables[seq.seq_id]
+        bs = self.block_size
+        first_written = seq.num_computed // bs
+        shared = [i for i in range(first_written, len(table)) if table[i].ref_count > 1]
+        needed = max(0, self.blocks_for(seq.num_computed + num_new) - len(table)) + len(shared)
+        if needed > self.pool.num_free:
+            return False
+        for i in shared:  # copy-on-write before this sequence writes into a block others hold
+            fresh = self.pool.take()
+            self.num_published[seq.seq_id] = min(self.num_published.get(seq.seq_id, 0), i)
+            self.ops.copies.append((table[i].block_id, fresh.block_id))
+            self.pool.release(table[i])
+            table[i] = fresh
+        while len(table) < self.blocks_for(seq.num_computed + num_new):
+            table.append(self.pool.take())
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        table = self.tables.pop(seq.seq_id, None)
+        self.num_published.pop(seq.seq_id, None)
+        if table is not None:
+            for block in reversed(table):  # tail blocks are the least likely prefix: evicted first
+                self.pool.release(block)
+        host = self.host_tables.pop(seq.seq_id, None)
+        if host is not None:
+            self.host_free.extend(host)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        table = list(self.tables[parent.seq_id])
+        for block in table:
+            self.pool.acquire(block)
+        self.tables[child.seq_id] = table
+        self.num_published[child.seq_id] = self.num_published.get(parent.seq_id, 0)
+
+    def commit(self, seq: Sequence) -> None:
+        if not self.enable_prefix_caching:
+            return
+        table, bs = self.tables[seq.seq_id], self.block_size
+        done = self.num_published[seq.seq_id]
+        parent = table[done - 1].hash if done else None
+        for i in range(done, seq.num_computed // bs):
+            block = table[i]
+            if block.hash is None:
+                tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                self.pool.publish(block, chain_hash(parent, tokens), tokens)
+            parent = block.hash
+        self.num_published[seq.seq_id] = max(done, seq.num_computed // bs)
+
+    # -- swapping ----------------------------------------------------------------------------
+    def swap_out(self, seq: Sequence) -> bool:
+        table = self.tables[seq.seq_id]
+        if len(table) > len(self.host_free):
+            return False
+        host = [self.host_free.pop() for _ in table]
+        self.ops.swap_out += [(b.block_id, h) for b, h in zip(table, host)]
+        self.free(seq)
+        self.host_tables[seq.seq_id] = host
+        self.num_swapped_out += 1
+        return True
+
+    def swap_in(self, seq: Sequence) -> bool:
+        host = self.host_tables[seq.seq_id]
+        # room for its blocks plus the next token
+        if self.blocks_for(seq.num_computed + 1) > self.pool.num_free:
+            return False
+        table = [self.pool.take() for _ in host]
+        self.ops.swap_in += [(h, b.block_id) for h, b in zip(host, table)]
+        self.host_free.extend(self.host_tables.pop(seq.seq_id))
+        self.tables[seq.seq_id] = table
+        self.num_published[seq.seq_id] = 0  # commit() re-publishes its full blocks, hash chain intact
+        return True
+
+    # -- addressing --------------------------------------------------------------------------
+    def slot_mapping(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        bs = self.block_size
+        table = self.tables[seq.seq_id]
+        if end - start == 1:
+            return np.array([table[start // bs].block_id * bs + start % bs], dtype=np.int64)
+        pos = np.arange(start, end)
+        ids = np.fromiter((b.block_id for b in table[start // bs : (end - 1) // bs + 1]), dtype=np.int64)
+        return ids[pos // bs - start // bs] * bs + pos % bs
+
+    def addressing(self, seqs: list[Sequence]) -> tuple[np.ndarray, None]:
+        tables = [self.tables[s.seq_id] for s in seqs]
+        width = max((len(t) for t in tables), default=1) or 1
+        out = np.zeros((len(seqs), width), dtype=np.int32)
+        for row, table in zip(out, tables):
+            row[: len(table)] = [b.block_id for b in table]
+        return out, None
+
+    def max_blocks_per_seq(self, max_model_len: int) -> int:
+        return self.blocks_for(max_model_len)
+
+    def kv_stats(self, seqs: list[Sequence]) -> KVStats:
+        bs = self.block_size
+        sequences = {}
+        for s in seqs:
+            table = self.tables.get(s.seq_id)
+            if table is not None:
+                sequences[s.key] = (s.num_computed, len(table) * bs)
+        allocated = (self.num_blocks - self.pool.num_free) * bs
+        unfilled = sum(a - st for st, a in sequences.values())
+        free = self.pool.num_free * bs
+        return KVStats(
+            capacity=self.capacity, stored=allocated - unfilled, allocated=allocated, free=free,
+            largest_free_extent=free, cached=self.pool.num_cached_free * bs, sequences=sequences,
+            num_swapped_out=self.num_swapped_out, prefix_cache_queries=self.num_prefix_queries,
+            prefix_cache_hits=self.num_prefix_hits,
+        )
+
+    def check_invariants(self, seqs: list[Sequence]) -> None:
+        """Ref counts equal the holders, free + held = total, no block both free and held (tests call this)."""
+        holders: dict[int, int] = {}
+        for s in seqs:
+            for b in self.tables.get(s.seq_id, []):
+                holders[b.block_id] = holders.get(b.block_id, 0) + 1
+        assert set(self.tables) <= {s.seq_id for s in seqs}, "a block table outlived its sequence"
+        for block in self.pool.blocks:
+            assert block.ref_count == holders.get(block.block_id, 0), (
+                f"block {block.block_id}: ref_count {block.ref_count} but {holders.get(block.block_id, 0)} holders")
+            assert (block.ref_count == 0) == (block.block_id in self.pool.free_queue), (
+                f"block {block.block_id} is free xor unreferenced")
+        assert self.pool.num_free + len(holders) == self.num_blocks
+        for h, block in self.pool.cached.items():
+            assert block.hash == h, "prefix index points at a block that no longer holds that hash"
+        host = self.host_free + [h for table in self.host_tables.values() for h in table]
+        assert sorted(host) == list(range(self.num_host_blocks)), "a host block is lost or held twice"

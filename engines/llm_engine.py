@@ -1,0 +1,228 @@
+"""The engine loop shared by the paged and contiguous engines: schedule -> run -> postprocess.
+
+Subclasses only choose the KV manager; model, scheduler, runner and sampler are the same
+code, so a difference between the two engines is a difference of KV memory management.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engines.base import Engine, KVStats
+from engines.config import ContiguousConfig, PagedConfig
+from engines.kv.manager import KVManager
+from engines.kv.metadata import StepSequence, build_metadata
+from engines.model.loader import load_model
+from engines.model_runner import ModelRunner, SampleRow
+from engines.request import Request, RequestError, RequestOutput
+from engines.sampling import sample_seed
+from engines.scheduler import ScheduledBatch, Scheduler
+from engines.sequence import Sequence, SeqStatus
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class LLMEngine(Engine):
+    def __init__(self, model_dir: str | Path, cfg: PagedConfig | ContiguousConfig) -> None:
+        super().__init__(model_dir, cfg.max_model_len)
+        self.cfg = cfg
+        self._check_config()
+        self.device = resolve_device(cfg.device)
+        self.model = load_model(self.model_dir, dtype=cfg.dtype, device=self.device, attn_backend=cfg.attn_backend)
+        mc = self.model_config
+        self.slot_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * self.model.dtype.itemsize
+        num_slots = self._kv_slots()
+        self.kv = self.make_kv_manager(num_slots)
+        self.scheduler = Scheduler(
+            self.kv, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            enable_chunked_prefill=cfg.enable_chunked_prefill, preemption_mode=cfg.preemption_mode,
+        )
+        self.runner = ModelRunner(
+            self.model, self.kv, num_slots=self.kv.capacity, num_host_slots=self.host_slots(self.kv.block_size),
+            max_model_len=self.max_model_len, use_cuda_graphs=not cfg.enforce_eager,
+            cuda_graph_max_batch=min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
+        )
+
+    @classmethod
+    def from_config(cls, model_dir: str | Path, cfg) -> "LLMEngine":
+        return cls(model_dir, cfg)
+
+    @abc.abstractmethod
+    def make_kv_manager(self, num_slots: int) -> KVManager: ...
+
+    # -- sizing ------------------------------------------------------------------------------
+    def _check_config(self) -> None:
+        c = self.cfg
+        problems = [
+            (c.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {c.max_num_seqs}"),
+            (c.max_num_batched_tokens >= c.max_num_seqs,
+             f"max_num_batched_tokens ({c.max_num_batched_tokens}) must be >= max_num_seqs ({c.max_num_seqs})"),
+            (c.enable_chunked_prefill or c.max_num_batched_tokens >= self.max_model_len,
+             f"without chunked prefill max_num_batched_tokens ({c.max_num_batched_tokens}) must be >= max_model_len "
+             f"({self.max_model_len})"),
+            (0 < c.gpu_memory_utilization <= 1, f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}"),
+            (c.kv_budget_gb is None or c.kv_budget_gb > 0, f"kv_budget_gb must be > 0, got {c.kv_budget_gb}"),
+            (c.num_kv_slots is None or c.num_kv_slots > 0, f"num_kv_slots must be > 0, got {c.num_kv_slots}"),
+            (c.swap_space >= 0, f"swap_space must be >= 0, got {c.swap_space}"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ValueError(message)
+
+    def _kv_slots(self) -> int:
+        """Token slots of KV memory: explicit, a budget in GB, or what the device has left after a profile run."""
+        c = self.cfg
+        if c.num_kv_slots:
+            return c.num_kv_slots
+        if c.kv_budget_gb is not None:
+            budget = c.kv_budget_gb * 2**30
+        elif self.device.type != "cuda":
+            budget = c.cpu_kv_budget_gb * 2**30
+        else:
+            budget = self._profile_free_memory()
+        slots = int(budget // self.slot_bytes)
+        if slots < 1:
+            raise ValueError(f"no KV memory left: the budget of {budget / 2**30:.2f} GiB holds no token")
+        return slots
+
+    @torch.no_grad()
+    def _profile_free_memory(self) -> float:
+        """Run the largest step once and measure the peak, then give the rest of the device (times util) to KV."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.cfg.max_num_batched_tokens, self.max_model_len)
+        cache = self.model.allocate_kv_cache(n)
+        meta = build_metadata([StepSequence(0, n)], np.arange(n), block_tables=None,
+                              seq_starts=np.zeros(1, dtype=np.int32), block_size=1, device=self.device)
+        ids = torch.randint(0, self.model_config.vocab_size, (n,), device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device), cache, meta)
+        rows = min(self.cfg.max_num_seqs, n)
+        logits = self.model.compute_logits(hidden[:rows].contiguous())
+        logits.softmax(-1).argmax(-1)
+        del cache, hidden, logits
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)
+        return total * self.cfg.gpu_memory_utilization - others - peak
+
+    def host_slots(self, block_size: int) -> int:
+        """Pinned host slots for swapped-out sequences (whole blocks); none unless preemption swaps."""
+        if self.cfg.preemption_mode != "swap":
+            return 0
+        return int(self.cfg.swap_space * 2**30 // self.slot_bytes) // block_size * block_size
+
+    # -- the contract ------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.check_request(request)
+        p = request.sampling_params
+        seq = Sequence(request, 0, self.new_stream(request), self._generator(p.seed, 0), num_forks=p.n - 1)
+        if not self.kv.can_ever_fit(seq):
+            raise RequestError(
+                f"request {request.request_id!r} can never fit in KV memory: it may need "
+                f"{seq.final_len_bound} tokens x {p.n} samples, the cache holds {self.kv.capacity} token slots"
+            )
+        self.scheduler.add(seq)
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(self.device).manual_seed(sample_seed(seed, index))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, request_id: str) -> None:
+        dropped = self.scheduler.abort(request_id)
+        indices = {s.index for s in dropped}
+        for seq in dropped:
+            indices.update(range(1, seq.num_forks + 1))  # samples not forked yet
+        for i in sorted(indices):
+            self.report_aborted(request_id, i, dropped[0].num_prompt)
+
+    def kv_stats(self) -> KVStats:
+        stats = self.kv.kv_stats(self.scheduler.live)
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting) + len(self.scheduler.swapped)
+        stats.num_preemptions = self.scheduler.num_preemptions
+        return stats
+
+    def close(self) -> None:
+        self.runner = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- one step: schedule -> run -> postprocess --------------------------------------------
+    def _step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.has_unfinished() and not self.scheduler.running:
+                raise RuntimeError("scheduler made no progress with requests waiting (a bug: please report)")
+            return []
+        now = time.perf_counter()
+        for seq, _ in batch.prefills:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        self.runner.apply(self.kv.take_ops())
+        rows = self._sample_rows(batch)
+        tokens = self.runner.run(batch, rows)
+        return self._postprocess(batch, rows, tokens, time.perf_counter())
+
+    def _sample_rows(self, batch: ScheduledBatch) -> list[SampleRow]:
+        """Who samples this step: every sequence whose last token is computed now, and for a
+        prompt that completes with n > 1, its new samples too (from the same logits)."""
+        rows = []
+        for seq in batch.decodes:
+            rows.append(SampleRow(seq, seq))
+        for seq, n in batch.prefills:
+            if seq.num_computed + n == seq.num_tokens:
+                rows.append(SampleRow(seq, seq))
+                for i in range(1, seq.num_forks + 1):
+                    child = Sequence(seq.request, i, self.new_stream(seq.request),
+                                     self._generator(seq.request.sampling_params.seed, i),
+                                     first_scheduled_time=seq.first_scheduled_time)
+                    rows.append(SampleRow(child, seq))
+        return rows
+
+    def _postprocess(self, batch: ScheduledBatch, rows: list[SampleRow], tokens: list[int], now: float) -> list[RequestOutput]:
+        for seq in batch.decodes:
+            seq.num_computed += 1
+            self.kv.commit(seq)
+        for seq, n in batch.prefills:
+            seq.num_computed += n
+            self.kv.commit(seq)
+        outputs = []
+        for row, token in zip(rows, tokens):
+            seq = row.seq
+            if seq is not row.source:  # a new sample: share (or copy) the prompt's cache, then run beside it
+                self.kv.fork(row.source, seq)
+                seq.num_computed = row.source.num_computed
+                seq.status = SeqStatus.RUNNING
+                self.scheduler.running.append(seq)
+            first = seq.num_output == 0
+            seq.token_ids.append(token)
+            text = seq.stream.append(token)
+            outputs.append(RequestOutput(
+                request_id=seq.request.request_id, index=seq.index, new_token_ids=[token], token_times=[now],
+                text=text, finished=seq.stream.finished, finish_reason=seq.stream.finish_reason,
+                stop_reason=seq.stream.stop_reason, num_prompt_tokens=seq.num_prompt,
+                num_cached_tokens=seq.num_cached_prompt if first else 0,
+                first_scheduled_time=seq.first_scheduled_time if first else None,
+            ))
+        for row in rows:
+            if row.seq is row.source:
+                row.seq.num_forks = 0
+        for row in rows:
+            if row.seq.stream.finished:
+                self.scheduler.finish(row.seq)
+        return outputs

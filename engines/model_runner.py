@@ -1,0 +1,189 @@
+"""Runs one scheduled step on the device: cache moves, batched inputs, forward, logits, sampling.
+
+Shared by the paged and contiguous engines; the KV manager supplies slots and addressing.
+Pure-decode batches replay CUDA graphs captured for a ladder of batch sizes (the model's
+forward with the KV cache and static input buffers); everything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engines.kv.manager import CacheOps, KVManager
+from engines.kv.metadata import Addressing, AttentionMetadata, DecodeBatch, StepSequence, build_metadata
+from engines.model.decoder import CausalLM
+from engines.sampling import Sampler, SamplingBatch
+from engines.scheduler import ScheduledBatch
+from engines.sequence import Sequence
+
+
+@dataclass
+class SampleRow:
+    """One token to sample: ``seq`` draws it from the logits of ``source``'s last computed token."""
+
+    seq: Sequence
+    source: Sequence
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_batch] + list(range(16, max_batch + 1, 16))
+    return sorted(set(sizes + [max_batch]))
+
+
+class _DecodeGraphs:
+    """CUDA graphs of decode steps, one per padded batch size, sharing one memory pool and input buffers."""
+
+    def __init__(self, runner: "ModelRunner", max_batch: int, max_blocks: int, max_model_len: int) -> None:
+        device = runner.device
+        self.sizes = graph_batch_sizes(max_batch)
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        paged = max_blocks > 0
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device) if paged else None
+        self.seq_starts = None if paged else torch.zeros(n, dtype=torch.int32, device=device)
+        self.block_size = runner.kv.block_size
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        for b in reversed(self.sizes):
+            meta = self.metadata(b)
+            for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
+                runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[b] = runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+
+    def metadata(self, b: int) -> AttentionMetadata:
+        addressing = Addressing(
+            None if self.block_tables is None else self.block_tables[:b],
+            None if self.seq_starts is None else self.seq_starts[:b],
+            self.block_size,
+        )
+        decode = DecodeBatch(self.seq_lens[:b], addressing, self.max_model_len)
+        return AttentionMetadata(self.slot_mapping[:b], b, decode, None)
+
+    def padded_size(self, batch: int) -> int | None:
+        return next((b for b in self.sizes if b >= batch), None)
+
+    def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray | None,
+            starts: np.ndarray | None) -> torch.Tensor:
+        n = len(ids)
+        b = self.padded_size(n)
+        self.input_ids[:n].copy_(torch.from_numpy(ids), non_blocking=True)
+        self.positions[:n].copy_(torch.from_numpy(positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.slot_mapping[n:b].fill_(-1)
+        self.seq_lens[:n].copy_(torch.from_numpy((positions + 1).astype(np.int32)), non_blocking=True)
+        self.seq_lens[n:b].fill_(1)
+        if tables is not None:
+            self.block_tables[:n, : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
+            self.block_tables[n:b, 0].fill_(0)
+        else:
+            self.seq_starts[:n].copy_(torch.from_numpy(starts), non_blocking=True)
+            self.seq_starts[n:b].fill_(0)
+        self.graphs[b].replay()
+        return self.outputs[b][:n]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv: KVManager,
+        *,
+        num_slots: int,
+        num_host_slots: int,
+        max_model_len: int,
+        use_cuda_graphs: bool,
+        cuda_graph_max_batch: int,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = model.device
+        self.max_model_len = max_model_len
+        self.kv_cache = model.allocate_kv_cache(num_slots)
+        self.host_cache = None
+        if num_host_slots:
+            self.host_cache = model.allocate_kv_cache(num_host_slots, device=torch.device("cpu"))
+            if self.device.type == "cuda":
+                self.host_cache = self.host_cache.pin_memory()
+        self.sampler = Sampler()
+        self.graphs = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            self.graphs = _DecodeGraphs(self, cuda_graph_max_batch, kv.max_blocks_per_seq(max_model_len), max_model_len)
+
+    # -- cache moves -------------------------------------------------------------------------
+    def apply(self, ops: CacheOps) -> None:
+        kernels = self.model.ops
+        bs = self.kv.block_size
+        if ops.swap_out:
+            src, dst = zip(*ops.swap_out)
+            kernels.swap_blocks(self.kv_cache, self.host_cache, torch.tensor(src), torch.tensor(dst), bs)
+        if ops.swap_in:
+            src, dst = zip(*ops.swap_in)
+            kernels.swap_blocks(self.host_cache, self.kv_cache, torch.tensor(src), torch.tensor(dst), bs)
+        if ops.copies:
+            src, dst = zip(*ops.copies)
+            kernels.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),
+                                torch.tensor(dst, device=self.device), ops.copy_block_size)
+
+    # -- the step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, batch: ScheduledBatch, rows: list[SampleRow]) -> list[int]:
+        """Forward the batch and return one sampled token per row."""
+        scheduled = [(s, 1) for s in batch.decodes] + batch.prefills
+        seqs = [s for s, _ in scheduled]
+        hidden = self._forward(batch, scheduled, seqs)
+        if not rows:
+            return []
+        last = {}  # sequence -> row of its last token in ``hidden``
+        offset = 0
+        for seq, n in scheduled:
+            offset += n
+            last[id(seq)] = offset - 1
+        sources = sorted({last[id(r.source)] for r in rows})
+        logits = self.model.compute_logits(hidden[torch.tensor(sources, device=self.device)])
+        pick = {h: i for i, h in enumerate(sources)}
+        logits = logits[torch.tensor([pick[last[id(r.source)]] for r in rows], device=self.device)]
+        sampling = SamplingBatch.build(
+            [r.seq.request.sampling_params for r in rows],
+            [r.seq.generator for r in rows],
+            [r.seq.token_ids[r.seq.num_prompt:] for r in rows],
+            [r.seq.request.prompt_token_ids for r in rows],
+            self.model.cfg.vocab_size,
+            self.device,
+        )
+        return self.sampler(logits, sampling).tolist()
+
+    def _forward(self, batch: ScheduledBatch, scheduled: list[tuple[Sequence, int]], seqs: list[Sequence]) -> torch.Tensor:
+        if not batch.prefills and self.graphs is not None and self.graphs.padded_size(len(seqs)) is not None:
+            ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=len(seqs))
+            positions = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=len(seqs))
+            slots = np.concatenate([self.kv.slot_mapping(s, s.num_computed, s.num_computed + 1) for s in seqs])
+            tables, starts = self.kv.addressing(seqs)
+            return self.graphs.run(ids, positions, slots, tables, starts)
+        ids = np.concatenate([np.asarray(s.token_ids[s.num_computed : s.num_computed + n], dtype=np.int64) for s, n in scheduled])
+        positions = np.concatenate([np.arange(s.num_computed, s.num_computed + n) for s, n in scheduled])
+        slots = np.concatenate([self.kv.slot_mapping(s, s.num_computed, s.num_computed + n) for s, n in scheduled])
+        tables, starts = self.kv.addressing(seqs)
+        meta = build_metadata(
+            [StepSequence(s.num_computed, n) for s, n in scheduled], slots,
+            block_tables=tables, seq_starts=starts, block_size=self.kv.block_size, device=self.device,
+        )
+        return self.model(
+            torch.from_numpy(ids).to(self.device, non_blocking=True),
+            torch.from_numpy(positions).to(self.device, non_blocking=True),
+            self.kv_cache,
+            meta,
+        )

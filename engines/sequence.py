@@ -1,0 +1,70 @@
+"""One sequence: a sample of a request, with its tokens and how much of it the cache holds."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from engines.detokenizer import SampleStream
+from engines.request import Request
+
+_ids = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # not admitted, or preempted by recompute (its cache was dropped)
+    RUNNING = "running"
+    SWAPPED = "swapped"  # preempted by swapping its blocks to CPU
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # which of the request's n samples
+    stream: SampleStream
+    generator: torch.Generator | None
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated
+    num_computed: int = 0  # tokens whose K/V is in the cache
+    status: SeqStatus = SeqStatus.WAITING
+    num_forks: int = 0  # samples to fork from this one once its prompt is done (n > 1)
+    first_scheduled_time: float | None = None
+    num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at admission
+    seq_id: int = field(default_factory=lambda: next(_ids))
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.request.prompt_token_ids)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request.request_id, self.index)
+
+    @property
+    def num_prompt(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return self.num_tokens - self.num_prompt
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        """Only the last sampled token is missing from the cache: a one-token step."""
+        return self.num_computed > 0 and self.num_uncomputed == 1 and self.num_output > 0
+
+    @property
+    def final_len_bound(self) -> int:
+        """The most tokens this sequence can ever hold (prompt + max_tokens, within the context)."""
+        return min(self.num_prompt + self.request.sampling_params.max_tokens, self.stream.max_model_len)
