@@ -13,3 +13,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """Preset models go to a per-session cache, never the user's ~/.cache."""
+    import os
+
+    os.environ["KVBENCH_CACHE"] = str(tmp_path_factory.mktemp("kvbench-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``tiny_model(preset)`` -> directory of that tiny preset, built once per session."""
+    from harness.make_model import ensure_model
+
+    return lambda preset="tiny-qwen3": ensure_model(preset)
