@@ -17,6 +17,8 @@ from harness.presets import Preset, get_preset
 from harness.tokenizer_builder import build_tokenizer
 
 DEFAULT_SHARD_BYTES = 4 * 2**30
+# Bump when what make_model writes changes, so caches built by older code are not reused.
+MODEL_FORMAT = 1
 
 
 def cache_root() -> Path:
@@ -129,7 +131,7 @@ def _write_weights(
 
 def ensure_model(preset: str, *, seed: int = 0, dtype: str = "bfloat16") -> Path:
     """The cached directory of a preset, built once (atomically, so a crash leaves no half model)."""
-    target = cache_root() / "models" / f"{preset}-seed{seed}-{dtype}"
+    target = cache_root() / "models" / f"{preset}-seed{seed}-{dtype}-v{MODEL_FORMAT}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """Special tokens (placed at the end of the vocabulary) and the chat template of a family."""
+    """Special tokens (placed at the end of the vocabulary) and the chat template of a family.
+
+    Templates that start with BOS render it themselves, as the real ones do: encode a
+    rendered chat with ``add_special_tokens=False``."""
 
     specials: tuple[str, ...]
     bos: str | None
@@ -42,7 +45,7 @@ LLAMA3 = ChatFormat(
     pad="<|end_of_text|>",
     add_bos=True,
     template=(
-        "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
         "message['content'] + '<|eot_id|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
@@ -55,7 +58,7 @@ MISTRAL = ChatFormat(
     pad="</s>",
     add_bos=True,
     template=(
-        "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
         "{% elif message['role'] == 'assistant' %}{{ message['content'] + '</s>' }}"
         "{% else %}{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
     ),
