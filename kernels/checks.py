@@ -84,6 +84,17 @@ def check_addressing(
                      f"a contiguous region runs past the cache's {num_slots} slots")
 
 
+def check_query(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Shapes, dtypes and devices of the query against the cache (no device sync)."""
+    check_cache_pair(k_cache, v_cache)
+    _require(q.dim() == 3, f"q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
+    _require(q.dtype == k_cache.dtype, f"q is {q.dtype} but the cache is {k_cache.dtype}")
+    _require(q.device == k_cache.device, f"q is on {q.device} but the cache is on {k_cache.device}")
+    _require(q.shape[2] == k_cache.shape[2], f"q head_dim {q.shape[2]} != cache head_dim {k_cache.shape[2]}")
+    _require(q.shape[1] % k_cache.shape[1] == 0,
+             f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[1]} KV heads")
+
+
 def check_attention_args(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -94,13 +105,7 @@ def check_attention_args(
     block_size: int,
     query_start_loc: torch.Tensor | None = None,
 ) -> None:
-    check_cache_pair(k_cache, v_cache)
-    _require(q.dim() == 3, f"q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
-    _require(q.dtype == k_cache.dtype, f"q is {q.dtype} but the cache is {k_cache.dtype}")
-    _require(q.device == k_cache.device, f"q is on {q.device} but the cache is on {k_cache.device}")
-    _require(q.shape[2] == k_cache.shape[2], f"q head_dim {q.shape[2]} != cache head_dim {k_cache.shape[2]}")
-    _require(q.shape[1] % k_cache.shape[1] == 0,
-             f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[1]} KV heads")
+    check_query(q, k_cache, v_cache)
     if query_start_loc is None:
         batch = q.shape[0]
     else:
@@ -118,6 +123,16 @@ def check_attention_args(
 def check_write_args(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
+    check_write_shapes(key, value, k_cache, v_cache, slot_mapping)
+    if slot_mapping.numel():
+        _require(int(slot_mapping.max()) < k_cache.shape[0],
+                 f"slot {int(slot_mapping.max())} is outside the cache's {k_cache.shape[0]} slots")
+
+
+def check_write_shapes(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Shapes and dtypes of a K/V write (no device sync)."""
     check_cache_pair(k_cache, v_cache)
     _require(key.shape == value.shape, f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
     _require(key.dim() == 3 and key.shape[1:] == k_cache.shape[1:],
@@ -125,9 +140,6 @@ def check_write_args(
     _require(slot_mapping.dim() == 1 and slot_mapping.shape[0] == key.shape[0],
              f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
     _require(slot_mapping.dtype in _INDEX_TYPES, f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
-    if slot_mapping.numel():
-        _require(int(slot_mapping.max()) < k_cache.shape[0],
-                 f"slot {int(slot_mapping.max())} is outside the cache's {k_cache.shape[0]} slots")
 
 
 def check_copy_args(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
@@ -140,3 +152,43 @@ def check_copy_args(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
         if blocks.numel():
             _require(int(blocks.min()) >= 0 and int(blocks.max()) < num_blocks,
                      f"{name} block outside the cache's {num_blocks} blocks")
+
+
+# Checks the Triton kernels add: what their tiling and pointer arithmetic assume. All read
+# shapes and strides only, except check_blocks_disjoint, which reads the block lists.
+
+
+def check_triton_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """A power-of-two head_dim (a tile dimension) and unit-stride rows."""
+    head_dim = k_cache.shape[-1]
+    _require(16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0,
+             f"the Triton kernels need a power-of-two head_dim in [16, 256], got {head_dim}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _require(cache.stride(-1) == 1, f"{name} rows must be contiguous (stride(-1) == 1), got strides {cache.stride()}")
+
+
+def check_addressing_mode(block_tables: torch.Tensor | None, seq_starts: torch.Tensor | None, block_size: int) -> None:
+    """Exactly one addressing mode, and a valid block size for paging."""
+    _require((block_tables is None) != (seq_starts is None),
+             "pass exactly one of block_tables (paged) or seq_starts (contiguous)")
+    if block_tables is not None:
+        check_block_size(block_size)
+
+
+def check_cache_planes(kv_cache: torch.Tensor) -> None:
+    """Each ``[num_slots, Hkv, D]`` plane of a whole cache is contiguous, so a block is one run of memory."""
+    _, _, _, heads, head_dim = kv_cache.shape
+    _require(kv_cache.stride()[2:] == (heads * head_dim, head_dim, 1),
+             f"each [num_slots, Hkv, D] plane of the cache must be contiguous, got strides {kv_cache.stride()}")
+
+
+def check_swap_pair(src_cache: torch.Tensor, dst_cache: torch.Tensor) -> None:
+    _require(src_cache.dtype == dst_cache.dtype, f"src_cache is {src_cache.dtype} but dst_cache is {dst_cache.dtype}")
+    _require(src_cache.shape[:2] == dst_cache.shape[:2] and src_cache.shape[3:] == dst_cache.shape[3:],
+             f"caches {tuple(src_cache.shape)} and {tuple(dst_cache.shape)} differ beyond their slot count")
+
+
+def check_blocks_disjoint(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Blocks copied in parallel: a destination that is also a source would race."""
+    if src.numel():
+        _require(not bool(torch.isin(dst.to(src.device), src).any()), "a dst block is also a src block")

@@ -39,18 +39,20 @@ def context_slots(
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of the last ``m`` positions (q: [m, Hq, D]) over ``n`` keys (k, v: [n, Hkv, D])."""
-    m, n = q.shape[0], k.shape[0]
-    group = q.shape[1] // k.shape[1]
-    qf = q.float().transpose(0, 1)  # [Hq, m, D]
-    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, n, D]
-    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale  # [Hq, m, n]
-    q_pos = torch.arange(n - m, n, device=q.device).unsqueeze(1)
-    k_pos = torch.arange(n, device=q.device).unsqueeze(0)
-    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), vf)  # [Hq, m, D]
-    return out.transpose(0, 1).to(q.dtype)
+    """Causal attention of the last ``m`` positions (q: [m, Hq, D]) over ``n`` keys (k, v: [n, Hkv, D]).
+
+    The query heads of one KV head are stacked as rows of one matrix (GQA without repeating K/V).
+    """
+    m, num_heads, d = q.shape
+    n, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    qf = q.float().view(m, num_kv_heads, group, d).permute(1, 2, 0, 3).reshape(num_kv_heads, group * m, d)
+    scores = torch.bmm(qf, k.float().permute(1, 2, 0)) * scale  # [Hkv, group * m, n]
+    if m > 1:
+        q_pos = torch.arange(n - m, n, device=q.device).repeat(group).unsqueeze(1)
+        scores.masked_fill_(torch.arange(n, device=q.device).unsqueeze(0) > q_pos, float("-inf"))
+    out = torch.bmm(torch.softmax(scores, dim=-1), v.float().transpose(0, 1))  # [Hkv, group * m, D]
+    return out.view(num_kv_heads, group, m, d).permute(2, 0, 1, 3).reshape(m, num_heads, d).to(q.dtype)
 
 
 def prefill_attention(
@@ -153,4 +155,7 @@ def swap_blocks(
     src_slots = (src.cpu().long().unsqueeze(1) * block_size + offs).flatten()
     dst_slots = (dst.cpu().long().unsqueeze(1) * block_size + offs).flatten()
     moved = src_cache[:, :, src_slots.to(src_cache.device)]
-    dst_cache[:, :, dst_slots.to(dst_cache.device)] = moved.to(dst_cache.device, non_blocking=True)
+    # A copy into CPU memory must land before the CPU scatter reads it (non_blocking would hand
+    # back pinned memory still being written); a copy to the GPU is ordered on its stream.
+    moved = moved.to(dst_cache.device, non_blocking=dst_cache.device.type != "cpu")
+    dst_cache[:, :, dst_slots.to(dst_cache.device)] = moved

@@ -1,0 +1,376 @@
+"""Benchmark of the Triton kernels: ``python -m kernels.bench [--out DIR] [--quick] [--sections ...]``.
+
+Measures the device's peaks (``kernels.device_peaks``), then each kernel's median time
+(``triton.testing.do_bench``, L2 flushed before every run) and its achieved bandwidth:
+the bytes it must read (every context token's K and V once) over its time. Decode runs
+paged at several block sizes and contiguous over the same cache memory, so their ratio is
+the price of paging; torch SDPA over contiguous tensors is the outside reference, and for
+prefill its flash backend. Writes CSV under ``--out`` and prints a short summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import platform
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import triton_ops
+from kernels.device_peaks import DevicePeaks, device_peaks
+from kernels.triton_decode import DecodeConfig, decode, decode_config, num_kv_splits
+from kernels.triton_prefill import PrefillConfig, prefill
+from kernels.triton_common import sm_count
+
+# llama-3.1-8b attention: 32 query heads, 8 KV heads, head dim 128.
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+@dataclass
+class Row:
+    kernel: str
+    addressing: str
+    block_size: int
+    batch: int
+    context: int
+    q_len: int
+    splits: int
+    time_us: float
+    bytes_read: int
+    gbps: float
+    bw_frac: float
+    tflops: float
+    config: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    block_sizes: tuple[int, ...]
+    long_context: int
+    prefills: tuple[tuple[int, int], ...]  # (batch, length) of full causal prefills
+    chunked: tuple[tuple[int, int, int], ...]  # (batch, context before, chunk)
+    rep_ms: int
+
+
+FULL = Plan((1, 4, 16, 64, 256), (512, 2048, 4096, 16384), (1, 16, 256), 32768,
+            ((1, 4096), (1, 16384), (4, 2048), (16, 1024)), ((4, 4096, 512), (1, 16384, 2048)), 200)
+QUICK = Plan((1, 64), (512, 4096), (1, 16), 32768, ((1, 4096),), ((4, 4096, 512),), 50)
+
+
+def time_us(fn: Callable[[], object], rep_ms: int) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def kv_bytes(tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V that attention over ``tokens`` context tokens must read."""
+    return 2 * tokens * KV_HEADS * HEAD_DIM * torch.tensor([], dtype=dtype).element_size()
+
+
+def causal_flops(batch: int, context: int, q_len: int) -> float:
+    """QK^T and PV multiply-adds of the last ``q_len`` queries over ``context + q_len`` keys, causal."""
+    pairs = q_len * context + q_len * (q_len + 1) / 2
+    return 4.0 * batch * HEADS * HEAD_DIM * pairs
+
+
+class Cache:
+    """One layer's cache holding ``batch`` sequences of ``length`` tokens, with both addressings:
+    a shuffled block table (paged) and one region per sequence (contiguous)."""
+
+    def __init__(self, batch: int, length: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        self.batch, self.length = batch, length
+        gen = torch.Generator(device=device).manual_seed(seed)
+        slots = batch * length
+        self.k = torch.randn(slots, KV_HEADS, HEAD_DIM, dtype=dtype, device=device, generator=gen)
+        self.v = torch.randn(slots, KV_HEADS, HEAD_DIM, dtype=dtype, device=device, generator=gen)
+        self.seq_starts = torch.arange(batch, dtype=torch.int32, device=device) * length
+        self.seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+        self.device = device
+
+    def block_table(self, block_size: int) -> torch.Tensor:
+        per_seq = self.length // block_size
+        perm = torch.randperm(self.batch * per_seq, device=self.device, dtype=torch.int64)
+        return perm.to(torch.int32).view(self.batch, per_seq)
+
+    def addressing(self, block_size: int) -> dict:
+        if block_size == 0:
+            return {"seq_starts": self.seq_starts}
+        return {"block_tables": self.block_table(block_size), "block_size": block_size}
+
+
+def decode_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
+    """Paged (each block size) and contiguous decode over one cache per (batch, context), plus SDPA."""
+    cases = [(b, c) for b in plan.batches for c in plan.contexts] + [(1, plan.long_context)]
+    for batch, context in cases:
+        cache = Cache(batch, context, dtype, device)
+        q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
+        nbytes = kv_bytes(batch * context, dtype)
+        splits = num_kv_splits(batch, KV_HEADS, context, sm_count(device), decode_config(HEAD_DIM, dtype, device))
+        for block_size in (0, *plan.block_sizes):
+            addr = cache.addressing(block_size)
+            fn = lambda addr=addr: triton_ops.decode_attention(  # noqa: E731
+                q, cache.k, cache.v, cache.seq_lens, max_seq_len=context, validate=False, **addr)
+            t = time_us(fn, plan.rep_ms)
+            yield Row("decode", "paged" if block_size else "contiguous", block_size, batch, context, 1, splits,
+                      t, nbytes, nbytes / t / 1e3, nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0)
+        if context == plan.long_context:
+            yield from _unsplit_row(cache, q, context, nbytes, peaks, plan)
+        yield _sdpa_decode_row(cache, q, nbytes, peaks, plan)
+        del cache
+
+
+def _unsplit_row(cache: Cache, q: torch.Tensor, context: int, nbytes: int, peaks: DevicePeaks, plan: Plan) -> Iterable[Row]:
+    """The same long decode without split-KV: what the split buys at batch 1."""
+    table = cache.block_table(16)
+    fn = lambda: decode(q, cache.k, cache.v, cache.seq_lens, table, paged=True, block_size=16,  # noqa: E731
+                        scale=HEAD_DIM**-0.5, max_seq_len=context, num_splits=1)
+    t = time_us(fn, plan.rep_ms)
+    yield Row("decode_nosplit", "paged", 16, 1, context, 1, 1, t, nbytes, nbytes / t / 1e3,
+              nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0)
+
+
+def _sdpa_decode_row(cache: Cache, q: torch.Tensor, nbytes: int, peaks: DevicePeaks, plan: Plan) -> Row:
+    """SDPA (default backend choice) reading the contiguous cache through a [B, Hkv, L, D] view."""
+    b, length = cache.batch, cache.length
+    k = cache.k.view(b, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
+    v = cache.v.view(b, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
+    q4 = q.view(b, HEADS, 1, HEAD_DIM)
+    try:
+        t = time_us(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True), plan.rep_ms)
+    except torch.OutOfMemoryError:  # a backend that expands K/V to every query head
+        t = math.nan
+    return Row("decode", "sdpa", 0, b, length, 1, 0, t, nbytes, nbytes / t / 1e3,
+               nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0)
+
+
+def prefill_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
+    """Causal prefill over the cache (paged 16 and contiguous) against SDPA flash on the same problem."""
+    cases = [(b, 0, n) for b, n in plan.prefills] + list(plan.chunked)
+    for batch, context, chunk in cases:
+        total = context + chunk
+        cache = Cache(batch, total, dtype, device)
+        q = torch.randn(batch * chunk, HEADS, HEAD_DIM, dtype=dtype, device=device)
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=device) * chunk
+        flops = causal_flops(batch, context, chunk)
+        nbytes = kv_bytes(batch * total, dtype)
+        for block_size in (0, 16):
+            addr = cache.addressing(block_size)
+            fn = lambda addr=addr: triton_ops.prefill_attention(  # noqa: E731
+                q, cache.k, cache.v, qsl, cache.seq_lens, max_query_len=chunk, validate=False, **addr)
+            t = time_us(fn, plan.rep_ms)
+            yield Row("prefill", "paged" if block_size else "contiguous", block_size, batch, context, chunk, 0, t,
+                      nbytes, nbytes / t / 1e3, nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, flops / t / 1e6)
+        if context == 0:
+            t = _sdpa_prefill_us(cache, q, plan)
+            yield Row("prefill", "sdpa_flash", 0, batch, 0, chunk, 0, t, nbytes, nbytes / t / 1e3,
+                      nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, flops / t / 1e6)
+        del cache
+
+
+def _sdpa_prefill_us(cache: Cache, q: torch.Tensor, plan: Plan) -> float:
+    """SDPA's flash backend on [B, L, H, D] tensors (its native layout), K/V expanded to every query head."""
+    b, n = cache.batch, cache.length
+    group = HEADS // KV_HEADS
+    k = cache.k.view(b, n, KV_HEADS, HEAD_DIM).repeat_interleave(group, dim=2).transpose(1, 2)
+    v = cache.v.view(b, n, KV_HEADS, HEAD_DIM).repeat_interleave(group, dim=2).transpose(1, 2)
+    q4 = q.view(b, n, HEADS, HEAD_DIM).transpose(1, 2)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return time_us(lambda: F.scaled_dot_product_attention(q4, k, v, is_causal=True), plan.rep_ms)
+
+
+def cache_op_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
+    """write_kv of a 4096-token step and copy_blocks of 64 blocks across 32 layers (bytes moved: read + write)."""
+    tokens, slots = 4096, 1 << 20
+    k_cache = torch.empty(slots, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+    v_cache = torch.empty_like(k_cache)
+    key = torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+    value = torch.randn_like(key)
+    slot_mapping = torch.randperm(slots, device=device)[:tokens]
+    t = time_us(lambda: triton_ops.write_kv(key, value, k_cache, v_cache, slot_mapping, validate=False), plan.rep_ms)
+    moved = 2 * kv_bytes(tokens, dtype)
+    yield Row("write_kv", "slots", 1, tokens, 0, 0, 0, t, moved, moved / t / 1e3, moved / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0)
+    del k_cache, v_cache
+    layers, block_size, pairs = 32, 16, 64
+    whole = torch.randn(layers, 2, 4096 * block_size, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+    src, dst = torch.arange(pairs, device=device), torch.arange(pairs, 2 * pairs, device=device)
+    t = time_us(lambda: triton_ops.copy_blocks(whole, src, dst, block_size), plan.rep_ms)
+    moved = 2 * layers * pairs * block_size * kv_bytes(1, dtype)
+    yield Row("copy_blocks", "blocks", block_size, pairs, 0, 0, 0, t, moved, moved / t / 1e3, moved / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0)
+
+
+def tune_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
+    """Sweep tile configs on the target shapes; every candidate is checked against the default first."""
+    for batch, context in ((64, 4096), (1, 32768), (4, 4096)):
+        cache = Cache(batch, context, dtype, device)
+        table = cache.block_table(16)
+        q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
+        nbytes = kv_bytes(batch * context, dtype)
+        run = lambda cfg: decode(q, cache.k, cache.v, cache.seq_lens, table, paged=True, block_size=16,  # noqa: E731
+                                 scale=HEAD_DIM**-0.5, max_seq_len=context, config=cfg)
+        expected = run(None)
+        for cfg in _decode_candidates(batch):
+            t = _checked_time(lambda: run(cfg), expected, plan)
+            splits = num_kv_splits(batch, KV_HEADS, context, sm_count(device), cfg)
+            yield Row("tune_decode", "paged", 16, batch, context, 1, splits, t, nbytes, nbytes / t / 1e3,
+                      nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0, _describe(cfg))
+        del cache
+    batch, length = 1, 8192
+    cache = Cache(batch, length, dtype, device)
+    table = cache.block_table(16)
+    q = torch.randn(length, HEADS, HEAD_DIM, dtype=dtype, device=device)
+    qsl = torch.tensor([0, length], dtype=torch.int32, device=device)
+    run = lambda cfg: prefill(q, cache.k, cache.v, qsl, cache.seq_lens, table, paged=True, block_size=16,  # noqa: E731
+                              scale=HEAD_DIM**-0.5, max_query_len=length, config=cfg)
+    expected = run(None)
+    flops = causal_flops(batch, 0, length)
+    for cfg in _prefill_candidates():
+        t = _checked_time(lambda: run(cfg), expected, plan)
+        yield Row("tune_prefill", "paged", 16, batch, 0, length, 0, t, 0, 0.0, 0.0, flops / t / 1e6, _describe(cfg))
+
+
+def _decode_candidates(batch: int) -> list[DecodeConfig]:
+    """Tiles at batch 64 (no split); split counts at small batches (no recompilation)."""
+    if batch == 64:
+        return [DecodeConfig(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+    return [DecodeConfig(64, 4, 3, waves=w, min_tiles_per_split=m) for w in (1, 2, 4, 8) for m in (2, 4, 8)]
+
+
+def _prefill_candidates() -> list[PrefillConfig]:
+    return [PrefillConfig(m, n, w, s) for m, n, w, s in (
+        (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+        (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4), (64, 32, 4, 4), (128, 128, 4, 3))]
+
+
+def _checked_time(fn: Callable[[], torch.Tensor], expected: torch.Tensor, plan: Plan) -> float:
+    """Time of a candidate, or NaN when it fails to compile or disagrees with the default config."""
+    try:
+        out = fn()
+    except Exception as exc:  # a config past the shared-memory limit fails to compile: skip it
+        print(f"  candidate failed: {type(exc).__name__}: {str(exc)[:120]}")
+        return math.nan
+    err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+    return time_us(fn, plan.rep_ms) if err < 1e-2 else math.nan
+
+
+def _describe(cfg: object) -> str:
+    return " ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg))
+
+
+def summary(rows: list[Row], peaks: DevicePeaks) -> str:
+    """The figures the targets name, worst cases first."""
+    def pick(**want) -> list[Row]:
+        return [r for r in rows if all(getattr(r, k) == v for k, v in want.items())]
+
+    lines = [f"device: {peaks.device_name}  read B = {peaks.read_bw_bytes_per_s / 1e9:,.0f} GB/s  "
+             f"bf16 F = {peaks.bf16_flops_per_s / 1e12:,.0f} TFLOP/s"]
+    lines.append(f"{'batch':>5} {'ctx':>6} {'contig us':>10} {'paged16 us':>10} {'p16/c':>6} {'p1/c':>6} "
+                 f"{'p256/c':>6} {'p16 %B':>7} {'sdpa us':>9}")
+    ratios: dict[int, list[tuple[float, Row]]] = {}
+    for c in pick(kernel="decode", addressing="contiguous"):
+        paged = {r.block_size: r for r in pick(kernel="decode", addressing="paged", batch=c.batch, context=c.context)}
+        sdpa = pick(kernel="decode", addressing="sdpa", batch=c.batch, context=c.context)
+        for bs, r in paged.items():
+            ratios.setdefault(bs, []).append((r.time_us / c.time_us, r))
+        cell = lambda bs: f"{paged[bs].time_us / c.time_us:6.3f}" if bs in paged else f"{'-':>6}"  # noqa: E731
+        p16 = paged.get(16)
+        lines.append(f"{c.batch:5d} {c.context:6d} {c.time_us:10.1f} {p16.time_us if p16 else math.nan:10.1f} "
+                     f"{cell(16)} {cell(1)} {cell(256)} {100 * p16.bw_frac if p16 else math.nan:6.1f}% "
+                     f"{sdpa[0].time_us if sdpa else math.nan:9.1f}")
+    target = pick(kernel="decode", addressing="paged", block_size=16, batch=64, context=4096)
+    if target:
+        lines.append(f"target paged decode b64 ctx4096 bs16: {100 * target[0].bw_frac:.1f}% of B (>= 80%)")
+    for bs in sorted(ratios):
+        in_range = [(x, r) for x, r in ratios[bs] if r.context <= 16384]
+        worst, r = max(in_range, key=lambda item: item[0])
+        lines.append(f"worst paged/contiguous, block size {bs}: {worst:.3f} at batch {r.batch} ctx {r.context}"
+                     + (" (<= 1.05)" if bs == 16 else ""))
+    longest = [r for r in pick(kernel="decode", addressing="paged", block_size=16, batch=1) if r.context > 16384]
+    nosplit = pick(kernel="decode_nosplit")
+    if longest:
+        r = longest[0]
+        extra = f"; without split-KV {100 * nosplit[0].bw_frac:.1f}%" if nosplit else ""
+        lines.append(f"target batch 1 ctx {r.context} ({r.splits} splits): {100 * r.bw_frac:.1f}% of B (>= 60%){extra}")
+    for s in pick(kernel="prefill", addressing="sdpa_flash"):
+        for r in pick(kernel="prefill", batch=s.batch, q_len=s.q_len, context=0):
+            if r.addressing != "sdpa_flash":
+                lines.append(f"prefill b{r.batch} L{r.q_len} {r.addressing}: {r.tflops:.0f} TFLOP/s = "
+                             f"{s.time_us / r.time_us:.2f} x SDPA flash ({s.tflops:.0f}) (>= 0.50)")
+    for r in pick(kernel="prefill"):
+        if r.context:
+            lines.append(f"chunked prefill b{r.batch} ctx{r.context}+{r.q_len} {r.addressing}: {r.time_us:.0f} us, {r.tflops:.0f} TFLOP/s")
+    for r in rows:
+        if r.kernel in ("write_kv", "copy_blocks"):
+            lines.append(f"{r.kernel}: {r.time_us:.1f} us, {r.gbps:,.0f} GB/s moved")
+    best: dict[tuple, Row] = {}
+    for r in rows:
+        if r.kernel.startswith("tune") and not math.isnan(r.time_us):
+            key = (r.kernel, r.batch, r.context)
+            if key not in best or r.time_us < best[key].time_us:
+                best[key] = r
+    for (kernel, batch, context), r in sorted(best.items()):
+        lines.append(f"best {kernel} b{batch} ctx{context or r.q_len}: {r.time_us:.1f} us ({r.config})")
+    return "\n".join(lines)
+
+
+class CsvLog:
+    """Rows written as they are measured, so a run cut short keeps what it measured."""
+
+    def __init__(self, path: Path | None, meta: dict):
+        self.meta = meta
+        self.names = [f.name for f in fields(Row)] + list(meta)
+        self.fh = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = path.open("w", newline="")
+            self.writer = csv.DictWriter(self.fh, fieldnames=self.names)
+            self.writer.writeheader()
+
+    def add(self, row: Row) -> None:
+        if self.fh is not None:
+            self.writer.writerow({**{f.name: getattr(row, f.name) for f in fields(Row)}, **self.meta})
+            self.fh.flush()
+
+
+SECTIONS = {"decode": decode_rows, "prefill": prefill_rows, "cache": cache_op_rows, "tune": tune_rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="folder for kernels_bench.csv")
+    parser.add_argument("--quick", action="store_true", help="a few shapes, short repetitions")
+    parser.add_argument("--sections", default="decode,prefill,cache",
+                        help=f"comma-separated, from {','.join(SECTIONS)} (tune sweeps tile configs)")
+    parser.add_argument("--refresh-peaks", action="store_true", help="measure B and F again")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.bench needs a CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.bfloat16
+    plan = QUICK if args.quick else FULL
+    peaks = device_peaks(device, refresh=args.refresh_peaks)
+    meta = {"gpu": peaks.device_name, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
+            "read_bw_gbps": round(peaks.read_bw_bytes_per_s / 1e9, 1),
+            "bf16_tflops": round(peaks.bf16_flops_per_s / 1e12, 1)}
+    log = CsvLog(None if args.out is None else args.out / "kernels_bench.csv", meta)
+    rows: list[Row] = []
+    for name in args.sections.split(","):
+        for row in SECTIONS[name](plan, peaks, dtype, device):
+            print(f"{row.kernel:>14} {row.addressing:>10} bs={row.block_size:<3} b={row.batch:<4} ctx={row.context:<6} "
+                  f"q={row.q_len:<5} {row.time_us:10.1f} us {row.gbps:8.0f} GB/s {row.tflops:6.0f} TF {row.config}", flush=True)
+            rows.append(row)
+            log.add(row)
+        torch.cuda.empty_cache()
+    print(summary(rows, peaks))
+
+
+if __name__ == "__main__":
+    main()

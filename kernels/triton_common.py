@@ -1,0 +1,114 @@
+"""Triton building blocks shared by the decode and prefill attention kernels.
+
+Paged and contiguous addressing differ only in ``token_slots``, selected by the
+``PAGED`` constexpr, so the two variants compile from one kernel body and a benchmark
+of one against the other measures the addressing alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Grid-sizing stand-in for the SM count when the kernels run on the CPU interpreter:
+# small, so that tiny test shapes still split their KV range.
+_INTERPRETER_SMS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (cached: no driver call in the hot path)."""
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 caches get near-fp32 products from three tf32 passes on the tensor cores (plain fp32
+    FMA dots spill registers in the prefill tiles); 16-bit inputs ignore the setting."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def interpreter_upcast(device: torch.device) -> bool:
+    """Triton 3.6's interpreter computes ``tl.dot`` on bf16 operands wrongly; upcast there."""
+    return device.type != "cuda"
+
+
+@triton.jit
+def sequence_base(addr_ptr, b, stride_addr, PAGED: tl.constexpr):
+    """Per-sequence address base: its block-table row (paged) or its first slot (contiguous)."""
+    if PAGED:
+        table = addr_ptr + b.to(tl.int64) * stride_addr
+        start = 0
+    else:
+        table = addr_ptr
+        start = tl.load(addr_ptr + b).to(tl.int64)
+    return table, start
+
+
+@triton.jit
+def token_slots(table, start, pos, mask, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr):
+    """Cache slot (int64) of each token position ``pos`` of one sequence."""
+    if PAGED:
+        block = tl.load(table + pos // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+        slots = block * BLOCK_SIZE + (pos % BLOCK_SIZE)
+    else:
+        slots = start + pos
+    return slots
+
+
+@triton.jit
+def mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``a @ b`` with fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def attend_tile(
+    q, acc, m_i, l_i,
+    k_base, v_base, table, start_slot, start, limit, q_pos,
+    stride_ks, stride_vs, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
+    BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One online-softmax step over the keys ``start .. start+BLOCK_N`` (scores in log2 units).
+
+    ``BOUNDED`` masks keys at or past ``limit``; ``CAUSAL`` also masks keys after each
+    query's position ``q_pos``. Full interior tiles skip both masks.
+    """
+    pos = start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    valid = pos < limit
+    slots = token_slots(table, start_slot, pos, valid, BLOCK_SIZE, PAGED)
+    k_ptrs = k_base + slots[:, None] * stride_ks + dims[None, :]
+    v_ptrs = v_base + slots[:, None] * stride_vs + dims[None, :]
+    if BOUNDED:
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = mma(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+    if CAUSAL:
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
+    elif BOUNDED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if BOUNDED:
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)
+    return acc, m_new, l_i

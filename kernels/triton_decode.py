@@ -1,0 +1,176 @@
+"""Split-KV (flash-decoding) attention for one query token per sequence.
+
+Grid ``(batch, kv_heads, splits)``: each program loads its KV head's keys and values once
+for all the query heads that share it (GQA/MQA), over one slice of the context. With more
+than one split, a second kernel merges the slices by their log-sum-exp. The number of
+splits depends only on shapes and host ints, and each slice's bounds are computed on the
+device from ``seq_lens``, so a launch never syncs and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import (
+    LOG2E,
+    attend_tile,
+    dot_precision,
+    interpreter_upcast,
+    sequence_base,
+    sm_count,
+)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+    # Programs to aim for per SM when choosing the split count: enough to hide a wave tail.
+    waves: int = 3
+    # A split covers at least this many tiles, so the merge never costs more than it saves.
+    min_tiles_per_split: int = 4
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    """Tile shape for ``head_dim``: 16 KiB of K (and as much V) per tile on the GPU, 8 KiB for
+    fp32, whose split tf32 products need more registers."""
+    if device.type != "cuda":
+        return DecodeConfig(block_n=16, num_warps=1, num_stages=1)
+    budget = 4096 if dtype == torch.float32 else 8192
+    return DecodeConfig(block_n=max(16, min(128, budget // head_dim)), num_warps=4, num_stages=3)
+
+
+def num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int, config: DecodeConfig) -> int:
+    """Splits per sequence so that ``batch * num_kv_heads * splits`` fills the device."""
+    programs = max(1, batch * num_kv_heads)
+    wanted = triton.cdiv(config.waves * num_sms, programs)
+    useful = triton.cdiv(max(1, max_seq_len), config.min_tiles_per_split * config.block_n)
+    return max(1, min(wanted, useful))
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, seq_lens_ptr, addr_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale, num_splits,
+    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+    stride_ob, stride_oh, stride_addr,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, seq_len)
+
+    rows = tl.arange(0, GROUP_P)
+    dims = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    table, start_slot = sequence_base(addr_ptr, b, stride_addr, PAGED)
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
+
+    m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P], tl.float32)
+    acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = attend_tile(
+            q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, hi, rows,
+            stride_ks, stride_vs, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, False, UPCAST, PRECISION,
+        )
+
+    # An empty slice (or an empty sequence) leaves l_i == 0: it contributes nothing.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if SPLIT:
+        idx = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_out_ptr + idx[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + idx, lse, mask=row_ok)
+    else:
+        out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_P: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_P)
+    dims = tl.arange(0, HEAD_DIM)
+    ok = splits < num_splits
+    idx = (b * tl.num_programs(1) + head) * num_splits + splits
+    lse = tl.load(part_lse_ptr + idx, mask=ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.math.exp2(lse - top)
+    parts = tl.load(part_out_ptr + idx[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
+    total = tl.sum(weight, 0)
+    o = tl.sum(parts * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
+
+
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    addr: torch.Tensor,
+    *,
+    paged: bool,
+    block_size: int,
+    scale: float,
+    max_seq_len: int,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Launch without checks. ``addr`` is the block table (paged) or ``seq_starts``.
+
+    ``max_seq_len`` (a host-side bound) only caps the split count; ``num_splits`` and
+    ``config`` override the heuristics (tests and tuning).
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    config = config or decode_config(head_dim, q.dtype, q.device)
+    if num_splits is None:
+        num_splits = num_kv_splits(batch, num_kv_heads, max_seq_len, sm_count(q.device), config)
+    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    split = num_splits > 1
+    part_out = part_lse = out  # placeholders, never touched when not split
+    if split:
+        part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, seq_lens, addr, out, part_out, part_lse,
+        scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1), addr.stride(0),
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_N=config.block_n, BLOCK_SIZE=block_size if paged else 1, PAGED=paged, SPLIT=split,
+        UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split:
+        _decode_merge_kernel[(batch, num_heads)](
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS_P=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out

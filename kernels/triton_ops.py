@@ -1,0 +1,166 @@
+"""Triton backend: the functions, signatures and layout of ``kernels.reference``, for CUDA.
+
+Every function checks shapes, dtypes and strides on the host (no device sync). With
+``validate=True`` it also runs the reference's checks, which read the block tables and
+lengths back from the device. With ``validate=False`` nothing syncs and no host logic
+depends on tensor values: grids and split counts follow from shapes and the host-side
+bounds ``max_seq_len`` / ``max_query_len``, so decode can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import reference, triton_cache, triton_decode, triton_prefill
+from kernels.checks import (
+    check_addressing_mode,
+    check_attention_args,
+    check_blocks_disjoint,
+    check_cache_planes,
+    check_copy_args,
+    check_query,
+    check_swap_pair,
+    check_triton_cache,
+    check_write_args,
+    check_write_shapes,
+)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows with unit stride; copy only a tensor that lacks it."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _addressing(block_tables: torch.Tensor | None, seq_starts: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    return (block_tables, True) if block_tables is not None else (seq_starts, False)
+
+
+def seq_len_bound(
+    k_cache: torch.Tensor, block_tables: torch.Tensor | None, block_size: int, max_seq_len: int | None
+) -> int:
+    """An upper bound of ``seq_lens`` from shapes alone: a sequence fits its block-table row
+    (paged) and the cache; ``max_seq_len`` tightens it."""
+    bound = k_cache.shape[0]
+    if block_tables is not None:
+        bound = min(bound, block_tables.shape[1] * block_size)
+    return bound if max_seq_len is None else min(bound, max_seq_len)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    block_tables: torch.Tensor | None = None,
+    seq_starts: torch.Tensor | None = None,
+    block_size: int = 1,
+    scale: float | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Varlen causal attention over the cache (see ``kernels.reference.prefill_attention``).
+
+    ``max_query_len`` sizes the grid; without it the grid covers ``q.shape[0]`` tokens per
+    sequence (or the exact longest query when ``validate`` already syncs). ``max_seq_len``
+    is accepted for the common signature; the kernel reads lengths on the device."""
+    check_query(q, k_cache, v_cache)
+    check_triton_cache(k_cache, v_cache)
+    check_addressing_mode(block_tables, seq_starts, block_size)
+    if validate:
+        check_attention_args(q, k_cache, v_cache, seq_lens, block_tables, seq_starts, block_size, query_start_loc)
+        if max_query_len is None and query_start_loc.shape[0] > 1:
+            max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    addr, paged = _addressing(block_tables, seq_starts)
+    return triton_prefill.prefill(
+        _unit_stride(q), k_cache, v_cache, query_start_loc, seq_lens, addr,
+        paged=paged, block_size=block_size, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        max_query_len=q.shape[0] if max_query_len is None else max_query_len,
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    block_tables: torch.Tensor | None = None,
+    seq_starts: torch.Tensor | None = None,
+    block_size: int = 1,
+    scale: float | None = None,
+    max_seq_len: int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """One query token per sequence (see ``kernels.reference.decode_attention``), split-KV.
+
+    ``max_seq_len`` only caps the number of KV splits; the split bounds come from
+    ``seq_lens`` on the device. A sequence of length 0 (a padding row of a CUDA-graph
+    batch) gets a zero output."""
+    check_query(q, k_cache, v_cache)
+    check_triton_cache(k_cache, v_cache)
+    check_addressing_mode(block_tables, seq_starts, block_size)
+    if validate:
+        query_start_loc = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
+        check_attention_args(q, k_cache, v_cache, seq_lens, block_tables, seq_starts, block_size, query_start_loc)
+    addr, paged = _addressing(block_tables, seq_starts)
+    return triton_decode.decode(
+        _unit_stride(q), k_cache, v_cache, seq_lens, addr,
+        paged=paged, block_size=block_size, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        max_seq_len=seq_len_bound(k_cache, block_tables, block_size, max_seq_len),
+    )
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    validate: bool = True,
+) -> None:
+    """Store new K/V rows at ``slot_mapping``; a negative slot is padding, skipped."""
+    if validate:
+        check_write_args(key, value, k_cache, v_cache, slot_mapping)
+    check_write_shapes(key, value, k_cache, v_cache, slot_mapping)
+    check_triton_cache(k_cache, v_cache)
+    triton_cache.write_kv(_unit_stride(key), _unit_stride(value), k_cache, v_cache, slot_mapping)
+
+
+def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` in every layer (copy-on-write); the blocks of
+    ``dst`` must not appear in ``src`` (they are copied in parallel)."""
+    check_copy_args(kv_cache, src, dst, block_size)
+    check_cache_planes(kv_cache)
+    check_blocks_disjoint(src, dst)
+    triton_cache.copy_blocks(kv_cache, kv_cache, src.to(kv_cache.device), dst.to(kv_cache.device), block_size)
+
+
+def _gpu_addressable(x: torch.Tensor) -> bool:
+    return x.is_cuda or (x.device.type == "cpu" and x.is_pinned())
+
+
+def swap_blocks(
+    src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int
+) -> None:
+    """Copy blocks ``src[i]`` of one cache to blocks ``dst[i]`` of another (GPU <-> pinned CPU).
+
+    With a CUDA cache on one side and a CUDA or pinned CPU cache on the other, one kernel
+    moves the blocks through unified addressing, ordered on the current stream: a swap-out
+    is complete before any later kernel on that stream reuses the GPU blocks, and the host
+    must synchronize that stream before it reads the CPU copy itself. Pageable CPU memory is
+    beyond the GPU's reach: that case falls back to the reference's torch indexing."""
+    check_copy_args(src_cache, src, src, block_size)
+    check_copy_args(dst_cache, dst, dst, block_size)
+    check_swap_pair(src_cache, dst_cache)
+    gpu = src_cache if src_cache.is_cuda else dst_cache
+    if not (gpu.is_cuda and _gpu_addressable(src_cache) and _gpu_addressable(dst_cache)):
+        reference.swap_blocks(src_cache, dst_cache, src, dst, block_size)
+        return
+    check_cache_planes(src_cache)
+    check_cache_planes(dst_cache)
+    with torch.cuda.device(gpu.device):
+        triton_cache.copy_blocks(src_cache, dst_cache, src.to(gpu.device), dst.to(gpu.device), block_size)

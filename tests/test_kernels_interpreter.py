@@ -1,0 +1,274 @@
+"""The Triton kernels on the CPU, under Triton's interpreter, against the torch references.
+
+``TRITON_INTERPRET=1`` only works when it is set before triton is first imported (triton's
+own library functions are compiled or interpreted at import), and it must not leak into
+the GPU tests of the same pytest run. So in an ordinary run this module does one thing:
+``test_under_interpreter`` runs this same file in a child pytest with the variable set,
+where the tests below run and the driver skips itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+if INTERPRETED:
+    from triton.runtime import interpreter
+
+    from kernels import reference, triton_decode, triton_ops
+
+    _patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def _patch_index(tensor, scope) -> None:
+        """Triton 3.6's interpreter turns scalars into 1-element arrays that numpy >= 2.4
+        refuses to convert with int() (triton-lang/triton#9171, fixed upstream): squeeze first."""
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = _patch_index
+
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the child pytest under TRITON_INTERPRET=1")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child run")
+def test_under_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    print(proc.stdout[-6000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Tolerances against the fp32 reference: bf16 P@V rounding dominates (see the GPU tests).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def make_cache(num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator):
+    k = torch.randn(num_slots, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_slots, kv_heads, head_dim, generator=gen).to(dtype)
+    return k, v
+
+
+def paged_layout(lens: list[int], block_size: int, gen: torch.Generator, spare: int = 3):
+    """A shuffled (non-contiguous) block table with garbage past each sequence's last block."""
+    per_seq = max(1, max(-(-n // block_size) for n in lens))
+    num_blocks = len(lens) * per_seq + spare
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    table = perm[: len(lens) * per_seq].view(len(lens), per_seq).clone()
+    for b, n in enumerate(lens):
+        table[b, -(-n // block_size):] = 10**6  # unused entries: must never be read
+    return table, num_blocks * block_size
+
+
+def contiguous_layout(lens: list[int], gen: torch.Generator, gap: int = 5):
+    starts, pos = [], int(torch.randint(0, gap, (1,), generator=gen))
+    for n in lens:
+        starts.append(pos)
+        pos += n + gap
+    return torch.tensor(starts, dtype=torch.int32), pos
+
+
+def addressing(mode: str, lens: list[int], block_size: int, gen: torch.Generator):
+    if mode == "paged":
+        table, slots = paged_layout(lens, block_size, gen)
+        return {"block_tables": table, "block_size": block_size}, slots
+    starts, slots = contiguous_layout(lens, gen)
+    return {"seq_starts": starts}, slots
+
+
+def run_decode(lens, heads, kv_heads, head_dim, dtype, mode, block_size, seed, num_splits=None):
+    gen = torch.Generator().manual_seed(seed)
+    addr, slots = addressing(mode, lens, block_size, gen)
+    k, v = make_cache(slots, kv_heads, head_dim, dtype, gen)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ref = reference.decode_attention(q.float(), k.float(), v.float(), seq_lens, **addr)
+    if num_splits is None:
+        out = triton_ops.decode_attention(q, k, v, seq_lens, **addr)
+    else:
+        table = addr.get("block_tables", addr.get("seq_starts"))
+        out = triton_decode.decode(q, k, v, seq_lens, table, paged=mode == "paged", block_size=block_size,
+                                   scale=head_dim**-0.5, max_seq_len=max(lens), num_splits=num_splits)
+    return out, ref
+
+
+@needs_interpreter
+@pytest.mark.parametrize("block_size", [1, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_block_sizes_and_gqa(block_size, group):
+    kv_heads = 2 if group == 1 else 1
+    out, ref = run_decode([1, 37, 300], heads=group * kv_heads, kv_heads=kv_heads, head_dim=16,
+                          dtype=torch.float32, mode="paged", block_size=block_size, seed=group)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["paged", "contiguous"])
+def test_decode_dtypes_and_addressing(dtype, mode):
+    out, ref = run_decode([5, 1, 50], heads=4, kv_heads=2, head_dim=32, dtype=dtype, mode=mode, block_size=4, seed=1)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_decode_split_kv_merges_exactly(num_splits):
+    """Splits cover uneven lengths, empty slices (7 splits of 20 tokens) and a length-1 sequence."""
+    out, ref = run_decode([20, 1, 70], heads=4, kv_heads=1, head_dim=16, dtype=torch.float32,
+                          mode="paged", block_size=2, seed=num_splits, num_splits=num_splits)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@needs_interpreter
+def test_decode_empty_sequence_gives_zeros():
+    """A padding row of a CUDA-graph batch (length 0) writes zeros, never NaN."""
+    gen = torch.Generator().manual_seed(0)
+    k, v = make_cache(64, 1, 16, torch.float32, gen)
+    q = torch.randn(2, 2, 16, generator=gen)
+    seq_lens = torch.tensor([0, 9], dtype=torch.int32)
+    starts = torch.tensor([0, 10], dtype=torch.int32)
+    for splits in (1, 2):
+        out = triton_decode.decode(q, k, v, seq_lens, starts, paged=False, block_size=1, scale=0.25,
+                                   max_seq_len=16, num_splits=splits)
+        ref = reference.decode_attention(q[1:], k, v, seq_lens[1:], seq_starts=starts[1:], scale=0.25)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert rel_err(out[1:], ref) < 1e-5
+
+
+@needs_interpreter
+@settings(max_examples=12, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 80), min_size=1, max_size=3),
+    block_size=st.sampled_from([1, 2, 8, 32]),
+    group=st.sampled_from([1, 2, 4]),
+    mode=st.sampled_from(["paged", "contiguous"]),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_matches_reference(lens, block_size, group, mode, seed):
+    out, ref = run_decode(lens, heads=group, kv_heads=1, head_dim=16, dtype=torch.float32,
+                          mode=mode, block_size=block_size, seed=seed)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def run_prefill(q_lens, seq_lens, heads, kv_heads, head_dim, dtype, mode, block_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    addr, slots = addressing(mode, seq_lens, block_size, gen)
+    k, v = make_cache(slots, kv_heads, head_dim, dtype, gen)
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    ref = reference.prefill_attention(q.float(), k.float(), v.float(), qsl, lens, **addr)
+    out = triton_ops.prefill_attention(q, k, v, qsl, lens, **addr)
+    return out, ref
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_chunked_with_earlier_context(dtype):
+    """Chunks after earlier context (prefix hits, later chunks), a full prefill, a decode-like token."""
+    out, ref = run_prefill([20, 33, 1], [45, 33, 17], heads=4, kv_heads=2, head_dim=32, dtype=dtype,
+                           mode="paged", block_size=8, seed=2)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,block_size", [("contiguous", 1), ("paged", 1), ("paged", 256)])
+def test_prefill_addressing(mode, block_size):
+    out, ref = run_prefill([17, 5], [40, 5], heads=8, kv_heads=1, head_dim=16, dtype=torch.float32,
+                           mode=mode, block_size=block_size, seed=3)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@needs_interpreter
+def test_prefill_skips_empty_queries():
+    out, ref = run_prefill([0, 9], [12, 9], heads=2, kv_heads=2, head_dim=16, dtype=torch.float32,
+                           mode="paged", block_size=4, seed=4)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@needs_interpreter
+@settings(max_examples=6, deadline=None)
+@given(
+    chunks=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 24)), min_size=1, max_size=2),
+    block_size=st.sampled_from([1, 4, 16]),
+    mode=st.sampled_from(["paged", "contiguous"]),
+    seed=st.integers(0, 2**16),
+)
+def test_prefill_matches_reference(chunks, block_size, mode, seed):
+    q_lens = [q for _, q in chunks]
+    seq_lens = [c + q for c, q in chunks]
+    out, ref = run_prefill(q_lens, seq_lens, heads=2, kv_heads=1, head_dim=16, dtype=torch.float32,
+                           mode=mode, block_size=block_size, seed=seed)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_skips_padding(dtype):
+    gen = torch.Generator().manual_seed(5)
+    k, v = make_cache(40, 3, 16, dtype, gen)
+    k_ref, v_ref = k.clone(), v.clone()
+    key = torch.randn(6, 3, 16, generator=gen).to(dtype)
+    value = torch.randn(6, 3, 16, generator=gen).to(dtype)
+    slots = torch.tensor([7, -1, 39, 0, -1, 12])
+    triton_ops.write_kv(key, value, k, v, slots)
+    reference.write_kv(key, value, k_ref, v_ref, slots)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+@needs_interpreter
+def test_write_kv_strided_rows():
+    """key/value as views of a fused projection (token stride larger than Hkv * D)."""
+    gen = torch.Generator().manual_seed(6)
+    k, v = make_cache(16, 2, 16, torch.float32, gen)
+    k_ref, v_ref = k.clone(), v.clone()
+    fused = torch.randn(4, 3, 2, 16, generator=gen)
+    key, value = fused[:, 1], fused[:, 2]
+    slots = torch.tensor([3, 2, 1, 15], dtype=torch.int32)
+    triton_ops.write_kv(key, value, k, v, slots)
+    reference.write_kv(key, value, k_ref, v_ref, slots)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_copy_blocks(block_size):
+    gen = torch.Generator().manual_seed(7)
+    cache = torch.randn(2, 2, 8 * block_size, 2, 16, generator=gen).to(torch.bfloat16)
+    expected = cache.clone()
+    src, dst = torch.tensor([0, 5, 2]), torch.tensor([7, 1, 3])
+    triton_ops.copy_blocks(cache, src, dst, block_size)
+    reference.copy_blocks(expected, src, dst, block_size)
+    assert torch.equal(cache, expected)
+
+
+@needs_interpreter
+def test_swap_blocks_between_cpu_caches():
+    """Pageable CPU memory: the torch-indexing path."""
+    gen = torch.Generator().manual_seed(8)
+    src_cache = torch.randn(2, 2, 32, 2, 16, generator=gen)
+    dst_cache = torch.zeros(2, 2, 16, 2, 16)
+    expected = dst_cache.clone()
+    src, dst = torch.tensor([3, 0]), torch.tensor([1, 2])
+    triton_ops.swap_blocks(src_cache, dst_cache, src, dst, 4)
+    reference.swap_blocks(src_cache, expected, src, dst, 4)
+    assert torch.equal(dst_cache, expected)
