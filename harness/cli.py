@@ -32,9 +32,11 @@ def make_model_main(argv: list[str]) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30,
                         help="largest safetensors shard; a larger model is sharded with an index file")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to draw the random weights (a seed's weights differ between CPU and CUDA)")
     args = parser.parse_args(argv)
     out = make_model(args.preset, args.out, seed=args.seed, dtype=args.dtype,
-                     shard_bytes=int(args.shard_size_gb * 2**30))
+                     shard_bytes=int(args.shard_size_gb * 2**30), device=args.device)
     print(f"wrote {args.preset} (seed {args.seed}, {args.dtype}) to {out}")
     return 0
 

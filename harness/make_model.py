@@ -51,14 +51,27 @@ def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float) -> torch.Tensor:
+def init_device(requested: str = "auto") -> torch.device:
+    """Where random weights are drawn: a GPU draws an 8B model in a second, a CPU takes minutes.
+
+    A seed gives the same weights on every machine with the same kind of device (CPU and CUDA
+    random streams differ), so the device type is part of a cached model's name.
+    """
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def random_tensor(
+    name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float, device: torch.device
+) -> torch.Tensor:
     """Norm weights are 1 + N(0, std) (so a test sees a misplaced one), the rest N(0, std); seeded per tensor."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    t = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+    gen = torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    t = torch.empty(shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen)
     if name.endswith("norm.weight"):
         t = 1.0 + t
-    return t.to(dtype)
+    return t.to(dtype).cpu()
 
 
 def make_model(
@@ -68,9 +81,11 @@ def make_model(
     seed: int = 0,
     dtype: str = "bfloat16",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    device: str = "auto",
 ) -> Path:
     """Write config.json, safetensors (sharded above ``shard_bytes``), tokenizer and generation config."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    draw_on = init_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(preset.config["vocab_size"], preset.chat)
@@ -79,10 +94,11 @@ def make_model(
     eos_ids = [ids[t] for t in chat.eos]
     bos_id = ids[chat.bos] if chat.bos else None
     config = {**preset.config, "torch_dtype": dtype, "bos_token_id": bos_id, "eos_token_id": eos_ids[0],
-              "pad_token_id": ids[chat.pad], "kvbench_preset": preset.name, "kvbench_seed": seed}
+              "pad_token_id": ids[chat.pad], "kvbench_preset": preset.name, "kvbench_seed": seed,
+              "kvbench_init_device": draw_on.type}
     cfg = ModelConfig.from_dict(config)
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    _write_weights(out, hf_weight_shapes(cfg), seed, torch_dtype, shard_bytes, preset.init_std)
+    _write_weights(out, hf_weight_shapes(cfg), seed, torch_dtype, shard_bytes, preset.init_std, draw_on)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": bos_id, "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0], "pad_token_id": ids[chat.pad]},
@@ -102,7 +118,8 @@ def make_model(
 
 
 def _write_weights(
-    out: Path, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, shard_bytes: int, std: float
+    out: Path, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, shard_bytes: int, std: float,
+    device: torch.device,
 ) -> None:
     elem = torch.empty((), dtype=dtype).element_size()
     shards: list[list[str]] = [[]]
@@ -115,13 +132,13 @@ def _write_weights(
         shards[-1].append(name)
         size += nbytes
     if len(shards) == 1:
-        save_file({n: random_tensor(n, shapes[n], seed, dtype, std) for n in shards[0]}, out / "model.safetensors",
+        save_file({n: random_tensor(n, shapes[n], seed, dtype, std, device) for n in shards[0]}, out / "model.safetensors",
                   metadata={"format": "pt"})
         return
     weight_map, total = {}, 0
     for k, names in enumerate(shards, start=1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: random_tensor(n, shapes[n], seed, dtype, std) for n in names}
+        tensors = {n: random_tensor(n, shapes[n], seed, dtype, std, device) for n in names}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, out / file, metadata={"format": "pt"})
         weight_map.update({n: file for n in names})
@@ -131,13 +148,14 @@ def _write_weights(
 
 def ensure_model(preset: str, *, seed: int = 0, dtype: str = "bfloat16") -> Path:
     """The cached directory of a preset, built once (atomically, so a crash leaves no half model)."""
-    target = cache_root() / "models" / f"{preset}-seed{seed}-{dtype}-v{MODEL_FORMAT}"
+    device = init_device()
+    target = cache_root() / "models" / f"{preset}-seed{seed}-{dtype}-{device.type}-v{MODEL_FORMAT}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=target.parent))
     try:
-        make_model(preset, tmp, seed=seed, dtype=dtype)
+        make_model(preset, tmp, seed=seed, dtype=dtype, device=device.type)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
