@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import triton_ops
+from kernels import triton_cache, triton_ops
 from kernels.device_peaks import DevicePeaks, device_peaks
 from kernels.triton_decode import DecodeConfig, decode, decode_config, num_kv_splits
 from kernels.triton_prefill import PrefillConfig, prefill
@@ -63,11 +63,26 @@ class Plan:
 
 FULL = Plan((1, 4, 16, 64, 256), (512, 2048, 4096, 16384), (1, 16, 256), 32768,
             ((1, 4096), (1, 16384), (4, 2048), (16, 1024)), ((4, 4096, 512), (1, 16384, 2048)), 200)
+# Shapes the tune section sweeps: the targets' decode shapes and one long prefill.
+TUNE_DECODE = ((64, 4096), (1, 32768), (4, 4096))
+TUNE_PREFILL_LENGTH = 8192
 QUICK = Plan((1, 64), (512, 4096), (1, 16), 32768, ((1, 4096),), ((4, 4096, 512),), 50)
 
 
 def time_us(fn: Callable[[], object], rep_ms: int) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+    """Median time of ``fn`` replayed from a CUDA graph, L2 flushed before each run: the kernels'
+    cost as the engine pays it (decode runs under graphs), without Python launch overhead,
+    which would otherwise dominate small problems."""
+    fn()  # compile outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median") * 1e3
 
 
 def kv_bytes(tokens: int, dtype: torch.dtype) -> int:
@@ -201,52 +216,57 @@ def cache_op_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: to
     layers, block_size, pairs = 32, 16, 64
     whole = torch.randn(layers, 2, 4096 * block_size, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
     src, dst = torch.arange(pairs, device=device), torch.arange(pairs, 2 * pairs, device=device)
-    t = time_us(lambda: triton_ops.copy_blocks(whole, src, dst, block_size), plan.rep_ms)
+    # The kernel alone: the public copy_blocks first checks the block lists on the host (syncs).
+    t = time_us(lambda: triton_cache.copy_blocks(whole, whole, src, dst, block_size), plan.rep_ms)
     moved = 2 * layers * pairs * block_size * kv_bytes(1, dtype)
     yield Row("copy_blocks", "blocks", block_size, pairs, 0, 0, 0, t, moved, moved / t / 1e3, moved / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0)
 
 
 def tune_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
-    """Sweep tile configs on the target shapes; every candidate is checked against the default first."""
-    for batch, context in ((64, 4096), (1, 32768), (4, 4096)):
+    """Sweep tile configs and split counts on the target shapes, paged (16) and contiguous;
+    every candidate is checked against the default config first."""
+    for batch, context in TUNE_DECODE:
         cache = Cache(batch, context, dtype, device)
-        table = cache.block_table(16)
         q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
         nbytes = kv_bytes(batch * context, dtype)
-        run = lambda cfg: decode(q, cache.k, cache.v, cache.seq_lens, table, paged=True, block_size=16,  # noqa: E731
-                                 scale=HEAD_DIM**-0.5, max_seq_len=context, config=cfg)
-        expected = run(None)
-        for cfg in _decode_candidates(batch):
-            t = _checked_time(lambda: run(cfg), expected, plan)
-            splits = num_kv_splits(batch, KV_HEADS, context, sm_count(device), cfg)
-            yield Row("tune_decode", "paged", 16, batch, context, 1, splits, t, nbytes, nbytes / t / 1e3,
-                      nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0, _describe(cfg))
+        for block_size in (16, 0):
+            addr = cache.block_table(16) if block_size else cache.seq_starts
+            run = lambda cfg: decode(q, cache.k, cache.v, cache.seq_lens, addr, paged=block_size > 0,  # noqa: E731
+                                     block_size=16, scale=HEAD_DIM**-0.5, max_seq_len=context, config=cfg)
+            expected = run(None)
+            for cfg in _decode_candidates(batch):
+                t = _checked_time(lambda: run(cfg), expected, plan)
+                splits = num_kv_splits(batch, KV_HEADS, context, sm_count(device), cfg)
+                yield Row("tune_decode", "paged" if block_size else "contiguous", block_size, batch, context, 1,
+                          splits, t, nbytes, nbytes / t / 1e3, nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s,
+                          0.0, _describe(cfg))
         del cache
-    batch, length = 1, 8192
+    batch, length = 1, TUNE_PREFILL_LENGTH
     cache = Cache(batch, length, dtype, device)
-    table = cache.block_table(16)
     q = torch.randn(length, HEADS, HEAD_DIM, dtype=dtype, device=device)
     qsl = torch.tensor([0, length], dtype=torch.int32, device=device)
-    run = lambda cfg: prefill(q, cache.k, cache.v, qsl, cache.seq_lens, table, paged=True, block_size=16,  # noqa: E731
-                              scale=HEAD_DIM**-0.5, max_query_len=length, config=cfg)
-    expected = run(None)
     flops = causal_flops(batch, 0, length)
-    for cfg in _prefill_candidates():
-        t = _checked_time(lambda: run(cfg), expected, plan)
-        yield Row("tune_prefill", "paged", 16, batch, 0, length, 0, t, 0, 0.0, 0.0, flops / t / 1e6, _describe(cfg))
+    for block_size in (16, 0):
+        addr = cache.block_table(16) if block_size else cache.seq_starts
+        run = lambda cfg: prefill(q, cache.k, cache.v, qsl, cache.seq_lens, addr, paged=block_size > 0,  # noqa: E731
+                                  block_size=16, scale=HEAD_DIM**-0.5, max_query_len=length, config=cfg)
+        expected = run(None)
+        for cfg in _prefill_candidates():
+            t = _checked_time(lambda: run(cfg), expected, plan)
+            yield Row("tune_prefill", "paged" if block_size else "contiguous", block_size, batch, 0, length, 0, t,
+                      0, 0.0, 0.0, flops / t / 1e6, _describe(cfg))
 
 
 def _decode_candidates(batch: int) -> list[DecodeConfig]:
     """Tiles at batch 64 (no split); split counts at small batches (no recompilation)."""
-    if batch == 64:
-        return [DecodeConfig(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
-    return [DecodeConfig(64, 4, 3, waves=w, min_tiles_per_split=m) for w in (1, 2, 4, 8) for m in (2, 4, 8)]
+    if batch >= 64:
+        return [DecodeConfig(n, 4, s) for n in (32, 64, 128) for s in (2, 3)]
+    return [DecodeConfig(64, 4, 2, waves=w, min_tiles_per_split=m) for w in (1, 2, 3, 4, 8) for m in (2, 4, 8)]
 
 
 def _prefill_candidates() -> list[PrefillConfig]:
     return [PrefillConfig(m, n, w, s) for m, n, w, s in (
-        (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-        (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4), (64, 32, 4, 4), (128, 128, 4, 3))]
+        (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2))]
 
 
 def _checked_time(fn: Callable[[], torch.Tensor], expected: torch.Tensor, plan: Plan) -> float:
@@ -312,11 +332,11 @@ def summary(rows: list[Row], peaks: DevicePeaks) -> str:
     best: dict[tuple, Row] = {}
     for r in rows:
         if r.kernel.startswith("tune") and not math.isnan(r.time_us):
-            key = (r.kernel, r.batch, r.context)
+            key = (r.kernel, r.addressing, r.batch, r.context)
             if key not in best or r.time_us < best[key].time_us:
                 best[key] = r
-    for (kernel, batch, context), r in sorted(best.items()):
-        lines.append(f"best {kernel} b{batch} ctx{context or r.q_len}: {r.time_us:.1f} us ({r.config})")
+    for (kernel, addressing, batch, context), r in sorted(best.items()):
+        lines.append(f"best {kernel} {addressing} b{batch} ctx{context or r.q_len}: {r.time_us:.1f} us ({r.config})")
     return "\n".join(lines)
 
 
