@@ -103,13 +103,36 @@ def decode_attention(
     max_seq_len: int | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """One query token per sequence (q: [B, Hq, D]) attending to its whole context."""
-    query_start_loc = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
-    return prefill_attention(
-        q, k_cache, v_cache, query_start_loc, seq_lens,
-        block_tables=block_tables, seq_starts=seq_starts, block_size=block_size, scale=scale,
-        max_query_len=1, max_seq_len=max_seq_len, validate=validate,
-    )
+    """One query token per sequence (q: [B, Hq, D]) attending to its whole context.
+
+    All sequences at once, padded to the longest context and masked: the CPU engines decode
+    hundreds of sequences per step, and a loop over them would dominate the step.
+    """
+    if validate:
+        check_attention_args(q, k_cache, v_cache, seq_lens, block_tables, seq_starts, block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, num_heads, d = q.shape
+    if batch == 0:
+        return torch.empty_like(q)
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    lens = seq_lens.long()
+    pos = torch.arange(int(lens.max()), device=q.device)
+    if block_tables is not None:
+        width = block_tables.shape[1]
+        blocks = block_tables.long().gather(1, (pos // block_size).clamp(max=width - 1).expand(batch, -1))
+        slots = blocks * block_size + pos % block_size
+    else:
+        slots = seq_starts.long().unsqueeze(1) + pos
+    valid = pos < lens.unsqueeze(1)  # [B, L]
+    slots = torch.where(valid, slots, 0)
+    k = k_cache[slots].float()  # [B, L, Hkv, D]
+    v = v_cache[slots].float()
+    qf = q.float().view(batch, num_kv_heads, group, d)
+    scores = torch.einsum("bhgd,blhd->bhgl", qf, k) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgl,blhd->bhgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(batch, num_heads, d).to(q.dtype)
 
 
 def write_kv(
