@@ -43,6 +43,19 @@ def interpreter_upcast(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
+def pipeline_stages(kv_stages: int, paged: bool) -> int:
+    """Triton ``num_stages`` for a K/V pipeline ``kv_stages`` deep.
+
+    Paged addressing needs one stage more: Triton's pipeliner then copies the block-table
+    entries asynchronously one stage before the K/V tiles they address (checked in the sm_90
+    SASS: no block-table load in the loop waits before a K/V copy). With equal stages it loads
+    them in the same stage as the K/V copies, which wait on them every tile: a memory latency
+    per tile that a small batch cannot hide. Both variants then buffer the same K/V tiles and
+    use the same shared memory, so a paged-vs-contiguous timing measures the addressing.
+    """
+    return kv_stages + 1 if paged else kv_stages
+
+
 @triton.jit
 def sequence_base(addr_ptr, b, stride_addr, PAGED: tl.constexpr):
     """Per-sequence address base: its block-table row (paged) or its first slot (contiguous)."""

@@ -20,6 +20,7 @@ from kernels.triton_common import (
     attend_tile,
     dot_precision,
     interpreter_upcast,
+    pipeline_stages,
     sequence_base,
     sm_count,
 )
@@ -29,7 +30,7 @@ from kernels.triton_common import (
 class DecodeConfig:
     block_n: int
     num_warps: int
-    num_stages: int
+    num_stages: int  # K/V pipeline depth (``pipeline_stages`` adds paging's stage)
     # Programs to aim for per SM when choosing the split count: enough to hide a wave tail.
     waves: int = 3
     # A split covers at least this many tiles, so the merge never costs more than it saves.
@@ -42,9 +43,8 @@ def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> De
     if device.type != "cuda":
         return DecodeConfig(block_n=16, num_warps=1, num_stages=1)
     budget = 4096 if dtype == torch.float32 else 8192
-    # Two stages: paged and contiguous then compile to the same pipeline depth and shared memory
-    # (a deeper pipeline gives only the contiguous variant an extra stage, which costs it
-    # occupancy); on an H100 two stages read as fast as three.
+    # One K/V tile in flight ahead of the one in use: with 4-5 programs per SM that saturates
+    # an H100's memory, and a deeper pipeline only costs occupancy (shared memory).
     return DecodeConfig(block_n=max(16, min(128, budget // head_dim)), num_warps=4, num_stages=2)
 
 
@@ -169,7 +169,7 @@ def decode(
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size if paged else 1, PAGED=paged, SPLIT=split,
         UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=pipeline_stages(config.num_stages, paged),
     )
     if split:
         _decode_merge_kernel[(batch, num_heads)](

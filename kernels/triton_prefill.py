@@ -14,7 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import LOG2E, attend_tile, dot_precision, interpreter_upcast, sequence_base
+from kernels.triton_common import (
+    LOG2E,
+    attend_tile,
+    dot_precision,
+    interpreter_upcast,
+    pipeline_stages,
+    sequence_base,
+)
 
 
 @dataclass(frozen=True)
@@ -22,14 +29,13 @@ class PrefillConfig:
     block_m: int
     block_n: int
     num_warps: int
-    num_stages: int
+    num_stages: int  # K/V pipeline depth (``pipeline_stages`` adds paging's stage)
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
     """Tile shape for ``head_dim``, from the compiler's register report for sm_90 (no spills for
     16-bit types; fp32's split tf32 products get small tiles and still spill a little) and an
-    H100 sweep (``python -m kernels.bench --sections tune``). Two stages give the paged and
-    contiguous variants the same pipeline."""
+    H100 sweep (``python -m kernels.bench --sections tune``)."""
     if device.type != "cuda":
         return PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
@@ -122,6 +128,6 @@ def prefill(
         GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_SIZE=block_size if paged else 1, PAGED=paged,
         UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=pipeline_stages(config.num_stages, paged),
     )
     return out
