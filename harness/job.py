@@ -1,0 +1,161 @@
+"""One benchmark job, from its typed spec to a finished run directory.
+
+Build the requests and their arrival times first (so a bad workload fails before a model
+loads), load the engine (an engine that has not landed is recorded as skipped), warm it
+up, run the workload in real time, close the engine, and write the tables and metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engines import EngineNotAvailable, create_engine
+from engines.detokenizer import load_tokenizer
+from engines.model.config import ModelConfig
+from harness import kv_breakdown, metrics
+from harness.arrivals import arrival_offsets
+from harness.make_model import ensure_model
+from harness.results import write_run
+from harness.roofline import device_ceilings, roofline
+from harness.runner import RunRecord, run_workload, warm_up
+from harness.schema import ArrivalSpec, ModelSpec, SLOSpec, UserError, WorkloadSpec, cuda_available
+from harness.system_info import git_state, hardware, hardware_label, model_shape, versions
+from harness.workload import PlannedRequest, build_workload, regular_token_ids
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(RuntimeError):
+    """The engine failed during a run; the run directory records the error."""
+
+
+@dataclass
+class JobSpec:
+    name: str
+    seed: int
+    engine_label: str  # the engine/ config chosen (e.g. contiguous_pow2); engine.name is the engine
+    engine: Any  # an engines.config dataclass
+    model: ModelSpec
+    workload: WorkloadSpec
+    arrival: ArrivalSpec
+    slo: SLOSpec
+    warmup_requests: int = 1
+    torch_threads: int | None = None
+    require_cuda: bool = False
+    params: dict[str, Any] = field(default_factory=dict)  # the job's overrides (what a sweep varies)
+    config: dict[str, Any] = field(default_factory=dict)  # the full resolved config, for the record
+
+
+def resolve_model_dir(spec: ModelSpec) -> Path:
+    return Path(spec.path) if spec.path is not None else ensure_model(spec.preset, seed=spec.seed, dtype=spec.dtype)
+
+
+def workload_label(w: WorkloadSpec, a: ArrivalSpec) -> str:
+    """A short description for captions: lengths, count and arrivals."""
+    def length(d) -> str:
+        return {"fixed": f"{d.value}", "uniform": f"U[{d.low},{d.high}]", "lognormal": f"mean {d.mean:g}"}[d.dist]
+
+    source = f"dataset {Path(w.dataset.path).name}" if w.dataset.path else f"prompt {length(w.prompt)}"
+    arrival = {"offline": "all at t=0", "closed": f"closed loop c={a.concurrency}", "poisson": f"Poisson {a.rate} req/s",
+               "gamma": f"gamma {a.rate} req/s (burstiness {a.burstiness})", "trace": "trace replay"}[a.process]
+    extras = (f", shared prefix {w.prefix.length} x {w.prefix.num_groups}" if w.prefix.num_groups else "") + (f", n={w.n}" if w.n > 1 else "")
+    return f"{w.name}: {w.num_requests} requests, {source}, output {length(w.output)}{extras}, {arrival}"
+
+
+def concurrency_bound(spec: JobSpec, num_sequences: int) -> int:
+    """The most sequences that can decode together: the clients, the engine's batch cap, or all of them."""
+    bounds = [num_sequences, getattr(spec.engine, "max_num_seqs", None), getattr(spec.engine, "batch_size", None)]
+    if spec.arrival.process == "closed":
+        bounds.append(spec.arrival.concurrency * spec.workload.n)
+    return min(b for b in bounds if b)
+
+
+def _params_row(spec: JobSpec, model_dir: Path, device: torch.device, label: str) -> dict[str, Any]:
+    a, w = spec.arrival, spec.workload
+    row = {
+        "experiment": spec.name, "engine": spec.engine.name, "engine_label": spec.engine_label,
+        "model": spec.model.preset if spec.model.path is None else model_dir.name, "device": device.type,
+        "workload": w.name, "workload_label": label, "arrival": a.process, "concurrency": a.concurrency,
+        "rate": a.rate, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed,
+    }
+    row.update({f"engine.{k}": v for k, v in asdict(spec.engine).items()})
+    row.update({f"param.{k}": v for k, v in spec.params.items()})
+    return row
+
+
+def _run_figures(spec: JobSpec, record: RunRecord, model_cfg: ModelConfig, device: torch.device) -> tuple[dict, Any, Any]:
+    """The run row's figures, the per-sample table and the per-step KV table."""
+    requests = metrics.request_table(record)
+    steps = kv_breakdown.kv_steps(record.kv, record.samples, record.start)
+    duration = record.end - record.start
+    figures = metrics.summarize(requests, duration, spec.slo.ttft_s, spec.slo.tpot_s)
+    figures.update(kv_breakdown.summarize(steps, duration))
+    last = steps.iloc[-1]
+    figures.update(
+        max_running=int(steps["num_running"].max()), max_in_flight=record.max_in_flight,
+        preemptions=int(last["preemptions"]),
+        prefix_cache_hit_rate=last["prefix_cache_hits"] / last["prefix_cache_queries"] if last["prefix_cache_queries"] else math.nan,
+        peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else math.nan,
+    )
+    ceilings = device_ceilings(device)
+    if ceilings is not None:
+        first = requests.groupby("request_id")["prompt_tokens"].first()
+        figures.update(roofline(model_cfg, first.tolist(), requests["prompt_tokens"].tolist(), requests["output_tokens"].tolist(),
+                                concurrency_bound(spec, len(requests)), duration, *ceilings))
+    return figures, requests, steps
+
+
+def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
+    """Run one job into ``job_dir``; returns its status (ok or skipped), raises JobFailed if the engine fails."""
+    device = torch.device("cuda" if cuda_available() else "cpu")
+    if spec.require_cuda and device.type != "cuda":
+        raise UserError(f"experiment {spec.name!r} is a GPU reference workload at a real model's size; "
+                        "no CUDA device here (set require_cuda=false to run it anyway)")
+    if spec.torch_threads is not None:
+        torch.set_num_threads(spec.torch_threads)
+    model_dir = resolve_model_dir(spec.model)
+    model_cfg = ModelConfig.from_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    max_len = spec.engine.max_model_len or model_cfg.max_context
+    requests: list[PlannedRequest] = build_workload(spec.workload, tokenizer, model_cfg.vocab_size, max_len, spec.seed)
+    offsets = arrival_offsets(spec.arrival, len(requests), spec.seed)
+    label = workload_label(spec.workload, spec.arrival)
+    metadata = {"name": spec.name, "engine_label": spec.engine_label, "model_dir": str(model_dir),
+                "model_shape": model_shape(model_cfg), "workload_label": label, "git": git_state(),
+                "versions": versions(), "params": spec.params, "config": spec.config}
+    try:
+        engine = create_engine(model_dir, spec.engine)
+    except EngineNotAvailable as e:
+        reason = str(e)
+        hw = hardware(device)
+        row = {**_params_row(spec, model_dir, device, label), "status": "skipped", "reason": reason, "hardware": hardware_label(hw)}
+        write_run(job_dir, row, {**metadata, "status": "skipped", "reason": reason, "hardware": hw})
+        log.warning("skipped %s: %s", spec.engine_label, reason)
+        return "skipped"
+    device = getattr(engine, "device", device)
+    hw = hardware(device)
+    row = {**_params_row(spec, model_dir, device, label), "hardware": hardware_label(hw)}
+    try:
+        warm_up(engine, regular_token_ids(tokenizer, model_cfg.vocab_size), spec.warmup_requests)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        desc = " ".join([spec.engine_label] + [f"{k}={v}" for k, v in spec.params.items() if k != "engine"])
+        record = run_workload(engine, requests, offsets, spec.arrival.concurrency, desc=desc, progress=progress)
+        figures, request_rows, steps = _run_figures(spec, record, model_cfg, device)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        write_run(job_dir, {**row, "status": "failed", "reason": reason}, {**metadata, "status": "failed", "reason": reason, "hardware": hw})
+        raise JobFailed(f"run {job_dir} failed: {reason}") from e
+    finally:
+        engine.close()
+    write_run(job_dir, {**row, "status": "ok", **figures}, {**metadata, "status": "ok", "hardware": hw}, request_rows, steps)
+    log.info("%s: %.1f output tok/s, p95 TTFT %.3f s, p95 TPOT %.4f s, KV token states %.1f%% of capacity",
+             desc, figures["output_tok_s"], figures["ttft_p95"], figures["tpot_p95"], 100 * figures["kv_token_states_frac"])
+    return "ok"

@@ -1,0 +1,214 @@
+"""The typed schema of the Hydra config tree, registered in Hydra's ConfigStore.
+
+Every node is a dataclass, so Hydra rejects an unknown key or a value of the wrong type
+at composition instead of silently ignoring it. The ``engine/`` group is typed by the
+engine dataclasses of ``engines.config`` (the engines' own knobs, never redefined here).
+Value checks that a type cannot express (a concurrency below 1, a missing file) live in
+``__post_init__``, which runs when the app turns a node into its dataclass.
+
+Resolvers for the YAML files:
+- ``${on_device:CPU_VALUE,CUDA_VALUE}``: pick a size by the machine, so that one experiment
+  runs in minutes on a laptop CPU and at full size on a GPU.
+- ``${max:A,B,...}`` and ``${mul:A,B}``: small arithmetic for sizes that scale with a sweep
+  value (e.g. the number of requests with the concurrency).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from engines.config import ENGINE_CONFIGS
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for: reported as one line, never a traceback."""
+
+
+@lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _on_device(cpu_value: Any, cuda_value: Any) -> Any:
+    return cuda_value if cuda_available() else cpu_value
+
+
+def register_resolvers() -> None:
+    for name, fn in (("on_device", _on_device), ("max", lambda *xs: max(xs)), ("mul", lambda a, b: a * b)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+# model: auto picks by device (cuda available?): a tiny model keeps CPU runs to minutes.
+AUTO_PRESETS = {False: "tiny-qwen3", True: "qwen3-0.6b"}
+
+
+@dataclass
+class ModelSpec:
+    """A preset (built with random weights on first use) or any local Hugging Face model directory."""
+
+    preset: str = "auto"  # auto = qwen3-0.6b on a GPU, tiny-qwen3 on a CPU
+    path: Optional[str] = None  # a model directory; wins over the preset
+    seed: int = 0  # weights seed of a preset
+    dtype: str = "bfloat16"  # checkpoint dtype a preset is written in
+
+    def __post_init__(self) -> None:
+        from harness.presets import PRESETS
+
+        if self.preset == "auto":
+            self.preset = AUTO_PRESETS[cuda_available()]
+        if self.path is not None:
+            _need(Path(self.path).is_dir(), f"model.path: {self.path!r} is not a directory")
+        else:
+            _need(self.preset in PRESETS, f"model.preset: unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+@dataclass
+class LengthDist:
+    """Token lengths: ``fixed`` (value), ``uniform`` (low..high inclusive) or ``lognormal``.
+
+    ``lognormal`` has the given ``mean`` and log-space ``sigma`` before clipping to
+    [low, high]; with the published means of ShareGPT and Alpaca it gives their long tails.
+    """
+
+    dist: str = "fixed"
+    value: int = 128
+    low: int = 1
+    high: int = 1024
+    mean: float = 128.0
+    sigma: float = 1.0
+
+    def check(self, where: str) -> None:
+        _need(self.dist in ("fixed", "uniform", "lognormal"), f"{where}.dist must be fixed, uniform or lognormal, got {self.dist!r}")
+        if self.dist == "fixed":
+            _need(self.value >= 1, f"{where}.value must be >= 1, got {self.value}")
+        else:
+            _need(1 <= self.low <= self.high, f"{where} needs 1 <= low <= high, got low={self.low} high={self.high}")
+        if self.dist == "lognormal":
+            _need(self.low <= self.mean <= self.high and self.sigma > 0,
+                  f"{where} needs low <= mean <= high and sigma > 0, got mean={self.mean} sigma={self.sigma}")
+
+
+@dataclass
+class DatasetSpec:
+    """Real prompts: a ShareGPT-format JSON (conversations) or a JSONL file with one prompt a line."""
+
+    path: Optional[str] = None
+    format: str = "auto"  # auto (by extension) | sharegpt | jsonl
+    max_prompt_len: int = 1024  # ShareGPT pruning as in vLLM's benchmark
+    max_total_len: int = 2048
+
+    def check(self) -> None:
+        if self.path is None:
+            return
+        _need(Path(self.path).is_file(), f"workload.dataset.path: file {self.path!r} does not exist")
+        _need(self.format in ("auto", "sharegpt", "jsonl"), f"workload.dataset.format must be auto, sharegpt or jsonl, got {self.format!r}")
+
+
+@dataclass
+class PrefixSpec:
+    """Shared prefixes (system prompts): request i starts with the prefix of group i mod num_groups."""
+
+    num_groups: int = 0  # 0 = no shared prefix
+    length: int = 0  # tokens of each group's prefix
+
+    def check(self) -> None:
+        _need(self.num_groups >= 0 and self.length >= 0, "workload.prefix.num_groups and length must be >= 0")
+        _need((self.num_groups == 0) == (self.length == 0), "workload.prefix: set both num_groups and length, or neither")
+
+
+@dataclass
+class WorkloadSpec:
+    name: str = "fixed"
+    num_requests: int = 16
+    prompt: LengthDist = field(default_factory=LengthDist)  # the unique part of each prompt
+    output: LengthDist = field(default_factory=LengthDist)
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    prefix: PrefixSpec = field(default_factory=PrefixSpec)
+    n: int = 1  # parallel samples per request
+    temperature: float = 0.0
+    ignore_eos: bool = True  # so max_tokens is the exact output length
+
+    def __post_init__(self) -> None:
+        _need(self.num_requests >= 1, f"workload.num_requests must be >= 1, got {self.num_requests}")
+        _need(self.n >= 1, f"workload.n must be >= 1, got {self.n}")
+        _need(self.temperature >= 0, f"workload.temperature must be >= 0, got {self.temperature}")
+        self.prompt.check("workload.prompt")
+        self.output.check("workload.output")
+        self.dataset.check()
+        self.prefix.check()
+
+
+ARRIVAL_PROCESSES = ("offline", "closed", "poisson", "gamma", "trace")
+
+
+@dataclass
+class ArrivalSpec:
+    """When requests arrive: all at t=0, a closed loop of clients, a Poisson/gamma process, or a trace."""
+
+    process: str = "offline"
+    concurrency: Optional[int] = None  # closed loop: clients, each sending its next request when the last one ends
+    rate: Optional[float] = None  # poisson/gamma: requests per second
+    burstiness: float = 1.0  # gamma shape: 1 = Poisson, < 1 burstier, > 1 smoother
+    trace: Optional[str] = None  # a file of arrival times in seconds (one per line, or JSONL with "timestamp")
+
+    def __post_init__(self) -> None:
+        _need(self.process in ARRIVAL_PROCESSES, f"arrival.process must be one of {', '.join(ARRIVAL_PROCESSES)}, got {self.process!r}")
+        if self.process == "closed":
+            _need(self.concurrency is not None and self.concurrency >= 1,
+                  f"arrival.concurrency must be an integer >= 1 for a closed loop, got {self.concurrency}")
+        if self.process in ("poisson", "gamma"):
+            _need(self.rate is not None and self.rate > 0, f"arrival.rate must be > 0 requests/s, got {self.rate}")
+            _need(self.burstiness > 0, f"arrival.burstiness must be > 0, got {self.burstiness}")
+        if self.process == "trace":
+            _need(self.trace is not None and Path(self.trace).is_file(), f"arrival.trace: file {self.trace!r} does not exist")
+
+
+@dataclass
+class SLOSpec:
+    """Goodput counts the requests that meet both (None = no limit on that figure)."""
+
+    ttft_s: Optional[float] = 1.0
+    tpot_s: Optional[float] = 0.1
+
+
+@dataclass
+class Config:
+    name: str = "default"  # the experiment's name: output folders and report titles
+    seed: int = 0
+    engine: Any = MISSING  # one of engines.config's dataclasses, chosen in the engine/ group
+    model: ModelSpec = field(default_factory=ModelSpec)
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    arrival: ArrivalSpec = field(default_factory=ArrivalSpec)
+    slo: SLOSpec = field(default_factory=SLOSpec)
+    # Settings for one engine config of a sweep over engines, keyed by its engine/ choice
+    # (e.g. hf: {batch_size: 32}); checked against that engine's schema.
+    engine_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    warmup_requests: int = 1  # untimed requests run before the measurement
+    torch_threads: Optional[int] = None  # torch's CPU threads for the job (None: torch's default)
+    require_cuda: bool = False  # reference workloads at real-model sizes refuse a CPU run
+    report: bool = True  # write the report when the run or sweep ends
+    report_dir: Optional[str] = None  # where it goes; default: the run or sweep directory
+    tags: List[str] = field(default_factory=list)
+
+
+def register_configs() -> None:
+    """The base config, and the engine schemas that conf/engine extends (under schema/, not a user choice)."""
+    register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for name, cls in ENGINE_CONFIGS.items():
+        cs.store(group="schema/engine", name=name, node=cls)
