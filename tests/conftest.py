@@ -30,3 +30,34 @@ def tiny_model():
     from harness.make_model import ensure_model
 
     return lambda preset="tiny-qwen3": ensure_model(preset)
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_model):
+    """``start_server(engine_cfg, server_cfg=None, preset=..., names=...)`` -> a running ServerThread
+    (``.base_url``, ``.state``) serving a tiny model on a free loopback port; stopped at session end."""
+    from engines import create_engine
+    from engines.detokenizer import load_tokenizer
+    from harness.runner import warm_up
+    from harness.server.app import create_app
+    from harness.server.background import ServerThread
+    from harness.server.config import ServerConfig
+    from harness.workload import regular_token_ids
+
+    started = []
+
+    def start(engine_cfg, server_cfg=None, preset="tiny-qwen3", names=None):
+        model_dir = tiny_model(preset)
+        engine = create_engine(model_dir, engine_cfg)
+        warm_up(engine, regular_token_ids(load_tokenizer(model_dir), engine.model_config.vocab_size), 1)
+        app = create_app(engine, model_dir=model_dir, served_names=names or [preset], cfg=server_cfg or ServerConfig(),
+                         engine_label=engine_cfg.name, engine_config=engine_cfg)
+        server = ServerThread(app).start()
+        server.state = app.state.kvbench
+        server.model_dir = model_dir
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,560 @@
+"""``harness bench-serve``: the benchmark's workloads and arrivals against any OpenAI-compatible server.
+
+``harness bench-serve --base-url http://127.0.0.1:8000 --model NAME [overrides]`` builds the
+requests and arrival times exactly as an offline run does (``workload=``, ``arrival=``,
+``+experiment=`` and every other override of ``conf/config.yaml``), sends each at its time
+as a streamed ``/v1/completions`` request (prompts as token ids, ``ignore_eos`` and
+``max_tokens`` as the workload says), and stamps every token when its chunk arrives. The
+run is then recorded by the offline harness's own code (harness.runner's records,
+harness.metrics, harness.kv_breakdown, harness.results, harness.report), so the tables
+have the same columns and the report the same figures as an offline run.
+
+Per token times: a chunk carries usage when the server supports vLLM's
+``stream_options.continuous_usage_stats`` (ours and vLLM do), so the number of tokens each
+chunk brings is exact; otherwise each chunk with text counts one token. Arrival is the
+request's scheduled time (a client blocked by a slow server shows as queueing, as offline);
+queue time (first scheduled) is not visible over HTTP and is left empty.
+
+KV memory: from our server, ``/kvbench/kv_stats`` is polled (every sequence's stored and
+allocated slots, so the full breakdown of the vLLM paper is computed as offline); from
+another server, ``/metrics`` is scraped (vLLM's KV usage and cache_config_info): only the
+allocated share is known then, and the breakdown figures are left empty rather than guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("harness.bench_serve")
+
+EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
+# Run-table figures that need each sequence's stored and allocated slots (left empty from /metrics alone).
+BREAKDOWN_FIGURES = ("kv_mean_token_states", "kv_mean_reservation", "kv_mean_internal", "kv_mean_external",
+                     "kv_token_states_frac", "kv_reservation_frac", "kv_internal_frac", "kv_external_frac",
+                     "kv_token_states_used_frac", "kv_reservation_used_frac", "kv_internal_used_frac",
+                     "kv_external_used_frac", "kv_fragmentation", "kv_waste")
+BREAKDOWN_COLUMNS = ("token_states", "reservation", "internal", "external")
+
+
+@dataclass
+class HTTPEngine:
+    """The engine config of a server we know nothing about: where it is and what it serves."""
+
+    name: str = "http"
+    base_url: str = ""
+    model: str = ""
+    max_model_len: int | None = None
+
+
+@dataclass
+class ServerView:
+    base_url: str
+    model: str
+    max_model_len: int | None
+    info: dict[str, Any] | None  # /kvbench/info from our server, None from others
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harness bench-serve",
+        description="Run the benchmark's workloads and arrivals against an OpenAI-compatible server over HTTP, "
+                    "with the offline harness's metrics, results and report. Extra arguments are Hydra overrides of "
+                    "conf/config.yaml (workload=sharegpt_like arrival=poisson arrival.rate=4 +experiment=smoke name=...).")
+    p.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000 (with or without /v1)")
+    p.add_argument("--model", help="the served model name (default: the server's first model); a local model directory "
+                                   "or preset name here is also used as the tokenizer")
+    p.add_argument("--tokenizer", help="model directory whose tokenizer builds the prompts (default: the server's, "
+                                       "when it is our server on this machine)")
+    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY' (or set OPENAI_API_KEY)")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="completions sends token ids (exact prompt lengths); chat sends the decoded text as one user message")
+    p.add_argument("--out", type=Path, help="run directory to write (default outputs/NAME/bench-serve_TIMESTAMP)")
+    p.add_argument("--kv-poll-interval", type=float, default=0.05, help="seconds between KV samples (default 0.05)")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (default: no limit)")
+    p.add_argument("--no-report", action="store_true", help="write the tables only")
+    return p
+
+
+# -- the server ------------------------------------------------------------------------------------
+def _root(base_url: str) -> str:
+    url = base_url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+async def discover(client, base_url: str, model: str | None, headers: dict[str, str]) -> ServerView:
+    from harness.presets import PRESETS
+    from harness.schema import UserError
+
+    root = _root(base_url)
+    try:
+        r = await client.get(f"{root}/v1/models", headers=headers)
+    except Exception as e:  # noqa: BLE001 - any transport failure is the user's URL
+        raise UserError(f"--base-url: cannot reach {root}/v1/models ({type(e).__name__}: {e})") from e
+    if r.status_code == 401:
+        raise UserError(f"{root} wants an API key (--api-key or OPENAI_API_KEY)")
+    if r.status_code != 200:
+        raise UserError(f"{root}/v1/models answered {r.status_code}: {r.text[:200]}")
+    cards = r.json().get("data", [])
+    names = [c.get("id") for c in cards]
+    if not names:
+        raise UserError(f"{root} serves no model")
+    if model is None or model in names:
+        served = model or names[0]
+    elif Path(model).is_dir() or model in PRESETS:  # a tokenizer source, named differently by the server
+        served = names[0]
+        log.warning("--model %s is not a name %s serves (%s); sending %s", model, root, ", ".join(names), served)
+    else:
+        raise UserError(f"--model: {root} serves {', '.join(names)}, not {model!r}")
+    card = next((c for c in cards if c.get("id") == served), {})
+    info = None
+    r = await client.get(f"{root}/kvbench/info", headers=headers)
+    if r.status_code == 200:
+        info = r.json()
+    return ServerView(root, served, card.get("max_model_len") or (info or {}).get("max_model_len"), info, headers)
+
+
+def tokenizer_dir(args: argparse.Namespace, view: ServerView, model_spec, model_overridden: bool) -> Path:
+    """Where the prompts' tokenizer comes from: --tokenizer, the server's own directory, --model, or model=..."""
+    from harness.job import resolve_model_dir
+    from harness.presets import PRESETS
+    from harness.schema import ModelSpec, UserError
+
+    if args.tokenizer:
+        if not Path(args.tokenizer).is_dir():
+            raise UserError(f"--tokenizer: {args.tokenizer!r} is not a directory")
+        return Path(args.tokenizer)
+    if view.info and view.info.get("model_dir") and Path(view.info["model_dir"]).is_dir():
+        return Path(view.info["model_dir"])
+    if args.model and Path(args.model).is_dir():
+        return Path(args.model)
+    if args.model in PRESETS:
+        return resolve_model_dir(ModelSpec(preset=args.model))
+    if model_overridden:
+        return resolve_model_dir(model_spec)
+    raise UserError("which tokenizer builds the prompts? pass --tokenizer DIR (the served model's directory), "
+                    "--model DIR, or model=PRESET")
+
+
+# -- KV samples ------------------------------------------------------------------------------------
+def kv_from_json(d: dict[str, Any], rename: dict[str, str]):
+    from engines.base import KVStats
+
+    sequences = {}
+    for rid, index, stored, allocated in d.get("sequences", []):
+        sequences[(rename.get(rid, rid), int(index))] = (int(stored), int(allocated))
+    fields = {k: d[k] for k in ("capacity", "stored", "allocated", "free", "largest_free_extent", "cached", "num_running",
+                                "num_waiting", "num_preemptions", "num_swapped_out", "prefix_cache_queries",
+                                "prefix_cache_hits") if k in d}
+    return KVStats(**fields, sequences=sequences)
+
+
+def kv_from_metrics(text: str, model: str):
+    """KV state from Prometheus text (vLLM's names): usage, capacity from cache_config_info, queue depths."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from engines.base import KVStats
+
+    values: dict[str, float] = {}
+    capacity = 0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("model_name") not in (None, model) and s.name != "vllm:cache_config_info":
+                continue
+            if s.name == "vllm:cache_config_info":
+                try:
+                    capacity = int(float(s.labels.get("num_gpu_blocks") or 0)) * int(float(s.labels.get("block_size") or 0))
+                except ValueError:
+                    pass
+            else:
+                values[s.name] = values.get(s.name, 0.0) + s.value
+    usage = values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc", 0.0))
+    allocated = int(round(usage * capacity))
+    return KVStats(capacity=capacity, stored=allocated, allocated=allocated, free=capacity - allocated,
+                   largest_free_extent=capacity - allocated, num_running=int(values.get("vllm:num_requests_running", 0)),
+                   num_waiting=int(values.get("vllm:num_requests_waiting", 0)),
+                   num_preemptions=int(values.get("vllm:num_preemptions_total", 0)),
+                   prefix_cache_queries=int(values.get("vllm:prefix_cache_queries_total", 0)),
+                   prefix_cache_hits=int(values.get("vllm:prefix_cache_hits_total", 0)))
+
+
+class KVPoller:
+    """Samples the server's KV state every ``interval`` seconds: /kvbench/kv_stats, else /metrics, else nothing."""
+
+    def __init__(self, client, view: ServerView, interval: float) -> None:
+        self.client, self.view, self.interval = client, view, interval
+        self.raw: list[tuple[float, Any]] = []
+        self.source = "kvbench" if view.info is not None else "metrics"
+
+    async def sample(self) -> None:
+        from engines.base import KVStats
+
+        try:
+            if self.source == "kvbench":
+                r = await self.client.get(f"{self.view.base_url}/kvbench/kv_stats", headers=self.view.headers)
+                if r.status_code == 200:
+                    self.raw.append((time.perf_counter(), r.json()))
+                    return
+                self.source = "metrics"
+            if self.source == "metrics":
+                r = await self.client.get(f"{self.view.base_url}/metrics")
+                if r.status_code == 200:
+                    self.raw.append((time.perf_counter(), kv_from_metrics(r.text, self.view.model)))
+                    return
+                self.source = "none"
+            self.raw.append((time.perf_counter(), KVStats(0, 0, 0, 0, 0)))
+        except Exception as e:  # noqa: BLE001 - a missed sample is not a failed run
+            log.debug("KV sample failed: %s", e)
+
+    def restamp_first(self, t: float) -> None:
+        if self.raw:
+            self.raw[0] = (t, self.raw[0][1])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval)
+            except asyncio.TimeoutError:
+                await self.sample()
+        await self.sample()
+
+    def samples(self, rename: dict[str, str]):
+        from engines.base import KVStats
+        from harness.runner import KVSample
+
+        out = []
+        for t, item in self.raw:
+            stats = kv_from_json(item, rename) if isinstance(item, dict) else item
+            out.append(KVSample(t, stats))
+        return out or [KVSample(time.perf_counter(), KVStats(0, 0, 0, 0, 0))]
+
+
+# -- one request -----------------------------------------------------------------------------------
+class Client:
+    def __init__(self, client, view: ServerView, endpoint: str, tokenizer, tag: str) -> None:
+        self.client, self.view, self.endpoint, self.tokenizer, self.tag = client, view, endpoint, tokenizer, tag
+
+    def body(self, prompt_ids: list[int], params) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.view.model, "max_tokens": params.max_tokens, "temperature": params.temperature,
+            "n": params.n, "ignore_eos": params.ignore_eos, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if self.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": self.tokenizer.decode(prompt_ids, skip_special_tokens=False)}]
+        else:
+            body["prompt"] = list(prompt_ids)
+        return body
+
+    def engine_id(self, request_id: str) -> str:
+        return f"{self.tag}-{request_id}"
+
+    async def send(self, request_id: str, prompt_ids: list[int], params, samples: list) -> None:
+        """Stream one request, stamping each sample's tokens as their chunks arrive."""
+        path = "/v1/chat/completions" if self.endpoint == "chat" else "/v1/completions"
+        headers = {**self.view.headers, "X-Request-Id": self.engine_id(request_id)}
+        counted = 0  # completion tokens attributed so far (continuous usage)
+        saw_usage = False
+        try:
+            async with self.client.stream("POST", self.view.base_url + path, json=self.body(prompt_ids, params),
+                                          headers=headers) as r:
+                if r.status_code != 200:
+                    text = (await r.aread()).decode(errors="replace")
+                    self._fail(samples, f"HTTP {r.status_code}: {_message(text)}")
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    now = time.perf_counter()
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        self._fail(samples, _message(json.dumps(chunk)), now)
+                        continue
+                    usage = chunk.get("usage")
+                    for choice in chunk.get("choices", []):
+                        s = samples[choice.get("index", 0)]
+                        text = choice.get("text")
+                        if text is None:
+                            text = (choice.get("delta") or {}).get("content")
+                        if usage is not None:
+                            saw_usage = True
+                            total = int(usage.get("completion_tokens", 0))
+                            k, counted = max(0, total - counted), max(counted, total)
+                        else:
+                            k = 1 if text else 0
+                        s.token_times.extend([now] * k)
+                        if choice.get("finish_reason") is not None and s.finish is None:
+                            s.finish = s.token_times[-1] if s.token_times else now
+                            s.finish_reason = choice["finish_reason"]
+                    if usage is not None and not chunk.get("choices"):
+                        details = usage.get("prompt_tokens_details") or {}
+                        for s in samples:
+                            s.cached_tokens = int(details.get("cached_tokens") or 0)
+                            if self.endpoint == "chat":
+                                s.prompt_tokens = int(usage.get("prompt_tokens", s.prompt_tokens))
+                        self._settle(samples, usage, saw_usage, now)
+        except Exception as e:  # noqa: BLE001 - a transport failure fails this request, not the run
+            self._fail(samples, f"{type(e).__name__}: {e}")
+            return
+        now = time.perf_counter()
+        for s in samples:
+            if s.finish is None:
+                s.finish, s.finish_reason, s.error = now, "error", s.error or "the stream ended without a finish reason"
+
+    @staticmethod
+    def _settle(samples: list, usage: dict, saw_continuous: bool, now: float) -> None:
+        """Without per-chunk usage, tokens beyond the chunks counted go to the last chunk's time (n = 1 only)."""
+        if len(samples) != 1:
+            return
+        s = samples[0]
+        missing = int(usage.get("completion_tokens", 0)) - len(s.token_times)
+        if missing > 0:
+            s.token_times.extend([s.token_times[-1] if s.token_times else now] * missing)
+
+    @staticmethod
+    def _fail(samples: list, message: str, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        for s in samples:
+            if s.finish is None:
+                s.finish, s.finish_reason, s.error = now, "error", message
+
+
+def _message(text: str) -> str:
+    try:
+        return json.loads(text)["error"]["message"]
+    except Exception:  # noqa: BLE001
+        return text[:300]
+
+
+# -- the run ---------------------------------------------------------------------------------------
+async def run_http(client: Client, requests, offsets: np.ndarray | None, concurrency: int | None,
+                   poller: KVPoller, progress: bool):
+    """Send ``requests`` at ``offsets`` (or in a closed loop of ``concurrency`` clients); the RunRecord."""
+    from tqdm.auto import tqdm
+
+    from harness.runner import RunRecord, SampleRecord
+
+    await poller.sample()  # the state at the start, as the offline runner samples it before the first step
+    start = time.perf_counter()
+    poller.restamp_first(start)
+    records: dict[tuple[str, int], SampleRecord] = {}
+    in_flight = 0
+    max_in_flight = 0
+    stop = asyncio.Event()
+    poll = asyncio.create_task(poller.run(stop))
+    bar = tqdm(total=len(requests), desc="bench-serve", unit="req", leave=False, disable=not progress)
+
+    async def one(planned, arrival: float) -> float:
+        nonlocal in_flight, max_in_flight
+        delay = arrival - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        samples = [SampleRecord(planned.request_id, i, len(planned.prompt_token_ids), arrival)
+                   for i in range(planned.sampling_params.n)]
+        for s in samples:
+            records[(planned.request_id, s.index)] = s
+        in_flight += 1
+        max_in_flight = max(max_in_flight, in_flight)
+        try:
+            await client.send(planned.request_id, list(planned.prompt_token_ids), planned.sampling_params, samples)
+        finally:
+            in_flight -= 1
+            bar.update(1)
+        return max(s.finish for s in samples)
+
+    try:
+        if offsets is None:
+            queue = iter(requests)
+
+            async def worker() -> None:
+                arrival = start
+                for planned in queue:
+                    arrival = await one(planned, arrival)
+
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
+        else:
+            await asyncio.gather(*(one(r, start + float(off)) for r, off in zip(requests, offsets)))
+    finally:
+        stop.set()
+        await poll
+        bar.close()
+    rename = {f"{client.engine_id(r.request_id)}-0": r.request_id for r in requests}
+    samples = [records[(r.request_id, i)] for r in requests for i in range(r.sampling_params.n) if (r.request_id, i) in records]
+    ends = [s.finish for s in samples if s.finish is not None]
+    return RunRecord(start, max(ends, default=start), samples, poller.samples(rename), max_in_flight)
+
+
+async def warm(client: Client, token_ids: np.ndarray, count: int) -> None:
+    from engines.request import SamplingParams
+    from harness.runner import SampleRecord
+
+    for i in range(count):
+        ids = token_ids[np.arange(8) * (i + 1) % len(token_ids)].tolist()
+        samples = [SampleRecord(f"warmup-{i}", 0, len(ids), time.perf_counter())]
+        await client.send(f"warmup-{i}-{uuid.uuid4().hex[:6]}", ids, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                          samples)
+        if samples[0].error:
+            log.warning("warm-up request failed: %s", samples[0].error)
+
+
+def compose_bench_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from harness.app import CONF_DIR
+    from harness.schema import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="bench_serve"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def override_params(overrides: list[str]) -> dict[str, Any]:
+    """The overrides as the offline run records them (param.* columns): what a sweep varies."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from harness.app import _value
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {o.key_or_group: _value(o.value()) for o in parsed if o.key_or_group != "experiment"}
+
+
+def engine_of(view: ServerView):
+    """The server's engine config (ours tells, so the engine.* columns match an offline run), or HTTPEngine."""
+    from engines.config import ENGINE_CONFIGS
+
+    info = view.info or {}
+    name, cfg = info.get("engine"), info.get("engine_config")
+    if name in ENGINE_CONFIGS and isinstance(cfg, dict):
+        try:
+            return ENGINE_CONFIGS[name](**cfg), f"{info.get('engine_label') or name}@http"
+        except TypeError:
+            pass
+    return HTTPEngine(base_url=view.base_url, model=view.model, max_model_len=view.max_model_len), f"http:{view.model}"
+
+
+async def bench(args: argparse.Namespace, overrides: list[str]) -> Path:
+    import httpx
+    import torch
+    from omegaconf import OmegaConf
+
+    from engines.detokenizer import load_tokenizer
+    from engines.model.config import ModelConfig
+    from harness.arrivals import arrival_offsets
+    from harness.job import JobSpec, _params_row, _run_figures, workload_label
+    from harness.report import write_report
+    from harness.results import write_run
+    from harness.system_info import git_state, model_shape, versions
+    from harness.workload import build_workload, regular_token_ids
+
+    cfg = compose_bench_config(overrides)
+    typed = {name: OmegaConf.to_object(cfg[name]) for name in ("model", "workload", "arrival", "slo")}
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        view = await discover(http, args.base_url, args.model, headers)
+        model_overridden = any(o.lstrip("+~").startswith("model") for o in overrides)
+        tok_dir = tokenizer_dir(args, view, typed["model"], model_overridden)
+        tokenizer = load_tokenizer(tok_dir)
+        model_cfg = ModelConfig.from_dir(tok_dir)
+        max_len = view.max_model_len or model_cfg.max_context
+        requests = build_workload(typed["workload"], tokenizer, model_cfg.vocab_size, max_len, cfg.seed)
+        offsets = arrival_offsets(typed["arrival"], len(requests), cfg.seed)
+        engine, label = engine_of(view)
+        spec = JobSpec(name=cfg.name, seed=cfg.seed, engine_label=label, engine=engine, **typed,
+                       warmup_requests=cfg.warmup_requests, params=override_params(overrides),
+                       config=OmegaConf.to_container(cfg, resolve=True))
+        client = Client(http, view, args.endpoint, tokenizer, tag=f"bench-{uuid.uuid4().hex[:8]}")
+        await warm(client, regular_token_ids(tokenizer, model_cfg.vocab_size), cfg.warmup_requests)
+        poller = KVPoller(http, view, args.kv_poll_interval)
+        record = await run_http(client, requests, offsets, typed["arrival"].concurrency, poller, sys.stderr.isatty())
+    info = view.info or {}
+    server_device = torch.device(str(info.get("device", "cpu")).split(":")[0] if info.get("device") else "cpu")
+    figures, request_rows, steps = _run_figures(spec, record, model_cfg, torch.device("cpu"))
+    if poller.source != "kvbench":
+        figures.update({k: math.nan for k in BREAKDOWN_FIGURES})
+        for c in BREAKDOWN_COLUMNS:
+            steps[c] = math.nan
+    wl_label = workload_label(typed["workload"], typed["arrival"])
+    row = _params_row(spec, tok_dir, server_device, wl_label)
+    if not info:
+        row["device"] = "unknown"
+    row["hardware"] = info.get("hardware_label") or f"remote server at {view.base_url} (hardware unknown)"
+    if info.get("model_preset"):
+        row["model"] = info["model_preset"]
+    elif not info:
+        row["model"] = view.model
+    out = args.out or Path("outputs") / cfg.name / f"bench-serve_{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    metadata = {
+        "name": cfg.name, "engine_label": label, "model_dir": str(tok_dir),
+        "model_shape": info.get("model_shape") or model_shape(model_cfg), "workload_label": wl_label,
+        "git": git_state(), "versions": info.get("versions") or versions(), "params": spec.params, "config": spec.config,
+        "hardware": info.get("hardware") or {"remote": view.base_url},
+        "server": {"base_url": view.base_url, "model": view.model, "endpoint": args.endpoint, "kv_source": poller.source,
+                   "info": {k: v for k, v in info.items() if k not in ("hardware", "versions", "model_shape", "config")}},
+        "client_versions": versions(),
+    }
+    write_run(out, {**row, "status": "ok", **figures}, {**metadata, "status": "ok"}, request_rows, steps)
+    failed = int(figures.get("failed", 0))
+    log.info("%s: %.1f output tok/s, p95 TTFT %.3f s, p95 TPOT %.4f s, %d of %d requests failed", label,
+             figures["output_tok_s"], figures["ttft_p95"], figures["tpot_p95"], failed, figures["num_requests"])
+    if failed:
+        errors = request_rows["error"].dropna()
+        if len(errors):
+            log.warning("first error: %s", errors.iloc[0])
+    if cfg.report and not args.no_report:
+        path = write_report([out], out)
+        print(f"report: {path}", file=sys.stderr)
+    print(f"results: {out}", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.app import USER_ERRORS, describe_error
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        out = asyncio.run(bench(args, overrides))
+    except USER_ERRORS as e:
+        print(f"error: {describe_error(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    from harness.results import find_runs
+
+    runs, _ = find_runs([out])
+    run = runs[0].run if runs else {}
+    return EXIT_FAILED if run.get("completed", 0) == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The FastAPI app: OpenAI's routes over one engine loop, with auth, body limits and OpenAI-shaped errors.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models`` (these
+need ``Authorization: Bearer KEY`` when an API key is set), ``GET /health`` (503 once the
+engine loop has died), ``GET /metrics`` (Prometheus), ``GET /version``, and two of our own
+that ``harness bench-serve`` reads: ``GET /kvbench/info`` (engine, config, KV capacity,
+hardware) and ``GET /kvbench/kv_stats`` (the engine's KV snapshot, per sequence).
+
+Every error is ``{"error": {"message", "type", "param", "code"}}`` with a status that fits:
+400 for a bad body (malformed JSON, a field of the wrong type, a value out of range, a prompt
+that cannot fit), 401 for a missing or wrong key, 404 for an unknown model or route, 413 for
+a body over ``server.max_body_bytes``, 429 (with Retry-After) when the waiting queue is
+full, 503 (with Retry-After) when the engine is not running. A 500 means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engines.base import Engine
+from harness.server.chat import ChatTemplate
+from harness.server.config import ServerConfig
+from harness.server.engine_loop import EngineLoop
+from harness.server.errors import APIError, bad_request, error_body
+from harness.server.metrics import CONTENT_TYPE, ServerMetrics
+from harness.server.protocol import ChatCompletionRequest, CompletionRequest
+from harness.server.serving import ClientGone, ModelInfo, Serving
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+UNION_HINTS = {
+    "prompt": "prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
+    "stop": "stop must be a string or a list of strings",
+    "content": "content must be a string or a list of content parts",
+    "tool_choice": "tool_choice must be a string or an object",
+}
+
+
+@dataclasses.dataclass
+class ServerState:
+    engine: Engine
+    loop: EngineLoop
+    serving: Serving
+    metrics: ServerMetrics
+    cfg: ServerConfig
+    info: dict[str, Any]
+
+
+def validation_error(e: pydantic.ValidationError) -> APIError:
+    """A 400 naming the first field at fault and what it should be."""
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return bad_request(f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    loc = [str(x) for x in first.get("loc", ())]
+    field_path = [x for x in loc if not x.startswith(("list[", "str", "int", "union[", "dict[", "function-"))]
+    # union members show up as extra path parts: report the field, with the shapes it accepts
+    param = ".".join(field_path) or None
+    leaf = next((x for x in reversed(field_path) if not x.isdigit()), None)
+    same_field = [err for err in errors if [str(x) for x in err.get("loc", ())][:1] == loc[:1]]
+    if leaf in UNION_HINTS and len(same_field) > 1:
+        return bad_request(UNION_HINTS[leaf] + (f" ({param})" if param != leaf else ""), param)
+    if first.get("type") == "missing":
+        return bad_request(f"{param} is required", param)
+    if first.get("type") == "model_type" and not param:
+        return bad_request("the body must be a JSON object")
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return bad_request(f"{param}: {first['msg']} (got {shown})", param)
+
+
+async def read_body(request: HTTPRequest, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise bad_request("Content-Length is not a number") from None
+        if size > limit:
+            raise APIError(413, f"the request body has {size} bytes; the limit is {limit} (server.max_body_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds {limit} bytes (server.max_body_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(engine: Engine, *, model_dir: str | Path, served_names: list[str], cfg: ServerConfig,
+               engine_label: str | None = None, engine_config: Any = None, extra_info: dict[str, Any] | None = None) -> FastAPI:
+    """An app serving ``engine`` (already built and warm); the engine loop starts with the app and stops with it."""
+    model_dir = Path(model_dir)
+    block_size = getattr(getattr(engine, "kv", None), "block_size", None) if engine.name == "paged" else None
+    metrics = ServerMetrics(served_names[0], engine.name, block_size)
+    serving_ref: dict[str, Serving] = {}
+    loop = EngineLoop(engine, lambda grouped: serving_ref["s"].deliver(grouped), max_queue=cfg.max_queue, observer=metrics)
+    metrics.attach(loop)
+    info = ModelInfo(names=served_names, root=str(model_dir), max_model_len=engine.max_model_len,
+                     vocab_size=engine.model_config.vocab_size, engine=engine.name)
+    serving = Serving(loop, engine.tokenizer, ChatTemplate.from_model_dir(model_dir), info, cfg, metrics)
+    serving_ref["s"] = serving
+    stats = engine.kv_stats()
+    server_info = {
+        "engine": engine.name, "engine_label": engine_label or engine.name,
+        "engine_config": dataclasses.asdict(engine_config) if dataclasses.is_dataclass(engine_config) else engine_config,
+        "model": served_names[0], "model_dir": str(model_dir), "max_model_len": engine.max_model_len,
+        "vocab_size": engine.model_config.vocab_size, "kv_capacity_tokens": stats.capacity, "block_size": block_size,
+        "device": str(getattr(engine, "device", "cpu")), **(extra_info or {}),
+    }
+    state = ServerState(engine, loop, serving, metrics, cfg, server_info)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        serving.aio_loop = asyncio.get_running_loop()
+        loop.start()
+        log.info("engine loop started: %s serving %s on %s", engine.name, served_names[0], server_info["device"])
+        try:
+            yield
+        finally:
+            log.info("stopping the engine loop (aborting what is still running)")
+            await asyncio.get_running_loop().run_in_executor(None, loop.stop, cfg.shutdown_timeout_s)
+            log.info("engine loop stopped")
+
+    app = FastAPI(title="kvbench OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.kvbench = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: HTTPRequest, e: ClientGone) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+        message = e.detail if isinstance(e.detail, str) else str(e.detail)
+        if e.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+        return bad_request(str(e.errors()[0].get("msg", e))).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: HTTPRequest, e: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+
+    def authorize(request: HTTPRequest) -> None:
+        if cfg.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), cfg.api_key.encode()):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'" if not header
+                           else "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def request_id(request: HTTPRequest) -> str | None:
+        value = request.headers.get("x-request-id")
+        if value is None:
+            return None
+        if not REQUEST_ID.match(value):
+            raise bad_request("X-Request-Id must be 1 to 128 characters of A-Z a-z 0-9 . _ : -")
+        return value
+
+    async def parse(request: HTTPRequest, model: type[pydantic.BaseModel]) -> Any:
+        raw = await read_body(request, cfg.max_body_bytes)
+        if not raw.strip():
+            raise bad_request("the request body is empty; send a JSON object")
+        try:
+            return model.model_validate_json(raw)
+        except pydantic.ValidationError as e:
+            raise validation_error(e) from None
+
+    def answer(result: Any, rid: str | None) -> Any:
+        if isinstance(result, Response):
+            return result
+        headers = {"X-Request-Id": result.id}
+        return JSONResponse(result.model_dump(), headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest) -> Any:
+        arrival = time.perf_counter()
+        authorize(request)
+        rid = request_id(request)
+        body = await parse(request, CompletionRequest)
+        return answer(await serving.completions(body, request, arrival, rid), rid)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest) -> Any:
+        arrival = time.perf_counter()
+        authorize(request)
+        rid = request_id(request)
+        body = await parse(request, ChatCompletionRequest)
+        return answer(await serving.chat(body, request, arrival, rid), rid)
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest) -> Any:
+        authorize(request)
+        return JSONResponse(serving.models().model_dump())
+
+    @app.get("/health")
+    async def health() -> Response:
+        if loop.alive:
+            return Response(status_code=200)
+        return APIError(503, loop.error or "the engine loop is not running",
+                        headers={"Retry-After": str(cfg.retry_after_s)}).response()
+
+    @app.get("/version")
+    async def version() -> Any:
+        from importlib.metadata import PackageNotFoundError, version as pkg_version
+
+        try:
+            v = pkg_version("kvbench")
+        except PackageNotFoundError:
+            v = "unknown"
+        return {"version": v}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/kvbench/info")
+    async def kvbench_info(request: HTTPRequest) -> Any:
+        authorize(request)
+        return {**server_info, "alive": loop.alive, "max_batch_size": loop.max_batch_size, "num_steps": loop.num_steps}
+
+    @app.get("/kvbench/kv_stats")
+    async def kvbench_kv_stats(request: HTTPRequest) -> Any:
+        authorize(request)
+        s = loop.snapshot
+        fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "sequences"}
+        fields["sequences"] = [[rid, index, stored, allocated] for (rid, index), (stored, allocated) in s.sequences.items()]
+        fields["num_waiting"] = loop.num_waiting()
+        return fields
+
+    return app
