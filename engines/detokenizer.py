@@ -48,6 +48,9 @@ class SampleStream:
     def append(self, token_id: int) -> str:
         """Add one generated token; return the text that became safe to show."""
         self.token_ids.append(token_id)
+        if not (self.params.detokenize or self.params.stop):
+            self._check_stop(token_id)
+            return ""
         self._decode_new()
         self._check_stop(token_id)
         if self.finished and not isinstance(self.stop_reason, str):

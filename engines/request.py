@@ -37,6 +37,7 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False: token ids only (benchmarks skip the text); stop strings still work
 
     def __post_init__(self) -> None:
         # Accept lists (JSON, Hydra) and a single stop string, store tuples so params stay hashable.
