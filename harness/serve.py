@@ -197,12 +197,10 @@ def make_app(resolved, names, engine, model_dir):
 
 
 def run_uvicorn(app, server_cfg) -> int:
-    import uvicorn
+    from harness.server.lifecycle import make_server
 
-    config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
-                            access_log=server_cfg.access_log, lifespan="on",
-                            timeout_graceful_shutdown=server_cfg.shutdown_timeout_s, timeout_keep_alive=5)
-    server = uvicorn.Server(config)
+    server = make_server(app, server_cfg.host, server_cfg.port, drain_s=server_cfg.shutdown_timeout_s,
+                         log_level=server_cfg.log_level, access_log=server_cfg.access_log)
     received: list[int] = []
 
     def note(sig, frame) -> None:  # uvicorn re-raises the signal it handled once it has shut down

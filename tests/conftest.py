@@ -40,7 +40,7 @@ def start_server(tiny_model):
     from engines.detokenizer import load_tokenizer
     from harness.runner import warm_up
     from harness.server.app import create_app
-    from harness.server.background import ServerThread
+    from harness.server.lifecycle import ServerThread
     from harness.server.config import ServerConfig
     from harness.workload import regular_token_ids
 

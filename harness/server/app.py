@@ -43,6 +43,7 @@ from harness.server.serving import ClientGone, ModelInfo, Serving
 
 log = logging.getLogger(__name__)
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|(list|dict|set|tuple|union|nullable|literal|function-\w+)\[.*)$")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 UNION_HINTS = {
     "prompt": "prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
@@ -69,7 +70,7 @@ def validation_error(e: pydantic.ValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return bad_request(f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
     loc = [str(x) for x in first.get("loc", ())]
-    field_path = [x for x in loc if not x.startswith(("list[", "str", "int", "union[", "dict[", "function-"))]
+    field_path = [x for x in loc if not _TYPE_TAG.match(x)]
     # union members show up as extra path parts: report the field, with the shapes it accepts
     param = ".".join(field_path) or None
     leaf = next((x for x in reversed(field_path) if not x.isdigit()), None)

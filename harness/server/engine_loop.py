@@ -115,6 +115,12 @@ class EngineLoop:
             self._inbox.append(("abort", request_id, None))
         self._wake.set()
 
+    def abort_all(self) -> None:
+        """Abort every open request; each gets a final ABORT output (its stream ends cleanly)."""
+        with self._lock:
+            self._inbox.append(("abort_all", None, None))
+        self._wake.set()
+
     def stop(self, timeout: float | None = 30.0) -> None:
         """Abort what is still open, stop the thread and close the engine."""
         self._stopping.set()
@@ -158,8 +164,10 @@ class EngineLoop:
                     self._pending_adds -= 1
             if kind == "add":
                 self._add(item, future)  # type: ignore[arg-type]
-            else:
+            elif kind == "abort":
                 self._abort(item)  # type: ignore[arg-type]
+            else:
+                self._abort_all("aborted: the server is shutting down")
 
     def _add(self, request: Request, future: concurrent.futures.Future) -> None:
         if self._stopping.is_set():
@@ -238,13 +246,13 @@ class EngineLoop:
         if grouped:
             self.on_outputs(grouped)
 
-    def _abort_all(self) -> None:
+    def _abort_all(self, reason: str = "aborted: the server is shutting down") -> None:
         for rid in list(self._open):
             try:
                 self.engine.abort(rid)
             except Exception:  # noqa: BLE001
                 log.exception("aborting %s failed", rid)
-        grouped = self._final(FinishReason.ABORT, "the server is shutting down")
+        grouped = self._final(FinishReason.ABORT, reason)
         self._publish_safely()
         if grouped:
             self.on_outputs(grouped)

@@ -1,0 +1,247 @@
+"""Every bad input gets OpenAI's error JSON with a fitting status, never a 500 and never a hung connection."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import openai
+import pytest
+
+from engines.config import ContiguousConfig, PagedConfig
+from harness.server.config import ServerConfig
+
+MAX_LEN = 256
+OK = {"prompt": [5, 6, 7, 8], "max_tokens": 2}
+CHAT_OK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server(PagedConfig(num_kv_slots=8192, max_model_len=MAX_LEN),
+                        ServerConfig(max_n=4, max_body_bytes=64 * 1024, max_prompts=4))
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        yield client
+
+
+def check_error(r: httpx.Response, status: int, param: str | None = None, words: str = "") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    assert words.lower() in err["message"].lower(), err
+    return err
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"prompt": list(range(5, 5 + MAX_LEN + 10)), "max_tokens": 2}, "prompt", "maximum context length"),
+    ({"prompt": list(range(5, 5 + MAX_LEN - 5)), "max_tokens": 20}, "max_tokens", "maximum context length"),
+    ({**OK, "max_tokens": 0}, "max_tokens", "max_tokens"),
+    ({**OK, "max_tokens": -3}, "max_tokens", "max_tokens"),
+    ({**OK, "max_tokens": "ten"}, "max_tokens", "integer"),
+    ({**OK, "max_tokens": 2.5}, "max_tokens", "integer"),
+    ({**OK, "temperature": -0.5}, "temperature", "temperature"),
+    ({**OK, "temperature": "hot"}, "temperature", "number"),
+    ({**OK, "top_p": 0}, "top_p", "top_p"),
+    ({**OK, "top_k": -5}, "top_k", "top_k"),
+    ({**OK, "min_p": 2}, "min_p", "min_p"),
+    ({**OK, "presence_penalty": 3}, "presence_penalty", "presence_penalty"),
+    ({**OK, "frequency_penalty": -9}, "frequency_penalty", "frequency_penalty"),
+    ({**OK, "repetition_penalty": 0}, "repetition_penalty", "repetition_penalty"),
+    ({**OK, "n": 100}, "n", "n must be"),
+    ({**OK, "n": 0}, "n", "n must be"),
+    ({**OK, "n": True}, "n", "integer"),
+    ({**OK, "stream": "yes"}, "stream", "boolean"),
+    ({**OK, "stop": 5}, "stop", "stop must be"),
+    ({**OK, "stop": [""]}, "stop", "stop"),
+    ({**OK, "seed": 2**70}, "seed", "seed"),
+    ({**OK, "seed": "x"}, "seed", "integer"),
+    ({**OK, "logprobs": 2}, "logprobs", "not supported"),
+    ({**OK, "best_of": 3}, "best_of", "best_of"),
+    ({**OK, "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
+    ({**OK, "suffix": "x"}, "suffix", "not supported"),
+    ({**OK, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
+    ({"max_tokens": 2}, "prompt", "required"),
+    ({"prompt": []}, "prompt", "empty"),
+    ({"prompt": ""}, "prompt", "empty"),
+    ({"prompt": [[]]}, "prompt", "empty"),
+    ({"prompt": [1, "a"]}, "prompt", "prompt must be"),
+    ({"prompt": {"text": "hi"}}, "prompt", "prompt must be"),
+    ({"prompt": [5, 6, 10**9]}, "prompt", "outside the vocabulary"),
+    ({"prompt": [5, -1]}, "prompt", "outside the vocabulary"),
+    ({"prompt": [[5, 6]] * 5}, "prompt", "at most 4 prompts"),
+])
+def test_bad_completion_bodies_are_400(http, body, param, words):
+    check_error(http.post("/v1/completions", json=body), 400, param, words)
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"messages": [], "max_tokens": 2}, "messages", "at least one"),
+    ({"max_tokens": 2}, "messages", "required"),
+    ({"messages": "hi"}, "messages", "valid"),
+    ({"messages": [{"content": "hi"}]}, "messages.0.role", "required"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "content must be"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
+     "only text"),
+    ({**CHAT_OK, "max_completion_tokens": 0}, "max_tokens", "max_tokens"),
+    ({**CHAT_OK, "logprobs": True}, "logprobs", "not supported"),
+    ({**CHAT_OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ({**CHAT_OK, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ({**CHAT_OK, "temperature": -1}, "temperature", "temperature"),
+    ({**CHAT_OK, "n": 5}, "n", "n must be"),
+    ({**CHAT_OK, "chat_template": "{% for %}"}, "chat_template", "template"),
+    ({"messages": [{"role": "user", "content": "x " * 400}]}, "messages", "maximum context length"),
+])
+def test_bad_chat_bodies_are_400(http, body, param, words):
+    check_error(http.post("/v1/chat/completions", json=body), 400, param, words)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"{not json", "not valid json"),
+    (b"", "empty"),
+    (b"[1, 2]", "object"),
+    (b"null", "object"),
+    (b'"text"', "object"),
+])
+def test_malformed_bodies_are_400(http, content, words):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        check_error(http.post(path, content=content, headers={"content-type": "application/json"}), 400, None, words)
+
+
+def test_unknown_model_is_404(http):
+    err = check_error(http.post("/v1/completions", json={**OK, "model": "gpt-17"}), 404, "model", "does not exist")
+    assert err["code"] == "model_not_found"
+    check_error(http.post("/v1/chat/completions", json={**CHAT_OK, "model": "nope"}), 404, "model")
+
+
+def test_oversized_bodies_are_413(http, server):
+    big = {"prompt": "word " * 20000, "max_tokens": 2}
+    check_error(http.post("/v1/completions", json=big), 413, None, "limit")
+
+    # chunked upload without a Content-Length: counted as it streams
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    check_error(http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(http):
+    check_error(http.get("/v1/nothing"), 404)
+    check_error(http.get("/v1/completions"), 405)
+
+
+def test_unknown_fields_are_ignored(http):
+    assert http.post("/v1/completions", json={**OK, "some_future_field": {"a": 1}}).status_code == 200
+
+
+def test_bad_request_id_header(http):
+    check_error(http.post("/v1/completions", json=OK, headers={"X-Request-Id": "bad id with spaces"}), 400)
+
+
+def test_openai_client_sees_typed_errors(server):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny-qwen3", prompt="hi", max_tokens=0)
+    assert "max_tokens" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-qwen3", messages=[])
+
+
+def test_no_500_and_no_hang_under_garbage(http):
+    """A spray of odd bodies: every answer is a 4xx in the error shape, within the timeout."""
+    bodies = [b"{}", b'{"prompt": null}', b'{"prompt": 1}', b'{"prompt": [1.5]}', b'{"prompt": "a", "n": null}',
+              b'{"prompt": "a", "stop": [1]}', b'{"prompt": "a", "stream_options": 3}', b'{"messages": [{}]}',
+              b'{"prompt": "a", "max_tokens": 1e400}', b'\xff\xfe', b'{"prompt": "a"' , b'{"prompt": [[1, 2], [3.0]]}',
+              b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "temperature": Infinity}']
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        for body in bodies:
+            r = http.post(path, content=body, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+            assert "error" in r.json()
+
+
+# -- API key, queue bound: a contiguous engine with a key and a tiny waiting queue ---------------------------------
+@pytest.fixture(scope="module")
+def guarded(start_server):
+    return start_server(ContiguousConfig(num_kv_slots=4096, max_model_len=MAX_LEN, max_num_seqs=1),
+                        ServerConfig(api_key="sekret", max_queue=1, retry_after_s=2), names=["guarded", "alias"])
+
+
+def test_api_key_is_required_when_set(guarded):
+    with httpx.Client(base_url=guarded.base_url, timeout=30) as c:
+        check_error(c.post("/v1/completions", json=OK), 401, None, "api key")
+        check_error(c.post("/v1/completions", json=OK, headers={"Authorization": "Bearer wrong"}), 401)
+        check_error(c.get("/v1/models", headers={"Authorization": "Basic sekret"}), 401)
+        assert c.get("/health").status_code == 200  # health and metrics stay open, as in vLLM
+        assert c.get("/metrics").status_code == 200
+        ok = c.post("/v1/completions", json={**OK, "model": "alias"}, headers={"Authorization": "Bearer sekret"})
+        assert ok.status_code == 200 and ok.json()["model"] == "guarded"
+    client = openai.OpenAI(base_url=guarded.base_url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    assert openai.OpenAI(base_url=guarded.base_url + "/v1", api_key="sekret").models.list().data[0].id == "guarded"
+
+
+def test_full_queue_answers_429_with_retry_after(guarded):
+    async def burst():
+        headers = {"Authorization": "Bearer sekret"}
+        async with httpx.AsyncClient(base_url=guarded.base_url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", headers=headers,
+                                                 json={"prompt": [5, 6, 7], "max_tokens": 40, "ignore_eos": True})
+                                          for _ in range(8)))
+
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.headers["retry-after"] == "2"
+    check_error(rejected, 429, None, "busy")
+    for r in responses:
+        if r.status_code == 200:
+            assert r.json()["usage"]["completion_tokens"] == 40
+
+
+# -- a dead engine loop -------------------------------------------------------------------------------------------
+def test_dead_engine_loop_gives_503_and_health_503(start_server):
+    server = start_server(PagedConfig(num_kv_slots=2048, max_model_len=MAX_LEN))
+    engine = server.state.engine
+
+    def broken_step():
+        raise RuntimeError("simulated device failure")
+
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        assert c.get("/health").status_code == 200
+        engine._step = broken_step
+        r = c.post("/v1/completions", json=OK)
+        err = check_error(r, 503, None, "simulated device failure")
+        assert err["type"] == "service_unavailable"
+        check_error(c.get("/health"), 503, None, "engine loop died")
+        r = c.post("/v1/completions", json=OK)
+        check_error(r, 503, None, "not running")
+        assert "retry-after" in r.headers
+        with c.stream("POST", "/v1/completions", json={**OK, "stream": True}) as s:
+            assert s.status_code == 503
+        assert "kvbench:engine_alive{model_name=\"tiny-qwen3\"} 0.0" in c.get("/metrics").text
+
+
+def test_the_port_is_loopback_only(server):
+    """The default bind address is 127.0.0.1."""
+    from harness.server.config import ServerConfig
+
+    assert ServerConfig().host == "127.0.0.1"
+    assert server.host == "127.0.0.1"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+        pass
