@@ -1,0 +1,135 @@
+"""`harness bench-serve` against our own server on loopback: the same tables and report as an offline run."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from engines.config import PagedConfig
+from harness import cli
+from harness.bench_serve import compose_bench_config, kv_from_metrics, override_params
+from harness.server.config import ServerConfig
+
+ENGINE = dict(num_kv_slots=16384, max_model_len=512)
+OVERRIDES = ["+experiment=smoke", "workload.num_requests=6", "arrival.concurrency=3"]
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server(PagedConfig(**ENGINE), ServerConfig())
+
+
+@pytest.fixture(scope="module")
+def http_run(server, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "http"
+    code = cli.main(["bench-serve", "--base-url", server.base_url + "/v1", "--model", "tiny-qwen3", "--out", str(out),
+                     "--kv-poll-interval", "0.02", *OVERRIDES])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def offline_run(tiny_model, tmp_path_factory):
+    from omegaconf import OmegaConf
+
+    from harness.job import JobSpec, execute
+    from harness.report import write_report
+
+    cfg = compose_bench_config(OVERRIDES)
+    typed = {name: OmegaConf.to_object(cfg[name]) for name in ("model", "workload", "arrival", "slo")}
+    spec = JobSpec(name=cfg.name, seed=cfg.seed, engine_label="paged", engine=PagedConfig(**ENGINE), **typed,
+                   warmup_requests=cfg.warmup_requests, params=override_params(OVERRIDES),
+                   config=OmegaConf.to_container(cfg, resolve=True))
+    out = tmp_path_factory.mktemp("bench") / "offline"
+    assert execute(spec, out) == "ok"
+    write_report([out], out)
+    return out
+
+
+@pytest.mark.parametrize("table", ["run", "requests", "kv_steps"])
+def test_same_columns_as_an_offline_run(http_run, offline_run, table):
+    http = pd.read_parquet(http_run / f"{table}.parquet")
+    offline = pd.read_parquet(offline_run / f"{table}.parquet")
+    assert list(http.columns) == list(offline.columns)
+    if table == "run":
+        assert list(pd.read_csv(http_run / "run.csv").columns) == list(pd.read_csv(offline_run / "run.csv").columns)
+
+
+def test_the_http_figures_are_measured(http_run, offline_run):
+    run = pd.read_parquet(http_run / "run.parquet").iloc[0]
+    offline = pd.read_parquet(offline_run / "run.parquet").iloc[0]
+    assert run["status"] == "ok" and run["engine"] == "paged" and run["engine_label"] == "paged@http"
+    for key in ("num_requests", "completed", "prompt_tokens", "output_tokens", "model", "device", "workload_label",
+                "engine.num_kv_slots", "engine.block_size"):
+        assert run[key] == offline[key], key
+    assert run["completed"] == 6 and run["output_tokens"] == 6 * 8 and run["failed"] == 0
+    for key in ("ttft_p95", "tpot_p95", "itl_p95", "e2e_p95", "output_tok_s", "total_tok_s", "requests_s"):
+        assert run[key] > 0 and math.isfinite(run[key]), key
+    assert run["ttft_mean"] <= run["e2e_mean"]
+    assert math.isnan(run["queue_p95"])  # not visible over HTTP
+    # the KV breakdown comes from the server's per-sequence snapshots
+    assert run["kv_mean_capacity"] == 16384
+    assert 0 < run["kv_token_states_frac"] < 1 and run["max_running"] >= 2
+    requests = pd.read_parquet(http_run / "requests.parquet")
+    assert sorted(requests["request_id"]) == sorted(str(i) for i in range(6))
+    assert (requests["output_tokens"] == 8).all() and (requests["finish_reason"] == "length").all()
+    assert all(len(t) == 8 and list(t) == sorted(t) for t in requests["token_times_s"])
+    assert (requests["ttft_s"] > 0).all() and requests["error"].isna().all()
+
+
+def test_the_report_is_written_like_an_offline_one(http_run, offline_run):
+    for run_dir in (http_run, offline_run):
+        assert (run_dir / "report.md").is_file() and (run_dir / "report.html").is_file()
+    http_md = (http_run / "report.md").read_text()
+    offline_md = (offline_run / "report.md").read_text()
+    header = [line for line in http_md.splitlines() if line.startswith("| engine")]
+    assert header and header == [line for line in offline_md.splitlines() if line.startswith("| engine")]
+    figures = sorted(p.name for p in (http_run / "figures").iterdir())
+    assert figures == sorted(p.name for p in (offline_run / "figures").iterdir())
+    assert "paged@http" in http_md
+
+
+def test_one_report_over_both_runs(http_run, offline_run, tmp_path):
+    assert cli.main(["report", str(http_run), str(offline_run), "--out", str(tmp_path)]) == 0
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert sorted(runs["engine_label"]) == ["paged", "paged@http"]
+
+
+def test_kv_from_vllm_metrics_text():
+    text = "\n".join([
+        '# TYPE vllm:kv_cache_usage_perc gauge',
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25',
+        '# TYPE vllm:num_requests_running gauge',
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+        '# TYPE vllm:num_requests_waiting gauge',
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0',
+        '# TYPE vllm:cache_config_info gauge',
+        'vllm:cache_config_info{block_size="16",num_gpu_blocks="1000",model_name="m"} 1.0',
+        '# TYPE vllm:prefix_cache_hits counter',
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 64.0',
+        '# TYPE vllm:prefix_cache_queries counter',
+        'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 128.0',
+        "",
+    ])
+    s = kv_from_metrics(text, "m")
+    assert (s.capacity, s.allocated, s.free, s.num_running, s.num_waiting) == (16000, 4000, 12000, 3, 2)
+    assert (s.prefix_cache_hits, s.prefix_cache_queries) == (64, 128)
+
+
+def test_kv_from_our_metrics_text(server):
+    import httpx
+
+    s = kv_from_metrics(httpx.get(server.base_url + "/metrics").text, "tiny-qwen3")
+    assert s.capacity == 16384 and s.allocated == 0
+
+
+def test_unreachable_server_is_a_user_error(capsys):
+    assert cli.main(["bench-serve", "--base-url", "http://127.0.0.1:9", "+experiment=smoke"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
+
+
+def test_unknown_model_name_is_a_user_error(server, capsys):
+    assert cli.main(["bench-serve", "--base-url", server.base_url, "--model", "nope", "+experiment=smoke"]) == 2
+    assert "serves tiny-qwen3" in capsys.readouterr().err
