@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from engines.model.config import ModelLoadError
@@ -124,7 +125,10 @@ class HarnessCallback(Callback):
 
 def _report(run_dir: Path, out: str | None) -> None:
     from harness.report import write_report
+    from harness.results import find_runs
 
+    if not find_runs([run_dir])[0]:  # the run failed before writing anything: nothing to report
+        return
     path = write_report([run_dir], Path(out) if out else run_dir)
     print(f"report: {path}", file=sys.stderr)
 
@@ -137,9 +141,11 @@ def describe_error(e: BaseException) -> str:
             return f"unknown {group or 'config'} {option!r}; choose one of: {', '.join(sorted(e.options))}"
         return f"could not find config {e.missing_cfg_file!r}"
     cause = e.__cause__ if isinstance(e, ConfigCompositionException) and e.__cause__ is not None else e
-    if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and " not in " in str(cause):
+        override = re.search(r"Could not override '([^']+)'", str(e))
+        key = getattr(cause, "full_key", None) or (override.group(1) if override else str(cause.key))
         keys = _valid_keys(cause.object_type)
-        return f"unknown key {cause.full_key!r}" + (f"; valid keys here: {', '.join(keys)}" if keys else "")
+        return f"unknown key {key!r}" + (f"; valid keys here: {', '.join(keys)}" if keys else "")
     if isinstance(cause, OmegaConfBaseException):
         first = str(cause).strip().splitlines()[0]
         key = getattr(cause, "full_key", None)
@@ -149,7 +155,7 @@ def describe_error(e: BaseException) -> str:
 
 def _valid_keys(object_type: Any) -> list[str]:
     if isinstance(object_type, type) and dataclasses.is_dataclass(object_type):
-        return [f.name for f in dataclasses.fields(object_type)]
+        return sorted(f.name for f in dataclasses.fields(object_type))
     return []
 
 

@@ -107,15 +107,16 @@ class DatasetSpec:
     """Real prompts: a ShareGPT-format JSON (conversations) or a JSONL file with one prompt a line."""
 
     path: Optional[str] = None
-    format: str = "auto"  # auto (by extension) | sharegpt | jsonl
+    format: str = "auto"  # auto (by extension; no path = synthetic prompts) | sharegpt | jsonl (a path is then required)
     max_prompt_len: int = 1024  # ShareGPT pruning as in vLLM's benchmark
     max_total_len: int = 2048
 
     def check(self) -> None:
+        _need(self.format in ("auto", "sharegpt", "jsonl"), f"workload.dataset.format must be auto, sharegpt or jsonl, got {self.format!r}")
         if self.path is None:
+            _need(self.format == "auto", f"workload.dataset.path needs a value: the {self.format} file of prompts")
             return
         _need(Path(self.path).is_file(), f"workload.dataset.path: file {self.path!r} does not exist")
-        _need(self.format in ("auto", "sharegpt", "jsonl"), f"workload.dataset.format must be auto, sharegpt or jsonl, got {self.format!r}")
 
 
 @dataclass
@@ -167,14 +168,15 @@ class ArrivalSpec:
 
     def __post_init__(self) -> None:
         _need(self.process in ARRIVAL_PROCESSES, f"arrival.process must be one of {', '.join(ARRIVAL_PROCESSES)}, got {self.process!r}")
-        if self.process == "closed":
+        if self.process == "closed" or self.concurrency is not None:
             _need(self.concurrency is not None and self.concurrency >= 1,
-                  f"arrival.concurrency must be an integer >= 1 for a closed loop, got {self.concurrency}")
-        if self.process in ("poisson", "gamma"):
+                  f"arrival.concurrency must be an integer >= 1, got {self.concurrency}")
+        if self.process in ("poisson", "gamma") or self.rate is not None:
             _need(self.rate is not None and self.rate > 0, f"arrival.rate must be > 0 requests/s, got {self.rate}")
-            _need(self.burstiness > 0, f"arrival.burstiness must be > 0, got {self.burstiness}")
+        _need(self.burstiness > 0, f"arrival.burstiness must be > 0, got {self.burstiness}")
         if self.process == "trace":
-            _need(self.trace is not None and Path(self.trace).is_file(), f"arrival.trace: file {self.trace!r} does not exist")
+            _need(self.trace is not None, "arrival.trace needs a value: the file of arrival times")
+            _need(Path(self.trace).is_file(), f"arrival.trace: file {self.trace!r} does not exist")
 
 
 @dataclass

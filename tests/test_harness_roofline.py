@@ -1,0 +1,40 @@
+"""The roofline formula of DESIGN.md on hand values (pure; no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engines.model.config import ModelConfig
+from harness.presets import get_preset
+from harness.roofline import decode_kv_bytes, floor_time, min_decode_steps, prefill_flops, roofline
+
+
+def test_floor_time_formula():
+    # 1e12 FLOPs at 1e12 FLOP/s = 1 s; (2e9 KV bytes + 10 steps x 1e9 weight bytes) at 4e9 B/s = 3 s
+    assert floor_time(1e12, 2e9, 10, 1e9, 1e12, 4e9) == pytest.approx(4.0)
+
+
+def test_decode_steps_are_bounded_by_the_longest_output_and_the_concurrency():
+    assert min_decode_steps([10, 3, 3], concurrency_bound=8) == 10  # the longest output dominates
+    assert min_decode_steps([10, 10, 10, 10], concurrency_bound=2) == 20  # ceil(40 / 2)
+    assert min_decode_steps([5, 5, 5], concurrency_bound=2) == 8  # ceil(15 / 2)
+
+
+def test_decode_reads_every_earlier_token_once_per_step():
+    # prompt 4, output 3: steps making tokens 2 and 3 read 5 and 6 tokens
+    assert decode_kv_bytes(10, [4], [3]) == 10 * (5 + 6)
+    assert decode_kv_bytes(10, [4], [1]) == 0
+
+
+def test_prefill_flops_count_matmuls_and_causal_attention():
+    cfg = ModelConfig.from_dict(get_preset("tiny-qwen3").config)
+    p = 10
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * p * (p + 1) / 2
+    assert prefill_flops(cfg, [p]) == pytest.approx(2 * cfg.num_parameters() * p + attention)
+
+
+def test_efficiency_is_floor_over_measured():
+    cfg = ModelConfig.from_dict(get_preset("tiny-qwen3").config)
+    r = roofline(cfg, [8], [8], [4], concurrency_bound=1, measured_s=2.0, flops_per_s=1e12, bytes_per_s=1e11)
+    assert r["roofline_efficiency"] == pytest.approx(r["roofline_floor_s"] / 2.0)
+    assert r["roofline_output_tok_s"] == pytest.approx(4 / r["roofline_floor_s"])

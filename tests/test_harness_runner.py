@@ -1,0 +1,106 @@
+"""The runner on a scripted engine and a virtual clock: arrivals, closed loops and timestamps exactly."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from engines.base import KVStats
+from engines.request import FinishReason, Request, RequestOutput, SamplingParams
+from harness.metrics import request_table
+from harness.runner import run_workload
+from harness.workload import PlannedRequest
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        self.t += dt
+
+
+class ScriptedEngine:
+    """Each step takes 1 s and gives every running request (at most ``batch``) one token."""
+
+    def __init__(self, clock: Clock, batch: int) -> None:
+        self.clock, self.batch = clock, batch
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, list] = {}  # id -> [request, tokens, first scheduled]
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[RequestOutput]:
+        start = self.clock.t
+        while self.waiting and len(self.running) < self.batch:
+            r = self.waiting.popleft()
+            self.running[r.request_id] = [r, 0, start]
+        self.clock.t += 1.0
+        outputs = []
+        for rid, entry in list(self.running.items()):
+            r, done, first = entry
+            entry[1] = done + 1
+            finished = entry[1] == r.sampling_params.max_tokens
+            outputs.append(RequestOutput(rid, 0, [7], [self.clock.t], finished=finished,
+                                         finish_reason=FinishReason.LENGTH if finished else None,
+                                         first_scheduled_time=first if done == 0 else None))
+            if finished:
+                del self.running[rid]
+        return outputs
+
+    def kv_stats(self) -> KVStats:
+        stored = sum(len(e[0].prompt_token_ids) + e[1] for e in self.running.values())
+        return KVStats(100, stored, stored, 100 - stored, 100 - stored, num_running=len(self.running), num_waiting=len(self.waiting))
+
+
+def _requests(n: int, tokens: int) -> list[PlannedRequest]:
+    return [PlannedRequest(str(i), [1, 2, 3], SamplingParams(max_tokens=tokens, ignore_eos=True)) for i in range(n)]
+
+
+def test_closed_loop_sends_each_clients_next_request_when_its_last_one_finishes():
+    clock = Clock()
+    record = run_workload(ScriptedEngine(clock, batch=8), _requests(4, 2), None, concurrency=2,
+                          progress=False, clock=clock, sleep=clock.sleep)
+    table = request_table(record).sort_values("request_id")
+    assert table["arrival_s"].tolist() == [0.0, 0.0, 2.0, 2.0]
+    assert table["ttft_s"].tolist() == [1.0] * 4
+    assert table["e2e_s"].tolist() == [2.0] * 4
+    assert (record.start, record.end, record.max_in_flight) == (0.0, 4.0, 2)
+    assert [s.stats.num_running for s in record.kv] == [0, 2, 0, 2, 0]
+
+
+def test_open_loop_arrivals_are_scheduled_times_so_queueing_shows():
+    clock = Clock()
+    record = run_workload(ScriptedEngine(clock, batch=1), _requests(3, 2), np.array([0.0, 0.5, 10.0]),
+                          progress=False, clock=clock, sleep=clock.sleep)
+    table = request_table(record).sort_values("request_id")
+    assert table["arrival_s"].tolist() == [0.0, 0.5, 10.0]
+    # request 1 arrives at 0.5 while request 0 holds the only slot until t=2, so it starts at 2
+    assert table["queue_s"].tolist() == pytest.approx([0.0, 1.5, 0.0])
+    assert table["ttft_s"].tolist() == pytest.approx([1.0, 2.5, 1.0])
+    assert table["finish_s"].tolist() == [2.0, 4.0, 12.0]
+    assert record.end == 12.0
+
+
+def test_parallel_samples_finish_a_request_together():
+    clock = Clock()
+
+    class TwoSamples(ScriptedEngine):
+        def step(self):
+            outs = super().step()
+            return outs + [RequestOutput(o.request_id, 1, o.new_token_ids, o.token_times, finished=o.finished,
+                                         finish_reason=o.finish_reason) for o in outs]
+
+    requests = [PlannedRequest("0", [1], SamplingParams(max_tokens=3, n=2))]
+    record = run_workload(TwoSamples(clock, batch=4), requests, None, concurrency=1, progress=False, clock=clock, sleep=clock.sleep)
+    table = request_table(record)
+    assert sorted(table["sample"]) == [0, 1] and table["output_tokens"].tolist() == [3, 3]
