@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-poll-interval", type=float, default=0.05, help="seconds between KV samples (default 0.05)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (default: no limit)")
     p.add_argument("--no-report", action="store_true", help="write the tables only")
+    p.add_argument("--multirun", "-m", action="store_true",
+                   help="sweep comma lists (arrival.rate=1,2,4), as `harness -m` does; an experiment with "
+                        "hydra.sweeper.params sweeps without it")
     return p
 
 
@@ -417,15 +420,21 @@ async def warm(client: Client, token_ids: np.ndarray, count: int) -> None:
             log.warning("warm-up request failed: %s", samples[0].error)
 
 
-def compose_bench_config(overrides: list[str]):
+def compose_bench_config(overrides: list[str], with_hydra: bool = False):
+    """``conf/config.yaml`` with overrides, as the offline app composes it (without the hydra node unless asked)."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
 
     from harness.app import CONF_DIR
     from harness.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="bench_serve"):
-        return compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    if not with_hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
 
 
 def override_params(overrides: list[str]) -> dict[str, Any]:
@@ -436,6 +445,53 @@ def override_params(overrides: list[str]) -> dict[str, Any]:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     return {o.key_or_group: _value(o.value()) for o in parsed if o.key_or_group != "experiment"}
+
+
+def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[list[str]], bool]:
+    """The jobs to run: one override list each. An experiment's ``hydra.sweeper.params`` and comma lists on the
+    command line (``arrival.rate=1,2,4``) sweep as Hydra's basic sweeper does (the command line wins); an engine
+    sweep is dropped, since the server's engine is fixed."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_bench_config([o for o in overrides if not _is_sweep(o)], with_hydra=True)
+    sweeper = dict(cfg.hydra.sweeper.get("params") or {})
+    multirun = multirun or str(cfg.hydra.get("mode")) in ("MULTIRUN", "RunMode.MULTIRUN")
+    parser = OverridesParser.create()
+    axes: dict[str, list[str]] = {}
+    fixed: list[str] = []
+    for key, value in sweeper.items():
+        axes[key] = _values(parser.parse_overrides([f"{key}={value}"])[0])
+    for text in overrides:
+        o = parser.parse_overrides([text])[0]
+        key = o.get_key_element()
+        if o.is_discrete_sweep() or key in axes:
+            axes[key] = _values(o)
+        else:
+            fixed.append(text)
+    if "engine" in axes:
+        log.warning("the server's engine is fixed: the engine sweep (%s) is left out", ",".join(axes.pop("engine")))
+    if not multirun and any(len(v) > 1 for v in axes.values()):
+        multirun = True
+    if not axes:
+        return [fixed], multirun
+    keys = list(axes)
+    jobs = [fixed + [f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(axes[k] for k in keys))]
+    return jobs, multirun
+
+
+def _is_sweep(text: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides([text])[0].is_sweep_override()
+    except Exception:  # noqa: BLE001 - let compose report a malformed override
+        return False
+
+
+def _values(o) -> list[str]:
+    return list(o.sweep_string_iterator()) if o.is_discrete_sweep() else [o.get_value_element_as_str()]
 
 
 def engine_of(view: ServerView):
@@ -452,60 +508,48 @@ def engine_of(view: ServerView):
     return HTTPEngine(base_url=view.base_url, model=view.model, max_model_len=view.max_model_len), f"http:{view.model}"
 
 
-async def bench(args: argparse.Namespace, overrides: list[str]) -> Path:
-    import httpx
+async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, http, view: ServerView, tok_dir: Path,
+                  tokenizer, model_cfg) -> dict[str, Any]:
+    """One run of the workload against the server into ``out``; its run row."""
     import torch
     from omegaconf import OmegaConf
 
-    from engines.detokenizer import load_tokenizer
-    from engines.model.config import ModelConfig
     from harness.arrivals import arrival_offsets
     from harness.job import JobSpec, _params_row, _run_figures, workload_label
-    from harness.report import write_report
     from harness.results import write_run
     from harness.system_info import git_state, model_shape, versions
     from harness.workload import build_workload, regular_token_ids
 
     cfg = compose_bench_config(overrides)
     typed = {name: OmegaConf.to_object(cfg[name]) for name in ("model", "workload", "arrival", "slo")}
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-        view = await discover(http, args.base_url, args.model, headers)
-        model_overridden = any(o.lstrip("+~").startswith("model") for o in overrides)
-        tok_dir = tokenizer_dir(args, view, typed["model"], model_overridden)
-        tokenizer = load_tokenizer(tok_dir)
-        model_cfg = ModelConfig.from_dir(tok_dir)
-        max_len = view.max_model_len or model_cfg.max_context
-        requests = build_workload(typed["workload"], tokenizer, model_cfg.vocab_size, max_len, cfg.seed)
-        offsets = arrival_offsets(typed["arrival"], len(requests), cfg.seed)
-        engine, label = engine_of(view)
-        spec = JobSpec(name=cfg.name, seed=cfg.seed, engine_label=label, engine=engine, **typed,
-                       warmup_requests=cfg.warmup_requests, params=override_params(overrides),
-                       config=OmegaConf.to_container(cfg, resolve=True))
-        client = Client(http, view, args.endpoint, tokenizer, tag=f"bench-{uuid.uuid4().hex[:8]}")
-        await warm(client, regular_token_ids(tokenizer, model_cfg.vocab_size), cfg.warmup_requests)
-        poller = KVPoller(http, view, args.kv_poll_interval)
-        record = await run_http(client, requests, offsets, typed["arrival"].concurrency, poller, sys.stderr.isatty())
+    max_len = view.max_model_len or model_cfg.max_context
+    requests = build_workload(typed["workload"], tokenizer, model_cfg.vocab_size, max_len, cfg.seed)
+    offsets = arrival_offsets(typed["arrival"], len(requests), cfg.seed)
+    engine, label = engine_of(view)
+    spec = JobSpec(name=cfg.name, seed=cfg.seed, engine_label=label, engine=engine, **typed,
+                   warmup_requests=cfg.warmup_requests, params=override_params(overrides),
+                   config=OmegaConf.to_container(cfg, resolve=True))
+    client = Client(http, view, args.endpoint, tokenizer, tag=f"bench-{uuid.uuid4().hex[:8]}")
+    await warm(client, regular_token_ids(tokenizer, model_cfg.vocab_size), cfg.warmup_requests)
+    poller = KVPoller(http, view, args.kv_poll_interval)
+    concurrency = typed["arrival"].concurrency if offsets is None else None
+    record = await run_http(client, requests, offsets, concurrency, poller, sys.stderr.isatty())
+
     info = view.info or {}
-    server_device = torch.device(str(info.get("device", "cpu")).split(":")[0] if info.get("device") else "cpu")
     figures, request_rows, steps = _run_figures(spec, record, model_cfg, torch.device("cpu"))
     if poller.source != "kvbench":
         figures.update({k: math.nan for k in BREAKDOWN_FIGURES})
         for c in BREAKDOWN_COLUMNS:
             steps[c] = math.nan
     wl_label = workload_label(typed["workload"], typed["arrival"])
+    server_device = torch.device(str(info["device"]).split(":")[0]) if info.get("device") else torch.device("cpu")
     row = _params_row(spec, tok_dir, server_device, wl_label)
     if not info:
         row["device"] = "unknown"
-    row["hardware"] = info.get("hardware_label") or f"remote server at {view.base_url} (hardware unknown)"
-    if info.get("model_preset"):
-        row["model"] = info["model_preset"]
-    elif not info:
         row["model"] = view.model
-    out = args.out or Path("outputs") / cfg.name / f"bench-serve_{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    elif info.get("model_preset"):
+        row["model"] = info["model_preset"]
+    row["hardware"] = info.get("hardware_label") or f"remote server at {view.base_url} (hardware unknown)"
     metadata = {
         "name": cfg.name, "engine_label": label, "model_dir": str(tok_dir),
         "model_shape": info.get("model_shape") or model_shape(model_cfg), "workload_label": wl_label,
@@ -515,19 +559,54 @@ async def bench(args: argparse.Namespace, overrides: list[str]) -> Path:
                    "info": {k: v for k, v in info.items() if k not in ("hardware", "versions", "model_shape", "config")}},
         "client_versions": versions(),
     }
-    write_run(out, {**row, "status": "ok", **figures}, {**metadata, "status": "ok"}, request_rows, steps)
-    failed = int(figures.get("failed", 0))
-    log.info("%s: %.1f output tok/s, p95 TTFT %.3f s, p95 TPOT %.4f s, %d of %d requests failed", label,
-             figures["output_tok_s"], figures["ttft_p95"], figures["tpot_p95"], failed, figures["num_requests"])
-    if failed:
+    run = {**row, "status": "ok", **figures}
+    write_run(out, run, {**metadata, "status": "ok"}, request_rows, steps)
+    desc = " ".join([label] + [f"{k}={v}" for k, v in spec.params.items()])
+    log.info("%s: %.1f output tok/s, p95 TTFT %.3f s, p95 TPOT %.4f s, %d of %d requests failed", desc,
+             figures["output_tok_s"], figures["ttft_p95"], figures["tpot_p95"], figures["failed"], figures["num_requests"])
+    if figures["failed"]:
         errors = request_rows["error"].dropna()
         if len(errors):
             log.warning("first error: %s", errors.iloc[0])
-    if cfg.report and not args.no_report:
-        path = write_report([out], out)
+    return run
+
+
+async def bench(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[dict[str, Any]]]:
+    import httpx
+    from omegaconf import OmegaConf
+
+    from engines.detokenizer import load_tokenizer
+    from engines.model.config import ModelConfig
+    from harness.report import write_report
+
+    jobs, multirun = expand_sweep(overrides, args.multirun)
+    first = compose_bench_config(jobs[0])
+    model_spec = OmegaConf.to_object(first.model)
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    stamp = f"{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
+    root = args.out or Path("outputs" if not multirun else "multirun") / first.name / f"bench-serve_{stamp}"
+    runs = []
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        view = await discover(http, args.base_url, args.model, headers)
+        model_overridden = any(o.lstrip("+~").startswith("model") for o in overrides)
+        tok_dir = tokenizer_dir(args, view, model_spec, model_overridden)
+        tokenizer = load_tokenizer(tok_dir)
+        model_cfg = ModelConfig.from_dir(tok_dir)
+        for k, job in enumerate(jobs):
+            if multirun:
+                name = ",".join(o for o in job if o not in overrides) or "run"  # the swept values, as Hydra names jobs
+                out = root / f"{k}_{name.replace('/', '_')}"
+            else:
+                out = root
+            runs.append(await run_job(args, job, out, http, view, tok_dir, tokenizer, model_cfg))
+    if first.report and not args.no_report:
+        path = write_report([root], root)
         print(f"report: {path}", file=sys.stderr)
-    print(f"results: {out}", file=sys.stderr)
-    return out
+    print(f"results: {root}", file=sys.stderr)
+    return root, runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -542,18 +621,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        out = asyncio.run(bench(args, overrides))
+        _, runs = asyncio.run(bench(args, overrides))
     except USER_ERRORS as e:
         print(f"error: {describe_error(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: finished runs keep their results (summarize them with `harness report DIR`)", file=sys.stderr)
         return 130
-    from harness.results import find_runs
-
-    runs, _ = find_runs([out])
-    run = runs[0].run if runs else {}
-    return EXIT_FAILED if run.get("completed", 0) == 0 else 0
+    return EXIT_FAILED if any(run.get("completed", 0) == 0 for run in runs) else 0
 
 
 if __name__ == "__main__":

@@ -133,3 +133,16 @@ def test_unreachable_server_is_a_user_error(capsys):
 def test_unknown_model_name_is_a_user_error(server, capsys):
     assert cli.main(["bench-serve", "--base-url", server.base_url, "--model", "nope", "+experiment=smoke"]) == 2
     assert "serves tiny-qwen3" in capsys.readouterr().err
+
+
+def test_a_sweep_runs_every_point_and_reports_over_the_axis(server, tmp_path):
+    out = tmp_path / "sweep"
+    code = cli.main(["bench-serve", "--base-url", server.base_url, "--out", str(out), "+experiment=smoke",
+                     "workload.num_requests=4", "workload.output.value=4", "arrival.concurrency=1,4"])
+    assert code == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["param.arrival.concurrency"]) == [1, 4]
+    assert sorted(runs["concurrency"]) == [1, 4]
+    assert (runs["completed"] == 4).all()
+    assert runs.set_index("concurrency").loc[4, "max_running"] > 1
+    assert (out / "figures" / "throughput_latency_vs_arrival_concurrency.png").is_file()

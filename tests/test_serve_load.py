@@ -85,6 +85,22 @@ def test_non_streamed_disconnect_aborts_too(server):
         assert metrics(c)["vllm:num_requests_running"] == 0
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_gone_right_after_sending_aborts_its_request(server, stream):
+    """The connection closes as soon as the request is written: nothing may keep generating for it."""
+    body = json.dumps({"prompt": list(range(10, 60)), "max_tokens": 3000, "ignore_eos": True, "stream": stream}).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(request)
+        assert wait_for(lambda: metrics(c)["vllm:generation_tokens_total"] > 0, timeout=10)
+        assert wait_for(lambda: metrics(c)["vllm:num_requests_running"] == 0 and
+                        metrics(c)["vllm:kv_cache_usage_perc"] == 0, timeout=10), metrics(c)
+        text = c.get("/metrics").text
+        assert 'vllm:request_success_total{finished_reason="abort",model_name="tiny-qwen3"}' in text
+
+
 def test_200_concurrent_streams_complete_and_are_batched(server):
     n = 200
 

@@ -228,7 +228,8 @@ class Serving:
                     await asyncio.wrap_future(future)
                 except RequestError as e:
                     self.metrics.reject("bad_request")
-                    raise bad_request(str(e), "prompt") from e
+                    message = str(e)
+                    raise bad_request(message, "prompt" if "prompt" in message or "fit" in message else None) from e
                 except EngineDead as e:
                     raise APIError(503, f"the engine is not running: {e}", headers={"Retry-After": str(self.cfg.retry_after_s)}) from e
         except BaseException:
@@ -378,8 +379,8 @@ class Serving:
             finally:  # a cancelled stream (the client left) lands here too
                 gen.close()
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": gen.base_id})
+        return _EventStream(gen, body(), media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": gen.base_id})
 
     async def _collect(self, gen: _Generation, http: HTTPRequest) -> None:
         """All outputs of a non-streamed request; a client that disconnects meanwhile aborts it."""
@@ -413,6 +414,21 @@ class Serving:
         if failed:
             status = 503 if self.loop.error else 500
             raise APIError(status, f"generation failed: {failed[0].error}")
+
+
+class _EventStream(StreamingResponse):
+    """A stream that aborts its requests however it ends, even if the client left before the first chunk
+    (the body generator then never starts, so its own ``finally`` cannot run)."""
+
+    def __init__(self, gen: _Generation, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gen = gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.close()
 
 
 def _event(payload: dict[str, Any]) -> str:
