@@ -170,7 +170,7 @@ class ModelRunner:
         if not batch.prefills and self.graphs is not None and self.graphs.padded_size(len(seqs)) is not None:
             ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=len(seqs))
             positions = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=len(seqs))
-            slots = np.concatenate([self.kv.slot_mapping(s, s.num_computed, s.num_computed + 1) for s in seqs])
+            slots = self.kv.decode_slots(seqs)
             tables, starts = self.kv.addressing(seqs)
             return self.graphs.run(ids, positions, slots, tables, starts)
         ids = np.concatenate([np.asarray(s.token_ids[s.num_computed : s.num_computed + n], dtype=np.int64) for s, n in scheduled])

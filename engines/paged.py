@@ -16,7 +16,7 @@ class PagedEngine(LLMEngine):
         bs = self.cfg.block_size
         check_block_size(bs)
         return PagedKVManager(
-            self.cfg.num_blocks or num_slots // bs, bs,
+            self.cfg.num_blocks or num_slots // bs, bs, max_model_len=self.max_model_len,
             num_host_blocks=self.host_slots(bs) // bs,
             enable_prefix_caching=self.cfg.enable_prefix_caching,
         )

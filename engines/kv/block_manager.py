@@ -79,10 +79,51 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
+class BlockTableArray:
+    """Every live sequence's block ids as a row of one numpy array, updated in place.
+
+    A step's block tables are then one slice of rows instead of a Python loop over every
+    block of every sequence (which costs milliseconds at hundreds of sequences).
+    """
+
+    def __init__(self, width: int, rows: int = 64) -> None:
+        self.array = np.zeros((rows, max(width, 1)), dtype=np.int32)
+        self.free_rows = list(range(rows))[::-1]
+        self.row_of: dict[int, int] = {}
+
+    def assign(self, seq_id: int, block_ids: list[int]) -> None:
+        if not self.free_rows:
+            old = self.array.shape[0]
+            self.array = np.concatenate([self.array, np.zeros_like(self.array)])
+            self.free_rows = list(range(2 * old - 1, old - 1, -1))
+        row = self.free_rows.pop()
+        self.row_of[seq_id] = row
+        self.array[row, : len(block_ids)] = block_ids
+
+    def set(self, seq_id: int, index: int, block_id: int) -> None:
+        self.array[self.row_of[seq_id], index] = block_id
+
+    def release(self, seq_id: int) -> None:
+        row = self.row_of.pop(seq_id, None)
+        if row is not None:
+            self.free_rows.append(row)
+
+    def rows(self, seq_ids: list[int], width: int) -> np.ndarray:
+        return self.array[[self.row_of[i] for i in seq_ids], :width]
+
+
 class PagedKVManager(KVManager):
     supports_swap = True
 
-    def __init__(self, num_blocks: int, block_size: int, *, num_host_blocks: int = 0, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        max_model_len: int,
+        num_host_blocks: int = 0,
+        enable_prefix_caching: bool = True,
+    ) -> None:
         self.block_size = block_size
         super().__init__()
         self.num_blocks = num_blocks
@@ -94,6 +135,7 @@ class PagedKVManager(KVManager):
         self.tables: dict[int, list[Block]] = {}  # seq_id -> its blocks, in order
         self.host_tables: dict[int, list[int]] = {}  # seq_id -> host blocks of a swapped-out sequence
         self.num_published: dict[int, int] = {}  # seq_id -> leading blocks already in the prefix cache
+        self.table_array = BlockTableArray(self.blocks_for(max_model_len))
 
     # -- admission and growth ----------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -119,6 +161,7 @@ class PagedKVManager(KVManager):
             self.num_prefix_queries += seq.num_prompt
             self.num_prefix_hits += min(len(table) * bs, seq.num_prompt)
         self.tables[seq.seq_id] = table
+        self.table_array.assign(seq.seq_id, [b.block_id for b in table])
         self.num_published[seq.seq_id] = len(table)
         seq.num_computed = len(table) * self.block_size
         seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
@@ -137,12 +180,16 @@ class PagedKVManager(KVManager):
             self.ops.copies.append((table[i].block_id, fresh.block_id))
             self.pool.release(table[i])
             table[i] = fresh
+            self.table_array.set(seq.seq_id, i, fresh.block_id)
         while len(table) < self.blocks_for(seq.num_computed + num_new):
-            table.append(self.pool.take())
+            block = self.pool.take()
+            self.table_array.set(seq.seq_id, len(table), block.block_id)
+            table.append(block)
         return True
 
     def free(self, seq: Sequence) -> None:
         table = self.tables.pop(seq.seq_id, None)
+        self.table_array.release(seq.seq_id)
         self.num_published.pop(seq.seq_id, None)
         if table is not None:
             for block in reversed(table):  # tail blocks are the least likely prefix: evicted first
@@ -156,6 +203,7 @@ class PagedKVManager(KVManager):
         for block in table:
             self.pool.acquire(block)
         self.tables[child.seq_id] = table
+        self.table_array.assign(child.seq_id, [b.block_id for b in table])
         self.num_published[child.seq_id] = self.num_published.get(parent.seq_id, 0)
 
     def commit(self, seq: Sequence) -> None:
@@ -193,26 +241,26 @@ class PagedKVManager(KVManager):
         self.ops.swap_in += [(h, b.block_id) for h, b in zip(host, table)]
         self.host_free.extend(self.host_tables.pop(seq.seq_id))
         self.tables[seq.seq_id] = table
+        self.table_array.assign(seq.seq_id, [b.block_id for b in table])
         self.num_published[seq.seq_id] = 0  # commit() re-publishes its full blocks, hash chain intact
         return True
 
     # -- addressing --------------------------------------------------------------------------
     def slot_mapping(self, seq: Sequence, start: int, end: int) -> np.ndarray:
         bs = self.block_size
-        table = self.tables[seq.seq_id]
-        if end - start == 1:
-            return np.array([table[start // bs].block_id * bs + start % bs], dtype=np.int64)
         pos = np.arange(start, end)
-        ids = np.fromiter((b.block_id for b in table[start // bs : (end - 1) // bs + 1]), dtype=np.int64)
-        return ids[pos // bs - start // bs] * bs + pos % bs
+        row = self.table_array.array[self.table_array.row_of[seq.seq_id]]
+        return row[pos // bs].astype(np.int64) * bs + pos % bs
+
+    def decode_slots(self, seqs: list[Sequence]) -> np.ndarray:
+        bs = self.block_size
+        pos = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=len(seqs))
+        rows = [self.table_array.row_of[s.seq_id] for s in seqs]
+        return self.table_array.array[rows, pos // bs].astype(np.int64) * bs + pos % bs
 
     def addressing(self, seqs: list[Sequence]) -> tuple[np.ndarray, None]:
-        tables = [self.tables[s.seq_id] for s in seqs]
-        width = max((len(t) for t in tables), default=1) or 1
-        out = np.zeros((len(seqs), width), dtype=np.int32)
-        for row, table in zip(out, tables):
-            row[: len(table)] = [b.block_id for b in table]
-        return out, None
+        width = max((len(self.tables[s.seq_id]) for s in seqs), default=1) or 1
+        return self.table_array.rows([s.seq_id for s in seqs], width), None
 
     def max_blocks_per_seq(self, max_model_len: int) -> int:
         return self.blocks_for(max_model_len)
@@ -249,5 +297,8 @@ class PagedKVManager(KVManager):
         assert self.pool.num_free + len(holders) == self.num_blocks
         for h, block in self.pool.cached.items():
             assert block.hash == h, "prefix index points at a block that no longer holds that hash"
+        for seq_id, table in self.tables.items():
+            row = self.table_array.array[self.table_array.row_of[seq_id], : len(table)]
+            assert row.tolist() == [b.block_id for b in table], "block table array out of step with the tables"
         host = self.host_free + [h for table in self.host_tables.values() for h in table]
         assert sorted(host) == list(range(self.num_host_blocks)), "a host block is lost or held twice"

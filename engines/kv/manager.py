@@ -79,6 +79,10 @@ class KVManager(abc.ABC):
         """Slots of positions start..end-1 of ``seq``."""
 
     @abc.abstractmethod
+    def decode_slots(self, seqs: list[Sequence]) -> np.ndarray:
+        """The slot of each sequence's next token (position ``num_computed``), for a decode step."""
+
+    @abc.abstractmethod
     def addressing(self, seqs: list[Sequence]) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(block_tables [B, max_blocks], None) for paging, (None, seq_starts [B]) for an arena."""
 
