@@ -173,9 +173,14 @@ class ModelRunner:
             slots = self.kv.decode_slots(seqs)
             tables, starts = self.kv.addressing(seqs)
             return self.graphs.run(ids, positions, slots, tables, starts)
-        ids = np.concatenate([np.asarray(s.token_ids[s.num_computed : s.num_computed + n], dtype=np.int64) for s, n in scheduled])
-        positions = np.concatenate([np.arange(s.num_computed, s.num_computed + n) for s, n in scheduled])
-        slots = np.concatenate([self.kv.slot_mapping(s, s.num_computed, s.num_computed + n) for s, n in scheduled])
+        decodes = batch.decodes
+        ids = np.concatenate([np.fromiter((s.token_ids[-1] for s in decodes), dtype=np.int64, count=len(decodes))]
+                             + [np.asarray(s.token_ids[s.num_computed : s.num_computed + n], dtype=np.int64)
+                                for s, n in batch.prefills])
+        positions = np.concatenate([np.fromiter((s.num_computed for s in decodes), dtype=np.int64, count=len(decodes))]
+                                   + [np.arange(s.num_computed, s.num_computed + n) for s, n in batch.prefills])
+        slots = np.concatenate([self.kv.decode_slots(decodes)]
+                               + [self.kv.slot_mapping(s, s.num_computed, s.num_computed + n) for s, n in batch.prefills])
         tables, starts = self.kv.addressing(seqs)
         meta = build_metadata(
             [StepSequence(s.num_computed, n) for s, n in scheduled], slots,

@@ -34,18 +34,15 @@ class Sequence:
     first_scheduled_time: float | None = None
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at admission
     seq_id: int = field(default_factory=lambda: next(_ids))
+    # plain attributes, not properties: the engine reads them for every sequence every step
+    num_prompt: int = field(init=False)
+    key: tuple[str, int] = field(init=False)  # (request id, sample index)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.request.request_id, self.index)
-
-    @property
-    def num_prompt(self) -> int:
-        return self.request.num_prompt_tokens
+        self.num_prompt = self.request.num_prompt_tokens
+        self.key = (self.request.request_id, self.index)
 
     @property
     def num_tokens(self) -> int:
@@ -53,16 +50,17 @@ class Sequence:
 
     @property
     def num_output(self) -> int:
-        return self.num_tokens - self.num_prompt
+        return len(self.token_ids) - self.num_prompt
 
     @property
     def num_uncomputed(self) -> int:
-        return self.num_tokens - self.num_computed
+        return len(self.token_ids) - self.num_computed
 
     @property
     def is_decoding(self) -> bool:
         """Only the last sampled token is missing from the cache: a one-token step."""
-        return self.num_computed > 0 and self.num_uncomputed == 1 and self.num_output > 0
+        n = len(self.token_ids)
+        return self.num_computed > 0 and n - self.num_computed == 1 and n > self.num_prompt
 
     @property
     def final_len_bound(self) -> int:

@@ -169,6 +169,9 @@ class PagedKVManager(KVManager):
     def allocate(self, seq: Sequence, num_new: int) -> bool:
         table = self.tables[seq.seq_id]
         bs = self.block_size
+        end = seq.num_computed + num_new
+        if end <= len(table) * bs and num_new == 1 and table[seq.num_computed // bs].ref_count == 1:
+            return True  # the common decode: room in an unshared last block
         first_written = seq.num_computed // bs
         shared = [i for i in range(first_written, len(table)) if table[i].ref_count > 1]
         needed = max(0, self.blocks_for(seq.num_computed + num_new) - len(table)) + len(shared)
@@ -211,6 +214,8 @@ class PagedKVManager(KVManager):
             return
         table, bs = self.tables[seq.seq_id], self.block_size
         done = self.num_published[seq.seq_id]
+        if done >= seq.num_computed // bs:
+            return
         parent = table[done - 1].hash if done else None
         for i in range(done, seq.num_computed // bs):
             block = table[i]
