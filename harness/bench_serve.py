@@ -142,8 +142,11 @@ def tokenizer_dir(args: argparse.Namespace, view: ServerView, model_spec, model_
         if not Path(args.tokenizer).is_dir():
             raise UserError(f"--tokenizer: {args.tokenizer!r} is not a directory")
         return Path(args.tokenizer)
-    if view.info and view.info.get("model_dir") and Path(view.info["model_dir"]).is_dir():
-        return Path(view.info["model_dir"])
+    info = view.info or {}
+    if info.get("model_dir") and Path(info["model_dir"]).is_dir():
+        return Path(info["model_dir"])
+    if info.get("model_preset") in PRESETS:  # our server on another machine, serving a preset: the same tokenizer
+        return resolve_model_dir(ModelSpec(preset=info["model_preset"]))
     if args.model and Path(args.model).is_dir():
         return Path(args.model)
     if args.model in PRESETS:
@@ -547,8 +550,8 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
     if not info:
         row["device"] = "unknown"
         row["model"] = view.model
-    elif info.get("model_preset"):
-        row["model"] = info["model_preset"]
+    else:  # as the offline run names it: the preset, or the model directory's name
+        row["model"] = info.get("model_preset") or Path(str(info.get("model_dir", view.model))).name
     row["hardware"] = info.get("hardware_label") or f"remote server at {view.base_url} (hardware unknown)"
     metadata = {
         "name": cfg.name, "engine_label": label, "model_dir": str(tok_dir),

@@ -51,7 +51,7 @@ def start_server(tiny_model):
         engine = create_engine(model_dir, engine_cfg)
         warm_up(engine, regular_token_ids(load_tokenizer(model_dir), engine.model_config.vocab_size), 1)
         app = create_app(engine, model_dir=model_dir, served_names=names or [preset], cfg=server_cfg or ServerConfig(),
-                         engine_label=engine_cfg.name, engine_config=engine_cfg)
+                         engine_label=engine_cfg.name, engine_config=engine_cfg, extra_info={"model_preset": preset})
         server = ServerThread(app).start()
         server.state = app.state.kvbench
         server.model_dir = model_dir

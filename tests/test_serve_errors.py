@@ -77,6 +77,8 @@ def check_error(r: httpx.Response, status: int, param: str | None = None, words:
     ({"prompt": [5, 6, 10**9]}, "prompt", "outside the vocabulary"),
     ({"prompt": [5, -1]}, "prompt", "outside the vocabulary"),
     ({"prompt": [[5, 6]] * 5}, "prompt", "at most 4 prompts"),
+    ({**OK, "stop_token_ids": [10**30]}, "stop_token_ids", "outside the vocabulary"),
+    ({**OK, "stop_token_ids": [-1]}, "stop_token_ids", "outside the vocabulary"),
 ])
 def test_bad_completion_bodies_are_400(http, body, param, words):
     check_error(http.post("/v1/completions", json=body), 400, param, words)
@@ -98,6 +100,9 @@ def test_bad_completion_bodies_are_400(http, body, param, words):
     ({**CHAT_OK, "n": 5}, "n", "n must be"),
     ({**CHAT_OK, "chat_template": "{% for %}"}, "chat_template", "template"),
     ({"messages": [{"role": "user", "content": "x " * 400}]}, "messages", "maximum context length"),
+    ({**CHAT_OK, "chat_template": "{% for i in range(10**9) %}x{% endfor %}"}, "chat_template", "template failed"),
+    ({**CHAT_OK, "chat_template": "{{ messages.__class__.__mro__ }}"}, "chat_template", "unsafe"),
+    ({**CHAT_OK, "chat_template": "{{ raise_exception('nope') }}"}, "messages", "nope"),
 ])
 def test_bad_chat_bodies_are_400(http, body, param, words):
     check_error(http.post("/v1/chat/completions", json=body), 400, param, words)
@@ -159,12 +164,23 @@ def test_openai_client_sees_typed_errors(server):
         client.chat.completions.create(model="tiny-qwen3", messages=[])
 
 
+def test_extreme_values_are_served_or_refused_without_harm(http):
+    """Values at the edge of the integer range never reach the engine in a form that breaks it."""
+    for extra in ({"top_k": 2**63}, {"top_k": 2**70}, {"seed": -(2**63)}, {"seed": 2**63 - 1}, {"temperature": 1e308},
+                  {"repetition_penalty": 1e-300}, {"stop": ["x"] * 500}, {"n": 4, "max_tokens": 1}):
+        r = http.post("/v1/completions", json={**OK, **extra})
+        assert r.status_code == 200, (extra, r.text)
+    assert http.get("/health").status_code == 200
+
+
 def test_no_500_and_no_hang_under_garbage(http):
     """A spray of odd bodies: every answer is a 4xx in the error shape, within the timeout."""
     bodies = [b"{}", b'{"prompt": null}', b'{"prompt": 1}', b'{"prompt": [1.5]}', b'{"prompt": "a", "n": null}',
               b'{"prompt": "a", "stop": [1]}', b'{"prompt": "a", "stream_options": 3}', b'{"messages": [{}]}',
               b'{"prompt": "a", "max_tokens": 1e400}', b'\xff\xfe', b'{"prompt": "a"' , b'{"prompt": [[1, 2], [3.0]]}',
-              b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "temperature": Infinity}']
+              b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "temperature": Infinity}',
+              b'{"prompt": ' + b'[' * 5000 + b']' * 5000 + b'}', b'{"prompt": "a", "max_tokens": 1' + b'0' * 5000 + b'}',
+              rb'{"prompt": "\ud800", "max_tokens": 2}']
     for path in ("/v1/completions", "/v1/chat/completions"):
         for body in bodies:
             r = http.post(path, content=body, headers={"content-type": "application/json"})

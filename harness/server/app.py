@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engines.base import Engine
+from engines.request import RequestError
 from harness.server.chat import ChatTemplate
 from harness.server.config import ServerConfig
 from harness.server.engine_loop import EngineLoop
@@ -147,6 +148,10 @@ def create_app(engine: Engine, *, model_dir: str | Path, served_names: list[str]
     async def _api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
         return e.response()
 
+    @app.exception_handler(RequestError)
+    async def _request_error(request: HTTPRequest, e: RequestError) -> JSONResponse:
+        return bad_request(str(e)).response()
+
     @app.exception_handler(ClientGone)
     async def _gone(request: HTTPRequest, e: ClientGone) -> Response:
         return Response(status_code=499)
@@ -199,21 +204,28 @@ def create_app(engine: Engine, *, model_dir: str | Path, served_names: list[str]
         headers = {"X-Request-Id": result.id}
         return JSONResponse(result.model_dump(), headers=headers)
 
+    async def generate(request: HTTPRequest, model: type[pydantic.BaseModel], handler) -> Any:
+        arrival = time.perf_counter()
+        try:
+            authorize(request)
+            rid = request_id(request)
+            body = await parse(request, model)
+            return answer(await handler(body, request, arrival, rid), rid)
+        except (APIError, ClientGone):
+            raise
+        except RequestError as e:
+            return bad_request(str(e)).response()
+        except Exception as e:  # noqa: BLE001 - a bug: answer 500 here, so the connection survives it
+            log.exception("internal error on %s", request.url.path)
+            return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Any:
-        arrival = time.perf_counter()
-        authorize(request)
-        rid = request_id(request)
-        body = await parse(request, CompletionRequest)
-        return answer(await serving.completions(body, request, arrival, rid), rid)
+        return await generate(request, CompletionRequest, serving.completions)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Any:
-        arrival = time.perf_counter()
-        authorize(request)
-        rid = request_id(request)
-        body = await parse(request, ChatCompletionRequest)
-        return answer(await serving.chat(body, request, arrival, rid), rid)
+        return await generate(request, ChatCompletionRequest, serving.chat)
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest) -> Any:

@@ -89,8 +89,9 @@ class ChatTemplate:
             text = _compile(source).render(**context)
         except TemplateRaised as e:
             raise bad_request(f"the chat template refused these messages: {e}", "messages") from e
-        except jinja2.TemplateError as e:
-            raise bad_request(f"the chat template failed: {e}", "chat_template" if template is not None else "messages") from e
+        except Exception as e:  # noqa: BLE001 - a template that fails on these messages (jinja2 or sandbox errors)
+            raise bad_request(f"the chat template failed: {type(e).__name__}: {e}",
+                              "chat_template" if template is not None else "messages") from e
         if continue_final_message:
             final = plain[-1]["content"]
             cut = text.rfind(final)

@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
-from harness.schema import ModelSpec, register_configs
+from harness.schema import ModelSpec, UserError, register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -48,8 +48,6 @@ class ServerConfig:
         ]
         for ok, message in problems:
             if not ok:
-                from harness.schema import UserError
-
                 raise UserError(message)
 
 

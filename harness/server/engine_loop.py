@@ -178,7 +178,9 @@ class EngineLoop:
             return
         try:
             self.engine.add_request(request)
-        except RequestError as e:
+        except Exception as e:  # noqa: BLE001 - a request the engine refuses (or chokes on) is that request's problem
+            if not isinstance(e, RequestError):
+                log.exception("the engine failed to add request %s", request.request_id)
             future.set_exception(e)
             return
         self._open[request.request_id] = _Open(request, set(range(request.sampling_params.n)))

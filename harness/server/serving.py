@@ -172,6 +172,10 @@ class Serving:
                               "skip_special_tokens")
         if body.seed is not None and not SEED_RANGE[0] <= body.seed <= SEED_RANGE[1]:
             raise bad_request(f"seed must be a 64-bit signed integer, got {body.seed}", "seed")
+        bad_stop = next((t for t in body.stop_token_ids or () if not 0 <= t < self.info.vocab_size), None)
+        if bad_stop is not None:
+            raise bad_request(f"stop_token_ids: {bad_stop} is outside the vocabulary [0, {self.info.vocab_size})",
+                              "stop_token_ids")
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options can only be set when stream is true", "stream_options")
 
@@ -183,6 +187,8 @@ class Serving:
                               ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
             value = getattr(body, name)
             fields[name] = default if value is None else value
+        if isinstance(fields["top_k"], int) and fields["top_k"] > self.info.vocab_size:
+            fields["top_k"] = self.info.vocab_size  # the same sampling, within the engine's integer range
         try:
             return SamplingParams(**fields)
         except RequestError as e:
