@@ -32,22 +32,31 @@ def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(1000, 30000) for _ in range(length)] for _ in range(count)]
 
 
+def hf_last_logits(path, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").cuda().eval()
+    with torch.no_grad():
+        out = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+    del model
+    free_cuda()
+    return out
+
+
 @pytest.mark.parametrize("preset", ["qwen3-0.6b", "llama-3.1-8b"])
-def test_bf16_logits_close_to_transformers(preset):
+def test_bf16_logits_within_bf16_tolerance(preset):
+    """Both bf16 implementations against transformers in fp32: ours may not stray much further than theirs."""
     path = ensure_model(preset)
     ids = prompts(1, 200)[0]
-    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
-    with torch.no_grad():
-        ref = theirs(torch.tensor([ids], device="cuda")).logits[0, -1].float()
-    del theirs
-    free_cuda()
+    exact = hf_last_logits(path, ids, torch.float32)
+    theirs = hf_last_logits(path, ids, torch.bfloat16)
+    rel = lambda x: ((x - exact).norm() / exact.norm()).item()
+    print(f"\n{preset}: transformers bf16 vs fp32: relative error {rel(theirs):.2e}")
     for backend in ("triton", "torch"):
         ours = load_model(path, dtype="bfloat16", device="cuda", attn_backend=backend)
         cache = ours.allocate_kv_cache(len(ids))
         got = forward_once(ours, cache, ids, 0)
-        rel = ((got - ref).norm() / ref.norm()).item()
-        print(f"\n{preset} bf16 last-token logits, {backend} kernels: relative error {rel:.2e}")
-        assert rel < 2e-2
+        print(f"{preset}: ours bf16 ({backend} kernels) vs fp32: relative error {rel(got):.2e}; "
+              f"vs transformers bf16: {((got - theirs).norm() / theirs.norm()).item():.2e}")
+        assert rel(got) < max(2 * rel(theirs), 1e-2)
         del ours, cache
         free_cuda()
 
@@ -72,12 +81,24 @@ def test_fp32_greedy_matches_transformers(preset):
     assert agree == [64] * 8
 
 
-@pytest.mark.parametrize("cfg", [PagedConfig(block_size=16, dtype="float32"), PagedConfig(block_size=1, dtype="float32"),
-                                 ContiguousConfig(reservation="pow2", dtype="float32")], ids=["paged16", "paged1", "contig"])
-def test_engines_match_one_at_a_time_on_gpu(cfg):
+ENGINE_CASES = {
+    "paged16": PagedConfig(block_size=16, dtype="float32"),
+    "paged1": PagedConfig(block_size=1, dtype="float32"),
+    "paged256": PagedConfig(block_size=256, dtype="float32"),
+    "paged-chunked": PagedConfig(block_size=16, dtype="float32", max_num_batched_tokens=64, max_num_seqs=32),
+    "paged-recompute": PagedConfig(block_size=16, dtype="float32", num_blocks=120),
+    "paged-swap": PagedConfig(block_size=16, dtype="float32", num_blocks=120, preemption_mode="swap", swap_space=1.0),
+    "contiguous": ContiguousConfig(reservation="pow2", dtype="float32"),
+}
+
+
+@pytest.mark.parametrize("name", list(ENGINE_CASES))
+def test_engines_match_one_at_a_time_on_gpu(name):
+    cfg = ENGINE_CASES[name]
     path = ensure_model("qwen3-0.6b")
     rng = random.Random(2)
-    batch = [prompts(1, rng.randint(1, 300), seed=i)[0] for i in range(32)]
+    prefix = prompts(1, 96, seed=99)[0]  # a shared system prompt: 6 blocks of 16 for the prefix cache
+    batch = [prefix + prompts(1, rng.randint(1, 200), seed=i)[0] for i in range(32)]
     lengths = [rng.randint(1, 64) for _ in batch]
     model = load_model(path, dtype="float32", device="cuda")
     expected = [greedy_generate(model, p, n) for p, n in zip(batch, lengths)]
@@ -87,8 +108,14 @@ def test_engines_match_one_at_a_time_on_gpu(cfg):
     engine = create_engine(path, cfg)
     got = engine.generate([Request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
                            for i, (p, n) in enumerate(zip(batch, lengths))])
+    stats = engine.kv_stats()
     engine.close()
     free_cuda()
     same = sum(got[f"r{i}"][0] == expected[i] for i in range(32))
-    print(f"\n{cfg.name} {getattr(cfg, 'block_size', '')}: {same}/32 requests equal to one-at-a-time greedy")
+    print(f"\n{name}: {same}/32 requests equal to one-at-a-time greedy; prefix-cache hits {stats.prefix_cache_hits} "
+          f"tokens, preemptions {stats.num_preemptions}, swapped out {stats.num_swapped_out}")
     assert same == 32
+    if name.startswith("paged") and "recompute" not in name and "swap" not in name:
+        assert stats.prefix_cache_hits > 0
+    if name in ("paged-recompute", "paged-swap"):
+        assert stats.num_preemptions > 0
