@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
                    help="completions sends token ids (exact prompt lengths); chat sends the decoded text as one user message")
     p.add_argument("--out", type=Path, help="run directory to write (default outputs/NAME/bench-serve_TIMESTAMP)")
-    p.add_argument("--kv-poll-interval", type=float, default=0.05, help="seconds between KV samples (default 0.05)")
+    p.add_argument("--kv-source", choices=["auto", "kvbench", "metrics", "none"], default="auto",
+                   help="where KV samples come from: auto = /kvbench/kv_stats on our server, else /metrics")
+    p.add_argument("--kv-poll-interval", type=float, default=0.02, help="seconds between KV samples (default 0.02)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (default: no limit)")
     p.add_argument("--no-report", action="store_true", help="write the tables only")
     p.add_argument("--multirun", "-m", action="store_true",
@@ -202,10 +204,10 @@ def kv_from_metrics(text: str, model: str):
 class KVPoller:
     """Samples the server's KV state every ``interval`` seconds: /kvbench/kv_stats, else /metrics, else nothing."""
 
-    def __init__(self, client, view: ServerView, interval: float) -> None:
+    def __init__(self, client, view: ServerView, interval: float, source: str = "auto") -> None:
         self.client, self.view, self.interval = client, view, interval
         self.raw: list[tuple[float, Any]] = []
-        self.source = "kvbench" if view.info is not None else "metrics"
+        self.source = ("kvbench" if view.info is not None else "metrics") if source == "auto" else source
 
     async def sample(self) -> None:
         from engines.base import KVStats
@@ -534,7 +536,7 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
                    config=OmegaConf.to_container(cfg, resolve=True))
     client = Client(http, view, args.endpoint, tokenizer, tag=f"bench-{uuid.uuid4().hex[:8]}")
     await warm(client, regular_token_ids(tokenizer, model_cfg.vocab_size), cfg.warmup_requests)
-    poller = KVPoller(http, view, args.kv_poll_interval)
+    poller = KVPoller(http, view, args.kv_poll_interval, args.kv_source)
     concurrency = typed["arrival"].concurrency if offsets is None else None
     record = await run_http(client, requests, offsets, concurrency, poller, sys.stderr.isatty())
 

@@ -127,6 +127,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """Flags (``--x``, ``--x value``) for argparse, and Hydra overrides (``key=value``, ``+key=value``)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.served_model_name:  # nargs="+" swallows overrides written after the names
+        rest += [n for n in args.served_model_name if "=" in n]
+        args.served_model_name = [n for n in args.served_model_name if "=" not in n] or None
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -213,6 +213,9 @@ def test_openai_client_completions_and_chat(oai):
     assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 5
     models = oai.models.list()
     assert [m.id for m in models.data] == ["tiny-qwen3"]
+    assert oai.models.retrieve("tiny-qwen3").id == "tiny-qwen3"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("other")
 
 
 def test_metrics_have_vllm_names(http):

@@ -137,8 +137,8 @@ def test_unknown_model_name_is_a_user_error(server, capsys):
 
 def test_a_sweep_runs_every_point_and_reports_over_the_axis(server, tmp_path):
     out = tmp_path / "sweep"
-    code = cli.main(["bench-serve", "--base-url", server.base_url, "--out", str(out), "+experiment=smoke",
-                     "workload.num_requests=4", "workload.output.value=4", "arrival.concurrency=1,4"])
+    code = cli.main(["bench-serve", "--base-url", server.base_url, "--out", str(out), "--kv-poll-interval", "0.005",
+                     "+experiment=smoke", "workload.num_requests=4", "workload.output.value=16", "arrival.concurrency=1,4"])
     assert code == 0
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs["param.arrival.concurrency"]) == [1, 4]
@@ -146,3 +146,16 @@ def test_a_sweep_runs_every_point_and_reports_over_the_axis(server, tmp_path):
     assert (runs["completed"] == 4).all()
     assert runs.set_index("concurrency").loc[4, "max_running"] > 1
     assert (out / "figures" / "throughput_latency_vs_arrival_concurrency.png").is_file()
+
+
+def test_kv_from_metrics_alone_leaves_the_breakdown_empty(server, offline_run, tmp_path):
+    """What a run against another server (vLLM) records: KV usage from /metrics, no per-sequence breakdown."""
+    out = tmp_path / "metrics"
+    assert cli.main(["bench-serve", "--base-url", server.base_url, "--out", str(out), "--kv-source", "metrics",
+                     "--no-report", *OVERRIDES]) == 0
+    run = pd.read_parquet(out / "run.parquet").iloc[0]
+    assert list(pd.read_parquet(out / "run.parquet").columns) == list(pd.read_parquet(offline_run / "run.parquet").columns)
+    assert run["kv_mean_capacity"] == 16384 and run["kv_peak_allocated_frac"] > 0
+    assert math.isnan(run["kv_token_states_frac"]) and math.isnan(run["kv_waste"])
+    steps = pd.read_parquet(out / "kv_steps.parquet")
+    assert steps["token_states"].isna().all() and (steps["allocated"] > 0).any()

@@ -53,6 +53,11 @@ def test_hydra_overrides_and_flags_mix():
     assert resolved.engine.name == "hf"
 
 
+def test_overrides_after_served_names_stay_overrides():
+    resolved, names = load(["--served-model-name", "a", "b", "server.max_n=3"])
+    assert names == ["a", "b"] and resolved.server.max_n == 3
+
+
 def test_api_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("VLLM_API_KEY", "from-env")
     resolved, _ = load([])

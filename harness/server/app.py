@@ -232,6 +232,14 @@ def create_app(engine: Engine, *, model_dir: str | Path, served_names: list[str]
         authorize(request)
         return JSONResponse(serving.models().model_dump())
 
+    @app.get("/v1/models/{name:path}")
+    async def model_card(request: HTTPRequest, name: str) -> Any:
+        authorize(request)
+        card = next((c for c in serving.models().data if c.id == name), None)
+        if card is None:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        return JSONResponse(card.model_dump())
+
     @app.get("/health")
     async def health() -> Response:
         if loop.alive:
