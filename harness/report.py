@@ -165,18 +165,45 @@ def fig_distributions(ok: pd.DataFrame, runs: dict[str, RunDir], x: str | None, 
     return _save(fig, figure, out)
 
 
-def kv_runs(ok: pd.DataFrame, x: str | None) -> pd.DataFrame:
-    """One run per engine config with KV figures: the one at the largest sweep value (the most memory pressure)."""
-    with_kv = ok[ok["kv_mean_capacity"].fillna(0) > 0]
+MAX_BARS = 12
+
+
+def run_label(r: pd.Series, x: str | None) -> str:
+    return r["engine_label"] + (f" ({x.removeprefix('param.')}={_fmt(r[x])})" if x else "")
+
+
+def kv_runs(ok: pd.DataFrame, x: str | None, every_run: bool) -> pd.DataFrame:
+    """Runs with KV figures: all of them when few (and asked for), else one per engine config at the largest sweep value."""
+    with_kv = ok[ok.get("kv_mean_capacity", pd.Series(0.0, index=ok.index)).fillna(0) > 0]
     if x:
         with_kv = with_kv.sort_values(x)
+    if every_run and len(with_kv) <= MAX_BARS:
+        return with_kv
     return with_kv.groupby("engine_label", sort=True).tail(1)
+
+
+def fig_runs_bars(ok: pd.DataFrame, x: str | None, out: Path) -> Figure:
+    """Throughput and p95 latencies of each run side by side, for sweeps without a numeric axis."""
+    panels = [("output_tok_s", "output tokens/s"), ("ttft_p95", "p95 TTFT (s)"), ("tpot_p95", "p95 TPOT (s)"),
+              ("max_running", "max running requests")]
+    rows = ok.sort_values(["engine_label", x] if x else ["engine_label"])
+    labels = [run_label(r, x) for _, r in rows.iterrows()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 1.0 + 0.35 * len(labels)))
+    for ax, (col, label) in zip(axes, panels):
+        ax.barh(labels, rows[col], color="#4878a8")
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+        if ax is not axes[0]:
+            ax.set_yticklabels([])
+    figure = Figure("throughput_latency_by_run", "Throughput and p95 latency per run",
+                    caption(rows, x, "Output tokens/s, p95 TTFT, p95 TPOT and the most requests running at once, per run."))
+    return _save(fig, figure, out)
 
 
 def fig_kv_breakdown(chosen: pd.DataFrame, x: str | None, out: Path) -> Figure:
     """Our KV breakdown as stacked bars (share of the memory in use) beside the paper's Fig. 2."""
-    ours = {f"{r.engine_label}" + (f" ({axis_name(x).split(' ')[0]} {_fmt(r[x])})" if x else ""):
-            {c: 100 * r[f"kv_{c}_used_frac"] for c in COMPONENTS} for _, r in chosen.iterrows()}
+    ours = {run_label(r, x): {c: 100 * r[f"kv_{c}_used_frac"] for c in COMPONENTS} for _, r in chosen.iterrows()}
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.55 * max(len(ours), len(PAPER_FIG2))), sharex=True)
     for ax, (title, bars) in zip(axes, [("measured here", ours), ("Kwon et al. 2023, Fig. 2", PAPER_FIG2)]):
         names = list(bars)
@@ -196,7 +223,7 @@ def fig_kv_breakdown(chosen: pd.DataFrame, x: str | None, out: Path) -> Figure:
     figure = Figure("kv_breakdown", "KV memory breakdown",
                     caption(chosen, x, "Time-weighted share of the KV memory in use holding token states, reserved for tokens "
                             "still to come, or lost to internal and external fragmentation (DESIGN.md), beside the vLLM "
-                            "paper's published breakdown." + (" For each engine, the run at the largest sweep value." if x else "")))
+                            "paper's published breakdown."))
     return _save(fig, figure, out)
 
 
@@ -251,10 +278,12 @@ def make_figures(table: pd.DataFrame, runs: dict[str, RunDir], out: Path) -> lis
             figures.append(fig_latency_vs_throughput(ok, x, out))
         if x == "param.engine.block_size":
             figures.append(fig_block_size(ok, x, out))
+    else:
+        figures.append(fig_runs_bars(ok, x, out))
     figures.append(fig_distributions(ok, runs, x, out))
-    chosen = kv_runs(ok, x)
-    if not chosen.empty:
-        figures += [fig_kv_breakdown(chosen, x, out), fig_kv_over_time(chosen, runs, x, out)]
+    if not kv_runs(ok, x, every_run=True).empty:
+        figures += [fig_kv_breakdown(kv_runs(ok, x, every_run=True), x, out),
+                    fig_kv_over_time(kv_runs(ok, x, every_run=False), runs, x, out)]
     return figures
 
 
@@ -283,7 +312,8 @@ def _notes(table: pd.DataFrame, unfinished: list[Path]) -> list[str]:
         for label, g in rows.groupby("engine_label"):
             notes.append(f"{status}: {label} ({len(g)} runs): {g['reason'].iloc[0]}")
     notes += [f"unfinished (no results): {p}" for p in unfinished]
-    no_kv = table[(table["status"] == "ok") & ~(table.get("kv_mean_capacity", pd.Series(dtype=float)).fillna(0) > 0)]
+    capacity = table["kv_mean_capacity"] if "kv_mean_capacity" in table else pd.Series(0.0, index=table.index)
+    no_kv = table[(table["status"] == "ok") & ~(capacity.fillna(0) > 0)]
     notes += [f"no KV figures: {label} reports no KV capacity" for label in sorted(no_kv["engine_label"].unique())]
     return notes
 

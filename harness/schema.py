@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -204,7 +204,6 @@ class Config:
     require_cuda: bool = False  # reference workloads at real-model sizes refuse a CPU run
     report: bool = True  # write the report when the run or sweep ends
     report_dir: Optional[str] = None  # where it goes; default: the run or sweep directory
-    tags: List[str] = field(default_factory=list)
 
 
 def register_configs() -> None:
