@@ -131,6 +131,7 @@ class EngineLoop:
     # -- the loop thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            self._bind_device()
             while not self._stopping.is_set():
                 self._wake.clear()  # before draining, so a command queued from now on wakes the wait below
                 self._drain_inbox()
@@ -153,6 +154,14 @@ class EngineLoop:
                 self.engine.close()
             except Exception:  # noqa: BLE001 - closing must not hide the first problem
                 log.exception("closing the engine failed")
+
+    def _bind_device(self) -> None:
+        """The current CUDA device is per thread: make this thread's the engine's (CUDA graphs replay on it)."""
+        device = getattr(self.engine, "device", None)
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
 
     def _drain_inbox(self) -> None:
         while True:
