@@ -5,13 +5,14 @@ experiment/ and hydra/launcher/ groups), typed by harness.schema. An experiment 
 sweeps is a Hydra multirun (``hydra.sweeper.params`` in its config), so launchers scale it
 out: each job writes its own run directory, and the report is written when the sweep ends.
 User errors (an unknown engine or key, a bad value, a missing file) end the program with
-one line naming the problem and a non-zero status; ``HYDRA_FULL_ERROR=1`` shows tracebacks.
+one line naming the problem and status 2; ``HYDRA_FULL_ERROR=1`` shows tracebacks. An
+engine that fails mid-run is recorded in its run directory, the sweep goes on, and the
+program ends with status 1 and one line naming the first failure.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import re
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from engines.model.config import ModelLoadError
 from engines.request import RequestError
-from harness.job import JobFailed, JobSpec, execute
+from harness.job import JobSpec, execute
 from harness.schema import ArrivalSpec, ModelSpec, SLOSpec, UserError, WorkloadSpec, register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -39,27 +40,16 @@ EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
-log = logging.getLogger(__name__)
 register_configs()
 # conf/hydra/launcher/*.yaml set our defaults for the launcher plugins' configs of the same
 # names, which Hydra checks against the plugins' schemas, warning that this is deprecated.
 warnings.filterwarnings("ignore", message=r"\n'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
-def _value(text: str) -> Any:
-    """An override's value as a number where it is one, so a report can sort and plot it."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def job_params() -> dict[str, Any]:
-    """This job's overrides (e.g. engine=paged, arrival.concurrency=8), the experiment choice left out."""
+    """This job's overrides as typed values (e.g. engine=paged, arrival.concurrency=8), the experiment choice left out."""
     parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
-    return {o.key_or_group: _value(o.value()) for o in parsed if o.key_or_group != "experiment"}
+    return {o.key_or_group: o.value() for o in parsed if o.key_or_group != "experiment"}
 
 
 def engine_config(cfg: DictConfig, label: str) -> Any:
@@ -115,22 +105,26 @@ class HarnessCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.bar is not None:
             self.bar.close()
-        if config.report:
-            _report(Path(config.hydra.sweep.dir), config.report_dir)
+        _finish(Path(config.hydra.sweep.dir), config)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.report:
-            _report(Path(config.hydra.runtime.output_dir), config.report_dir)
+        _finish(Path(config.hydra.runtime.output_dir), config)
 
 
-def _report(run_dir: Path, out: str | None) -> None:
+# Runs that failed (directory, reason), found by the callback when a run or sweep ends; run_app's exit status.
+FAILED_RUNS: list[tuple[str, str]] = []
+
+
+def _finish(run_dir: Path, config: DictConfig) -> None:
+    """Note failed runs and write the report of everything under ``run_dir``."""
     from harness.report import write_report
     from harness.results import find_runs
 
-    if not find_runs([run_dir])[0]:  # the run failed before writing anything: nothing to report
-        return
-    path = write_report([run_dir], Path(out) if out else run_dir)
-    print(f"report: {path}", file=sys.stderr)
+    runs = find_runs([run_dir])[0]
+    FAILED_RUNS.extend((str(r.path), r.metadata.get("reason", "")) for r in runs if r.status == "failed")
+    if runs and config.report:  # a run that stopped at a user error wrote nothing to report
+        path = write_report([run_dir], Path(config.report_dir) if config.report_dir else run_dir)
+        print(f"report: {path}", file=sys.stderr)
 
 
 def describe_error(e: BaseException) -> str:
@@ -182,6 +176,7 @@ def run_app(argv: list[str]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print one line (or the traceback if the user asked)
     sys.argv = [saved_argv[0] if saved_argv else "harness", *argv]
     sys.stderr = _QuietHydraStderr(saved_stderr)
+    FAILED_RUNS.clear()
     try:
         _main()
     except KeyboardInterrupt:
@@ -195,11 +190,14 @@ def run_app(argv: list[str]) -> int:
         if isinstance(e, USER_ERRORS):
             print(f"error: {describe_error(e)}", file=sys.stderr)
             return EXIT_USER_ERROR
-        hint = "" if isinstance(e, JobFailed) else " (HYDRA_FULL_ERROR=1 shows the traceback)"
-        print(f"error: {describe_error(e)}{hint}", file=sys.stderr)
+        print(f"error: {describe_error(e)} (HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         return EXIT_FAILED
     finally:
         sys.argv, sys.stderr = saved_argv, saved_stderr
         if not show_tracebacks:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+    if FAILED_RUNS:
+        where, reason = FAILED_RUNS[0]
+        print(f"error: {len(FAILED_RUNS)} run(s) failed; the first, {where}: {reason}", file=sys.stderr)
+        return EXIT_FAILED
     return 0

@@ -31,10 +31,6 @@ from harness.workload import PlannedRequest, build_workload, regular_token_ids
 log = logging.getLogger(__name__)
 
 
-class JobFailed(RuntimeError):
-    """The engine failed during a run; the run directory records the error."""
-
-
 @dataclass
 class JobSpec:
     name: str
@@ -112,7 +108,11 @@ def _run_figures(spec: JobSpec, record: RunRecord, model_cfg: ModelConfig, devic
 
 
 def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
-    """Run one job into ``job_dir``; returns its status (ok or skipped), raises JobFailed if the engine fails."""
+    """Run one job into ``job_dir`` and return its status: ok, skipped (engine not landed) or failed.
+
+    An engine that fails mid-run is recorded as failed, not raised, so that the rest of a
+    sweep still runs and its report says what failed; the app's exit status reports it too.
+    """
     device = torch.device("cuda" if cuda_available() else "cpu")
     if spec.require_cuda and device.type != "cuda":
         raise UserError(f"experiment {spec.name!r} is a GPU reference workload at a real model's size; "
@@ -126,7 +126,7 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
     requests: list[PlannedRequest] = build_workload(spec.workload, tokenizer, model_cfg.vocab_size, max_len, spec.seed)
     offsets = arrival_offsets(spec.arrival, len(requests), spec.seed)
     label = workload_label(spec.workload, spec.arrival)
-    metadata = {"name": spec.name, "engine_label": spec.engine_label, "model_dir": str(model_dir),
+    metadata = {"name": spec.name, "engine_label": spec.engine_label, "engine": asdict(spec.engine), "model_dir": str(model_dir),
                 "model_shape": model_shape(model_cfg), "workload_label": label, "git": git_state(),
                 "versions": versions(), "params": spec.params, "config": spec.config}
     try:
@@ -152,7 +152,8 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         write_run(job_dir, {**row, "status": "failed", "reason": reason}, {**metadata, "status": "failed", "reason": reason, "hardware": hw})
-        raise JobFailed(f"run {job_dir} failed: {reason}") from e
+        log.error("failed %s: %s", spec.engine_label, reason)
+        return "failed"
     finally:
         engine.close()
     write_run(job_dir, {**row, "status": "ok", **figures}, {**metadata, "status": "ok", "hardware": hw}, request_rows, steps)

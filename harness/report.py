@@ -251,7 +251,8 @@ def fig_kv_over_time(chosen: pd.DataFrame, runs: dict[str, RunDir], x: str | Non
 def fig_block_size(ok: pd.DataFrame, x: str, out: Path) -> Figure:
     """What a block size buys (less internal fragmentation) and costs (throughput, TPOT)."""
     panels = [("output_tok_s", "output tokens/s", 1), ("tpot_p95", "p95 TPOT (s)", 1),
-              ("kv_internal_frac", "internal fragmentation (% of capacity)", 100), ("kv_waste", "KV waste (% of capacity)", 100)]
+              ("kv_internal_used_frac", "internal fragmentation (% of KV in use)", 100),
+              ("kv_token_states_used_frac", "token states (% of KV in use)", 100)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (col, label, scale) in zip(axes, panels):
         for engine, g in ok.sort_values(x).groupby("engine_label"):
@@ -262,7 +263,7 @@ def fig_block_size(ok: pd.DataFrame, x: str, out: Path) -> Figure:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     figure = Figure("block_size_tradeoffs", "Block size trade-offs",
-                    caption(ok, x, "Throughput, p95 TPOT and KV fragmentation against the paged engine's block size."))
+                    caption(ok, x, "Throughput, p95 TPOT, internal fragmentation and token states against the paged engine's block size."))
     return _save(fig, figure, out)
 
 

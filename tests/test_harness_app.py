@@ -83,19 +83,27 @@ def test_multirun_through_the_submitit_launcher_aggregates_into_one_report(tmp_p
     assert (tmp_path / "sweep" / "figures" / "throughput_latency_vs_arrival_concurrency.png").is_file()
 
 
-def test_an_engine_that_has_not_landed_is_skipped_and_reported(tmp_path):
-    # A stand-in for a missing engine: point create_engine's table at a module that does not exist.
-    sitecustomize = tmp_path / "site" / "sitecustomize.py"
-    sitecustomize.parent.mkdir()
-    sitecustomize.write_text("import engines\nengines.ENGINE_CLASSES['paged'] = ('engines.not_landed_yet', 'PagedEngine')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(sitecustomize.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "harness", "-m", *SMOKE, "engine=hf,paged", "hydra.sweep.dir=sweep"],
+def test_engines_not_landed_are_skipped_and_failures_reported_while_the_sweep_goes_on(tmp_path):
+    # Stand-ins, installed in the subprocess: paged has not landed; hf breaks on its first step.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import engines, engines.hf\n"
+        "engines.ENGINE_CLASSES['paged'] = ('engines.not_landed_yet', 'PagedEngine')\n"
+        "def broken(self):\n    raise RuntimeError('boom')\n"
+        "engines.hf.HFEngine._step = broken\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "harness", "-m", *SMOKE, "engine=hf,paged,contiguous", "hydra.sweep.dir=sweep"],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: 1 run(s) failed; the first, ")
+    assert "RuntimeError: boom" in done.stderr
     assert "skipped paged: engine 'paged' has not landed yet" in done.stdout + done.stderr
     status = {r.run["engine"]: r.status for r in find_runs([tmp_path / "sweep"])[0]}
-    assert status == {"hf": "ok", "paged": "skipped"}
-    assert "skipped: paged (1 runs): engine 'paged' has not landed yet" in (tmp_path / "sweep" / "report.md").read_text()
+    assert status == {"hf": "failed", "paged": "skipped", "contiguous": "ok"}
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "skipped: paged (1 runs): engine 'paged' has not landed yet" in report
+    assert "failed: hf (1 runs): RuntimeError: boom" in report
 
 
 def test_an_interrupted_sweep_leaves_finished_runs_readable(tmp_path):
