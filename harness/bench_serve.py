@@ -33,7 +33,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -446,10 +446,9 @@ def override_params(overrides: list[str]) -> dict[str, Any]:
     """The overrides as the offline run records them (param.* columns): what a sweep varies."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from harness.app import _value
-
+    # as harness.app.job_params reads a Hydra job's overrides
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return {o.key_or_group: _value(o.value()) for o in parsed if o.key_or_group != "experiment"}
+    return {o.key_or_group: o.value() for o in parsed if o.key_or_group != "experiment"}
 
 
 def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[list[str]], bool]:
@@ -543,7 +542,9 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
     info = view.info or {}
     figures, request_rows, steps = _run_figures(spec, record, model_cfg, torch.device("cpu"))
     if poller.source != "kvbench":
-        figures.update({k: math.nan for k in BREAKDOWN_FIGURES})
+        # Left empty, not guessed. kv_mean_capacity too: the report draws the breakdown of every run with a
+        # capacity (kv_steps keeps the capacity and the allocated slots of every sample).
+        figures.update({k: math.nan for k in BREAKDOWN_FIGURES + ("kv_mean_capacity",)})
         for c in BREAKDOWN_COLUMNS:
             steps[c] = math.nan
     wl_label = workload_label(typed["workload"], typed["arrival"])
@@ -556,7 +557,7 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
         row["model"] = info.get("model_preset") or Path(str(info.get("model_dir", view.model))).name
     row["hardware"] = info.get("hardware_label") or f"remote server at {view.base_url} (hardware unknown)"
     metadata = {
-        "name": cfg.name, "engine_label": label, "model_dir": str(tok_dir),
+        "name": cfg.name, "engine_label": label, "engine": asdict(engine), "model_dir": str(tok_dir),
         "model_shape": info.get("model_shape") or model_shape(model_cfg), "workload_label": wl_label,
         "git": git_state(), "versions": info.get("versions") or versions(), "params": spec.params, "config": spec.config,
         "hardware": info.get("hardware") or {"remote": view.base_url},
