@@ -53,15 +53,16 @@ class SamplingParams:
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
             (_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}"),
             (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be -1, 0 or a positive integer, got {self.top_k!r}"),
+            (isinstance(self.top_k, int) and 0 <= self.top_k < 2**31, f"top_k must be -1, 0 or a positive integer below 2**31, got {self.top_k!r}"),
             (_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}"),
             (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
             (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
             (_finite(self.repetition_penalty) and self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty!r}"),
             (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (all(0 <= t < 2**63 for t in self.stop_token_ids), "stop_token_ids must be non-negative 64-bit integers"),
+            (self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63),
+             f"seed must be a 64-bit integer, got {self.seed!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -103,6 +103,9 @@ def test_mixed_batch_rows_follow_their_own_params(logits):
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"stop": [""]}, "stop"),
+    ({"top_k": 2**63}, "top_k"),
+    ({"seed": 2**64}, "seed"),
+    ({"stop_token_ids": [2**64]}, "stop_token_ids"),
 ])
 def test_bad_params_name_the_field(kwargs, field):
     with pytest.raises(RequestError, match=field):
