@@ -182,3 +182,55 @@ def swap_blocks(
     # back pinned memory still being written); a copy to the GPU is ordered on its stream.
     moved = moved.to(dst_cache.device, non_blocking=dst_cache.device.type != "cpu")
     dst_cache[:, :, dst_slots.to(dst_cache.device)] = moved
+
+
+# -- the decoder's elementwise layers ------------------------------------------------------
+# One call each, so a backend can fuse what eager torch runs as many small kernels (a decode
+# step launches tens of them per layer). Numerics follow transformers: statistics in float32,
+# results rounded to the input dtype before the weight multiplies.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (x: [..., H], weight: [H])."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + x`` (the new residual stream, in the input dtype) and its RMSNorm."""
+    summed = residual + x
+    return rms_norm(summed, weight, eps), summed
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: silu(gate) * up for gate_up = [gate | up] ([T, 2I] -> [T, I])."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding (rotate-half) of q [T, Hq, D] and k [T, Hkv, D], after an
+    optional per-head RMSNorm of each (Qwen3's q/k norm). ``cos_sin`` is [max_pos, D]: the
+    cos table in the first D/2 columns, the sin table in the last, in the model dtype."""
+    if q_norm_weight is not None:
+        q, k = rms_norm(q, q_norm_weight, eps), rms_norm(k, k_norm_weight, eps)
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+    cos = torch.cat([cos, cos], dim=-1)
+    sin = torch.cat([sin, sin], dim=-1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -24,6 +24,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
+        self.rms_eps = cfg.rms_norm_eps
 
     def forward(
         self,
@@ -38,9 +39,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+        q, k = ops.rotary_embedding(positions, q, k, self.rotary.cos_sin, *norms, self.rms_eps)
         ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False)
         out = torch.empty_like(q)
         n = meta.num_decode_tokens

@@ -26,9 +26,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x, positions, k_cache, v_cache, meta, ops) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, k_cache, v_cache, meta, ops)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, k_cache, v_cache, meta, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the previous layer's output and the residual stream before it was added (None
+        for the first layer); returns the same pair, so each add fuses with the next norm."""
+        norm = self.input_layernorm
+        if residual is None:
+            h, residual = ops.rms_norm(x, norm.weight, norm.eps), x
+        else:
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, positions, k_cache, v_cache, meta, ops)
+        norm = self.post_attention_layernorm
+        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h, ops), residual
 
 
 class CausalLM(nn.Module):
@@ -54,10 +63,10 @@ class CausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the step's tokens (their K/V are written to the cache)."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, kv_cache[i, 0], kv_cache[i, 1], meta, self.ops)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, kv_cache[i, 0], kv_cache[i, 1], meta, self.ops)
+        return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the rows that sample a token."""
