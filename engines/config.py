@@ -30,6 +30,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # token budget of one step (decodes + prefill chunks)
     enable_chunked_prefill: bool = True  # else a prompt must fit the budget whole
     preemption_mode: str = "recompute"  # recompute | swap
+    # Decode steps a decode-only batch runs on the device between host syncs (vLLM's
+    # --num-scheduler-steps): more amortizes host overhead, tokens then arrive in bursts.
+    num_scheduler_steps: int = 1
 
 
 @dataclass

@@ -45,6 +45,7 @@ class LLMEngine(Engine):
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             enable_chunked_prefill=cfg.enable_chunked_prefill, preemption_mode=cfg.preemption_mode,
+            num_scheduler_steps=cfg.num_scheduler_steps,
         )
         self.runner = ModelRunner(
             self.model, self.kv, num_slots=self.kv.capacity, num_host_slots=self.host_slots(self.kv.block_size),
@@ -73,6 +74,7 @@ class LLMEngine(Engine):
             (c.kv_budget_gb is None or c.kv_budget_gb > 0, f"kv_budget_gb must be > 0, got {c.kv_budget_gb}"),
             (c.num_kv_slots is None or c.num_kv_slots > 0, f"num_kv_slots must be > 0, got {c.num_kv_slots}"),
             (c.swap_space >= 0, f"swap_space must be >= 0, got {c.swap_space}"),
+            (c.num_scheduler_steps >= 1, f"num_scheduler_steps must be >= 1, got {c.num_scheduler_steps}"),
         ]
         for ok, message in problems:
             if not ok:
@@ -194,15 +196,15 @@ class LLMEngine(Engine):
                     rows.append(SampleRow(child, seq))
         return rows
 
-    def _postprocess(self, batch: ScheduledBatch, rows: list[SampleRow], tokens: list[int], now: float) -> list[RequestOutput]:
-        for seq in batch.decodes:
-            seq.num_computed += 1
-            self.kv.commit(seq)
+    def _postprocess(
+        self, batch: ScheduledBatch, rows: list[SampleRow], tokens: list[list[int]], now: float
+    ) -> list[RequestOutput]:
         for seq, n in batch.prefills:
             seq.num_computed += n
             self.kv.commit(seq)
+        decoding = {id(s) for s in batch.decodes}
         outputs = []
-        for row, token in zip(rows, tokens):
+        for row, sampled in zip(rows, tokens):
             seq = row.seq
             if seq is not row.source:  # a new sample: share (or copy) the prompt's cache, then run beside it
                 self.kv.fork(row.source, seq)
@@ -210,18 +212,26 @@ class LLMEngine(Engine):
                 seq.status = SeqStatus.RUNNING
                 self.scheduler.running.append(seq)
             first = seq.num_output == 0
-            seq.token_ids.append(token)
-            text = seq.stream.append(token)
+            new, text = [], ""
+            for token in sampled:  # a decode that ran several steps brings several tokens
+                if id(seq) in decoding:
+                    seq.num_computed += 1  # the step cached the K/V of the token before this one
+                seq.token_ids.append(token)
+                text += seq.stream.append(token)
+                new.append(token)
+                if seq.stream.finished:
+                    break
+            if id(seq) in decoding:
+                self.kv.commit(seq)
             outputs.append(RequestOutput(
-                request_id=seq.request.request_id, index=seq.index, new_token_ids=[token], token_times=[now],
+                request_id=seq.request.request_id, index=seq.index, new_token_ids=new, token_times=[now] * len(new),
                 text=text, finished=seq.stream.finished, finish_reason=seq.stream.finish_reason,
                 stop_reason=seq.stream.stop_reason, num_prompt_tokens=seq.num_prompt,
                 num_cached_tokens=seq.num_cached_prompt if first else 0,
                 first_scheduled_time=seq.first_scheduled_time if first else None,
             ))
         for row in rows:
-            if row.seq is row.source:
-                row.seq.num_forks = 0
+            row.source.num_forks = 0
         for row in rows:
             if row.seq.stream.finished:
                 self.scheduler.finish(row.seq)

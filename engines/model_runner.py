@@ -76,15 +76,10 @@ class _DecodeGraphs:
     def padded_size(self, batch: int) -> int | None:
         return next((b for b in self.sizes if b >= batch), None)
 
-    def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray | None,
-            starts: np.ndarray | None) -> torch.Tensor:
-        n = len(ids)
+    def load(self, n: int, tables: np.ndarray | None, starts: np.ndarray | None) -> int:
+        """Set the addressing of ``n`` sequences (and neutral padding rows) for the replays that follow."""
         b = self.padded_size(n)
-        self.input_ids[:n].copy_(torch.from_numpy(ids), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.slot_mapping[n:b].fill_(-1)
-        self.seq_lens[:n].copy_(torch.from_numpy((positions + 1).astype(np.int32)), non_blocking=True)
+        self.slot_mapping[n:b].fill_(-1)  # padding rows write nothing
         self.seq_lens[n:b].fill_(1)
         if tables is not None:
             self.block_tables[:n, : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
@@ -92,6 +87,15 @@ class _DecodeGraphs:
         else:
             self.seq_starts[:n].copy_(torch.from_numpy(starts), non_blocking=True)
             self.seq_starts[n:b].fill_(0)
+        return b
+
+    def replay(self, n: int, b: int, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               seq_lens: torch.Tensor) -> torch.Tensor:
+        """One decode step of ``n`` sequences from device tensors (a device-to-device copy each)."""
+        self.input_ids[:n].copy_(ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(slots)
+        self.seq_lens[:n].copy_(seq_lens)
         self.graphs[b].replay()
         return self.outputs[b][:n]
 
@@ -139,12 +143,23 @@ class ModelRunner:
                                 torch.tensor(dst, device=self.device), ops.copy_block_size)
 
     # -- the step ----------------------------------------------------------------------------
+    def _sampling_batch(self, rows: list[SampleRow]) -> SamplingBatch:
+        return SamplingBatch.build(
+            [r.seq.request.sampling_params for r in rows],
+            [r.seq.generator for r in rows],
+            [r.seq.token_ids[r.seq.num_prompt:] for r in rows],
+            [r.seq.request.prompt_token_ids for r in rows],
+            self.model.cfg.vocab_size,
+            self.device,
+        )
+
     @torch.no_grad()
-    def run(self, batch: ScheduledBatch, rows: list[SampleRow]) -> list[int]:
-        """Forward the batch and return one sampled token per row."""
+    def run(self, batch: ScheduledBatch, rows: list[SampleRow]) -> list[list[int]]:
+        """Forward the batch; return the tokens each row sampled (one per decode step it ran)."""
+        if not batch.prefills:
+            return self._run_decodes(batch.decodes, batch.decode_steps, rows)
         scheduled = [(s, 1) for s in batch.decodes] + batch.prefills
-        seqs = [s for s, _ in scheduled]
-        hidden = self._forward(batch, scheduled, seqs)
+        hidden = self._forward_eager(scheduled)
         if not rows:
             return []
         last = {}  # sequence -> row of its last token in ``hidden``
@@ -156,31 +171,46 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(sources, device=self.device)])
         pick = {h: i for i, h in enumerate(sources)}
         logits = logits[torch.tensor([pick[last[id(r.source)]] for r in rows], device=self.device)]
-        sampling = SamplingBatch.build(
-            [r.seq.request.sampling_params for r in rows],
-            [r.seq.generator for r in rows],
-            [r.seq.token_ids[r.seq.num_prompt:] for r in rows],
-            [r.seq.request.prompt_token_ids for r in rows],
-            self.model.cfg.vocab_size,
-            self.device,
-        )
-        return self.sampler(logits, sampling).tolist()
+        return [[t] for t in self.sampler(logits, self._sampling_batch(rows)).tolist()]
 
-    def _forward(self, batch: ScheduledBatch, scheduled: list[tuple[Sequence, int]], seqs: list[Sequence]) -> torch.Tensor:
-        if not batch.prefills and self.graphs is not None and self.graphs.padded_size(len(seqs)) is not None:
-            ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=len(seqs))
-            positions = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=len(seqs))
-            slots = self.kv.decode_slots(seqs)
-            tables, starts = self.kv.addressing(seqs)
-            return self.graphs.run(ids, positions, slots, tables, starts)
-        decodes = batch.decodes
-        ids = np.concatenate([np.fromiter((s.token_ids[-1] for s in decodes), dtype=np.int64, count=len(decodes))]
-                             + [np.asarray(s.token_ids[s.num_computed : s.num_computed + n], dtype=np.int64)
-                                for s, n in batch.prefills])
-        positions = np.concatenate([np.fromiter((s.num_computed for s in decodes), dtype=np.int64, count=len(decodes))]
-                                   + [np.arange(s.num_computed, s.num_computed + n) for s, n in batch.prefills])
-        slots = np.concatenate([self.kv.decode_slots(decodes)]
-                               + [self.kv.slot_mapping(s, s.num_computed, s.num_computed + n) for s, n in batch.prefills])
+    def _run_decodes(self, seqs: list[Sequence], steps: list[int], rows: list[SampleRow]) -> list[list[int]]:
+        """Decode ``steps[i]`` tokens of each sequence, feeding each step's samples to the next on the
+        device; the host waits once, at the end (several steps: vLLM's multi-step scheduling)."""
+        n, k = len(seqs), max(steps)
+        # A sequence with fewer steps than the batch repeats its last position without writing
+        # (slot -1), so it never reads past what it was allocated.
+        inner = np.minimum(np.arange(k)[:, None], np.asarray(steps) - 1)
+        positions = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=n) + inner
+        active = np.arange(k)[:, None] < np.asarray(steps)
+        slots = np.where(active, self.kv.decode_slots(seqs, positions), -1)
+        tables, starts = self.kv.addressing(seqs)
+        sampling = self._sampling_batch(rows)
+        ids = torch.from_numpy(np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n)).to(self.device)
+        graphs = self.graphs if self.graphs is not None and self.graphs.padded_size(n) is not None else None
+        if graphs is not None:
+            b = graphs.load(n, tables, starts)
+            dev = torch.from_numpy(np.stack([positions, slots, positions + 1])).to(self.device)
+        sampled = []
+        for j in range(k):
+            if graphs is not None:
+                hidden = graphs.replay(n, b, ids, dev[0, j], dev[1, j], dev[2, j].int())
+            else:
+                meta = build_metadata([StepSequence(int(p), 1) for p in positions[j]], slots[j],
+                                      block_tables=tables, seq_starts=starts, block_size=self.kv.block_size,
+                                      device=self.device)
+                hidden = self.model(ids, torch.from_numpy(positions[j]).to(self.device), self.kv_cache, meta)
+            ids = self.sampler(self.model.compute_logits(hidden), sampling)
+            sampled.append(ids)
+        tokens = torch.stack(sampled).tolist()  # the one host sync
+        return [[tokens[j][i] for j in range(steps[i])] for i in range(n)]
+
+    def _forward_eager(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """A step with prompt chunks (decodes first): one varlen forward without graphs."""
+        seqs = [s for s, _ in scheduled]
+        ids = np.concatenate([np.asarray(s.token_ids[s.num_computed : s.num_computed + n], dtype=np.int64)
+                              for s, n in scheduled])
+        positions = np.concatenate([np.arange(s.num_computed, s.num_computed + n) for s, n in scheduled])
+        slots = np.concatenate([self.kv.slot_mapping(s, s.num_computed, s.num_computed + n) for s, n in scheduled])
         tables, starts = self.kv.addressing(seqs)
         meta = build_metadata(
             [StepSequence(s.num_computed, n) for s, n in scheduled], slots,

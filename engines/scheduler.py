@@ -19,6 +19,7 @@ from engines.sequence import Sequence, SeqStatus
 @dataclass
 class ScheduledBatch:
     decodes: list[Sequence] = field(default_factory=list)
+    decode_steps: list[int] = field(default_factory=list)  # decode steps of each sequence in ``decodes``
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
     preempted: list[Sequence] = field(default_factory=list)
 
@@ -39,6 +40,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool,
         preemption_mode: str,
+        num_scheduler_steps: int = 1,
     ) -> None:
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be recompute or swap, got {preemption_mode!r}")
@@ -49,6 +51,7 @@ class Scheduler:
         self.token_budget = max_num_batched_tokens
         self.chunked = enable_chunked_prefill
         self.preemption_mode = preemption_mode
+        self.num_scheduler_steps = num_scheduler_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the first to be preempted
         self.swapped: deque[Sequence] = deque()
@@ -65,6 +68,28 @@ class Scheduler:
         return [*self.running, *self.swapped, *self.waiting]
 
     def schedule(self) -> ScheduledBatch:
+        batch = self._schedule()
+        batch.decode_steps = [1] * len(batch.decodes)
+        if self.num_scheduler_steps > 1 and batch.decodes and not batch.prefills and not batch.preempted:
+            self._look_ahead(batch)
+        return batch
+
+    def _look_ahead(self, batch: ScheduledBatch) -> None:
+        """Let a decode-only batch run several steps on the device: each sequence up to its
+        remaining length, where memory allows without preempting (sampling penalties read the
+        tokens of every step, so a batch with penalties runs one step)."""
+        for seq in batch.decodes:
+            p = seq.request.sampling_params
+            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+                return
+        for i, seq in enumerate(batch.decodes):
+            p = seq.request.sampling_params
+            left = min(p.max_tokens - seq.num_output, seq.stream.max_model_len - seq.num_tokens)
+            steps = max(1, min(self.num_scheduler_steps, left))
+            if steps > 1 and self.kv.allocate(seq, steps):
+                batch.decode_steps[i] = steps
+
+    def _schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.token_budget
         for seq in [s for s in self.running if s.is_decoding]:

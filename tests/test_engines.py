@@ -65,7 +65,10 @@ def run_exact(model_dir, reference, cfg, workload="mixed"):
     ContiguousConfig(reservation="pow2", num_kv_slots=300),
     ContiguousConfig(reservation="oracle", num_kv_slots=200, allocator="best_fit"),
     ContiguousConfig(reservation="oracle", max_num_batched_tokens=16, max_num_seqs=8),
-], ids=lambda c: f"{c.name}-{getattr(c, 'block_size', getattr(c, 'reservation', ''))}-{c.max_num_batched_tokens}")
+    PagedConfig(block_size=4, num_scheduler_steps=5, max_num_seqs=12),  # multi-step decode
+    ContiguousConfig(reservation="oracle", num_scheduler_steps=8, num_kv_slots=400),  # exact regions
+], ids=lambda c: f"{c.name}-{getattr(c, 'block_size', getattr(c, 'reservation', ''))}-{c.max_num_batched_tokens}"
+                    f"-k{c.num_scheduler_steps}")
 def test_greedy_matches_reference(model_dir, reference, cfg):
     run_exact(model_dir, reference, cfg)
 
@@ -82,7 +85,7 @@ def test_prefix_caching_hits_and_stays_exact(model_dir, reference):
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_preemption_stays_exact(model_dir, reference, mode):
     stats = run_exact(model_dir, reference, PagedConfig(block_size=4, num_blocks=40, preemption_mode=mode,
-                                                        swap_space=0.001), workload="shared")
+                                                        swap_space=0.001, num_scheduler_steps=3), workload="shared")
     assert stats.num_preemptions > 0
     if mode == "swap":
         assert stats.num_swapped_out > 0
@@ -101,7 +104,7 @@ def test_transformers_baselines_match_reference(model_dir, reference, name):
     assert [got[f"r{i}"][0] for i in range(8)] == expected[:8]
 
 
-@pytest.mark.parametrize("cfg", [PagedConfig(block_size=4), ContiguousConfig(reservation="oracle")],
+@pytest.mark.parametrize("cfg", [PagedConfig(block_size=4), ContiguousConfig(reservation="oracle", num_scheduler_steps=4)],
                          ids=["paged", "contiguous"])
 def test_parallel_samples(model_dir, reference, cfg):
     prompts, lengths, expected = reference["mixed"]
@@ -122,7 +125,8 @@ def test_paged_and_contiguous_sample_alike(model_dir, reference):
                                                       ignore_eos=True, n=2)) for i, p in enumerate(prompts[:6])]
     a = create_engine(model_dir, PagedConfig(block_size=16)).generate(reqs())
     b = create_engine(model_dir, ContiguousConfig(reservation="pow2")).generate(reqs())
-    assert a == b
+    c = create_engine(model_dir, PagedConfig(block_size=16, num_scheduler_steps=4)).generate(reqs())
+    assert a == b == c
 
 
 def test_abort_frees_memory_at_once(model_dir, reference):
@@ -164,8 +168,9 @@ def test_unknown_engine_and_config_errors(model_dir):
     assert issubclass(EngineNotAvailable, RuntimeError)
 
 
-def test_stop_strings_and_streamed_text(model_dir):
-    engine = create_engine(model_dir, PagedConfig(block_size=4))
+@pytest.mark.parametrize("steps", [1, 6])
+def test_stop_strings_and_streamed_text(model_dir, steps):
+    engine = create_engine(model_dir, PagedConfig(block_size=4, num_scheduler_steps=steps))
     prompt = engine.tokenizer.encode("The capital of France").ids
     full = engine.generate([Request("x", prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))])["x"][0]
     text = engine.tokenizer.decode(full)

@@ -39,6 +39,8 @@ CONFIGS = {
     "paged-swap": PagedConfig(block_size=2, num_blocks=40, max_num_seqs=6, max_num_batched_tokens=16,
                               preemption_mode="swap", swap_space=0.0002),
     "paged-big-blocks": PagedConfig(block_size=16, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=32),
+    "paged-multistep": PagedConfig(block_size=4, num_blocks=30, max_num_seqs=6, max_num_batched_tokens=24,
+                                   num_scheduler_steps=4),
     "contiguous-pow2": ContiguousConfig(reservation="pow2", num_kv_slots=160, max_num_seqs=6, max_num_batched_tokens=24),
     "contiguous-max": ContiguousConfig(reservation="max", max_model_len=64, num_kv_slots=200, max_num_seqs=6,
                                        max_num_batched_tokens=24),

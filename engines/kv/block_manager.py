@@ -257,11 +257,11 @@ class PagedKVManager(KVManager):
         row = self.table_array.array[self.table_array.row_of[seq.seq_id]]
         return row[pos // bs].astype(np.int64) * bs + pos % bs
 
-    def decode_slots(self, seqs: list[Sequence]) -> np.ndarray:
+    def decode_slots(self, seqs: list[Sequence], positions: np.ndarray) -> np.ndarray:
         bs = self.block_size
-        pos = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=len(seqs))
-        rows = [self.table_array.row_of[s.seq_id] for s in seqs]
-        return self.table_array.array[rows, pos // bs].astype(np.int64) * bs + pos % bs
+        rows = np.fromiter((self.table_array.row_of[s.seq_id] for s in seqs), dtype=np.int64, count=len(seqs))
+        blocks = self.table_array.array[rows, positions // bs]
+        return blocks.astype(np.int64) * bs + positions % bs
 
     def addressing(self, seqs: list[Sequence]) -> tuple[np.ndarray, None]:
         width = max((len(self.tables[s.seq_id]) for s in seqs), default=1) or 1

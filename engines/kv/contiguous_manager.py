@@ -99,8 +99,8 @@ class ContiguousKVManager(KVManager):
         base = self.regions[seq.seq_id][0]
         return np.arange(base + start, base + end, dtype=np.int64)
 
-    def decode_slots(self, seqs: list[Sequence]) -> np.ndarray:
-        return np.fromiter((self.regions[s.seq_id][0] + s.num_computed for s in seqs), dtype=np.int64, count=len(seqs))
+    def decode_slots(self, seqs: list[Sequence], positions: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.regions[s.seq_id][0] for s in seqs), dtype=np.int64, count=len(seqs)) + positions
 
     def addressing(self, seqs: list[Sequence]) -> tuple[None, np.ndarray]:
         return None, np.fromiter((self.regions[s.seq_id][0] for s in seqs), dtype=np.int32, count=len(seqs))

@@ -79,8 +79,8 @@ class KVManager(abc.ABC):
         """Slots of positions start..end-1 of ``seq``."""
 
     @abc.abstractmethod
-    def decode_slots(self, seqs: list[Sequence]) -> np.ndarray:
-        """The slot of each sequence's next token (position ``num_computed``), for a decode step."""
+    def decode_slots(self, seqs: list[Sequence], positions: np.ndarray) -> np.ndarray:
+        """Slots of ``positions`` ([..., B]: column i holds positions of ``seqs[i]``, all allocated)."""
 
     @abc.abstractmethod
     def addressing(self, seqs: list[Sequence]) -> tuple[np.ndarray | None, np.ndarray | None]:
