@@ -7,6 +7,8 @@ up, run the workload in real time, close the engine, and write the tables and me
 
 from __future__ import annotations
 
+import json
+
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -81,8 +83,13 @@ def _params_row(spec: JobSpec, model_dir: Path, device: torch.device, label: str
         "rate": a.rate, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed,
     }
     row.update({f"engine.{k}": v for k, v in asdict(spec.engine).items()})
-    row.update({f"param.{k}": v for k, v in spec.params.items()})
+    row.update({f"param.{k}": _scalar(v) for k, v in spec.params.items()})
     return row
+
+
+def _scalar(value: Any) -> Any:
+    """A table cell: a dict or list override (``workload.prompt={...}``) as its JSON text."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
 def _run_figures(spec: JobSpec, record: RunRecord, model_cfg: ModelConfig, device: torch.device) -> tuple[dict, Any, Any]:

@@ -86,28 +86,38 @@ ENGINE_CASES = {
     "paged1": PagedConfig(block_size=1, dtype="float32"),
     "paged256": PagedConfig(block_size=256, dtype="float32"),
     "paged-chunked": PagedConfig(block_size=16, dtype="float32", max_num_batched_tokens=64, max_num_seqs=32),
+    "paged-multistep": PagedConfig(block_size=16, dtype="float32", num_scheduler_steps=8),
     "paged-recompute": PagedConfig(block_size=16, dtype="float32", num_blocks=120),
     "paged-swap": PagedConfig(block_size=16, dtype="float32", num_blocks=120, preemption_mode="swap", swap_space=1.0),
     "contiguous": ContiguousConfig(reservation="pow2", dtype="float32"),
 }
 
 
-@pytest.mark.parametrize("name", list(ENGINE_CASES))
-def test_engines_match_one_at_a_time_on_gpu(name):
-    cfg = ENGINE_CASES[name]
+@pytest.fixture(scope="module")
+def shared_prefix_workload():
+    """32 prompts behind one 96-token system prompt, and their one-at-a-time greedy outputs in fp32."""
     path = ensure_model("qwen3-0.6b")
     rng = random.Random(2)
-    prefix = prompts(1, 96, seed=99)[0]  # a shared system prompt: 6 blocks of 16 for the prefix cache
+    prefix = prompts(1, 96, seed=99)[0]  # 6 blocks of 16 for the prefix cache
     batch = [prefix + prompts(1, rng.randint(1, 200), seed=i)[0] for i in range(32)]
     lengths = [rng.randint(1, 64) for _ in batch]
     model = load_model(path, dtype="float32", device="cuda")
     expected = [greedy_generate(model, p, n) for p, n in zip(batch, lengths)]
     del model
     free_cuda()
+    return path, batch, lengths, expected
+
+
+@pytest.mark.parametrize("name", list(ENGINE_CASES))
+def test_engines_match_one_at_a_time_on_gpu(name, shared_prefix_workload):
+    path, batch, lengths, expected = shared_prefix_workload
+    cfg = ENGINE_CASES[name]
     cfg.gpu_memory_utilization = 0.5
     engine = create_engine(path, cfg)
-    got = engine.generate([Request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-                           for i, (p, n) in enumerate(zip(batch, lengths))])
+    requests = [Request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                for i, (p, n) in enumerate(zip(batch, lengths))]
+    got = engine.generate(requests[:1])  # the first publishes the shared prefix; the rest find it cached
+    got.update(engine.generate(requests[1:]))
     stats = engine.kv_stats()
     engine.close()
     free_cuda()
