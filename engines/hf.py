@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from engines.base import Engine, KVStats
 from engines.detokenizer import SampleStream
-from engines.model.loader import resolve_dtype
+from engines.model.loader import resolve_device, resolve_dtype
 from engines.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 
 POLL_SECONDS = 0.01  # how long step() waits for the worker before returning nothing
@@ -109,7 +109,7 @@ class HFEngine(Engine):
         super().__init__(model_dir, max_model_len)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.model = load_hf_model(self.model_dir, dtype, self.device, attn_implementation, self.model_config)
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
@@ -278,7 +278,7 @@ class HFPagedEngine(Engine):
         from transformers import ContinuousBatchingConfig
 
         super().__init__(model_dir, max_model_len)
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.device = resolve_device(device)
         self.model = load_hf_model(self.model_dir, dtype, self.device, attn_implementation, self.model_config)
         self.do_sample = do_sample
         self.cb_config = ContinuousBatchingConfig(

@@ -17,18 +17,12 @@ from engines.base import Engine, KVStats
 from engines.config import ContiguousConfig, PagedConfig
 from engines.kv.manager import KVManager
 from engines.kv.metadata import StepSequence, build_metadata
-from engines.model.loader import load_model
+from engines.model.loader import load_model, resolve_device
 from engines.model_runner import ModelRunner, SampleRow
-from engines.request import Request, RequestError, RequestOutput
+from engines.request import Request, RequestError, RequestOutput, SamplingParams
 from engines.sampling import sample_seed
 from engines.scheduler import ScheduledBatch, Scheduler
 from engines.sequence import Sequence, SeqStatus
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class LLMEngine(Engine):
@@ -52,6 +46,8 @@ class LLMEngine(Engine):
             max_model_len=self.max_model_len, use_cuda_graphs=not cfg.enforce_eager,
             cuda_graph_max_batch=min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
         )
+        if self.device.type == "cuda":
+            self._warm_up()
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg) -> "LLMEngine":
@@ -122,6 +118,20 @@ class LLMEngine(Engine):
         if self.cfg.preemption_mode != "swap":
             return 0
         return int(self.cfg.swap_space * 2**30 // self.slot_bytes) // block_size * block_size
+
+    def _warm_up(self) -> None:
+        """Compile the kernels a run will need before anyone measures it: a prefill, a step that
+        mixes decodes with a prompt chunk, and eager decodes; then forget the warm-up's counters."""
+        vocab = min(self.model_config.vocab_size, 1000)
+        prompt = [(7 * i) % vocab for i in range(min(40, self.max_model_len - 8))]
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, detokenize=False)
+        self.add_request(Request("warm-up-0", prompt, params))
+        self.step()
+        self.add_request(Request("warm-up-1", prompt[::-1], params))
+        while self.has_unfinished():
+            self.step()
+        self.scheduler.num_preemptions = 0
+        self.kv.num_prefix_queries = self.kv.num_prefix_hits = self.kv.num_swapped_out = 0
 
     # -- the contract ------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:

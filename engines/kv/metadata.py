@@ -24,11 +24,6 @@ class Addressing:
     seq_starts: torch.Tensor | None  # [B] int32 (contiguous)
     block_size: int
 
-    def rows(self, lo: int, hi: int) -> "Addressing":
-        if self.block_tables is not None:
-            return Addressing(self.block_tables[lo:hi], None, self.block_size)
-        return Addressing(None, self.seq_starts[lo:hi], self.block_size)
-
     def kernel_kwargs(self) -> dict:
         return {"block_tables": self.block_tables, "seq_starts": self.seq_starts, "block_size": self.block_size}
 
@@ -65,6 +60,23 @@ class StepSequence:
     num_new: int  # tokens computed this step
 
 
+# Block-table rows are padded to a multiple of this many entries, so that the row stride a
+# kernel sees is always divisible by 16 (Triton specializes on that: a new stride class would
+# mean a new compilation in the middle of a run).
+TABLE_WIDTH_QUANTUM = 16
+
+
+def _addressing(rows: slice, block_tables: np.ndarray | None, seq_starts: np.ndarray | None, block_size: int,
+                device: torch.device) -> Addressing:
+    if block_tables is not None:
+        part = block_tables[rows]
+        pad = -part.shape[1] % TABLE_WIDTH_QUANTUM
+        part = np.pad(part, ((0, 0), (0, pad))) if pad else np.ascontiguousarray(part)
+        return Addressing(torch.from_numpy(part).to(device, non_blocking=True), None, block_size)
+    part = np.ascontiguousarray(seq_starts[rows], dtype=np.int32)
+    return Addressing(None, torch.from_numpy(part).to(device, non_blocking=True), block_size)
+
+
 def build_metadata(
     seqs: list[StepSequence],
     slot_mapping: np.ndarray,
@@ -74,30 +86,37 @@ def build_metadata(
     block_size: int,
     device: torch.device,
 ) -> AttentionMetadata:
-    """Turn host-side step data into device metadata; decodes must come first in ``seqs``."""
+    """Turn host-side step data into device metadata; decodes must come first in ``seqs``.
+
+    The decode and prefill parts get tensors of their own rather than slices of shared ones:
+    a slice's address would vary in alignment from step to step, and Triton compiles a kernel
+    anew for each alignment class it sees.
+    """
     num_new = np.fromiter((s.num_new for s in seqs), dtype=np.int32, count=len(seqs))
     seq_lens = num_new + np.fromiter((s.num_computed for s in seqs), dtype=np.int32, count=len(seqs))
     num_decodes = 0
     while num_decodes < len(seqs) and num_new[num_decodes] == 1 and seqs[num_decodes].num_computed > 0:
         num_decodes += 1
-    seq_lens_t = torch.from_numpy(seq_lens).to(device, non_blocking=True)
-    if block_tables is not None:
-        full = Addressing(torch.from_numpy(block_tables).to(device, non_blocking=True), None, block_size)
-    else:
-        full = Addressing(None, torch.from_numpy(seq_starts.astype(np.int32)).to(device, non_blocking=True), block_size)
+
+    def lens(rows: slice) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(seq_lens[rows])).to(device, non_blocking=True)
+
     decode = prefill = None
     if num_decodes:
-        decode = DecodeBatch(seq_lens_t[:num_decodes], full.rows(0, num_decodes), int(seq_lens[:num_decodes].max()))
+        rows = slice(0, num_decodes)
+        decode = DecodeBatch(lens(rows), _addressing(rows, block_tables, seq_starts, block_size, device),
+                             int(seq_lens[rows].max()))
     if num_decodes < len(seqs):
-        rest = num_new[num_decodes:]
+        rows = slice(num_decodes, len(seqs))
+        rest = num_new[rows]
         qsl = np.zeros(len(rest) + 1, dtype=np.int32)
         np.cumsum(rest, out=qsl[1:])
         prefill = PrefillBatch(
             query_start_loc=torch.from_numpy(qsl).to(device, non_blocking=True),
-            seq_lens=seq_lens_t[num_decodes:],
-            addressing=full.rows(num_decodes, len(seqs)),
+            seq_lens=lens(rows),
+            addressing=_addressing(rows, block_tables, seq_starts, block_size, device),
             max_query_len=int(rest.max()),
-            max_seq_len=int(seq_lens[num_decodes:].max()),
+            max_seq_len=int(seq_lens[rows].max()),
         )
     return AttentionMetadata(
         slot_mapping=torch.from_numpy(slot_mapping.astype(np.int64)).to(device, non_blocking=True),

@@ -23,6 +23,15 @@ from engines.model.decoder import CausalLM
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
+def resolve_device(name: str) -> torch.device:
+    """A concrete device: ``auto`` is CUDA when there is one, and a CUDA device always has its index
+    (a thread that steps the engine binds to it)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def resolve_dtype(cfg: ModelConfig, dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` is the checkpoint's dtype on a GPU and float32 on a CPU (bf16 matmuls are slow there)."""
     if dtype == "auto":
