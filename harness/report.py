@@ -190,7 +190,7 @@ def fig_runs_bars(ok: pd.DataFrame, x: str | None, out: Path) -> Figure:
     labels = [run_label(r, x) for _, r in rows.iterrows()]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 1.0 + 0.35 * len(labels)))
     for ax, (col, label) in zip(axes, panels):
-        ax.barh(labels, rows[col], color="#4878a8")
+        ax.barh(labels, pd.to_numeric(rows[col], errors="coerce").fillna(0.0), color="#4878a8")
         ax.set_xlabel(label)
         ax.invert_yaxis()
         ax.grid(alpha=0.3, axis="x")
@@ -268,7 +268,8 @@ def fig_block_size(ok: pd.DataFrame, x: str, out: Path) -> Figure:
 
 
 def make_figures(table: pd.DataFrame, runs: dict[str, RunDir], out: Path) -> list[Figure]:
-    ok = table[table["status"] == "ok"]
+    # a run none of whose requests completed (a server that failed them all) has no figures to draw
+    ok = table[(table["status"] == "ok") & (table.get("completed", pd.Series(1, index=table.index)).fillna(0) > 0)]
     if ok.empty:
         return []
     x = sweep_axis(ok)
