@@ -5,7 +5,10 @@ Measures the device's peaks (``kernels.device_peaks``), then each kernel's media
 the bytes it must read (every context token's K and V once) over its time. Decode runs
 paged at several block sizes and contiguous over the same cache memory, so their ratio is
 the price of paging; torch SDPA over contiguous tensors is the outside reference, and for
-prefill its flash backend. Writes CSV under ``--out`` and prints a short summary last.
+prefill its flash backend. The ``layers`` section times the decoder's elementwise layers
+(RMSNorm, the residual add with its norm, SwiGLU's activation, rotary embedding) at decode and
+prefill token counts of two presets, fused Triton against the eager torch reference. Writes CSV
+under ``--out`` and prints a short summary last.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import csv
 import math
 import platform
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import triton_cache, triton_ops
+from kernels import reference, triton_cache, triton_ops
 from kernels.device_peaks import DevicePeaks, device_peaks
 from kernels.triton_decode import DecodeConfig, decode, decode_config, num_kv_splits
 from kernels.triton_prefill import PrefillConfig, prefill
@@ -83,6 +87,18 @@ def time_us(fn: Callable[[], object], rep_ms: int) -> float:
     with torch.cuda.graph(graph):
         fn()
     return triton.testing.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def eager_us(fn: Callable[[], object], iters: int = 200) -> float:
+    """Wall time per call of ``fn`` called back to back, no graph: at small problems, what the
+    host's launch path (Python, the driver) costs, which graph replay hides."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e6
 
 
 def kv_bytes(tokens: int, dtype: torch.dtype) -> int:
@@ -257,6 +273,89 @@ def tune_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.
                       0, 0.0, 0.0, flops / t / 1e6, _describe(cfg))
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """The shapes of a preset that its elementwise layers see."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qk_norm: bool
+
+
+LAYER_SHAPES = (LayerShape("qwen3-0.6b", 1024, 3072, 16, 8, 128, True),
+                LayerShape("llama-3.1-8b", 4096, 14336, 32, 8, 128, False))
+LAYER_TOKENS = (256, 8192)  # a decode batch and a prefill chunk
+LAYER_OPS = ("rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding")
+# The ops one decoder layer runs (the first layer's plain rms_norm aside).
+PER_LAYER = {"add_rms_norm": 2, "rotary_embedding": 1, "silu_and_mul": 1}
+_MAX_POSITIONS = 40960
+
+
+def layer_problems(shape: LayerShape, tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[tuple, int]]:
+    """Arguments of each layer op at ``tokens`` tokens, and the bytes it must read and write.
+    q and k are views of one fused qkv output, as the attention layer passes them."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    t, h, inter, d = tokens, shape.hidden, shape.intermediate, shape.head_dim
+    randn = lambda *dims: torch.randn(*dims, dtype=dtype, device=device)  # noqa: E731
+    qkv = randn(t, (shape.heads + 2 * shape.kv_heads) * d)
+    q, k, _ = qkv.split([shape.heads * d, shape.kv_heads * d, shape.kv_heads * d], dim=-1)
+    norms = (1 + randn(d) / 4, 1 + randn(d) / 4) if shape.qk_norm else (None, None)
+    positions = torch.randint(0, _MAX_POSITIONS, (t,), device=device)
+    rope_bytes = 2 * t * (shape.heads + shape.kv_heads) * d * size + t * (d * size + 8) + (2 * d * size if shape.qk_norm else 0)
+    return {
+        "rms_norm": ((randn(t, h), 1 + randn(h) / 4, 1e-6), (2 * t * h + h) * size),
+        "add_rms_norm": ((randn(t, h), randn(t, h), 1 + randn(h) / 4, 1e-6), (4 * t * h + h) * size),
+        "silu_and_mul": ((randn(t, 2 * inter),), 3 * t * inter * size),
+        "rotary_embedding": ((positions, q.view(t, shape.heads, d), k.view(t, shape.kv_heads, d),
+                              randn(_MAX_POSITIONS, d), *norms, 1e-6), rope_bytes),
+    }
+
+
+def layer_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
+    """Each layer op, fused Triton and the eager torch reference, replayed from a CUDA graph (the
+    torch version's several launches are what a graph-captured decode step pays) and called
+    eagerly (``<impl>-eager``: with the host's launch cost); the Triton result is checked
+    against the reference's first. Rows: kernel = op, addressing = implementation, batch =
+    tokens, config = preset."""
+    for shape in LAYER_SHAPES:
+        for tokens in LAYER_TOKENS:
+            for op, (args, nbytes) in layer_problems(shape, tokens, dtype, device).items():
+                expected = getattr(reference, op)(*args)
+                for impl, module in (("triton", triton_ops), ("torch", reference)):
+                    fn = lambda module=module: getattr(module, op)(*args)  # noqa: E731
+                    for name, t in ((impl, _checked_time(fn, expected, plan)), (f"{impl}-eager", eager_us(fn))):
+                        yield Row(op, name, 0, tokens, 0, 0, 0, t, nbytes, nbytes / t / 1e3,
+                                  nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0, shape.name)
+
+
+def layer_summary(rows: list[Row]) -> list[str]:
+    """Per preset and token count: each op's graph-replayed time, Triton vs torch (and eager
+    times where measured), and one decoder layer's totals."""
+    by_key = {(r.config, r.batch, r.kernel, r.addressing): r for r in rows if r.kernel in LAYER_OPS}
+    lines = []
+    for name, tokens in sorted({key[:2] for key in by_key}):
+        total: dict[str, float] = {}
+        for op in LAYER_OPS:
+            got = {key[3]: r for key, r in by_key.items() if key[:3] == (name, tokens, op)}
+            if "triton" not in got or "torch" not in got:
+                continue
+            ours, theirs = got["triton"], got["torch"]
+            eager = (f"; eager triton {got['triton-eager'].time_us:.1f} us, torch {got['torch-eager'].time_us:.1f} us"
+                     if "triton-eager" in got and "torch-eager" in got else "")
+            lines.append(f"{name} T={tokens} {op}: triton {ours.time_us:.1f} us ({ours.gbps:,.0f} GB/s, "
+                         f"{100 * ours.bw_frac:.0f}% of B), torch {theirs.time_us:.1f} us: "
+                         f"{theirs.time_us / ours.time_us:.2f}x{eager}")
+            for impl, r in got.items():
+                total[impl] = total.get(impl, 0.0) + PER_LAYER.get(op, 0) * r.time_us
+        lines.append(f"{name} T={tokens} per decoder layer (2 add_rms_norm + rotary + silu_and_mul): "
+                     + ", ".join(f"{impl} {t:.1f} us" for impl, t in total.items()))
+    return lines
+
+
 def _decode_candidates(batch: int) -> list[DecodeConfig]:
     """Tiles at batch 64 (no split); split counts at small batches (no recompilation)."""
     if batch >= 64:
@@ -269,14 +368,18 @@ def _prefill_candidates() -> list[PrefillConfig]:
         (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2))]
 
 
-def _checked_time(fn: Callable[[], torch.Tensor], expected: torch.Tensor, plan: Plan) -> float:
-    """Time of a candidate, or NaN when it fails to compile or disagrees with the default config."""
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _checked_time(fn: Callable[[], Outputs], expected: Outputs, plan: Plan) -> float:
+    """Time of a candidate, or NaN when it fails to compile or disagrees with the expected output(s)."""
     try:
         out = fn()
     except Exception as exc:  # a config past the shared-memory limit fails to compile: skip it
         print(f"  candidate failed: {type(exc).__name__}: {str(exc)[:120]}")
         return math.nan
-    err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+    pairs = zip(out, expected) if isinstance(out, tuple) else [(out, expected)]
+    err = max(((o.float() - e.float()).norm() / e.float().norm()).item() for o, e in pairs)
     return time_us(fn, plan.rep_ms) if err < 1e-2 else math.nan
 
 
@@ -291,8 +394,9 @@ def summary(rows: list[Row], peaks: DevicePeaks) -> str:
 
     lines = [f"device: {peaks.device_name}  read B = {peaks.read_bw_bytes_per_s / 1e9:,.0f} GB/s  "
              f"bf16 F = {peaks.bf16_flops_per_s / 1e12:,.0f} TFLOP/s"]
-    lines.append(f"{'batch':>5} {'ctx':>6} {'contig us':>10} {'paged16 us':>10} {'p16/c':>6} {'p1/c':>6} "
-                 f"{'p256/c':>6} {'p16 %B':>7} {'sdpa us':>9}")
+    if pick(kernel="decode", addressing="contiguous"):
+        lines.append(f"{'batch':>5} {'ctx':>6} {'contig us':>10} {'paged16 us':>10} {'p16/c':>6} {'p1/c':>6} "
+                     f"{'p256/c':>6} {'p16 %B':>7} {'sdpa us':>9}")
     ratios: dict[int, list[tuple[float, Row]]] = {}
     for c in pick(kernel="decode", addressing="contiguous"):
         paged = {r.block_size: r for r in pick(kernel="decode", addressing="paged", batch=c.batch, context=c.context)}
@@ -337,6 +441,7 @@ def summary(rows: list[Row], peaks: DevicePeaks) -> str:
                 best[key] = r
     for (kernel, addressing, batch, context), r in sorted(best.items()):
         lines.append(f"best {kernel} {addressing} b{batch} ctx{context or r.q_len}: {r.time_us:.1f} us ({r.config})")
+    lines += layer_summary(rows)
     return "\n".join(lines)
 
 
@@ -359,14 +464,14 @@ class CsvLog:
             self.fh.flush()
 
 
-SECTIONS = {"decode": decode_rows, "prefill": prefill_rows, "cache": cache_op_rows, "tune": tune_rows}
+SECTIONS = {"decode": decode_rows, "prefill": prefill_rows, "cache": cache_op_rows, "layers": layer_rows, "tune": tune_rows}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for kernels_bench.csv")
     parser.add_argument("--quick", action="store_true", help="a few shapes, short repetitions")
-    parser.add_argument("--sections", default="decode,prefill,cache",
+    parser.add_argument("--sections", default="decode,prefill,cache,layers",
                         help=f"comma-separated, from {','.join(SECTIONS)} (tune sweeps tile configs)")
     parser.add_argument("--refresh-peaks", action="store_true", help="measure B and F again")
     args = parser.parse_args(argv)

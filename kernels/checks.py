@@ -8,6 +8,8 @@ themselves (the engines) pass ``validate=False``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -19,9 +21,11 @@ _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_TYPES = (torch.int32, torch.int64)
 
 
-def _require(cond: bool, message: str) -> None:
+def _require(cond: bool, message: str | Callable[[], str]) -> None:
+    """``message`` may be a function that formats it: checks on a hot path (the layer ops run
+    tens of times per step) then format nothing unless they fail."""
     if not cond:
-        raise KernelArgumentError(message)
+        raise KernelArgumentError(message if isinstance(message, str) else message())
 
 
 def check_block_size(block_size: int) -> None:
@@ -154,6 +158,72 @@ def check_copy_args(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
                      f"{name} block outside the cache's {num_blocks} blocks")
 
 
+def _check_float(name: str, x: torch.Tensor) -> None:
+    _require(x.dtype in _FLOAT_TYPES, lambda: f"{name} must be fp16, bf16 or fp32, got {x.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    first, *rest = tensors.values()
+    _require(all(t.device == first.device for t in rest),
+             lambda: f"tensors on different devices: { {name: str(t.device) for name, t in tensors.items()} }")
+
+
+def check_norm_args(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+    """RMSNorm over the last dimension: a ``[H]`` weight, a residual of x's shape, float dtypes."""
+    _require(x.dim() >= 1, "x must have a last dimension to normalize")
+    _require(weight.shape == x.shape[-1:], lambda: f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if residual is None:
+        _check_same_device(x=x, weight=weight)
+        return
+    _require(residual.shape == x.shape, lambda: f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+    _check_float("residual", residual)
+    _check_same_device(x=x, weight=weight, residual=residual)
+
+
+def check_silu_and_mul_args(gate_up: torch.Tensor) -> None:
+    _require(gate_up.dim() >= 1 and gate_up.shape[-1] % 2 == 0,
+             lambda: f"gate_up must be [..., 2 * intermediate], got shape {tuple(gate_up.shape)}")
+    _check_float("gate_up", gate_up)
+
+
+def check_rotary_args(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+) -> None:
+    """q [T, Hq, D] and k [T, Hkv, D] of one dtype, positions [T], a [max_pos, D] table, and
+    both q/k norm weights ([D], one dtype) or neither."""
+    _require(q.dim() == 3 and k.dim() == 3,
+             lambda: f"q and k must be [tokens, heads, head_dim], got shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    tokens, _, head_dim = q.shape
+    _require(k.shape[0] == tokens and k.shape[2] == head_dim,
+             lambda: f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in tokens and head_dim")
+    _require(head_dim % 2 == 0, lambda: f"rotate-half needs an even head_dim, got {head_dim}")
+    _require(positions.shape == (tokens,), lambda: f"positions must be [{tokens}], got {tuple(positions.shape)}")
+    _require(positions.dtype in _INDEX_TYPES, lambda: f"positions must be int32 or int64, got {positions.dtype}")
+    _require(cos_sin.dim() == 2 and cos_sin.shape[1] == head_dim,
+             lambda: f"cos_sin must be [max_positions, {head_dim}], got {tuple(cos_sin.shape)}")
+    _require(q.dtype == k.dtype, lambda: f"q is {q.dtype} but k is {k.dtype}")
+    _check_float("q", q)
+    _check_float("cos_sin", cos_sin)
+    _require((q_norm_weight is None) == (k_norm_weight is None), "pass both q_norm_weight and k_norm_weight, or neither")
+    if q_norm_weight is None:
+        _check_same_device(positions=positions, q=q, k=k, cos_sin=cos_sin)
+        return
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        _require(w.shape == (head_dim,), lambda: f"{name} must be [{head_dim}], got {tuple(w.shape)}")
+        _check_float(name, w)
+    _require(q_norm_weight.dtype == k_norm_weight.dtype,
+             lambda: f"q_norm_weight is {q_norm_weight.dtype} but k_norm_weight is {k_norm_weight.dtype}")
+    _check_same_device(positions=positions, q=q, k=k, cos_sin=cos_sin,
+                       q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
+
+
 # Checks the Triton kernels add: what their tiling and pointer arithmetic assume. All read
 # shapes and strides only, except check_blocks_disjoint, which reads the block lists.
 
@@ -192,3 +262,8 @@ def check_blocks_disjoint(src: torch.Tensor, dst: torch.Tensor) -> None:
     """Blocks copied in parallel: a destination that is also a source would race."""
     if src.numel():
         _require(not bool(torch.isin(dst.to(src.device), src).any()), "a dst block is also a src block")
+
+
+def check_norm_width(width: int, limit: int) -> None:
+    """The Triton RMSNorm holds a whole row in registers."""
+    _require(width <= limit, lambda: f"the Triton RMSNorm handles rows of at most {limit} elements, got {width}")

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference, triton_cache, triton_decode, triton_prefill
-# The decoder's elementwise layers run as torch ops on CUDA until fused Triton versions land.
-from kernels.reference import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul  # noqa: F401
+from kernels.triton_layers import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul  # noqa: F401
 from kernels.checks import (
     check_addressing_mode,
     check_attention_args,

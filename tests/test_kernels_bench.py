@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from kernels import device_peaks as peaks_mod
-from kernels.bench import Row, causal_flops, kv_bytes, summary
+from kernels import reference
+from kernels.bench import LayerShape, Row, causal_flops, kv_bytes, layer_problems, summary
 from kernels.device_peaks import DevicePeaks
 
 
@@ -54,6 +55,33 @@ def test_summary_reports_worst_paging_ratio():
     text = summary(rows, DevicePeaks(3e12, 8e14, "Fake GPU"))
     assert "worst paged/contiguous, block size 16: 1.100 at batch 64 ctx 4096" in text
     assert "target paged decode b64 ctx4096 bs16: 50.0% of B" in text
+
+
+def test_layer_problems_count_bytes_once():
+    shape = LayerShape("tiny", hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16, qk_norm=True)
+    problems = layer_problems(shape, 3, torch.bfloat16, torch.device("cpu"))
+    assert problems["rms_norm"][1] == (2 * 3 * 64 + 64) * 2  # x read, out written, weight
+    assert problems["silu_and_mul"][1] == 3 * 3 * 96 * 2  # gate and up read, out written
+    # q and k read and written, one cos/sin row and position per token, two norm weights
+    assert problems["rotary_embedding"][1] == 2 * 3 * 6 * 16 * 2 + 3 * (16 * 2 + 8) + 2 * 16 * 2
+    for op, (args, _) in problems.items():
+        getattr(reference, op)(*args)  # the arguments are what the op takes
+
+
+def test_summary_totals_one_decoder_layer():
+    def row(op, impl, t):
+        return Row(op, impl, 0, 256, 0, 0, 0, t, 10**6, 0.0, 0.5, 0.0, "qwen3-0.6b")
+
+    rows = [row("rms_norm", "triton", 2.0), row("rms_norm", "torch", 6.0),
+            row("add_rms_norm", "triton", 3.0), row("add_rms_norm", "torch", 9.0),
+            row("silu_and_mul", "triton", 4.0), row("silu_and_mul", "torch", 8.0),
+            row("rotary_embedding", "triton", 5.0), row("rotary_embedding", "torch", 30.0)]
+    text = summary(rows, DevicePeaks(3e12, 8e14, "Fake GPU"))
+    assert "qwen3-0.6b T=256 add_rms_norm: triton 3.0 us" in text and "torch 9.0 us: 3.00x" in text
+    assert "qwen3-0.6b T=256 per decoder layer (2 add_rms_norm + rotary + silu_and_mul): triton 15.0 us, torch 56.0 us" in text
+    rows += [row("silu_and_mul", "triton-eager", 20.0), row("silu_and_mul", "torch-eager", 25.0)]
+    text = summary(rows, DevicePeaks(3e12, 8e14, "Fake GPU"))
+    assert "torch 8.0 us: 2.00x; eager triton 20.0 us, torch 25.0 us" in text
 
 
 @pytest.fixture

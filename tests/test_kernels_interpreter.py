@@ -22,9 +22,12 @@ from hypothesis import strategies as st
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 if INTERPRETED:
+    import numpy as np
+    import triton.language as tl
     from triton.runtime import interpreter
 
     from kernels import reference, triton_decode, triton_ops
+    from test_kernels_triton import assert_close_ulps, assert_rotary_close
 
     _patch_lang_tensor = interpreter._patch_lang_tensor
 
@@ -35,6 +38,20 @@ if INTERPRETED:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
     interpreter._patch_lang_tensor = _patch_index
+
+    _cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def _cast_rounding_bf16(self, src, dst_type):
+        """Triton 3.6's interpreter truncates float32 -> bf16 casts; the GPU (and torch) round to
+        nearest even. Round here too, so that bf16 results can be compared bit for bit."""
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return _cast_impl(self, src, dst_type)
+        data = np.asarray(src.data, dtype=np.float32)
+        bits = data.view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+        return interpreter.TensorHandle(np.where(np.isnan(data), 0x7FC0, rounded).astype(np.uint16), dst_type.scalar)
+
+    interpreter.InterpreterBuilder.cast_impl = _cast_rounding_bf16
 
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the child pytest under TRITON_INTERPRET=1")
 
@@ -272,3 +289,96 @@ def test_swap_blocks_between_cpu_caches():
     triton_ops.swap_blocks(src_cache, dst_cache, src, dst, 4)
     reference.swap_blocks(src_cache, expected, src, dst, 4)
     assert torch.equal(dst_cache, expected)
+
+
+# -- the decoder's elementwise layers: bit-level agreement with the torch reference
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 96), (2, 3, 64), (1, 1000)])
+def test_rms_norm_matches_reference(dtype, shape):
+    """Several rows per program (37 rows), leading dimensions, one row of a width no power of two."""
+    gen = torch.Generator().manual_seed(9)
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    weight = (1 + torch.randn(shape[-1], generator=gen) / 4).to(dtype)
+    out = triton_ops.rms_norm(x, weight, 1e-6)
+    assert_close_ulps(out, reference.rms_norm(x, weight, 1e-6))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(10)
+    wide = torch.randn(19, 160, generator=gen).to(dtype)
+    x = wide[:, 16:144]  # a row stride larger than the row
+    residual = torch.randn(19, 128, generator=gen).to(dtype)
+    weight = torch.randn(128, generator=gen).to(dtype)
+    kept = residual.clone()
+    out, summed = triton_ops.add_rms_norm(x, residual, weight, 1e-5)
+    ref_out, ref_summed = reference.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(summed, ref_summed) and torch.equal(residual, kept)
+    assert_close_ulps(out, ref_out)
+
+
+@needs_interpreter
+def test_norms_promote_like_torch():
+    """A float32 weight over bf16 activations gives float32 results, as ``weight * normed`` does in torch."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
+    residual = torch.randn(5, 64, generator=gen)
+    weight = torch.randn(64, generator=gen)
+    out = triton_ops.rms_norm(x, weight, 1e-6)
+    assert out.dtype == torch.float32
+    assert_close_ulps(out, reference.rms_norm(x, weight, 1e-6))
+    out, summed = triton_ops.add_rms_norm(x, residual, weight.to(torch.float16), 1e-6)
+    ref_out, ref_summed = reference.add_rms_norm(x, residual, weight.to(torch.float16), 1e-6)
+    assert torch.equal(summed, ref_summed)
+    assert_close_ulps(out, ref_out)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 2 * 1100), (2, 5, 14)])
+def test_silu_and_mul_matches_reference(dtype, shape):
+    """Two column blocks per row (1100 > 1024), and leading dimensions."""
+    gen = torch.Generator().manual_seed(12)
+    gate_up = (4 * torch.randn(shape, generator=gen)).to(dtype)
+    out = triton_ops.silu_and_mul(gate_up)
+    assert_close_ulps(out, reference.silu_and_mul(gate_up))
+
+
+def qkv_views(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator):
+    """q and k as the attention layer makes them: views of one fused projection output."""
+    qkv = (2 * torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)).to(dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+
+
+def rope_table(max_pos: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 32), (6, 1, 256), (3, 3, 24)])
+def test_rotary_embedding_matches_reference(dtype, norm, heads, kv_heads, head_dim):
+    """Strided q/k views; several head blocks with a partial one (6 heads of 256 dims, 4 per
+    program); a head_dim whose half is no power of two (24). Without the norm every product
+    and sum is rounded exactly as torch rounds it: the results are bit-identical."""
+    gen = torch.Generator().manual_seed(13 + head_dim)
+    q, k = qkv_views(5, heads, kv_heads, head_dim, dtype, gen)
+    positions = torch.tensor([3, 0, 63, 17, 17], dtype=torch.int32)
+    cos_sin = rope_table(64, head_dim, dtype)
+    weights = [(1 + torch.randn(head_dim, generator=gen) / 4).to(dtype) for _ in range(2)] if norm else [None, None]
+    out_q, out_k = triton_ops.rotary_embedding(positions, q, k, cos_sin, *weights, 1e-6)
+    ref_q, ref_k = reference.rotary_embedding(positions, q, k, cos_sin, *weights, 1e-6)
+    for out, ref, x, weight in ((out_q, ref_q, q, weights[0]), (out_k, ref_k, k, weights[1])):
+        assert out.dtype == ref.dtype and out.is_contiguous()
+        if norm:
+            assert_rotary_close(out, ref, reference.rms_norm(x, weight, 1e-6))
+        else:
+            assert torch.equal(out, ref)
