@@ -120,14 +120,16 @@ class LLMEngine(Engine):
         return int(self.cfg.swap_space * 2**30 // self.slot_bytes) // block_size * block_size
 
     def _warm_up(self) -> None:
-        """Compile the kernels a run will need before anyone measures it: a prefill, a step that
-        mixes decodes with a prompt chunk, and eager decodes; then forget the warm-up's counters."""
+        """Compile the kernels a run will need before anyone measures it: prefills of each size
+        class the kernels specialize on, steps that mix decodes with a prompt chunk, and decodes;
+        then forget the warm-up's counters."""
         vocab = min(self.model_config.vocab_size, 1000)
-        prompt = [(7 * i) % vocab for i in range(min(40, self.max_model_len - 8))]
+        longest = min(self.cfg.max_num_batched_tokens, self.max_model_len - 8)
+        lengths = sorted({min(n, longest) for n in (40, 600, 1200, 2400, 4800, 9600)})
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, detokenize=False)
-        self.add_request(Request("warm-up-0", prompt, params))
-        self.step()
-        self.add_request(Request("warm-up-1", prompt[::-1], params))
+        for i, n in enumerate(lengths):
+            self.add_request(Request(f"warm-up-{i}", [(7 * j + i) % vocab for j in range(n)], params))
+            self.step()  # this prompt's prefill; the next one's joins this one's decodes
         while self.has_unfinished():
             self.step()
         self.scheduler.num_preemptions = 0
