@@ -128,7 +128,10 @@ class LLMEngine(Engine):
         lengths = sorted({min(n, longest) for n in (40, 600, 1200, 2400, 4800, 9600)})
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, detokenize=False)
         for i, n in enumerate(lengths):
-            self.add_request(Request(f"warm-up-{i}", [(7 * j + i) % vocab for j in range(n)], params))
+            try:
+                self.add_request(Request(f"warm-up-{i}", [(7 * j + i) % vocab for j in range(n)], params))
+            except RequestError:  # a KV budget too small for this size: nothing larger will fit either
+                break
             self.step()  # this prompt's prefill; the next one's joins this one's decodes
         while self.has_unfinished():
             self.step()
