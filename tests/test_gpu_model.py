@@ -125,7 +125,7 @@ def test_engines_match_one_at_a_time_on_gpu(name, shared_prefix_workload):
     print(f"\n{name}: {same}/32 requests equal to one-at-a-time greedy; prefix-cache hits {stats.prefix_cache_hits} "
           f"tokens, preemptions {stats.num_preemptions}, swapped out {stats.num_swapped_out}")
     assert same == 32
-    if name.startswith("paged") and "recompute" not in name and "swap" not in name:
+    if name.startswith("paged") and name != "paged256":  # a 256-token block is longer than the 96-token prefix
         assert stats.prefix_cache_hits > 0
     if name in ("paged-recompute", "paged-swap"):
         assert stats.num_preemptions > 0
