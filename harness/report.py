@@ -29,6 +29,8 @@ from harness.results import RunDir, find_runs, runs_table  # noqa: E402
 
 # Kwon et al., "Efficient Memory Management for Large Language Model Serving with
 # PagedAttention", SOSP 2023, Fig. 2: average share of KV cache memory by use (percent).
+# The token-state shares are the ones DESIGN.md quotes; the other segments were read off the
+# figure and have not been checked against the paper's PDF here.
 PAPER_FIG2 = {
     "Orca (Max)": {"token_states": 20.4, "reservation": 13.3, "internal": 57.3, "external": 8.9},
     "Orca (Pow2)": {"token_states": 26.8, "reservation": 17.9, "internal": 13.6, "external": 41.6},

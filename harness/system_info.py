@@ -29,7 +29,9 @@ def git_state(repo: Path = REPO) -> dict[str, object]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+    # a copy of the tree without .git (a remote GPU machine) can name its commit in KVBENCH_GIT_COMMIT
+    commit = git("rev-parse", "HEAD") or os.environ.get("KVBENCH_GIT_COMMIT")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def versions() -> dict[str, str | None]:
