@@ -64,7 +64,7 @@ class _Batch:
     rows: list[_Row]
     events: "queue.Queue[list[RequestOutput] | BaseException | None]" = field(default_factory=queue.Queue)
     padded_len: int = 0  # cache length every row occupies right now
-    thread: threading.Thread | None = None
+    done: threading.Event = field(default_factory=threading.Event)  # set when generate() has returned
 
 
 class _StreamRows(StoppingCriteria):
@@ -115,6 +115,8 @@ class HFEngine(Engine):
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
         self.waiting: deque[Request] = deque()
         self.batch: _Batch | None = None
+        self._jobs: queue.Queue[_Batch | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
 
     def add_request(self, request: Request) -> None:
         self.check_request(request)
@@ -147,11 +149,9 @@ class HFEngine(Engine):
         outputs: list[RequestOutput] = []
         while True:
             if event is None:  # generate() returned
-                self.batch.thread.join()
                 self.batch = None
                 return outputs
             if isinstance(event, BaseException):
-                self.batch.thread.join()
                 rows, self.batch = self.batch.rows, None
                 return outputs + [_error_output(r, event) for r in rows if not (r.stream.finished or r.aborted)]
             outputs.extend(o for o in event if not self._row_aborted(o))
@@ -180,19 +180,26 @@ class HFEngine(Engine):
         return [_Row(r, i, self.new_stream(r)) for r in chosen for i in range(r.sampling_params.n)]
 
     def _start_batch(self) -> _Batch:
+        """Hand a batch to the one worker thread (a new thread per batch would start a new OpenMP
+        team each time, which stalls for tenths of a second on a busy CPU)."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, daemon=True, name="hf-generate")
+            self._worker.start()
         batch = _Batch(self._take_batch())
-        batch.thread = threading.Thread(target=self._run_batch, args=(batch,), daemon=True, name="hf-generate")
-        batch.thread.start()
+        batch.padded_len = max(r.request.num_prompt_tokens for r in batch.rows)  # the prompts' cache, before a token
+        self._jobs.put(batch)
         return batch
 
     @torch.no_grad()
-    def _run_batch(self, batch: _Batch) -> None:
-        try:
-            self._generate(batch)
-        except BaseException as e:  # reported to the caller of step(), never lost in the thread
-            batch.events.put(e)
-            return
-        batch.events.put(None)
+    def _work(self) -> None:
+        while (batch := self._jobs.get()) is not None:
+            try:
+                self._generate(batch)
+            except BaseException as e:  # reported to the caller of step(), never lost in the thread
+                batch.events.put(e)
+            else:
+                batch.events.put(None)
+            batch.done.set()
 
     def _generate(self, batch: _Batch) -> None:
         prompts = [row.request.prompt_token_ids for row in batch.rows]
@@ -239,8 +246,12 @@ class HFEngine(Engine):
         if self.batch is not None:
             for row in self.batch.rows:
                 row.aborted = True
-            self.batch.thread.join()
+            self.batch.done.wait()
             self.batch = None
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -289,7 +300,9 @@ class HFPagedEngine(Engine):
         gen = GenerationConfig(do_sample=do_sample, max_new_tokens=self.max_model_len, eos_token_id=-1,
                                pad_token_id=self.model.config.pad_token_id)
         if do_sample:
-            gen.temperature, gen.top_k, gen.top_p = 1.0, 0, 1.0
+            # transformers creates a per-request processor only for a setting whose default is not
+            # neutral; every request then passes its own values (add_request).
+            gen.temperature, gen.top_k, gen.top_p = 0.5, 50, 0.5
         self.manager = self.model.init_continuous_batching(generation_config=gen, continuous_batching_config=self.cb_config)
         self.manager.start()
         self.rows: dict[str, _Row] = {}  # "<request id>#<index>" -> row
@@ -308,7 +321,10 @@ class HFPagedEngine(Engine):
         self.check_request(request)
         p = request.sampling_params
         self._check_supported(p)
-        sampling = {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p} if self.do_sample else {}
+        sampling = {}
+        if self.do_sample:  # a greedy request samples from its top-1 token
+            sampling = {"temperature": float(p.temperature) if not p.greedy else 1.0,
+                        "top_k": 1 if p.greedy else p.top_k or self.model_config.vocab_size, "top_p": float(p.top_p)}
         eos = -1 if p.ignore_eos else list(self.model_config.eos_token_ids) or -1
         for i in range(p.n):
             key = f"{request.request_id}#{i}"

@@ -183,3 +183,19 @@ def test_stop_strings_and_streamed_text(model_dir, steps):
             last = out
     assert last.finish_reason is FinishReason.STOP and last.stop_reason == stop
     assert "".join(pieces) == text[: text.index(stop)]
+
+
+def test_hf_paged_samples_per_request(model_dir, reference):
+    prompts, lengths, expected = reference["mixed"]
+    engine = create_engine(model_dir, HFPagedConfig(dtype="float32", block_size=16, num_blocks=256, max_batch_tokens=256,
+                                                    do_sample=True))
+    try:
+        got = engine.generate([
+            Request("greedy", prompts[0], SamplingParams(max_tokens=lengths[0], temperature=0, ignore_eos=True)),
+            Request("hot", prompts[0], SamplingParams(max_tokens=20, temperature=1.5, top_p=0.95, top_k=50,
+                                                      ignore_eos=True, n=2)),
+        ])
+    finally:
+        engine.close()
+    assert got["greedy"] == [expected[0]]
+    assert all(len(s) == 20 for s in got["hot"]) and got["hot"][0] != got["hot"][1]
