@@ -41,10 +41,6 @@ class KVStats:
     prefix_cache_queries: int = 0  # cumulative prompt tokens looked up
     prefix_cache_hits: int = 0  # cumulative prompt tokens found cached
 
-    @property
-    def external_fragmentation(self) -> int:
-        return self.free - self.largest_free_extent
-
 
 class Engine(abc.ABC):
     name: ClassVar[str]

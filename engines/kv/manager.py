@@ -27,12 +27,6 @@ class CacheOps:
     def __bool__(self) -> bool:
         return bool(self.swap_out or self.swap_in or self.copies)
 
-    def extend(self, other: "CacheOps") -> None:
-        self.swap_out += other.swap_out
-        self.swap_in += other.swap_in
-        self.copies += other.copies
-        self.copy_block_size = other.copy_block_size
-
 
 class KVManager(abc.ABC):
     """Owns the mapping from sequences to KV slots; never touches tensors itself."""
