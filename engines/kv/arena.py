@@ -36,12 +36,16 @@ class Arena:
             return None
         i = fits[0] if self.policy == "first_fit" else min(fits, key=lambda j: (self.lengths[j], self.starts[j]))
         start = self.starts[i]
+        self._take_front(i, size)
+        return start
+
+    def _take_front(self, i: int, size: int) -> None:
+        """Remove the first ``size`` slots of free extent ``i``."""
         if self.lengths[i] == size:
             del self.starts[i], self.lengths[i]
         else:
             self.starts[i] += size
             self.lengths[i] -= size
-        return start
 
     def free(self, start: int, size: int) -> None:
         i = bisect.bisect_left(self.starts, start)
@@ -64,9 +68,5 @@ class Arena:
         i = bisect.bisect_left(self.starts, end)
         if i == len(self.starts) or self.starts[i] != end or self.lengths[i] < extra:
             return False
-        if self.lengths[i] == extra:
-            del self.starts[i], self.lengths[i]
-        else:
-            self.starts[i] += extra
-            self.lengths[i] -= extra
+        self._take_front(i, extra)
         return True

@@ -286,30 +286,38 @@ class Serving:
         item = prompt[i]
         return item if isinstance(item, str) else self.tokenizer.decode(item, skip_special_tokens=True)
 
-    async def _completion_stream(self, gen: _Generation, model: str, body: CompletionRequest,
-                                 echo: list[str] | None) -> AsyncIterator[str]:
-        created = int(time.time())
-        continuous = bool(body.stream_options and body.stream_options.include_usage and body.stream_options.continuous_usage_stats)
-        echoed: set[int] = set()
+    async def _updates(self, gen: _Generation) -> AsyncIterator[tuple[Any, Any] | str]:
+        """Each engine output that shows something, with its choice's state; a failed generation
+        as a ready error event instead (streams end in-band, never with a 500)."""
         async for outs in gen.outputs():
             for out in outs:
                 c = gen.apply(out)
                 if c.error and out.finish_reason == FinishReason.ERROR:
                     yield _event(error_body(500, f"generation failed: {c.error}"))
-                    continue
-                if not out.new_token_ids and not out.finished:
-                    continue
-                text = out.text
-                if echo and c.index not in echoed:
-                    echoed.add(c.index)
-                    text = echo[c.index // gen.n] + text
-                chunk = {"id": gen.base_id, "object": "text_completion", "created": created, "model": model,
-                         "choices": [{"index": c.index, "text": text, "logprobs": None,
-                                      "finish_reason": c.finish_reason if out.finished else None,
-                                      "stop_reason": c.stop_reason if out.finished else None}]}
-                if continuous:
-                    chunk["usage"] = gen.usage().model_dump(exclude_none=True)
-                yield _event(chunk)
+                elif out.new_token_ids or out.finished:
+                    yield out, c
+
+    async def _completion_stream(self, gen: _Generation, model: str, body: CompletionRequest,
+                                 echo: list[str] | None) -> AsyncIterator[str]:
+        created = int(time.time())
+        continuous = bool(body.stream_options and body.stream_options.include_usage and body.stream_options.continuous_usage_stats)
+        echoed: set[int] = set()
+        async for update in self._updates(gen):
+            if isinstance(update, str):
+                yield update
+                continue
+            out, c = update
+            text = out.text
+            if echo and c.index not in echoed:
+                echoed.add(c.index)
+                text = echo[c.index // gen.n] + text
+            chunk = {"id": gen.base_id, "object": "text_completion", "created": created, "model": model,
+                     "choices": [{"index": c.index, "text": text, "logprobs": None,
+                                  "finish_reason": c.finish_reason if out.finished else None,
+                                  "stop_reason": c.stop_reason if out.finished else None}]}
+            if continuous:
+                chunk["usage"] = gen.usage().model_dump(exclude_none=True)
+            yield _event(chunk)
         if body.stream_options and body.stream_options.include_usage:
             yield _event({"id": gen.base_id, "object": "text_completion", "created": created, "model": model, "choices": [],
                           "usage": gen.usage().model_dump(exclude_none=True)})
@@ -360,16 +368,13 @@ class Serving:
 
         for c in gen.choices:
             yield chunk(c.index, {"role": "assistant", "content": ""})
-        async for outs in gen.outputs():
-            for out in outs:
-                c = gen.apply(out)
-                if c.error and out.finish_reason == FinishReason.ERROR:
-                    yield _event(error_body(500, f"generation failed: {c.error}"))
-                    continue
-                if not out.new_token_ids and not out.finished:
-                    continue
-                yield chunk(c.index, {"content": out.text}, c.finish_reason if out.finished else None,
-                            c.stop_reason if out.finished else None)
+        async for update in self._updates(gen):
+            if isinstance(update, str):
+                yield update
+                continue
+            out, c = update
+            yield chunk(c.index, {"content": out.text}, c.finish_reason if out.finished else None,
+                        c.stop_reason if out.finished else None)
         if body.stream_options and body.stream_options.include_usage:
             yield _event({"id": gen.base_id, "object": "chat.completion.chunk", "created": created, "model": model,
                           "choices": [], "usage": gen.usage().model_dump(exclude_none=True)})
