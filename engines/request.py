@@ -130,3 +130,15 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     error: str | None = None
     stop_reason: str | int | None = None
+
+    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
+        """This output and the next one of the same sample as one (a consumer that fell behind reads both at once)."""
+        return RequestOutput(
+            request_id=self.request_id, index=self.index, new_token_ids=self.new_token_ids + later.new_token_ids,
+            token_times=self.token_times + later.token_times, text=self.text + later.text,
+            finished=later.finished, finish_reason=later.finish_reason, num_prompt_tokens=self.num_prompt_tokens,
+            num_cached_tokens=self.num_cached_tokens or later.num_cached_tokens,
+            first_scheduled_time=self.first_scheduled_time if self.first_scheduled_time is not None
+            else later.first_scheduled_time,
+            error=later.error, stop_reason=later.stop_reason,
+        )

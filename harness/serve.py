@@ -17,6 +17,7 @@ is logged. SIGTERM (or Ctrl-C) stops accepting connections, gives in-flight requ
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -184,19 +185,42 @@ def build_engine(resolved):
     return engine, model_dir
 
 
-def make_app(resolved, names, engine, model_dir):
-    from harness.server.app import create_app
+def open_engine(resolved) -> tuple[Any, dict[str, Any]]:
+    """The engine, loaded and warm, and what the server reports about it (runs where the engine will run)."""
     from harness.system_info import hardware, hardware_label, model_shape, versions
 
     import torch
 
+    engine, model_dir = build_engine(resolved)
     device = getattr(engine, "device", torch.device("cpu"))
     hw = hardware(device if isinstance(device, torch.device) else torch.device(str(device)))
-    extra = {"hardware": hw, "hardware_label": hardware_label(hw), "model_shape": model_shape(engine.model_config),
-             "versions": versions(), "model_preset": resolved.model.preset if resolved.model.path is None else None,
-             "config": resolved.config}
-    return create_app(engine, model_dir=model_dir, served_names=names, cfg=resolved.server,
-                      engine_label=resolved.engine_label, engine_config=resolved.engine, extra_info=extra)
+    return engine, {"model_dir": str(model_dir), "hardware": hw, "hardware_label": hardware_label(hw),
+                    "model_shape": model_shape(engine.model_config), "versions": versions(),
+                    "model_preset": resolved.model.preset if resolved.model.path is None else None}
+
+
+def start_engine(resolved):
+    """The engine loop (in its own process unless ``server.engine_process=false``), started, with the model
+    directory and the facts the server reports. Raises EngineStartError when the engine cannot be built."""
+    from harness.server.engine_loop import EngineLoop
+    from harness.server.engine_process import EngineProcess
+
+    if resolved.server.engine_process:
+        loop = EngineProcess(functools.partial(open_engine, resolved))
+        loop.start()
+        facts = dict(loop.extra)
+    else:
+        engine, facts = open_engine(resolved)
+        loop = EngineLoop(engine)
+    return loop, Path(facts.pop("model_dir")), facts
+
+
+def make_app(resolved, names, loop, model_dir, facts):
+    from harness.server.app import create_app
+
+    return create_app(loop, model_dir=model_dir, served_names=names, cfg=resolved.server,
+                      engine_label=resolved.engine_label, engine_config=resolved.engine,
+                      extra_info={**facts, "config": resolved.config})
 
 
 def run_uvicorn(app, server_cfg) -> int:
@@ -228,16 +252,21 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from harness.server.engine_process import EngineStartError
+
     try:
         resolved, names = load(argv)
-        engine, model_dir = build_engine(resolved)
+        loop, model_dir, facts = start_engine(resolved)
     except USER_ERRORS as e:
         print(f"error: {describe_error(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except ValueError as e:  # an engine config the engine refuses
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    app = make_app(resolved, names, engine, model_dir)
+    except EngineStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR if e.user_error else 1
+    app = make_app(resolved, names, loop, model_dir, facts)
     log.info("serving %s at http://%s:%d/v1 (engine %s)%s", ", ".join(names), resolved.server.host, resolved.server.port,
              resolved.engine_label, "; API key required" if resolved.server.api_key else "")
     return run_uvicorn(app, resolved.server)

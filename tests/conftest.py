@@ -40,6 +40,7 @@ def start_server(tiny_model):
     from engines.detokenizer import load_tokenizer
     from harness.runner import warm_up
     from harness.server.app import create_app
+    from harness.server.engine_loop import EngineLoop
     from harness.server.lifecycle import ServerThread
     from harness.server.config import ServerConfig
     from harness.workload import regular_token_ids
@@ -50,7 +51,7 @@ def start_server(tiny_model):
         model_dir = tiny_model(preset)
         engine = create_engine(model_dir, engine_cfg)
         warm_up(engine, regular_token_ids(load_tokenizer(model_dir), engine.model_config.vocab_size), 1)
-        app = create_app(engine, model_dir=model_dir, served_names=names or [preset], cfg=server_cfg or ServerConfig(),
+        app = create_app(EngineLoop(engine), model_dir=model_dir, served_names=names or [preset], cfg=server_cfg or ServerConfig(),
                          engine_label=engine_cfg.name, engine_config=engine_cfg, extra_info={"model_preset": preset})
         server = ServerThread(app).start()
         server.state = app.state.kvbench

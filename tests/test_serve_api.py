@@ -88,10 +88,10 @@ def test_stream_matches_non_stream_and_reports_usage(http):
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 12
     assert usage_chunk["usage"]["prompt_tokens"] == len(PROMPT_IDS)
     token_chunks = chunks[:-1]
-    assert len(token_chunks) == 12  # one chunk per token
+    assert 1 <= len(token_chunks) <= 12  # one chunk per engine step, fewer when the stream fell behind (merged)
     assert all("usage" not in c for c in token_chunks)
     assert "".join(c["choices"][0]["text"] for c in token_chunks) == whole["choices"][0]["text"]
-    assert [c["choices"][0]["finish_reason"] for c in token_chunks] == [None] * 11 + ["length"]
+    assert [c["choices"][0]["finish_reason"] for c in token_chunks] == [None] * (len(token_chunks) - 1) + ["length"]
 
 
 def test_continuous_usage_counts_every_chunk(http):
@@ -100,7 +100,9 @@ def test_continuous_usage_counts_every_chunk(http):
     with http.stream("POST", "/v1/completions", json=body) as r:
         events = sse(r.iter_lines())
     counts = [e["usage"]["completion_tokens"] for e in events[:-1]]
-    assert counts == [1, 2, 3, 4, 5, 5]
+    # every token chunk counts what was sent so far (a merged chunk carries several), then the usage chunk
+    assert counts[-2:] == [5, 5] and counts[0] >= 1
+    assert all(a < b for a, b in zip(counts[:-1], counts[1:-1]))
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_repeats(http):

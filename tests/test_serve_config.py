@@ -74,6 +74,7 @@ def test_api_key_from_the_environment(monkeypatch):
     (["server.max_queue=0"], "server.max_queue"),
     (["--tensor-parallel-size", "2"], "tensor-parallel-size"),
     (["--engine", "hf", "--block-size", "16"], "block_size"),
+    (["--model", "tiny-qwen3", "--max-model-len", "999999"], "max_model_len 999999"),  # refused in the engine process
 ])
 def test_user_errors_exit_2_with_one_line(argv, words, capsys):
     assert cli.main(["serve", *argv]) == 2

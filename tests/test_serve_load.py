@@ -174,7 +174,8 @@ def wait_healthy(proc: subprocess.Popen, base: str, timeout: float = 120) -> Non
 
 def stream_all(base: str, n: int, max_tokens: int, results: list, started: threading.Event) -> None:
     async def one(client, i):
-        body = {"prompt": [10 + i, 20, 30, 40], "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        body = {"prompt": [10 + i, 20, 30, 40], "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
         tokens, done, finish = 0, False, None
         try:
             async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -186,9 +187,10 @@ def stream_all(base: str, n: int, max_tokens: int, results: list, started: threa
                         if "error" in chunk:
                             finish = "error"
                             continue
-                        tokens += 1
+                        tokens = chunk["usage"]["completion_tokens"]  # a chunk may carry several tokens
                         started.set()
-                        finish = chunk["choices"][0]["finish_reason"] or finish
+                        if chunk["choices"]:
+                            finish = chunk["choices"][0]["finish_reason"] or finish
         except httpx.HTTPError as e:
             return tokens, done, f"{type(e).__name__}"
         return tokens, done, finish

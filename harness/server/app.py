@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import hmac
 import logging
+import os
 import re
 import time
 from contextlib import asynccontextmanager
@@ -36,7 +37,9 @@ from engines.base import Engine
 from engines.request import RequestError
 from harness.server.chat import ChatTemplate
 from harness.server.config import ServerConfig
+from engines.detokenizer import load_tokenizer
 from harness.server.engine_loop import EngineLoop
+from harness.server.engine_process import EngineProcess
 from harness.server.errors import APIError, bad_request, error_body
 from harness.server.metrics import CONTENT_TYPE, ServerMetrics
 from harness.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -56,8 +59,8 @@ UNION_HINTS = {
 
 @dataclasses.dataclass
 class ServerState:
-    engine: Engine
-    loop: EngineLoop
+    engine: Engine | None  # None when the engine runs in its own process
+    loop: EngineLoop | EngineProcess
     serving: Serving
     metrics: ServerMetrics
     cfg: ServerConfig
@@ -105,34 +108,35 @@ async def read_body(request: HTTPRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(engine: Engine, *, model_dir: str | Path, served_names: list[str], cfg: ServerConfig,
+def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, served_names: list[str], cfg: ServerConfig,
                engine_label: str | None = None, engine_config: Any = None, extra_info: dict[str, Any] | None = None) -> FastAPI:
-    """An app serving ``engine`` (already built and warm); the engine loop starts with the app and stops with it."""
+    """An app serving the engine behind ``loop`` (built and warm: an ``EngineLoop`` over an engine of this
+    process, or a started ``EngineProcess``); the loop starts with the app and stops with it."""
     model_dir = Path(model_dir)
-    block_size = getattr(getattr(engine, "kv", None), "block_size", None) if engine.name == "paged" else None
-    metrics = ServerMetrics(served_names[0], engine.name, block_size)
-    serving_ref: dict[str, Serving] = {}
-    loop = EngineLoop(engine, lambda grouped: serving_ref["s"].deliver(grouped), max_queue=cfg.max_queue, observer=metrics)
+    engine_info = loop.info
+    metrics = ServerMetrics(served_names[0], engine_info.name, engine_info.block_size)
+    info = ModelInfo(names=served_names, root=str(model_dir), max_model_len=engine_info.max_model_len,
+                     vocab_size=engine_info.vocab_size, engine=engine_info.name)
+    serving = Serving(loop, load_tokenizer(model_dir), ChatTemplate.from_model_dir(model_dir), info, cfg, metrics)
+    loop.on_outputs = serving.deliver
+    loop.observer = metrics
+    loop.max_queue = cfg.max_queue
     metrics.attach(loop)
-    info = ModelInfo(names=served_names, root=str(model_dir), max_model_len=engine.max_model_len,
-                     vocab_size=engine.model_config.vocab_size, engine=engine.name)
-    serving = Serving(loop, engine.tokenizer, ChatTemplate.from_model_dir(model_dir), info, cfg, metrics)
-    serving_ref["s"] = serving
-    stats = engine.kv_stats()
     server_info = {
-        "engine": engine.name, "engine_label": engine_label or engine.name,
+        "engine": engine_info.name, "engine_label": engine_label or engine_info.name,
         "engine_config": dataclasses.asdict(engine_config) if dataclasses.is_dataclass(engine_config) else engine_config,
-        "model": served_names[0], "model_dir": str(model_dir), "max_model_len": engine.max_model_len,
-        "vocab_size": engine.model_config.vocab_size, "kv_capacity_tokens": stats.capacity, "block_size": block_size,
-        "device": str(getattr(engine, "device", "cpu")), **(extra_info or {}),
+        "model": served_names[0], "model_dir": str(model_dir), "max_model_len": engine_info.max_model_len,
+        "vocab_size": engine_info.vocab_size, "kv_capacity_tokens": engine_info.capacity, "block_size": engine_info.block_size,
+        "device": engine_info.device, "engine_process": isinstance(loop, EngineProcess), **(extra_info or {}),
     }
-    state = ServerState(engine, loop, serving, metrics, cfg, server_info)
+    state = ServerState(getattr(loop, "engine", None), loop, serving, metrics, cfg, server_info)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         serving.aio_loop = asyncio.get_running_loop()
-        loop.start()
-        log.info("engine loop started: %s serving %s on %s", engine.name, served_names[0], server_info["device"])
+        await serving.aio_loop.run_in_executor(None, loop.start)  # an engine process may still be starting
+        log.info("engine loop started: %s serving %s on %s%s", engine_info.name, served_names[0], server_info["device"],
+                 f" (engine process {loop.pid})" if isinstance(loop, EngineProcess) else "")
         try:
             yield
         finally:
@@ -264,7 +268,8 @@ def create_app(engine: Engine, *, model_dir: str | Path, served_names: list[str]
     @app.get("/kvbench/info")
     async def kvbench_info(request: HTTPRequest) -> Any:
         authorize(request)
-        return {**server_info, "alive": loop.alive, "max_batch_size": loop.max_batch_size, "num_steps": loop.num_steps}
+        return {**server_info, "alive": loop.alive, "max_batch_size": loop.max_batch_size, "num_steps": loop.num_steps,
+                "engine_pid": getattr(loop, "pid", None) or os.getpid()}
 
     @app.get("/kvbench/kv_stats")
     async def kvbench_kv_stats(request: HTTPRequest) -> Any:

@@ -33,6 +33,9 @@ class ServerConfig:
     max_prompts: int = 256  # most prompts in one /v1/completions batch
     shutdown_timeout_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish before they are aborted
     warmup: bool = True  # run one short request before accepting traffic
+    # the engine loop in a process of its own (vLLM's engine core does the same), so HTTP work and engine
+    # work never wait on one interpreter lock; false: a thread of the server process
+    engine_process: bool = True
     log_level: str = "info"
     access_log: bool = False
 

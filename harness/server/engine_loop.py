@@ -60,11 +60,35 @@ class LoopObserver:
         """A request left without finishing normally (aborted by its client or the shutdown, or failed)."""
 
 
+@dataclass
+class EngineInfo:
+    """What the server needs to know about an engine, whichever process it runs in."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    capacity: int  # KV capacity in token slots
+    block_size: int | None  # paged engines only
+    device: str
+
+    @classmethod
+    def of(cls, engine: Engine) -> "EngineInfo":
+        block_size = getattr(getattr(engine, "kv", None), "block_size", None) if engine.name == "paged" else None
+        return cls(engine.name, engine.max_model_len, engine.model_config.vocab_size, engine.kv_stats().capacity,
+                   block_size, str(getattr(engine, "device", "cpu")))
+
+
 class EngineLoop:
-    def __init__(self, engine: Engine, on_outputs: OutputsCallback, *, max_queue: int = 1024,
+    """The engine on a thread of this process (``EngineProcess`` runs this loop in a process of its own).
+
+    ``on_outputs`` and ``observer`` may be set after construction, before ``start()``.
+    """
+
+    def __init__(self, engine: Engine, on_outputs: OutputsCallback | None = None, *, max_queue: int = 1024,
                  observer: "LoopObserver | None" = None, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
-        self.on_outputs = on_outputs
+        self.info = EngineInfo.of(engine)
+        self.on_outputs: OutputsCallback = on_outputs or (lambda grouped: None)
         self.observer = observer
         self.max_queue = max_queue
         self.idle_wait_s = idle_wait_s
@@ -94,6 +118,9 @@ class EngineLoop:
         return self.snapshot.num_running
 
     def start(self) -> None:
+        """Start the loop thread (once; later calls do nothing)."""
+        if self._thread is not None:
+            return
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -235,7 +262,10 @@ class EngineLoop:
             if not self._open[rid].open_samples:
                 del self._open[rid]
         self._publish()
-        self._observe("on_step", StepInfo(len(advanced), new_tokens, seconds), grouped, requests)
+        self._deliver_step(StepInfo(len(advanced), new_tokens, seconds), grouped, requests)
+
+    def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
+        self._observe("on_step", info, grouped, requests)
         if grouped:
             self.on_outputs(grouped)
 

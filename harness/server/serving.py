@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
@@ -105,9 +105,14 @@ class _Generation:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
     async def outputs(self) -> AsyncIterator[list[RequestOutput]]:
+        """The engine's outputs as they come; what piled up while the consumer was busy (sending the last
+        chunk, or waiting for the event loop) comes as one merged output per sample, so a stream under load
+        sends fewer, larger chunks instead of falling further behind."""
         while self.open:
-            _, outs = await self.queue.get()
-            yield outs
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            yield batch[0][1] if len(batch) == 1 else _merged(outs for _, outs in batch)
 
     def close(self) -> None:
         """Abort what has not finished (the client left) and stop listening."""
@@ -118,6 +123,16 @@ class _Generation:
         self.done = True
         for rid in self.ids:
             self.serving.queues.pop(rid, None)
+
+
+def _merged(batches: Iterable[list[RequestOutput]]) -> list[RequestOutput]:
+    """Outputs of consecutive steps as one output per sample, in order of first appearance."""
+    merged: dict[tuple[str, int], RequestOutput] = {}
+    for outs in batches:
+        for out in outs:
+            key = (out.request_id, out.index)
+            merged[key] = merged[key].followed_by(out) if key in merged else out
+    return list(merged.values())
 
 
 class Serving:

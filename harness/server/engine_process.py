@@ -1,0 +1,397 @@
+"""The engine loop in a process of its own, so HTTP work and engine work never share one GIL.
+
+With the engine on a thread of the server process (``EngineLoop``), every step's Python
+(scheduling, sampling, detokenizing) and every stream's (JSON, server-sent events, sockets)
+take turns on one interpreter lock, and under load each slows the other down. vLLM's v1
+engine core runs in its own process for the same reason. ``EngineProcess`` does that here:
+
+- the child builds the engine (model load, KV sizing, warm-up) from a picklable ``setup``
+  callable, then runs the very same ``EngineLoop`` on it, and forwards what the loop says
+  (KV snapshots, each step's outputs with its ``StepInfo``, requests that ended early) to the
+  parent over a pipe, in order;
+- the parent keeps the ``EngineLoop`` interface (``add``, ``abort``, ``abort_all``, ``stop``,
+  ``snapshot``, ``alive``, ...), so the app does not know which one it has. A reader thread
+  receives the child's messages and calls ``on_outputs`` and the observer, as the loop
+  thread would.
+
+If the child dies (a crash, the OOM killer), every open request gets a final ERROR output
+and the server answers 503, as when ``step()`` raises. The child ignores SIGINT and SIGTERM
+(a Ctrl-C reaches the whole process group): the parent decides when it stops, and a child
+whose parent is gone sees the pipe close and exits.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from engines.base import Engine, KVStats
+from engines.request import FinishReason, Request, RequestError, RequestOutput
+from harness.server.engine_loop import (
+    EngineDead, EngineInfo, EngineLoop, LoopObserver, OutputsCallback, QueueFull, StepInfo,
+)
+
+log = logging.getLogger(__name__)
+
+# setup() runs in the child: it returns the engine, ready to serve, and facts to hand the parent
+EngineSetup = Callable[[], tuple[Engine, dict[str, Any]]]
+
+
+class EngineStartError(RuntimeError):
+    """The child could not build the engine; ``user_error`` when the configuration is at fault."""
+
+    def __init__(self, message: str, user_error: bool) -> None:
+        super().__init__(message)
+        self.user_error = user_error
+
+
+@dataclass
+class _Open:
+    request: Request
+    open_samples: set[int]
+
+
+class EngineProcess:
+    def __init__(self, setup: EngineSetup, on_outputs: OutputsCallback | None = None, *, max_queue: int = 1024,
+                 observer: LoopObserver | None = None, startup_timeout_s: float = 1800.0) -> None:
+        self.setup = setup
+        self.on_outputs: OutputsCallback = on_outputs or (lambda grouped: None)
+        self.observer = observer
+        self.max_queue = max_queue
+        self.startup_timeout_s = startup_timeout_s
+        self.info: EngineInfo | None = None
+        self.extra: dict[str, Any] = {}  # what setup() reported besides the engine (hardware, model directory)
+        self.error: str | None = None
+        self.snapshot = KVStats(0, 0, 0, 0, 0)
+        self.num_steps = 0
+        self.max_batch_size = 0
+        self.last_batch_size = 0
+        self._context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._conn, self._child_conn = self._context.Pipe()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._reader: threading.Thread | None = None
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _open and _pending
+        self._open: dict[str, _Open] = {}
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._stopping = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the child and wait until its engine is ready (once; later calls do nothing)."""
+        if self._process is not None:
+            return
+        self._process = self._context.Process(target=_child_main, args=(self.setup, self._child_conn),
+                                              name="kvbench-engine", daemon=True)
+        self._process.start()
+        self._child_conn.close()  # the child holds its end; EOF here then means the child is gone
+        if not self._conn.poll(self.startup_timeout_s):
+            self._kill()
+            raise EngineStartError(f"the engine process did not become ready in {self.startup_timeout_s:.0f} s", False)
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            raise EngineStartError(f"the engine process exited while starting (exit code {self._process.exitcode})",
+                                   False) from None
+        if message[0] == "failed":
+            self._process.join(30)
+            raise EngineStartError(message[1], message[2])
+        _, self.info, self.extra, self.snapshot = message
+        self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return (self._reader is not None and self._reader.is_alive() and self.error is None
+                and not self._stopping.is_set())
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Abort what is still open, stop the child (its engine closes there) and wait for it."""
+        self._stopping.set()
+        if self._process is None:
+            return
+        try:
+            self._send(("stop", timeout))
+        except (OSError, EOFError):
+            pass  # the child is gone already
+        if self._reader is not None:
+            self._reader.join(None if timeout is None else timeout + 10)
+        self._process.join(10)
+        if self._process.is_alive():
+            log.warning("the engine process did not stop in time; killing it")
+            self._kill()
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(10)
+
+    # -- any thread (the EngineLoop interface) --------------------------------------------------------
+    def num_waiting(self) -> int:
+        return len(self._pending) + self.snapshot.num_waiting
+
+    def num_running(self) -> int:
+        return self.snapshot.num_running
+
+    def add(self, request: Request) -> concurrent.futures.Future:
+        """Queue a request; the future completes once the engine accepted it (or raises RequestError)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        rid = request.request_id
+        with self._lock:
+            if not self.alive:
+                raise EngineDead(self.error or "the engine loop is not running")
+            if self.num_waiting() >= self.max_queue:
+                raise QueueFull(f"{self.num_waiting()} requests are waiting (server.max_queue is {self.max_queue})")
+            if rid in self._open:
+                future.set_exception(RequestError(f"request id {rid!r} is already in use"))
+                return future
+            self._pending[rid] = future
+            self._open[rid] = _Open(request, set(range(request.sampling_params.n)))
+        try:
+            self._send(("add", request))
+        except (OSError, EOFError) as e:
+            with self._lock:
+                self._pending.pop(rid, None)
+                self._open.pop(rid, None)
+            raise EngineDead(f"the engine process is gone: {e}") from e
+        return future
+
+    def abort(self, request_id: str) -> None:
+        self._send_quietly(("abort", request_id))
+
+    def abort_all(self) -> None:
+        """Abort every open request; each gets a final ABORT output (its stream ends cleanly)."""
+        self._send_quietly(("abort_all",))
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _send_quietly(self, message: tuple) -> None:
+        try:
+            self._send(message)
+        except (OSError, EOFError):
+            log.debug("the engine process is gone; dropped %s", message[0])
+
+    # -- the reader thread ----------------------------------------------------------------------------
+    def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    self._child_gone()
+                    return
+                if message[0] == "stopped":
+                    self.error = self.error or message[1]
+                    return
+                try:
+                    self._handle(message)
+                except Exception:  # noqa: BLE001 - one bad delivery must not stop the others
+                    log.exception("handling the engine's %s message failed", message[0])
+        finally:
+            self._refuse_pending(self.error or "the engine loop stopped")
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "snapshot":
+            self.snapshot = message[1]
+        elif kind == "added":
+            self._added(message[1], message[2])
+        elif kind == "step":
+            self._step(message[1], message[2])
+        elif kind == "outputs":
+            self._track(message[1])
+            self.on_outputs(message[1])
+        elif kind == "ended":
+            with self._lock:
+                entry = self._open.pop(message[1], None)
+            if entry is not None:
+                self._observe("on_end", entry.request, message[2])
+        elif kind == "dead":
+            self.error = message[1]
+        else:
+            log.warning("unknown message from the engine process: %r", kind)
+
+    def _added(self, rid: str, error: tuple[str, str] | None) -> None:
+        with self._lock:
+            future = self._pending.pop(rid, None)
+            if error is not None:
+                self._open.pop(rid, None)
+        if future is None:
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            kind, text = error
+            future.set_exception(RequestError(text) if kind == "request" else EngineDead(text) if kind == "dead"
+                                 else RuntimeError(text))
+
+    def _step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]]) -> None:
+        self.num_steps += 1
+        self.last_batch_size = info.batch_size
+        self.max_batch_size = max(self.max_batch_size, info.batch_size)
+        with self._lock:
+            requests = {rid: self._open[rid].request for rid in grouped if rid in self._open}
+        self._track(grouped)
+        self._observe("on_step", info, grouped, requests)
+        if grouped:
+            self.on_outputs(grouped)
+
+    def _track(self, grouped: dict[str, list[RequestOutput]]) -> None:
+        """Forget the requests whose every sample finished."""
+        with self._lock:
+            for rid, outs in grouped.items():
+                entry = self._open.get(rid)
+                if entry is None:
+                    continue
+                entry.open_samples.difference_update(out.index for out in outs if out.finished)
+                if not entry.open_samples:
+                    del self._open[rid]
+
+    def _observe(self, method: str, *args) -> None:
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, method)(*args)
+        except Exception:  # noqa: BLE001 - metrics must never stop the deliveries
+            log.exception("the loop observer failed in %s", method)
+
+    def _child_gone(self) -> None:
+        """The pipe closed: fine when stopping, otherwise the child died and its requests fail."""
+        if self._process is not None:
+            self._process.join(5)
+        code = self._process.exitcode if self._process is not None else None
+        if self._stopping.is_set() and code == 0:
+            return
+        self.error = self.error or f"engine loop died: the engine process exited (exit code {code})"
+        log.error("%s", self.error)
+        with self._lock:
+            entries, self._open = self._open, {}
+        grouped = {rid: [RequestOutput(rid, i, [], [], finished=True, finish_reason=FinishReason.ERROR,
+                                       num_prompt_tokens=e.request.num_prompt_tokens, error=self.error)
+                         for i in sorted(e.open_samples)] for rid, e in entries.items()}
+        for entry in entries.values():
+            self._observe("on_end", entry.request, FinishReason.ERROR)
+        if grouped:
+            self.on_outputs(grouped)
+
+    def _refuse_pending(self, error: str) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(EngineDead(error))
+
+
+# -- the child process ----------------------------------------------------------------------------------
+class _ForwardingLoop(EngineLoop):
+    """The engine loop of the child: whatever it would tell the server goes down the pipe instead."""
+
+    def __init__(self, engine: Engine, send: Callable[[tuple], None]) -> None:
+        self._send = send
+        self._sent: KVStats | None = None
+        super().__init__(engine, lambda grouped: send(("outputs", grouped)), max_queue=2**62,
+                         observer=_EndForwarder(send))
+
+    def _publish(self) -> None:
+        super()._publish()
+        if self.snapshot != self._sent:
+            self._sent = self.snapshot
+            self._send(("snapshot", self.snapshot))
+
+    def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
+        self._send(("step", info, grouped))
+
+    def _fail_all(self, error: str) -> None:
+        self._send(("dead", error))  # first, so the server refuses new requests before it sees the failures
+        super()._fail_all(error)
+
+
+class _EndForwarder(LoopObserver):
+    def __init__(self, send: Callable[[tuple], None]) -> None:
+        self.send = send
+
+    def on_step(self, info, outputs, requests) -> None:  # steps go down the pipe whole, see _ForwardingLoop
+        pass
+
+    def on_end(self, request: Request, reason: FinishReason) -> None:
+        self.send(("ended", request.request_id, reason))
+
+
+def _child_main(setup: EngineSetup, conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with lock:
+            conn.send(message)
+
+    try:
+        engine, extra = setup()
+    except BaseException as e:  # noqa: BLE001 - the parent reports it and exits
+        from harness.app import USER_ERRORS, describe_error
+
+        user = isinstance(e, USER_ERRORS) or isinstance(e, ValueError)
+        if not user:
+            log.exception("building the engine failed")
+        send(("failed", describe_error(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}", user))
+        return
+    loop = _ForwardingLoop(engine, send)
+    send(("ready", loop.info, extra, loop.snapshot))
+    loop.start()
+    try:
+        _serve_commands(conn, loop, send)
+    finally:
+        send(("stopped", loop.error))
+        conn.close()
+
+
+def _serve_commands(conn, loop: _ForwardingLoop, send: Callable[[tuple], None]) -> None:
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone: stop
+            loop.stop(5.0)
+            return
+        kind = message[0]
+        if kind == "add":
+            _add(loop, message[1], send)
+        elif kind == "abort":
+            loop.abort(message[1])
+        elif kind == "abort_all":
+            loop.abort_all()
+        elif kind == "stop":
+            loop.stop(message[1])
+            return
+
+
+def _add(loop: EngineLoop, request: Request, send: Callable[[tuple], None]) -> None:
+    rid = request.request_id
+
+    def acknowledge(future: concurrent.futures.Future) -> None:
+        e = future.exception()
+        send(("added", rid, None if e is None else _error_of(e)))
+
+    try:
+        loop.add(request).add_done_callback(acknowledge)
+    except EngineDead as e:
+        send(("added", rid, ("dead", str(e))))
+
+
+def _error_of(e: BaseException) -> tuple[str, str]:
+    """An exception as (kind, text): exceptions of any class cross the pipe this way."""
+    kind = "request" if isinstance(e, RequestError) else "dead" if isinstance(e, EngineDead) else "internal"
+    return kind, str(e)
