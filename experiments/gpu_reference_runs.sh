@@ -3,13 +3,17 @@
 #   PART a: the `throughput` experiment (hf_paged, contiguous, paged), and the paged engine
 #           served over HTTP (bench-serve, 64 closed-loop streams) beside the same workload offline
 #   PART b: the `memory_waste` experiment at full size
+#   PART serve: where the HTTP path's time goes: the serve workload offline (token ids only, and with
+#           text as a server makes it), then served with the engine in its own process and on a thread
+#           of the server, with the CPU seconds of every process and thread (experiments/proc_cpu.py)
 # Each experiment's directory is packed as OUT/NAME.tgz.
 set -uo pipefail
 out=${1:?output directory}; part=${2:?part a or b}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 pack() { tar czf "$out/$1.tgz" -C "$out" "$1" && rm -rf "${out:?}/$1"; }
-serve_workload=(model=qwen3-0.6b workload=fixed workload.num_requests=256 workload.prompt.value=512
+model=${MODEL:-qwen3-0.6b}  # MODEL=tiny-qwen3 REQUESTS=16 for a smoke run on a CPU
+serve_workload=(model=$model workload=fixed workload.num_requests=${REQUESTS:-256} workload.prompt.value=512
                 workload.output.value=128 arrival=closed arrival.concurrency=64)
 if [ "$part" = a ]; then
   $py -m harness +experiment=throughput engine=hf_paged,contiguous,paged hydra.sweep.dir="$out/throughput"
@@ -23,6 +27,27 @@ if [ "$part" = a ]; then
       "${serve_workload[@]}" name=serve64
   kill -TERM $server; wait $server
   pack serve64
+elif [ "$part" = serve ]; then
+  $py -m harness engine=paged "${serve_workload[@]}" name=offline64 hydra.run.dir="$out/offline64"
+  pack offline64
+  $py -m harness engine=paged "${serve_workload[@]}" workload.detokenize=true name=offline64_text \
+      hydra.run.dir="$out/offline64_text"
+  pack offline64_text
+  for mode in process thread; do
+    flag=$([ $mode = process ] && echo true || echo false)
+    $py -m harness serve model=$model engine=paged server.port=8000 server.engine_process=$flag \
+        > "$out/serve_$mode.log" 2>&1 &
+    server=$!
+    for _ in $(seq 180); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
+    before=$($py experiments/proc_cpu.py $server)
+    TIMEFORMAT='{"user": %U, "sys": %S, "wall": %R}'
+    client=$( { time $py -m harness bench-serve --base-url http://127.0.0.1:8000 --model $model \
+        --out "$out/serve64_$mode" "${serve_workload[@]}" name=serve64_$mode >> "$out/serve_$mode.log" 2>&1 ; } 2>&1 )
+    after=$($py experiments/proc_cpu.py $server)
+    echo "{\"server_before\": $before, \"server_after\": $after, \"client\": $client}" > "$out/serve64_$mode/cpu.json"
+    kill -TERM $server; wait $server
+    pack serve64_$mode
+  done
 else
   $py -m harness +experiment=memory_waste hydra.sweep.dir="$out/memory_waste"
   pack memory_waste

@@ -142,6 +142,9 @@ class WorkloadSpec:
     n: int = 1  # parallel samples per request
     temperature: float = 0.0
     ignore_eos: bool = True  # so max_tokens is the exact output length
+    # False: the engine returns token ids only (the harness measures tokens; text is host work every step);
+    # True: it detokenizes as a server must, so an offline run can be held against a served one
+    detokenize: bool = False
 
     def __post_init__(self) -> None:
         _need(self.num_requests >= 1, f"workload.num_requests must be >= 1, got {self.num_requests}")

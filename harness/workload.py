@@ -138,9 +138,8 @@ def build_workload(spec: WorkloadSpec, tokenizer: Tokenizer, vocab_size: int, ma
     requests = []
     for i, (body, output_len) in enumerate(zip(bodies, outputs)):
         prompt = (prefixes[i % len(prefixes)] if prefixes else []) + body
-        # detokenize=False: the harness measures tokens; text would only add host work to every step
         params = SamplingParams(max_tokens=int(output_len), temperature=spec.temperature, ignore_eos=spec.ignore_eos,
-                                n=spec.n, detokenize=False)
+                                n=spec.n, detokenize=spec.detokenize)
         requests.append(PlannedRequest(str(i), prompt, params))
     too_long = [r for r in requests if r.total_len > max_model_len]
     if too_long:

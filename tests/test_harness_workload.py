@@ -38,6 +38,11 @@ def test_uniform_and_fixed_lengths(tokenizer):
     assert all(r.sampling_params.ignore_eos for r in requests)
 
 
+def test_text_only_when_asked(tokenizer):
+    assert not any(r.sampling_params.detokenize for r in _build(tokenizer, num_requests=4))
+    assert all(r.sampling_params.detokenize for r in _build(tokenizer, num_requests=4, detokenize=True))
+
+
 def test_prompts_avoid_special_tokens_and_are_deterministic(tokenizer):
     special = set(tokenizer.get_added_tokens_decoder())
     regular = regular_token_ids(tokenizer, 1024)
