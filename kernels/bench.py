@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import platform
 import time
@@ -63,6 +64,8 @@ class Plan:
     prefills: tuple[tuple[int, int], ...]  # (batch, length) of full causal prefills
     chunked: tuple[tuple[int, int, int], ...]  # (batch, context before, chunk)
     rep_ms: int
+    # (batch, context) decode cases to run instead of the batches x contexts grid (and the long one).
+    decode_cases: tuple[tuple[int, int], ...] = ()
 
 
 FULL = Plan((1, 4, 16, 64, 256), (512, 2048, 4096, 16384), (1, 16, 256), 32768,
@@ -139,7 +142,7 @@ class Cache:
 
 def decode_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
     """Paged (each block size) and contiguous decode over one cache per (batch, context), plus SDPA."""
-    cases = [(b, c) for b in plan.batches for c in plan.contexts] + [(1, plan.long_context)]
+    cases = list(plan.decode_cases) or [(b, c) for b in plan.batches for c in plan.contexts] + [(1, plan.long_context)]
     for batch, context in cases:
         cache = Cache(batch, context, dtype, device)
         q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
@@ -467,6 +470,14 @@ class CsvLog:
 SECTIONS = {"decode": decode_rows, "prefill": prefill_rows, "cache": cache_op_rows, "layers": layer_rows, "tune": tune_rows}
 
 
+def _decode_cases(text: str) -> tuple[tuple[int, int], ...]:
+    """``"1x512,64x4096"`` -> ``((1, 512), (64, 4096))``."""
+    try:
+        return tuple((int(b), int(c)) for b, c in (item.lower().split("x") for item in text.split(",") if item))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BxCTX[,BxCTX...], got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for kernels_bench.csv")
@@ -474,12 +485,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", default="decode,prefill,cache,layers",
                         help=f"comma-separated, from {','.join(SECTIONS)} (tune sweeps tile configs)")
     parser.add_argument("--refresh-peaks", action="store_true", help="measure B and F again")
+    parser.add_argument("--decode-cases", type=_decode_cases, default=(),
+                        help="decode cases BxCTX, comma-separated (e.g. 1x512,64x4096), instead of the full grid")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA device")
     device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.bfloat16
-    plan = QUICK if args.quick else FULL
+    plan = dataclasses.replace(QUICK if args.quick else FULL, decode_cases=args.decode_cases)
     peaks = device_peaks(device, refresh=args.refresh_peaks)
     meta = {"gpu": peaks.device_name, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
