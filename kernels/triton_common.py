@@ -44,7 +44,8 @@ def interpreter_upcast(device: torch.device) -> bool:
 
 
 def pipeline_stages(kv_stages: int, paged: bool) -> int:
-    """Triton ``num_stages`` for a K/V pipeline ``kv_stages`` deep.
+    """Triton ``num_stages`` for a K/V pipeline ``kv_stages`` deep (prefill; decode loads its
+    block-table entries a tile ahead itself, see ``triton_decode``).
 
     Paged addressing needs one stage more: Triton's pipeliner then copies the block-table
     entries asynchronously one stage before the K/V tiles they address (checked in the sm_90
@@ -69,14 +70,27 @@ def sequence_base(addr_ptr, b, stride_addr, PAGED: tl.constexpr):
 
 
 @triton.jit
-def token_slots(table, start, pos, mask, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr):
-    """Cache slot (int64) of each token position ``pos`` of one sequence."""
+def tile_blocks(table, pos, mask, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr):
+    """Block-table entry of each token position ``pos`` (paged); contiguous addressing has none."""
     if PAGED:
-        block = tl.load(table + pos // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
-        slots = block * BLOCK_SIZE + (pos % BLOCK_SIZE)
+        return tl.load(table + pos // BLOCK_SIZE, mask=mask, other=0)
+    return pos
+
+
+@triton.jit
+def tile_slots(blocks, start, pos, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr):
+    """Cache slot (int64) of each token position ``pos``, from its ``tile_blocks`` entry."""
+    if PAGED:
+        slots = blocks.to(tl.int64) * BLOCK_SIZE + (pos % BLOCK_SIZE)
     else:
         slots = start + pos
     return slots
+
+
+@triton.jit
+def token_slots(table, start, pos, mask, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr):
+    """Cache slot (int64) of each token position ``pos`` of one sequence."""
+    return tile_slots(tile_blocks(table, pos, mask, BLOCK_SIZE, PAGED), start, pos, BLOCK_SIZE, PAGED)
 
 
 @triton.jit
@@ -101,9 +115,24 @@ def attend_tile(
     query's position ``q_pos``. Full interior tiles skip both masks.
     """
     pos = start + tl.arange(0, BLOCK_N)
+    slots = token_slots(table, start_slot, pos, pos < limit, BLOCK_SIZE, PAGED)
+    return attend_slots(
+        q, acc, m_i, l_i, k_base, v_base, slots, pos, limit, q_pos, stride_ks, stride_vs, qk_scale,
+        HEAD_DIM, BOUNDED, CAUSAL, UPCAST, PRECISION,
+    )
+
+
+@triton.jit
+def attend_slots(
+    q, acc, m_i, l_i,
+    k_base, v_base, slots, pos, limit, q_pos,
+    stride_ks, stride_vs, qk_scale,
+    HEAD_DIM: tl.constexpr, BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``attend_tile`` over the key positions ``pos`` stored at the cache ``slots``."""
     dims = tl.arange(0, HEAD_DIM)
     valid = pos < limit
-    slots = token_slots(table, start_slot, pos, valid, BLOCK_SIZE, PAGED)
     k_ptrs = k_base + slots[:, None] * stride_ks + dims[None, :]
     v_ptrs = v_base + slots[:, None] * stride_vs + dims[None, :]
     if BOUNDED:

@@ -1,10 +1,11 @@
 """Split-KV (flash-decoding) attention for one query token per sequence.
 
 Grid ``(batch, kv_heads, splits)``: each program loads its KV head's keys and values once
-for all the query heads that share it (GQA/MQA), over one slice of the context. With more
-than one split, a second kernel merges the slices by their log-sum-exp. The number of
-splits depends only on shapes and host ints, and each slice's bounds are computed on the
-device from ``seq_lens``, so a launch never syncs and can be captured in a CUDA graph.
+for all the query heads that share it (GQA/MQA), over one slice of the context: every
+``splits``-th tile of it. With more than one split, a second kernel merges the slices by
+their log-sum-exp. The number of splits depends only on shapes and host ints, and each
+sequence's length is read on the device from ``seq_lens``, so a launch never syncs and can
+be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import triton.language as tl
 
 from kernels.triton_common import (
     LOG2E,
-    attend_tile,
+    attend_slots,
     dot_precision,
     interpreter_upcast,
-    pipeline_stages,
     sequence_base,
     sm_count,
+    tile_blocks,
+    tile_slots,
 )
 
 
@@ -30,7 +32,9 @@ from kernels.triton_common import (
 class DecodeConfig:
     block_n: int
     num_warps: int
-    num_stages: int  # K/V pipeline depth (``pipeline_stages`` adds paging's stage)
+    # Triton ``num_stages``, the same for both addressings: the kernel loads the block-table
+    # entries one tile ahead itself, so paging needs no pipeline stage of its own.
+    num_stages: int
     # Programs to aim for per SM when choosing the split count: enough to hide a wave tail.
     waves: int = 3
     # A split covers at least this many tiles, so the merge never costs more than it saves.
@@ -60,7 +64,7 @@ def num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seq_lens_ptr, addr_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, num_splits,
+    qk_scale, num_splits, row_tokens,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ob, stride_oh, stride_addr,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -70,29 +74,41 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Split ``split`` attends to the tiles ``split, split + num_splits, ...`` of its sequence:
+    # where its first tile lies does not depend on ``seq_len``, so (paged) that tile's
+    # block-table entries are loaded alongside ``seq_len`` rather than after it, masked only by
+    # the table's row (``row_tokens``). The K/V copies of the first tile then wait on one memory
+    # access, as contiguous addressing's wait on ``seq_len`` and the sequence's start slot.
+    offs = tl.arange(0, BLOCK_N)
+    first = split * BLOCK_N
+    step = num_splits * BLOCK_N
+    table, start_slot = sequence_base(addr_ptr, b, stride_addr, PAGED)
+    blocks = tile_blocks(table, first + offs, first + offs < row_tokens, BLOCK_SIZE, PAGED)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, seq_len)
 
     rows = tl.arange(0, GROUP_P)
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + rows
     row_ok = rows < GROUP
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
-    table, start_slot = sequence_base(addr_ptr, b, stride_addr, PAGED)
     k_base = k_ptr + kv_head * stride_kh
     v_base = v_ptr + kv_head * stride_vh
 
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, hi, rows,
+    for start in range(first, seq_len, step):
+        # The next tile's entries are loaded one tile ahead (software pipelining by hand).
+        pos = start + offs
+        nxt = pos + step
+        next_blocks = tile_blocks(table, nxt, nxt < seq_len, BLOCK_SIZE, PAGED)
+        slots = tile_slots(blocks, start_slot, pos, BLOCK_SIZE, PAGED)
+        acc, m_i, l_i = attend_slots(
+            q, acc, m_i, l_i, k_base, v_base, slots, pos, seq_len, rows,
             stride_ks, stride_vs, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, False, UPCAST, PRECISION,
+            HEAD_DIM, True, False, UPCAST, PRECISION,
         )
+        blocks = next_blocks
 
     # An empty slice (or an empty sequence) leaves l_i == 0: it contributes nothing.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -163,13 +179,13 @@ def decode(
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, addr, out, part_out, part_lse,
-        scale * LOG2E, num_splits,
+        scale * LOG2E, num_splits, addr.shape[1] * block_size if paged else 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), addr.stride(0),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size if paged else 1, PAGED=paged, SPLIT=split,
         UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=pipeline_stages(config.num_stages, paged),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
         _decode_merge_kernel[(batch, num_heads)](
