@@ -70,6 +70,9 @@ class ServerView:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+CLIENT_BUSY = 0.9  # above this share of a core, the client warns that it may be the bottleneck
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harness bench-serve",
@@ -537,7 +540,13 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
     await warm(client, regular_token_ids(tokenizer, model_cfg.vocab_size), cfg.warmup_requests)
     poller = KVPoller(http, view, args.kv_poll_interval, args.kv_source)
     concurrency = typed["arrival"].concurrency if offsets is None else None
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     record = await run_http(client, requests, offsets, concurrency, poller, sys.stderr.isatty())
+    client_cpu = (time.process_time() - cpu_start) / max(time.perf_counter() - wall_start, 1e-9)
+    if client_cpu > CLIENT_BUSY:
+        log.warning("this client kept a CPU core %.0f%% busy during the run: it may be what limits the figures "
+                    "(TTFT, ITL and tok/s are stamped when it gets to each chunk); fewer streams per client would tell",
+                    100 * client_cpu)
 
     info = view.info or {}
     figures, request_rows, steps = _run_figures(spec, record, model_cfg, torch.device("cpu"))
@@ -564,6 +573,7 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
         "server": {"base_url": view.base_url, "model": view.model, "endpoint": args.endpoint, "kv_source": poller.source,
                    "info": {k: v for k, v in info.items() if k not in ("hardware", "versions", "model_shape", "config")}},
         "client_versions": versions(),
+        "client_cpu_util": client_cpu,  # CPU seconds of this client per second of the run (1.0 = one core busy)
     }
     run = {**row, "status": "ok", **figures}
     write_run(out, run, {**metadata, "status": "ok"}, request_rows, steps)

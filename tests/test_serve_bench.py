@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -77,6 +78,9 @@ def test_the_http_figures_are_measured(http_run, offline_run):
     assert (requests["output_tokens"] == 8).all() and (requests["finish_reason"] == "length").all()
     assert all(len(t) == 8 and list(t) == sorted(t) for t in requests["token_times_s"])
     assert (requests["ttft_s"] > 0).all() and requests["error"].isna().all()
+    # how busy the client itself was during the run (a saturated client limits what it measures)
+    metadata = json.loads((http_run / "metadata.json").read_text())
+    assert 0 < metadata["client_cpu_util"] < 4
 
 
 def test_the_report_is_written_like_an_offline_one(http_run, offline_run):

@@ -121,7 +121,7 @@ class EngineLoop:
         """Start the loop thread (once; later calls do nothing)."""
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="engine-loop", daemon=True)
         self._thread.start()
 
     def add(self, request: Request) -> concurrent.futures.Future:
@@ -156,7 +156,8 @@ class EngineLoop:
             self._thread.join(timeout)
 
     # -- the loop thread ---------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The loop itself, on the calling thread, until ``stop()`` (``start()`` runs it on a thread of its own)."""
         try:
             self._name_os_thread()
             self._bind_device()
@@ -167,7 +168,7 @@ class EngineLoop:
                     self._step()
                 else:
                     self._publish()
-                    self._wake.wait(self.idle_wait_s)
+                    self._idle()
             self._drain_inbox()
         except BaseException as e:  # the engine failed: fail everything open, refuse the rest
             self.error = f"engine loop died: {type(e).__name__}: {e}"
@@ -182,6 +183,10 @@ class EngineLoop:
                 self.engine.close()
             except Exception:  # noqa: BLE001 - closing must not hide the first problem
                 log.exception("closing the engine failed")
+
+    def _idle(self) -> None:
+        """Nothing to run: wait for a command (or a moment, to publish a fresh snapshot)."""
+        self._wake.wait(self.idle_wait_s)
 
     @staticmethod
     def _name_os_thread() -> None:

@@ -121,7 +121,7 @@ class EngineProcess:
         if self._process is None:
             return
         try:
-            self._send(("stop", timeout))
+            self._send(("stop",))
         except (OSError, EOFError):
             pass  # the child is gone already
         if self._reader is not None:
@@ -296,13 +296,52 @@ class EngineProcess:
 
 # -- the child process ----------------------------------------------------------------------------------
 class _ForwardingLoop(EngineLoop):
-    """The engine loop of the child: whatever it would tell the server goes down the pipe instead."""
+    """The engine loop of the child, on its main thread: commands come from the pipe between steps, and
+    whatever the loop would tell the server goes down the pipe.
 
-    def __init__(self, engine: Engine, send: Callable[[tuple], None]) -> None:
-        self._send = send
+    One thread only: a second one reading the pipe would wait for the interpreter lock behind every
+    step, and a burst of new requests would reach the engine one switch interval at a time.
+    """
+
+    def __init__(self, engine: Engine, conn) -> None:
+        self._conn = conn
         self._sent: KVStats | None = None
-        super().__init__(engine, lambda grouped: send(("outputs", grouped)), max_queue=2**62,
-                         observer=_EndForwarder(send))
+        super().__init__(engine, lambda grouped: self._send(("outputs", grouped)), max_queue=2**62,
+                         observer=_EndForwarder(self._send))
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, EOFError):  # the parent is gone: stop
+            self._stopping.set()
+
+    def _drain_inbox(self) -> None:
+        """Apply every command waiting in the pipe."""
+        try:
+            while self._conn.poll(0):
+                self._command(self._conn.recv())
+        except (OSError, EOFError):  # the parent is gone: stop
+            self._stopping.set()
+
+    def _idle(self) -> None:
+        try:
+            self._conn.poll(self.idle_wait_s)
+        except (OSError, EOFError):
+            self._stopping.set()
+
+    def _command(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "add":
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            self._add(message[1], future)
+            e = future.exception()
+            self._send(("added", message[1].request_id, None if e is None else _error_of(e)))
+        elif kind == "abort":
+            self._abort(message[1])
+        elif kind == "abort_all":
+            self._abort_all("aborted: the server is shutting down")
+        elif kind == "stop":
+            self._stopping.set()
 
     def _publish(self) -> None:
         super()._publish()
@@ -316,6 +355,16 @@ class _ForwardingLoop(EngineLoop):
     def _fail_all(self, error: str) -> None:
         self._send(("dead", error))  # first, so the server refuses new requests before it sees the failures
         super()._fail_all(error)
+
+    def _refuse_inbox(self, error: str) -> None:
+        """Commands still in the pipe after the engine died: refuse the adds."""
+        try:
+            while self._conn.poll(0):
+                message = self._conn.recv()
+                if message[0] == "add":
+                    self._send(("added", message[1].request_id, ("dead", error)))
+        except (OSError, EOFError):
+            pass
 
 
 class _EndForwarder(LoopObserver):
@@ -333,12 +382,6 @@ def _child_main(setup: EngineSetup, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
-    lock = threading.Lock()
-
-    def send(message: tuple) -> None:
-        with lock:
-            conn.send(message)
-
     try:
         engine, extra = setup()
     except BaseException as e:  # noqa: BLE001 - the parent reports it and exits
@@ -347,48 +390,16 @@ def _child_main(setup: EngineSetup, conn) -> None:
         user = isinstance(e, USER_ERRORS) or isinstance(e, ValueError)
         if not user:
             log.exception("building the engine failed")
-        send(("failed", describe_error(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}", user))
+        conn.send(("failed", describe_error(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}", user))
         return
-    loop = _ForwardingLoop(engine, send)
-    send(("ready", loop.info, extra, loop.snapshot))
-    loop.start()
+    loop = _ForwardingLoop(engine, conn)
+    conn.send(("ready", loop.info, extra, loop.snapshot))
+    loop.run()
     try:
-        _serve_commands(conn, loop, send)
-    finally:
-        send(("stopped", loop.error))
+        conn.send(("stopped", loop.error))
         conn.close()
-
-
-def _serve_commands(conn, loop: _ForwardingLoop, send: Callable[[tuple], None]) -> None:
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):  # the parent is gone: stop
-            loop.stop(5.0)
-            return
-        kind = message[0]
-        if kind == "add":
-            _add(loop, message[1], send)
-        elif kind == "abort":
-            loop.abort(message[1])
-        elif kind == "abort_all":
-            loop.abort_all()
-        elif kind == "stop":
-            loop.stop(message[1])
-            return
-
-
-def _add(loop: EngineLoop, request: Request, send: Callable[[tuple], None]) -> None:
-    rid = request.request_id
-
-    def acknowledge(future: concurrent.futures.Future) -> None:
-        e = future.exception()
-        send(("added", rid, None if e is None else _error_of(e)))
-
-    try:
-        loop.add(request).add_done_callback(acknowledge)
-    except EngineDead as e:
-        send(("added", rid, ("dead", str(e))))
+    except (OSError, EOFError):
+        pass
 
 
 def _error_of(e: BaseException) -> tuple[str, str]:
