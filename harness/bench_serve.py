@@ -284,13 +284,14 @@ class Client:
         counted = 0  # completion tokens attributed so far (continuous usage)
         saw_usage = False
         try:
-            async with self.client.stream("POST", self.view.base_url + path, json=self.body(prompt_ids, params),
-                                          headers=headers) as r:
-                if r.status_code != 200:
-                    text = (await r.aread()).decode(errors="replace")
-                    self._fail(samples, f"HTTP {r.status_code}: {_message(text)}")
+            async with self.client.post(self.view.base_url + path, json=self.body(prompt_ids, params),
+                                        headers=headers) as r:
+                if r.status != 200:
+                    text = (await r.read()).decode(errors="replace")
+                    self._fail(samples, f"HTTP {r.status}: {_message(text)}")
                     return
-                async for line in r.aiter_lines():
+                async for raw in r.content:  # one line at a time
+                    line = raw.decode(errors="replace")
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -515,8 +516,8 @@ def engine_of(view: ServerView):
     return HTTPEngine(base_url=view.base_url, model=view.model, max_model_len=view.max_model_len), f"http:{view.model}"
 
 
-async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, http, view: ServerView, tok_dir: Path,
-                  tokenizer, model_cfg) -> dict[str, Any]:
+async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, http, streams, view: ServerView,
+                  tok_dir: Path, tokenizer, model_cfg) -> dict[str, Any]:
     """One run of the workload against the server into ``out``; its run row."""
     import torch
     from omegaconf import OmegaConf
@@ -536,7 +537,7 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
     spec = JobSpec(name=cfg.name, seed=cfg.seed, engine_label=label, engine=engine, **typed,
                    warmup_requests=cfg.warmup_requests, params=override_params(overrides),
                    config=OmegaConf.to_container(cfg, resolve=True))
-    client = Client(http, view, args.endpoint, tokenizer, tag=f"bench-{uuid.uuid4().hex[:8]}")
+    client = Client(streams, view, args.endpoint, tokenizer, tag=f"bench-{uuid.uuid4().hex[:8]}")
     await warm(client, regular_token_ids(tokenizer, model_cfg.vocab_size), cfg.warmup_requests)
     poller = KVPoller(http, view, args.kv_poll_interval, args.kv_source)
     concurrency = typed["arrival"].concurrency if offsets is None else None
@@ -588,6 +589,7 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
 
 
 async def bench(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[dict[str, Any]]]:
+    import aiohttp
     import httpx
     from omegaconf import OmegaConf
 
@@ -605,7 +607,11 @@ async def bench(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, l
     stamp = f"{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
     root = args.out or Path("outputs" if not multirun else "multirun") / first.name / f"bench-serve_{stamp}"
     runs = []
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+    # the streams go over aiohttp: its C HTTP parser costs a third of httpx's CPU per chunk, and a client that
+    # runs out of CPU stamps tokens late (metadata.json's client_cpu_util says how busy it was)
+    stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=args.request_timeout)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http, \
+            aiohttp.ClientSession(timeout=stream_timeout, connector=aiohttp.TCPConnector(limit=0)) as streams:
         view = await discover(http, args.base_url, args.model, headers)
         model_overridden = any(o.lstrip("+~").startswith("model") for o in overrides)
         tok_dir = tokenizer_dir(args, view, model_spec, model_overridden)
@@ -617,7 +623,7 @@ async def bench(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, l
                 out = root / f"{k}_{name.replace('/', '_')}"
             else:
                 out = root
-            runs.append(await run_job(args, job, out, http, view, tok_dir, tokenizer, model_cfg))
+            runs.append(await run_job(args, job, out, http, streams, view, tok_dir, tokenizer, model_cfg))
     if first.report and not args.no_report:
         path = write_report([root], root)
         print(f"report: {path}", file=sys.stderr)
