@@ -9,6 +9,12 @@ prefill its flash backend. The ``layers`` section times the decoder's elementwis
 (RMSNorm, the residual add with its norm, SwiGLU's activation, rotary embedding) at decode and
 prefill token counts of two presets, fused Triton against the eager torch reference. Writes CSV
 under ``--out`` and prints a short summary last.
+
+Decode times every variant of a case in turn, ``--passes`` times over (default 3), and reports
+each variant's median over the passes, so that paged / contiguous ratios of 10-20 µs kernels,
+where one pass moves by up to 5%, are not left to a single pass. The CSV keeps the passes'
+times in ``time_us_passes`` (``;``-separated, in pass order) and their count in
+``decode_passes``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import csv
 import dataclasses
 import math
 import platform
+import statistics
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -53,6 +60,8 @@ class Row:
     bw_frac: float
     tflops: float
     config: str = ""
+    # Decode: each pass's time (µs, ';'-separated, in pass order); time_us is their median.
+    time_us_passes: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,8 @@ class Plan:
     rep_ms: int
     # (batch, context) decode cases to run instead of the batches x contexts grid (and the long one).
     decode_cases: tuple[tuple[int, int], ...] = ()
+    # Interleaved passes over each decode case's variants; rows report the median.
+    decode_passes: int = 3
 
 
 FULL = Plan((1, 4, 16, 64, 256), (512, 2048, 4096, 16384), (1, 16, 256), 32768,
@@ -90,6 +101,26 @@ def time_us(fn: Callable[[], object], rep_ms: int) -> float:
     with torch.cuda.graph(graph):
         fn()
     return triton.testing.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def interleaved(timers: dict[object, Callable[[], float]], passes: int) -> dict[object, list[float]]:
+    """Each timer's results over ``passes`` passes, a pass calling every timer once in turn
+    (pass 1: all of them, then pass 2: all of them, ...), so that a slow or fast spell of the
+    device lands on every variant of a case rather than on one."""
+    times: dict[object, list[float]] = {key: [] for key in timers}
+    for _ in range(passes):
+        for key, timer in timers.items():
+            times[key].append(timer())
+    return times
+
+
+def median_us(times: list[float]) -> float:
+    """Median of the passes' times; NaN if any pass is NaN (a variant that could not run)."""
+    return math.nan if not times or any(math.isnan(t) for t in times) else statistics.median(times)
+
+
+def format_passes(times: list[float]) -> str:
+    return ";".join(f"{t:.3f}" for t in times)
 
 
 def eager_us(fn: Callable[[], object], iters: int = 200) -> float:
@@ -141,48 +172,54 @@ class Cache:
 
 
 def decode_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
-    """Paged (each block size) and contiguous decode over one cache per (batch, context), plus SDPA."""
+    """Paged (each block size) and contiguous decode over one cache per (batch, context), plus SDPA
+    (and, at the long context, paged decode without split-KV). A case's variants are timed in turn,
+    ``plan.decode_passes`` times over; each row holds its variant's median and every pass's time."""
     cases = list(plan.decode_cases) or [(b, c) for b in plan.batches for c in plan.contexts] + [(1, plan.long_context)]
     for batch, context in cases:
         cache = Cache(batch, context, dtype, device)
         q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
         nbytes = kv_bytes(batch * context, dtype)
         splits = num_kv_splits(batch, KV_HEADS, context, sm_count(device), decode_config(HEAD_DIM, dtype, device))
+        # (kernel, addressing, block size, splits) -> timer; the order of the rows.
+        timers: dict[tuple[str, str, int, int], Callable[[], float]] = {}
         for block_size in (0, *plan.block_sizes):
             addr = cache.addressing(block_size)
             fn = lambda addr=addr: triton_ops.decode_attention(  # noqa: E731
                 q, cache.k, cache.v, cache.seq_lens, max_seq_len=context, validate=False, **addr)
-            t = time_us(fn, plan.rep_ms)
-            yield Row("decode", "paged" if block_size else "contiguous", block_size, batch, context, 1, splits,
-                      t, nbytes, nbytes / t / 1e3, nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0)
+            timers[("decode", "paged" if block_size else "contiguous", block_size, splits)] = \
+                lambda fn=fn: time_us(fn, plan.rep_ms)
         if context == plan.long_context:
-            yield from _unsplit_row(cache, q, context, nbytes, peaks, plan)
-        yield _sdpa_decode_row(cache, q, nbytes, peaks, plan)
-        del cache
+            timers[("decode_nosplit", "paged", 16, 1)] = _unsplit_timer(cache, q, context, plan)
+        timers[("decode", "sdpa", 0, 0)] = _sdpa_decode_timer(cache, q, plan)
+        for (kernel, addressing, block_size, n_splits), times in interleaved(timers, plan.decode_passes).items():
+            t = median_us(times)
+            yield Row(kernel, addressing, block_size, batch, context, 1, n_splits, t, nbytes, nbytes / t / 1e3,
+                      nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0, time_us_passes=format_passes(times))
+        del cache, timers
 
 
-def _unsplit_row(cache: Cache, q: torch.Tensor, context: int, nbytes: int, peaks: DevicePeaks, plan: Plan) -> Iterable[Row]:
+def _unsplit_timer(cache: Cache, q: torch.Tensor, context: int, plan: Plan) -> Callable[[], float]:
     """The same long decode without split-KV: what the split buys at batch 1."""
     table = cache.block_table(16)
     fn = lambda: decode(q, cache.k, cache.v, cache.seq_lens, table, paged=True, block_size=16,  # noqa: E731
                         scale=HEAD_DIM**-0.5, max_seq_len=context, num_splits=1)
-    t = time_us(fn, plan.rep_ms)
-    yield Row("decode_nosplit", "paged", 16, 1, context, 1, 1, t, nbytes, nbytes / t / 1e3,
-              nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0)
+    return lambda: time_us(fn, plan.rep_ms)
 
 
-def _sdpa_decode_row(cache: Cache, q: torch.Tensor, nbytes: int, peaks: DevicePeaks, plan: Plan) -> Row:
+def _sdpa_decode_timer(cache: Cache, q: torch.Tensor, plan: Plan) -> Callable[[], float]:
     """SDPA (default backend choice) reading the contiguous cache through a [B, Hkv, L, D] view."""
     b, length = cache.batch, cache.length
     k = cache.k.view(b, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
     v = cache.v.view(b, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
     q4 = q.view(b, HEADS, 1, HEAD_DIM)
-    try:
-        t = time_us(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True), plan.rep_ms)
-    except torch.OutOfMemoryError:  # a backend that expands K/V to every query head
-        t = math.nan
-    return Row("decode", "sdpa", 0, b, length, 1, 0, t, nbytes, nbytes / t / 1e3,
-               nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0)
+
+    def timer() -> float:
+        try:
+            return time_us(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True), plan.rep_ms)
+        except torch.OutOfMemoryError:  # a backend that expands K/V to every query head
+            return math.nan
+    return timer
 
 
 def prefill_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
@@ -478,7 +515,17 @@ def _decode_cases(text: str) -> tuple[tuple[int, int], ...]:
         raise argparse.ArgumentTypeError(f"expected BxCTX[,BxCTX...], got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for kernels_bench.csv")
     parser.add_argument("--quick", action="store_true", help="a few shapes, short repetitions")
@@ -487,23 +534,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refresh-peaks", action="store_true", help="measure B and F again")
     parser.add_argument("--decode-cases", type=_decode_cases, default=(),
                         help="decode cases BxCTX, comma-separated (e.g. 1x512,64x4096), instead of the full grid")
-    args = parser.parse_args(argv)
+    parser.add_argument("--passes", type=_positive_int, default=Plan.decode_passes,
+                        help="decode: interleaved passes over each case's variants; rows report the median "
+                             f"(default {Plan.decode_passes})")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA device")
     device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.bfloat16
-    plan = dataclasses.replace(QUICK if args.quick else FULL, decode_cases=args.decode_cases)
+    plan = dataclasses.replace(QUICK if args.quick else FULL, decode_cases=args.decode_cases,
+                               decode_passes=args.passes)
     peaks = device_peaks(device, refresh=args.refresh_peaks)
     meta = {"gpu": peaks.device_name, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
             "read_bw_gbps": round(peaks.read_bw_bytes_per_s / 1e9, 1),
-            "bf16_tflops": round(peaks.bf16_flops_per_s / 1e12, 1)}
+            "bf16_tflops": round(peaks.bf16_flops_per_s / 1e12, 1), "decode_passes": plan.decode_passes}
     log = CsvLog(None if args.out is None else args.out / "kernels_bench.csv", meta)
     rows: list[Row] = []
     for name in args.sections.split(","):
         for row in SECTIONS[name](plan, peaks, dtype, device):
             print(f"{row.kernel:>14} {row.addressing:>10} bs={row.block_size:<3} b={row.batch:<4} ctx={row.context:<6} "
-                  f"q={row.q_len:<5} {row.time_us:10.1f} us {row.gbps:8.0f} GB/s {row.tflops:6.0f} TF {row.config}", flush=True)
+                  f"q={row.q_len:<5} {row.time_us:10.1f} us {row.gbps:8.0f} GB/s {row.tflops:6.0f} TF {row.config}"
+                  + (f" passes {row.time_us_passes}" if row.time_us_passes else ""), flush=True)
             rows.append(row)
             log.add(row)
         torch.cuda.empty_cache()

@@ -13,7 +13,13 @@ import torch
 
 from kernels import device_peaks as peaks_mod
 from kernels import reference
-from kernels.bench import LayerShape, Row, causal_flops, kv_bytes, layer_problems, summary
+import csv
+import dataclasses
+import math
+
+from kernels import bench
+from kernels.bench import (CsvLog, LayerShape, Row, causal_flops, interleaved, kv_bytes, layer_problems, median_us,
+                           parse_args, summary)
 from kernels.device_peaks import DevicePeaks
 
 
@@ -82,6 +88,85 @@ def test_summary_totals_one_decoder_layer():
     rows += [row("silu_and_mul", "triton-eager", 20.0), row("silu_and_mul", "torch-eager", 25.0)]
     text = summary(rows, DevicePeaks(3e12, 8e14, "Fake GPU"))
     assert "torch 8.0 us: 2.00x; eager triton 20.0 us, torch 25.0 us" in text
+
+
+
+def test_passes_option():
+    assert parse_args([]).passes == 3
+    assert parse_args(["--passes", "5", "--decode-cases", "1x512"]).passes == 5
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            parse_args(["--passes", bad])
+
+
+def test_interleaved_times_every_variant_once_per_pass():
+    calls = []
+
+    def timer(name, values):
+        it = iter(values)
+        return lambda: calls.append(name) or next(it)
+
+    times = interleaved({"c": timer("c", [3.0, 1.0, 2.0]), "p16": timer("p16", [5.0, 4.0, 9.0])}, 3)
+    assert calls == ["c", "p16"] * 3
+    assert times == {"c": [3.0, 1.0, 2.0], "p16": [5.0, 4.0, 9.0]}
+    assert median_us(times["c"]) == 2.0 and median_us(times["p16"]) == 5.0
+    assert median_us([1.0, 4.0]) == 2.5
+    assert math.isnan(median_us([1.0, math.nan, 2.0])) and math.isnan(median_us([]))
+
+
+def test_decode_rows_report_medians_of_interleaved_passes(monkeypatch):
+    """The decode section on the CPU with a fake timer: one row per variant, in the usual order,
+    time_us the median of its passes and the ratios in the summary taken from the medians."""
+    calls = []
+    # Per pass, in variant order: contiguous, paged 1, paged 16, paged 256, no split (long case), sdpa.
+    per_pass = {(2, 64): [[10.0, 11.0, 12.0, 13.0, 20.0], [10.4, 10.2, 10.3, 10.9, 21.0], [9.0, 10.5, 9.3, 13.5, 19.0]],
+                (1, 128): [[32.0, 31.0, 31.0, 32.0, 90.0, 29.0], [31.0, 33.0, 33.0, 34.0, 92.0, 28.0],
+                           [33.0, 32.0, 32.0, 31.0, 91.0, 27.0]]}
+    values = iter(t for case in per_pass.values() for one_pass in case for t in one_pass)
+
+    def fake_time_us(fn, rep_ms):
+        calls.append(fn)
+        return next(values)
+
+    monkeypatch.setattr(bench, "time_us", fake_time_us)
+    plan = dataclasses.replace(bench.QUICK, block_sizes=(1, 16, 256), long_context=128, decode_cases=((2, 64), (1, 128)),
+                               decode_passes=3)
+    peaks = DevicePeaks(3e12, 8e14, "Fake GPU")
+    rows = list(bench.decode_rows(plan, peaks, torch.bfloat16, torch.device("cpu")))
+    assert len(calls) == 3 * 5 + 3 * 6 and next(values, None) is None
+    # The same variant's closure is timed in every pass (not one closure per pass).
+    assert calls[0] is calls[5] is calls[10]
+    keys = [(r.batch, r.context, r.kernel, r.addressing, r.block_size) for r in rows]
+    assert keys == [(2, 64, "decode", "contiguous", 0), (2, 64, "decode", "paged", 1), (2, 64, "decode", "paged", 16),
+                    (2, 64, "decode", "paged", 256), (2, 64, "decode", "sdpa", 0),
+                    (1, 128, "decode", "contiguous", 0), (1, 128, "decode", "paged", 1), (1, 128, "decode", "paged", 16),
+                    (1, 128, "decode", "paged", 256), (1, 128, "decode_nosplit", "paged", 16), (1, 128, "decode", "sdpa", 0)]
+    for i, r in enumerate(rows[:5]):
+        passes = [one_pass[i] for one_pass in per_pass[(2, 64)]]
+        assert r.time_us == sorted(passes)[1]
+        assert r.time_us_passes == ";".join(f"{t:.3f}" for t in passes)
+        assert r.gbps == pytest.approx(r.bytes_read / r.time_us / 1e3)
+    assert rows[0].time_us == 10.0 and rows[2].time_us == 10.3 and rows[2].time_us_passes == "12.000;10.300;9.300"
+    assert rows[9].splits == 1 and rows[9].time_us == 91.0
+    text = summary(rows, peaks)
+    # b2 ctx64: paged 16 median 10.3 over contiguous median 10.0 (no single pass gives 1.030).
+    assert "    2     64       10.0       10.3  1.030  1.050  1.300" in text
+    assert "worst paged/contiguous, block size 16: 1.030 at batch 2 ctx 64 (<= 1.05)" in text
+
+
+def test_csv_keeps_passes_and_their_count(tmp_path):
+    path = tmp_path / "out" / "kernels_bench.csv"
+    log = CsvLog(path, {"gpu": "Fake GPU", "decode_passes": 3})
+    log.add(Row("decode", "paged", 16, 1, 512, 1, 8, 10.43, 2 * 10**6, 0.0, 0.5, 0.0,
+                time_us_passes="10.500;10.430;10.200"))
+    log.add(Row("prefill", "contiguous", 0, 1, 0, 4096, 0, 100.0, 10**6, 0.0, 0.5, 300.0))
+    log.fh.close()
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["time_us"] for r in rows] == ["10.43", "100.0"]
+    assert [r["time_us_passes"] for r in rows] == ["10.500;10.430;10.200", ""]
+    assert all(r["decode_passes"] == "3" and r["gpu"] == "Fake GPU" for r in rows)
+    assert [float(t) for t in rows[0]["time_us_passes"].split(";")] == [10.5, 10.43, 10.2]
 
 
 @pytest.fixture
