@@ -45,6 +45,7 @@ elif [ "$part" = serve ]; then
         --out "$out/serve64_$mode" "${serve_workload[@]}" name=serve64_$mode >> "$out/serve_$mode.log" 2>&1 ; } 2>&1 )
     after=$($py experiments/proc_cpu.py $server)
     echo "{\"server_before\": $before, \"server_after\": $after, \"client\": $client}" > "$out/serve64_$mode/cpu.json"
+    curl -s http://127.0.0.1:8000/metrics > "$out/serve64_$mode/metrics.txt"
     kill -TERM $server; wait $server
     pack serve64_$mode
   done

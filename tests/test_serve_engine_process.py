@@ -49,11 +49,15 @@ def wait_for(predicate, timeout: float) -> bool:
     return bool(predicate())
 
 
+def serve_config(*overrides: str):
+    return resolve(compose_serve_config(["model.preset=tiny-qwen3", "engine.num_kv_slots=4096",
+                                         f"engine.max_model_len={MAX_LEN}", *overrides]))
+
+
 def start_process_server(*overrides: str) -> ServerThread:
     from harness.serve import make_app, start_engine
 
-    resolved = resolve(compose_serve_config(["model.preset=tiny-qwen3", "engine.num_kv_slots=4096",
-                                             f"engine.max_model_len={MAX_LEN}", *overrides]))
+    resolved = serve_config(*overrides)
     assert resolved.server.engine_process  # the default
     loop, model_dir, facts = start_engine(resolved)
     server = ServerThread(make_app(resolved, ["tiny-qwen3"], loop, model_dir, facts)).start()
@@ -191,6 +195,23 @@ def test_a_server_killed_outright_takes_its_engine_process_along(tiny_model):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_an_engine_process_stops_cleanly_without_a_server(tiny_model):
+    import functools
+
+    from harness.serve import open_engine
+    from harness.server.engine_process import EngineProcess
+
+    tiny_model("tiny-qwen3")
+    loop = EngineProcess(functools.partial(open_engine, serve_config()))
+    loop.start()
+    assert loop.info.capacity == 4096 and loop.extra["model_dir"]
+    pid = loop.pid
+    t0 = time.monotonic()
+    loop.stop(5)
+    assert time.monotonic() - t0 < 15 and not _running(pid)
+    assert not loop.alive and loop.error is None
 
 
 def _healthy(base: str) -> bool:

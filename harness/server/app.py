@@ -135,6 +135,8 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
     async def lifespan(app: FastAPI):
         serving.aio_loop = asyncio.get_running_loop()
         await serving.aio_loop.run_in_executor(None, loop.start)  # an engine process may still be starting
+        if isinstance(loop, EngineProcess):
+            loop.attach(serving.aio_loop)  # its messages are read on this event loop
         log.info("engine loop started: %s serving %s on %s%s", engine_info.name, served_names[0], server_info["device"],
                  f" (engine process {loop.pid})" if isinstance(loop, EngineProcess) else "")
         try:

@@ -277,10 +277,10 @@ class EngineLoop:
         for rid in grouped:
             if not self._open[rid].open_samples:
                 del self._open[rid]
-        self._publish()
         self._deliver_step(StepInfo(len(advanced), new_tokens, seconds), grouped, requests)
 
     def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
+        self._publish()
         self._observe("on_step", info, grouped, requests)
         if grouped:
             self.on_outputs(grouped)

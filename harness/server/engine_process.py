@@ -10,9 +10,11 @@ engine core runs in its own process for the same reason. ``EngineProcess`` does 
   (KV snapshots, each step's outputs with its ``StepInfo``, requests that ended early) to the
   parent over a pipe, in order;
 - the parent keeps the ``EngineLoop`` interface (``add``, ``abort``, ``abort_all``, ``stop``,
-  ``snapshot``, ``alive``, ...), so the app does not know which one it has. A reader thread
-  receives the child's messages and calls ``on_outputs`` and the observer, as the loop
-  thread would.
+  ``snapshot``, ``alive``, ...), so the app does not know which one it has. Once ``attach``ed
+  to the server's event loop, it reads the pipe there, whenever it is readable, and calls
+  ``on_outputs`` and the observer; no thread of the server's waits for the interpreter lock
+  to read a message (a reader thread did, up to a switch interval per message, and the
+  child's sends then blocked on a full pipe, stalling the engine).
 
 If the child dies (a crash, the OOM killer), every open request gets a final ERROR output
 and the server answers 503, as when ``step()`` raises. The child ignores SIGINT and SIGTERM
@@ -22,11 +24,13 @@ whose parent is gone sees the pipe close and exits.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -74,7 +78,8 @@ class EngineProcess:
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, self._child_conn = self._context.Pipe()
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._reader: threading.Thread | None = None
+        self._aio: asyncio.AbstractEventLoop | None = None  # the event loop reading the pipe, once attached
+        self._stopped = threading.Event()  # the child said it stopped, or it is gone
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _open and _pending
         self._open: dict[str, _Open] = {}
@@ -103,8 +108,11 @@ class EngineProcess:
             self._process.join(30)
             raise EngineStartError(message[1], message[2])
         _, self.info, self.extra, self.snapshot = message
-        self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
-        self._reader.start()
+
+    def attach(self, aio: asyncio.AbstractEventLoop) -> None:
+        """Read the child's messages on ``aio`` from now on (call on that loop's thread, after ``start``)."""
+        self._aio = aio
+        aio.add_reader(self._conn.fileno(), self._on_readable)
 
     @property
     def pid(self) -> int | None:
@@ -112,7 +120,7 @@ class EngineProcess:
 
     @property
     def alive(self) -> bool:
-        return (self._reader is not None and self._reader.is_alive() and self.error is None
+        return (self._aio is not None and not self._stopped.is_set() and self.error is None
                 and not self._stopping.is_set())
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -124,8 +132,11 @@ class EngineProcess:
             self._send(("stop",))
         except (OSError, EOFError):
             pass  # the child is gone already
-        if self._reader is not None:
-            self._reader.join(None if timeout is None else timeout + 10)
+        wait = None if timeout is None else timeout + 10
+        if self._aio is not None and self._aio.is_running() and not _on_loop(self._aio):
+            self._stopped.wait(wait)  # the event loop reads the child's last messages
+        else:
+            self._read_until_stopped(wait)
         self._process.join(10)
         if self._process.is_alive():
             log.warning("the engine process did not stop in time; killing it")
@@ -183,24 +194,48 @@ class EngineProcess:
         except (OSError, EOFError):
             log.debug("the engine process is gone; dropped %s", message[0])
 
-    # -- the reader thread ----------------------------------------------------------------------------
-    def _read(self) -> None:
+    # -- reading the pipe ----------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        """Handle every message waiting in the pipe (on the event loop)."""
         try:
-            while True:
-                try:
-                    message = self._conn.recv()
-                except (EOFError, OSError):
-                    self._child_gone()
+            while not self._stopped.is_set() and self._conn.poll(0):
+                self._receive(self._conn.recv())
+        except (EOFError, OSError):
+            self._child_gone()
+
+    def _read_until_stopped(self, timeout: float | None) -> None:
+        """Read on this thread (no event loop attached, or it has stopped) until the child says it stopped."""
+        if self._aio is not None and not self._aio.is_closed():
+            self._aio.remove_reader(self._conn.fileno())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._stopped.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0 or not self._conn.poll(left):
                     return
-                if message[0] == "stopped":
-                    self.error = self.error or message[1]
-                    return
-                try:
-                    self._handle(message)
-                except Exception:  # noqa: BLE001 - one bad delivery must not stop the others
-                    log.exception("handling the engine's %s message failed", message[0])
-        finally:
-            self._refuse_pending(self.error or "the engine loop stopped")
+                self._receive(self._conn.recv())
+        except (EOFError, OSError):
+            self._child_gone()
+
+    def _receive(self, message: tuple) -> None:
+        if message[0] == "stopped":
+            self.error = self.error or message[1]
+            self._close(self.error or "the engine loop stopped")
+            return
+        try:
+            self._handle(message)
+        except Exception:  # noqa: BLE001 - one bad delivery must not stop the others
+            log.exception("handling the engine's %s message failed", message[0])
+
+    def _close(self, error: str) -> None:
+        """No more messages will come: stop reading and refuse the adds still waiting for an answer."""
+        self._stopped.set()
+        if self._aio is not None and not self._aio.is_closed():
+            try:
+                self._aio.remove_reader(self._conn.fileno())
+            except (RuntimeError, ValueError, OSError):  # a closed loop or pipe
+                pass
+        self._refuse_pending(error)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -209,6 +244,8 @@ class EngineProcess:
         elif kind == "added":
             self._added(message[1], message[2])
         elif kind == "step":
+            if message[3] is not None:
+                self.snapshot = message[3]
             self._step(message[1], message[2])
         elif kind == "outputs":
             self._track(message[1])
@@ -270,9 +307,10 @@ class EngineProcess:
     def _child_gone(self) -> None:
         """The pipe closed: fine when stopping, otherwise the child died and its requests fail."""
         if self._process is not None:
-            self._process.join(5)
+            self._process.join(1)
         code = self._process.exitcode if self._process is not None else None
         if self._stopping.is_set() and code == 0:
+            self._close("the engine loop stopped")
             return
         self.error = self.error or f"engine loop died: the engine process exited (exit code {code})"
         log.error("%s", self.error)
@@ -285,6 +323,7 @@ class EngineProcess:
             self._observe("on_end", entry.request, FinishReason.ERROR)
         if grouped:
             self.on_outputs(grouped)
+        self._close(self.error)
 
     def _refuse_pending(self, error: str) -> None:
         with self._lock:
@@ -350,7 +389,11 @@ class _ForwardingLoop(EngineLoop):
             self._send(("snapshot", self.snapshot))
 
     def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
-        self._send(("step", info, grouped))
+        """One message per step: its outputs, and the KV snapshot after it when that changed."""
+        EngineLoop._publish(self)
+        changed = self.snapshot != self._sent
+        self._sent = self.snapshot
+        self._send(("step", info, grouped, self.snapshot if changed else None))
 
     def _fail_all(self, error: str) -> None:
         self._send(("dead", error))  # first, so the server refuses new requests before it sees the failures
@@ -406,3 +449,7 @@ def _error_of(e: BaseException) -> tuple[str, str]:
     """An exception as (kind, text): exceptions of any class cross the pipe this way."""
     kind = "request" if isinstance(e, RequestError) else "dead" if isinstance(e, EngineDead) else "internal"
     return kind, str(e)
+
+
+def _on_loop(aio: asyncio.AbstractEventLoop) -> bool:
+    return asyncio._get_running_loop() is aio

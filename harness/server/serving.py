@@ -144,9 +144,12 @@ class Serving:
 
     # -- engine thread -> event loop ----------------------------------------------------------------
     def deliver(self, grouped: dict[str, list[RequestOutput]]) -> None:
-        """Called on the engine thread once per step."""
+        """Called once per step: on the event loop (an engine process), or on the engine loop's thread."""
         aio = self.aio_loop
         if aio is None or aio.is_closed():
+            return
+        if asyncio._get_running_loop() is aio:
+            self._dispatch(grouped)
             return
         try:
             aio.call_soon_threadsafe(self._dispatch, grouped)
