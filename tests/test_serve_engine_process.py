@@ -110,7 +110,8 @@ def test_a_request_id_in_use_is_refused(proc_server):
     with httpx.Client(base_url=proc_server.base_url, timeout=60) as c:
         body = {"prompt": PROMPT, "max_tokens": MAX_LEN - len(PROMPT), "ignore_eos": True, "stream": True}
         with c.stream("POST", "/v1/completions", json=body, headers={"X-Request-Id": "dup"}) as r:
-            next(line for line in r.iter_lines() if line.startswith("data: "))
+            lines = r.iter_lines()  # held, so the stream stays open
+            next(line for line in lines if line.startswith("data: "))
             again = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, headers={"X-Request-Id": "dup"})
             assert again.status_code == 400 and "already in use" in again.json()["error"]["message"]
         assert wait_for(lambda: metric(c, "vllm:kv_cache_usage_perc") == 0, 10)
@@ -120,9 +121,10 @@ def test_disconnect_frees_kv_in_the_engine_process(proc_server):
     with httpx.Client(base_url=proc_server.base_url, timeout=60) as c:
         body = {"prompt": PROMPT, "max_tokens": MAX_LEN - len(PROMPT), "ignore_eos": True, "stream": True}
         with c.stream("POST", "/v1/completions", json=body) as r:
-            for i, _ in enumerate(line for line in r.iter_lines() if line.startswith("data: ")):
-                if i == 3:
-                    break
+            lines = r.iter_lines()  # held: a dropped iterator would close the stream (a disconnect) at once
+            data = (line for line in lines if line.startswith("data: "))
+            for _ in range(4):
+                next(data)
             assert metric(c, "vllm:kv_cache_usage_perc") > 0
         assert wait_for(lambda: metric(c, "vllm:kv_cache_usage_perc") == 0, 10)
         assert wait_for(lambda: 'finished_reason="abort"' in c.get("/metrics").text, 10)

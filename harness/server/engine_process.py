@@ -28,6 +28,8 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
+import queue
 import signal
 import threading
 import time
@@ -76,11 +78,15 @@ class EngineProcess:
         self.max_batch_size = 0
         self.last_batch_size = 0
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-        self._conn, self._child_conn = self._context.Pipe()
+        # two one-way pipes: the parent's end of each can block or not on its own (the event loop's poller
+        # makes the fd it watches non-blocking), and neither side's writes wait on the other's
+        self._events, self._child_events = self._context.Pipe(duplex=False)  # child -> parent
+        self._child_commands, self._commands = self._context.Pipe(duplex=False)  # parent -> child
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()  # commands, for the writer thread
+        self._writer: threading.Thread | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._aio: asyncio.AbstractEventLoop | None = None  # the event loop reading the pipe, once attached
         self._stopped = threading.Event()  # the child said it stopped, or it is gone
-        self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _open and _pending
         self._open: dict[str, _Open] = {}
         self._pending: dict[str, concurrent.futures.Future] = {}
@@ -91,15 +97,16 @@ class EngineProcess:
         """Start the child and wait until its engine is ready (once; later calls do nothing)."""
         if self._process is not None:
             return
-        self._process = self._context.Process(target=_child_main, args=(self.setup, self._child_conn),
-                                              name="kvbench-engine", daemon=True)
+        self._process = self._context.Process(target=_child_main, name="kvbench-engine", daemon=True,
+                                              args=(self.setup, self._child_commands, self._child_events))
         self._process.start()
-        self._child_conn.close()  # the child holds its end; EOF here then means the child is gone
-        if not self._conn.poll(self.startup_timeout_s):
+        self._child_commands.close()  # the child holds these ends now: EOF then means the other side is gone
+        self._child_events.close()
+        if not self._events.poll(self.startup_timeout_s):
             self._kill()
             raise EngineStartError(f"the engine process did not become ready in {self.startup_timeout_s:.0f} s", False)
         try:
-            message = self._conn.recv()
+            message = self._events.recv()
         except EOFError:
             self._process.join(5)
             raise EngineStartError(f"the engine process exited while starting (exit code {self._process.exitcode})",
@@ -108,11 +115,15 @@ class EngineProcess:
             self._process.join(30)
             raise EngineStartError(message[1], message[2])
         _, self.info, self.extra, self.snapshot = message
+        self._writer = threading.Thread(target=self._write, name="engine-process-writer", daemon=True)
+        self._writer.start()
 
     def attach(self, aio: asyncio.AbstractEventLoop) -> None:
         """Read the child's messages on ``aio`` from now on (call on that loop's thread, after ``start``)."""
         self._aio = aio
-        aio.add_reader(self._conn.fileno(), self._on_readable)
+        aio.add_reader(self._events.fileno(), self._on_readable)
+        # uvloop's poller made the fd non-blocking; a message is read whole once its first byte is there
+        os.set_blocking(self._events.fileno(), True)
 
     @property
     def pid(self) -> int | None:
@@ -128,10 +139,8 @@ class EngineProcess:
         self._stopping.set()
         if self._process is None:
             return
-        try:
-            self._send(("stop",))
-        except (OSError, EOFError):
-            pass  # the child is gone already
+        self._send(("stop",))
+        self._outbox.put(None)  # the writer's last item
         wait = None if timeout is None else timeout + 10
         if self._aio is not None and self._aio.is_running() and not _on_loop(self._aio):
             self._stopped.wait(wait)  # the event loop reads the child's last messages
@@ -168,52 +177,59 @@ class EngineProcess:
                 return future
             self._pending[rid] = future
             self._open[rid] = _Open(request, set(range(request.sampling_params.n)))
-        try:
-            self._send(("add", request))
-        except (OSError, EOFError) as e:
-            with self._lock:
-                self._pending.pop(rid, None)
-                self._open.pop(rid, None)
-            raise EngineDead(f"the engine process is gone: {e}") from e
+        self._send(("add", request))  # if the child is gone, the reader fails this future
         return future
 
     def abort(self, request_id: str) -> None:
-        self._send_quietly(("abort", request_id))
+        self._send(("abort", request_id))
 
     def abort_all(self) -> None:
         """Abort every open request; each gets a final ABORT output (its stream ends cleanly)."""
-        self._send_quietly(("abort_all",))
+        self._send(("abort_all",))
 
     def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            self._conn.send(message)
+        """Hand a command to the writer thread: a full pipe (the child is mid-step) never blocks the caller."""
+        self._outbox.put(message)
 
-    def _send_quietly(self, message: tuple) -> None:
-        try:
-            self._send(message)
-        except (OSError, EOFError):
-            log.debug("the engine process is gone; dropped %s", message[0])
+    def _write(self) -> None:
+        """The writer thread: sends what is queued, all of it as one batch, until the ``None`` after "stop"."""
+        while True:
+            batch = [self._outbox.get()]
+            while True:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            last = None in batch
+            batch = batch[:batch.index(None)] if last else batch
+            try:
+                if batch:
+                    self._commands.send(batch)
+            except (OSError, EOFError):  # the child is gone: the event loop sees its pipe close
+                return
+            if last:
+                return
 
     # -- reading the pipe ----------------------------------------------------------------------------
     def _on_readable(self) -> None:
         """Handle every message waiting in the pipe (on the event loop)."""
         try:
-            while not self._stopped.is_set() and self._conn.poll(0):
-                self._receive(self._conn.recv())
+            while not self._stopped.is_set() and self._events.poll(0):
+                self._receive(self._events.recv())
         except (EOFError, OSError):
             self._child_gone()
 
     def _read_until_stopped(self, timeout: float | None) -> None:
         """Read on this thread (no event loop attached, or it has stopped) until the child says it stopped."""
         if self._aio is not None and not self._aio.is_closed():
-            self._aio.remove_reader(self._conn.fileno())
+            self._aio.remove_reader(self._events.fileno())
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self._stopped.is_set():
                 left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0 or not self._conn.poll(left):
+                if left is not None and left <= 0 or not self._events.poll(left):
                     return
-                self._receive(self._conn.recv())
+                self._receive(self._events.recv())
         except (EOFError, OSError):
             self._child_gone()
 
@@ -232,7 +248,7 @@ class EngineProcess:
         self._stopped.set()
         if self._aio is not None and not self._aio.is_closed():
             try:
-                self._aio.remove_reader(self._conn.fileno())
+                self._aio.remove_reader(self._events.fileno())
             except (RuntimeError, ValueError, OSError):  # a closed loop or pipe
                 pass
         self._refuse_pending(error)
@@ -342,29 +358,30 @@ class _ForwardingLoop(EngineLoop):
     step, and a burst of new requests would reach the engine one switch interval at a time.
     """
 
-    def __init__(self, engine: Engine, conn) -> None:
-        self._conn = conn
+    def __init__(self, engine: Engine, commands, events) -> None:
+        self._commands, self._events = commands, events
         self._sent: KVStats | None = None
         super().__init__(engine, lambda grouped: self._send(("outputs", grouped)), max_queue=2**62,
                          observer=_EndForwarder(self._send))
 
     def _send(self, message: tuple) -> None:
         try:
-            self._conn.send(message)
+            self._events.send(message)
         except (OSError, EOFError):  # the parent is gone: stop
             self._stopping.set()
 
     def _drain_inbox(self) -> None:
         """Apply every command waiting in the pipe."""
         try:
-            while self._conn.poll(0):
-                self._command(self._conn.recv())
+            while self._commands.poll(0):
+                for command in self._commands.recv():
+                    self._command(command)
         except (OSError, EOFError):  # the parent is gone: stop
             self._stopping.set()
 
     def _idle(self) -> None:
         try:
-            self._conn.poll(self.idle_wait_s)
+            self._commands.poll(self.idle_wait_s)
         except (OSError, EOFError):
             self._stopping.set()
 
@@ -402,10 +419,10 @@ class _ForwardingLoop(EngineLoop):
     def _refuse_inbox(self, error: str) -> None:
         """Commands still in the pipe after the engine died: refuse the adds."""
         try:
-            while self._conn.poll(0):
-                message = self._conn.recv()
-                if message[0] == "add":
-                    self._send(("added", message[1].request_id, ("dead", error)))
+            while self._commands.poll(0):
+                for message in self._commands.recv():
+                    if message[0] == "add":
+                        self._send(("added", message[1].request_id, ("dead", error)))
         except (OSError, EOFError):
             pass
 
@@ -421,7 +438,7 @@ class _EndForwarder(LoopObserver):
         self.send(("ended", request.request_id, reason))
 
 
-def _child_main(setup: EngineSetup, conn) -> None:
+def _child_main(setup: EngineSetup, commands, events) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
@@ -433,14 +450,14 @@ def _child_main(setup: EngineSetup, conn) -> None:
         user = isinstance(e, USER_ERRORS) or isinstance(e, ValueError)
         if not user:
             log.exception("building the engine failed")
-        conn.send(("failed", describe_error(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}", user))
+        events.send(("failed", describe_error(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}", user))
         return
-    loop = _ForwardingLoop(engine, conn)
-    conn.send(("ready", loop.info, extra, loop.snapshot))
+    loop = _ForwardingLoop(engine, commands, events)
+    events.send(("ready", loop.info, extra, loop.snapshot))
     loop.run()
     try:
-        conn.send(("stopped", loop.error))
-        conn.close()
+        events.send(("stopped", loop.error))
+        events.close()
     except (OSError, EOFError):
         pass
 
