@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from engines.config import PagedConfig
-from engines.request import FinishReason, RequestOutput
+from engines.request import FinishReason, Request, RequestOutput, SamplingParams
 from harness.server.config import compose_serve_config, resolve
 from harness.server.lifecycle import ServerThread
 
@@ -131,13 +131,15 @@ def test_disconnect_frees_kv_in_the_engine_process(proc_server):
 
 
 def test_concurrent_streams_are_batched_across_the_pipe(proc_server):
-    n = 32
+    """64 long prompts at once: more bytes than a pipe holds, so the adds queue behind a busy child."""
+    n = 64
 
     async def one(client: httpx.AsyncClient, i: int) -> tuple[str | None, int]:
-        body = {"prompt": [10 + i, 20, 30, 40], "max_tokens": 12, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {"prompt": [300 + (7 * i + j) % 600 for j in range(400)], "max_tokens": 12, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
         finish, tokens = None, 0
         async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
             for event in sse([line async for line in r.aiter_lines()])[:-1]:
                 if event["choices"]:
                     finish = event["choices"][0]["finish_reason"] or finish
@@ -214,6 +216,67 @@ def test_an_engine_process_stops_cleanly_without_a_server(tiny_model):
     loop.stop(5)
     assert time.monotonic() - t0 < 15 and not _running(pid)
     assert not loop.alive and loop.error is None
+
+
+def slow_engine(resolved, seconds: float):
+    """``open_engine`` with a pause before every step (runs in the engine process)."""
+    from harness.serve import open_engine
+
+    engine, extra = open_engine(resolved)
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    engine.step = slow_step
+    return engine, extra
+
+
+def test_a_burst_of_adds_larger_than_the_pipe_waits_for_a_busy_engine(tiny_model):
+    """Adds pile up while the engine is mid-step; none fails, none blocks the event loop (uvloop's, as served)."""
+    import functools
+
+    import uvloop
+
+    from harness.server.engine_process import EngineProcess
+
+    tiny_model("tiny-qwen3")
+    loop = EngineProcess(functools.partial(slow_engine, serve_config("engine.max_model_len=1024", "engine.num_kv_slots=65536"), 0.1))
+    loop.start()
+    done: dict[str, int] = {}
+    loop.on_outputs = lambda grouped: done.update({rid: len(outs[-1].new_token_ids) for rid, outs in grouped.items()
+                                                   if outs[-1].finished})
+
+    async def burst():
+        loop.attach(asyncio.get_running_loop())
+        ticks = 0
+
+        async def tick():  # the event loop stays responsive while the adds wait
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        prompts = [[300 + (7 * i + j) % 600 for j in range(1000)] for i in range(64)]  # ~190 KB of pickled adds
+        t0 = time.monotonic()
+        futures = [loop.add(Request(f"r{i}", p, SamplingParams(max_tokens=1, ignore_eos=True)))
+                   for i, p in enumerate(prompts)]
+        added_in = time.monotonic() - t0
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        while len(done) < 64:
+            await asyncio.sleep(0.05)
+        ticker.cancel()
+        return added_in, ticks
+
+    try:
+        added_in, ticks = asyncio.run(burst(), loop_factory=uvloop.new_event_loop) if sys.version_info >= (3, 12) \
+            else uvloop.run(burst())
+    finally:
+        loop.stop(10)
+    assert added_in < 0.5 and ticks > 5
+    assert sorted(done) == sorted(f"r{i}" for i in range(64))
 
 
 def _healthy(base: str) -> bool:
