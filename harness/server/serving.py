@@ -33,7 +33,7 @@ from harness.server.errors import APIError, bad_request, error_body
 from harness.server.metrics import ServerMetrics
 from harness.server.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice, CompletionRequest,
-    CompletionResponse, ModelCard, ModelList, PromptTokensDetails, Usage, _Sampling,
+    CompletionResponse, ModelCard, ModelList, Usage, _Sampling,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class _Generation:
         self.cached_tokens = 0
         self.done = False
         self.added: list[str] = []
+        self.prompt_tokens = sum(len(p) for p in prompts)
 
     def choice_of(self, out: RequestOutput) -> _Choice:
         return self.choices[self.prompt_of[out.request_id] * self.n + out.index]
@@ -99,10 +100,15 @@ class _Generation:
         return c
 
     def usage(self) -> Usage:
-        prompt = sum(len(p) for p in self.prompts)
+        return Usage.model_validate(self.usage_json())
+
+    def usage_json(self) -> dict[str, Any]:
+        """The usage as a stream chunk carries it (built as a plain dict: streams with continuous usage send it
+        with every chunk, and a pydantic round trip per chunk costs more than the rest of the chunk)."""
+        prompt = self.prompt_tokens
         completion = sum(c.tokens for c in self.choices)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     async def outputs(self) -> AsyncIterator[list[RequestOutput]]:
         """The engine's outputs as they come; what piled up while the consumer was busy (sending the last
@@ -334,11 +340,11 @@ class Serving:
                                   "finish_reason": c.finish_reason if out.finished else None,
                                   "stop_reason": c.stop_reason if out.finished else None}]}
             if continuous:
-                chunk["usage"] = gen.usage().model_dump(exclude_none=True)
+                chunk["usage"] = gen.usage_json()
             yield _event(chunk)
         if body.stream_options and body.stream_options.include_usage:
             yield _event({"id": gen.base_id, "object": "text_completion", "created": created, "model": model, "choices": [],
-                          "usage": gen.usage().model_dump(exclude_none=True)})
+                          "usage": gen.usage_json()})
 
     # -- /v1/chat/completions -------------------------------------------------------------------------
     async def chat(self, body: ChatCompletionRequest, http: HTTPRequest, arrival: float, request_id: str | None) -> Any:
@@ -381,7 +387,7 @@ class Serving:
                        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason,
                                     "stop_reason": stop_reason}]}
             if continuous:
-                payload["usage"] = gen.usage().model_dump(exclude_none=True)
+                payload["usage"] = gen.usage_json()
             return _event(payload)
 
         for c in gen.choices:
@@ -395,7 +401,7 @@ class Serving:
                         c.stop_reason if out.finished else None)
         if body.stream_options and body.stream_options.include_usage:
             yield _event({"id": gen.base_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                          "choices": [], "usage": gen.usage().model_dump(exclude_none=True)})
+                          "choices": [], "usage": gen.usage_json()})
 
     # -- delivery -------------------------------------------------------------------------------------
     def _sse(self, events: AsyncIterator[str], gen: _Generation) -> StreamingResponse:
