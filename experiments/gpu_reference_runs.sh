@@ -28,10 +28,11 @@ if [ "$part" = a ]; then
   kill -TERM $server; wait $server
   pack serve64
 elif [ "$part" = serve ]; then
-  $py -m harness engine=paged "${serve_workload[@]}" name=offline64 hydra.run.dir="$out/offline64"
+  seeds=${SEEDS:-0,1,2}  # each path runs the workload once per seed: closed-loop waves make single runs noisy
+  $py -m harness -m engine=paged "${serve_workload[@]}" seed=$seeds name=offline64 hydra.sweep.dir="$out/offline64"
   pack offline64
-  $py -m harness engine=paged "${serve_workload[@]}" workload.detokenize=true name=offline64_text \
-      hydra.run.dir="$out/offline64_text"
+  $py -m harness -m engine=paged "${serve_workload[@]}" workload.detokenize=true seed=$seeds name=offline64_text \
+      hydra.sweep.dir="$out/offline64_text"
   pack offline64_text
   for mode in process thread; do
     flag=$([ $mode = process ] && echo true || echo false)
@@ -41,8 +42,8 @@ elif [ "$part" = serve ]; then
     for _ in $(seq 180); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
     before=$($py experiments/proc_cpu.py $server)
     TIMEFORMAT='{"user": %U, "sys": %S, "wall": %R}'
-    client=$( { time $py -m harness bench-serve --base-url http://127.0.0.1:8000 --model $model \
-        --out "$out/serve64_$mode" "${serve_workload[@]}" name=serve64_$mode >> "$out/serve_$mode.log" 2>&1 ; } 2>&1 )
+    client=$( { time $py -m harness bench-serve -m --base-url http://127.0.0.1:8000 --model $model \
+        --out "$out/serve64_$mode" "${serve_workload[@]}" seed=$seeds name=serve64_$mode >> "$out/serve_$mode.log" 2>&1 ; } 2>&1 )
     after=$($py experiments/proc_cpu.py $server)
     echo "{\"server_before\": $before, \"server_after\": $after, \"client\": $client}" > "$out/serve64_$mode/cpu.json"
     curl -s http://127.0.0.1:8000/metrics > "$out/serve64_$mode/metrics.txt"
