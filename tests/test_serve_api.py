@@ -264,3 +264,21 @@ def test_another_engine_by_config_gives_the_same_greedy_text(http, contiguous_se
         assert info["engine"] == "contiguous" and info["engine_config"]["reservation"] == "pow2"
         contiguous = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
     assert contiguous == paged
+
+
+def test_the_server_makes_the_text_when_the_engine_need_not(http, server, monkeypatch):
+    """Without stop strings the engine only makes tokens and the server detokenizes; the text is the same as
+    when the engine detokenizes (a stop string that never matches makes it), streamed or not, for n > 1 too."""
+    sent = []
+    add = server.state.loop.add
+    monkeypatch.setattr(server.state.loop, "add", lambda request: sent.append(request) or add(request))
+    body = {"prompt": PROMPT_IDS, "max_tokens": 40, "temperature": 0.8, "seed": 11, "n": 2, "ignore_eos": True}
+    here = http.post("/v1/completions", json=body).json()
+    there = http.post("/v1/completions", json={**body, "stop": ["\u0000never\u0001"]}).json()
+    assert [r.sampling_params.detokenize for r in sent] == [False, True]
+    assert [c["text"] for c in here["choices"]] == [c["text"] for c in there["choices"]]
+    assert all(c["text"] for c in here["choices"])
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = sse(r.iter_lines())
+    streamed = ["".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"][0]["index"] == i) for i in (0, 1)]
+    assert streamed == [c["text"] for c in there["choices"]]

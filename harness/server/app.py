@@ -116,7 +116,7 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
     engine_info = loop.info
     metrics = ServerMetrics(served_names[0], engine_info.name, engine_info.block_size)
     info = ModelInfo(names=served_names, root=str(model_dir), max_model_len=engine_info.max_model_len,
-                     vocab_size=engine_info.vocab_size, engine=engine_info.name)
+                     vocab_size=engine_info.vocab_size, engine=engine_info.name, eos_token_ids=engine_info.eos_token_ids)
     serving = Serving(loop, load_tokenizer(model_dir), ChatTemplate.from_model_dir(model_dir), info, cfg, metrics)
     loop.on_outputs = serving.deliver
     loop.observer = metrics

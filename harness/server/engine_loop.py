@@ -70,12 +70,13 @@ class EngineInfo:
     capacity: int  # KV capacity in token slots
     block_size: int | None  # paged engines only
     device: str
+    eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, engine: Engine) -> "EngineInfo":
         block_size = getattr(getattr(engine, "kv", None), "block_size", None) if engine.name == "paged" else None
         return cls(engine.name, engine.max_model_len, engine.model_config.vocab_size, engine.kv_stats().capacity,
-                   block_size, str(getattr(engine, "device", "cpu")))
+                   block_size, str(getattr(engine, "device", "cpu")), tuple(engine.model_config.eos_token_ids))
 
 
 class EngineLoop:

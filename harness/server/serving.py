@@ -14,6 +14,7 @@ engine requests at once, which frees their KV memory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from tokenizers import Tokenizer
 
+from engines.detokenizer import SampleStream
 from engines.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 from harness.server.chat import ChatTemplate
 from harness.server.config import ServerConfig
@@ -54,6 +56,7 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     engine: str
+    eos_token_ids: tuple[int, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -65,6 +68,7 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    text_stream: SampleStream | None = None  # set when this server detokenizes the choice, not the engine
 
 
 class _Generation:
@@ -90,6 +94,8 @@ class _Generation:
         if out.index == 0 and out.num_cached_tokens:
             self.cached_tokens += out.num_cached_tokens
         c.tokens += len(out.new_token_ids)
+        if c.text_stream is not None and out.new_token_ids:
+            out.text = "".join(c.text_stream.append(t) for t in out.new_token_ids)
         if out.text:
             c.text.append(out.text)
         if out.finished and c.finish_reason is None:
@@ -206,7 +212,8 @@ class Serving:
     def _params(self, body: _Sampling, max_tokens: int) -> SamplingParams:
         fields = {"max_tokens": max_tokens, "n": body.n, "stop": body.stop or (),
                   "stop_token_ids": body.stop_token_ids or (), "ignore_eos": body.ignore_eos, "seed": body.seed,
-                  "include_stop_str_in_output": body.include_stop_str_in_output}
+                  "include_stop_str_in_output": body.include_stop_str_in_output,
+                  "detokenize": bool(body.stop)}  # without stop strings, this server makes the text
         for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0), ("presence_penalty", 0.0),
                               ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
             value = getattr(body, name)
@@ -217,6 +224,18 @@ class Serving:
             return SamplingParams(**fields)
         except RequestError as e:
             raise bad_request(str(e), _param_named(str(e), fields)) from e
+
+    def _detokenize_here(self, gen: _Generation, params: list[SamplingParams]) -> None:
+        """Text for the choices whose requests have no stop strings is made here, as the tokens arrive: the
+        engine then only makes tokens (``detokenize=False``), and its process spends no time on text. With stop
+        strings the engine detokenizes, since it must stop there. The same incremental decoder either way."""
+        for i, (ids, p) in enumerate(zip(gen.prompts, params)):
+            if p.detokenize:
+                continue
+            for j in range(gen.n):
+                gen.choices[i * gen.n + j].text_stream = SampleStream(
+                    self.tokenizer, dataclasses.replace(p, detokenize=True), len(ids), self.info.eos_token_ids,
+                    self.info.max_model_len)
 
     def _check_prompt(self, ids: list[int], max_tokens: int | None, where: str) -> None:
         limit = self.info.max_model_len
@@ -235,6 +254,7 @@ class Serving:
 
     # -- submitting -----------------------------------------------------------------------------------
     async def _start(self, gen: _Generation, params: list[SamplingParams], arrival: float) -> None:
+        self._detokenize_here(gen, params)
         if self.loop.error is not None or not self.loop.alive:
             self.metrics.reject("engine_dead")
             raise APIError(503, "the engine is not running" + (f": {self.loop.error}" if self.loop.error else ""),
