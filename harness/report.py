@@ -269,6 +269,17 @@ def fig_block_size(ok: pd.DataFrame, x: str, out: Path) -> Figure:
     return _save(fig, figure, out)
 
 
+def name_series(table: pd.DataFrame) -> pd.DataFrame:
+    """Runs of several names under one engine label (``offline64`` and ``offline64_text``, say) would draw as one
+    zigzag series: their engine label then carries the run name, ``paged · offline64_text``."""
+    if "param.name" not in table or "engine_label" not in table:
+        return table
+    several = table.groupby("engine_label")["param.name"].transform("nunique") > 1
+    table = table.copy()
+    table.loc[several, "engine_label"] = table.loc[several, "engine_label"] + " · " + table.loc[several, "param.name"]
+    return table
+
+
 def make_figures(table: pd.DataFrame, runs: dict[str, RunDir], out: Path) -> list[Figure]:
     # a run none of whose requests completed (a server that failed them all) has no figures to draw
     ok = table[(table["status"] == "ok") & (table.get("completed", pd.Series(1, index=table.index)).fillna(0) > 0)]
@@ -341,7 +352,7 @@ def write_report(paths: list[Path], out: Path) -> Path:
     found, unfinished = find_runs(paths)
     if not found:
         raise FileNotFoundError(f"no finished runs under {', '.join(map(str, paths))}")
-    table = runs_table(found)
+    table = name_series(runs_table(found))
     for col in ("reason", "hardware", "model", "workload_label"):
         if col not in table:
             table[col] = None
