@@ -205,7 +205,8 @@ def start_engine(resolved):
     from harness.server.engine_process import EngineProcess
 
     if resolved.server.engine_process:
-        loop = EngineProcess(functools.partial(open_engine, resolved))
+        loop = EngineProcess(functools.partial(open_engine, resolved),
+                             startup_timeout_s=resolved.server.engine_start_timeout_s)
         loop.start()
         facts = dict(loop.extra)
     else:

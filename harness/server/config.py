@@ -36,6 +36,7 @@ class ServerConfig:
     # the engine loop in a process of its own (vLLM's engine core does the same), so HTTP work and engine
     # work never wait on one interpreter lock; false: a thread of the server process
     engine_process: bool = True
+    engine_start_timeout_s: float = 1800.0  # how long the engine process may take to load and warm up
     log_level: str = "info"
     access_log: bool = False
 
@@ -47,6 +48,8 @@ class ServerConfig:
             (self.max_n >= 1, f"server.max_n must be >= 1, got {self.max_n}"),
             (self.max_prompts >= 1, f"server.max_prompts must be >= 1, got {self.max_prompts}"),
             (self.shutdown_timeout_s >= 0, f"server.shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}"),
+            (self.engine_start_timeout_s > 0,
+             f"server.engine_start_timeout_s must be > 0, got {self.engine_start_timeout_s}"),
             (self.api_key is None or self.api_key != "", "server.api_key must not be empty (leave it unset for no key)"),
         ]
         for ok, message in problems:
