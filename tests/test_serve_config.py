@@ -72,6 +72,7 @@ def test_api_key_from_the_environment(monkeypatch):
     (["server.prot=1"], "server.prot"),
     (["server.port=-5"], "server.port"),
     (["server.max_queue=0"], "server.max_queue"),
+    (["server.engine_start_timeout_s=0"], "server.engine_start_timeout_s"),
     (["--tensor-parallel-size", "2"], "tensor-parallel-size"),
     (["--engine", "hf", "--block-size", "16"], "block_size"),
     (["--model", "tiny-qwen3", "--max-model-len", "999999"], "max_model_len 999999"),  # refused in the engine process
