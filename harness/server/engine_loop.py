@@ -37,9 +37,28 @@ class EngineDead(Exception):
 
 
 @dataclass
-class _Open:
+class OpenRequest:
+    """A request the server still waits on, and which of its samples have not finished."""
+
     request: Request
     open_samples: set[int]
+
+    def final_outputs(self, reason: FinishReason, error: str | None) -> list[RequestOutput]:
+        """The last output of every open sample, when the request ends without finishing (abort, failure)."""
+        rid = self.request.request_id
+        return [RequestOutput(rid, i, [], [], finished=True, finish_reason=reason,
+                              num_prompt_tokens=self.request.num_prompt_tokens, error=error)
+                for i in sorted(self.open_samples)]
+
+
+def notify(observer: "LoopObserver | None", method: str, *args) -> None:
+    """Call an observer's method; metrics must never stop the engine or the deliveries."""
+    if observer is None:
+        return
+    try:
+        getattr(observer, method)(*args)
+    except Exception:  # noqa: BLE001
+        log.exception("the loop observer failed in %s", method)
 
 
 @dataclass
@@ -98,7 +117,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._open: dict[str, _Open] = {}  # touched only by the loop thread
+        self._open: dict[str, OpenRequest] = {}  # touched only by the loop thread
         self._pending_adds = 0
         self.error: str | None = None
         self.snapshot: KVStats = engine.kv_stats()
@@ -236,7 +255,7 @@ class EngineLoop:
                 log.exception("the engine failed to add request %s", request.request_id)
             future.set_exception(e)
             return
-        self._open[request.request_id] = _Open(request, set(range(request.sampling_params.n)))
+        self._open[request.request_id] = OpenRequest(request, set(range(request.sampling_params.n)))
         future.set_result(None)
 
     def _abort(self, request_id: str) -> None:
@@ -247,12 +266,7 @@ class EngineLoop:
             self._observe("on_end", entry.request, FinishReason.ABORT)
 
     def _observe(self, method: str, *args) -> None:
-        if self.observer is None:
-            return
-        try:
-            getattr(self.observer, method)(*args)
-        except Exception:  # noqa: BLE001 - metrics must never stop the engine
-            log.exception("the loop observer failed in %s", method)
+        notify(self.observer, method, *args)
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -293,9 +307,7 @@ class EngineLoop:
         grouped = {}
         for rid, entry in self._open.items():
             self._observe("on_end", entry.request, reason)
-            grouped[rid] = [RequestOutput(rid, i, [], [], finished=True, finish_reason=reason,
-                                          num_prompt_tokens=entry.request.num_prompt_tokens, error=error)
-                            for i in sorted(entry.open_samples)]
+            grouped[rid] = entry.final_outputs(reason, error)
         self._open.clear()
         return grouped
 

@@ -33,13 +33,12 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from engines.base import Engine, KVStats
 from engines.request import FinishReason, Request, RequestError, RequestOutput
 from harness.server.engine_loop import (
-    EngineDead, EngineInfo, EngineLoop, LoopObserver, OutputsCallback, QueueFull, StepInfo,
+    EngineDead, EngineInfo, EngineLoop, LoopObserver, OpenRequest, OutputsCallback, QueueFull, StepInfo, notify,
 )
 
 log = logging.getLogger(__name__)
@@ -54,12 +53,6 @@ class EngineStartError(RuntimeError):
     def __init__(self, message: str, user_error: bool) -> None:
         super().__init__(message)
         self.user_error = user_error
-
-
-@dataclass
-class _Open:
-    request: Request
-    open_samples: set[int]
 
 
 class EngineProcess:
@@ -88,7 +81,7 @@ class EngineProcess:
         self._aio: asyncio.AbstractEventLoop | None = None  # the event loop reading the pipe, once attached
         self._stopped = threading.Event()  # the child said it stopped, or it is gone
         self._lock = threading.Lock()  # guards _open and _pending
-        self._open: dict[str, _Open] = {}
+        self._open: dict[str, OpenRequest] = {}
         self._pending: dict[str, concurrent.futures.Future] = {}
         self._stopping = threading.Event()
 
@@ -176,7 +169,7 @@ class EngineProcess:
                 future.set_exception(RequestError(f"request id {rid!r} is already in use"))
                 return future
             self._pending[rid] = future
-            self._open[rid] = _Open(request, set(range(request.sampling_params.n)))
+            self._open[rid] = OpenRequest(request, set(range(request.sampling_params.n)))
         self._send(("add", request))  # if the child is gone, the reader fails this future
         return future
 
@@ -313,12 +306,7 @@ class EngineProcess:
                     del self._open[rid]
 
     def _observe(self, method: str, *args) -> None:
-        if self.observer is None:
-            return
-        try:
-            getattr(self.observer, method)(*args)
-        except Exception:  # noqa: BLE001 - metrics must never stop the deliveries
-            log.exception("the loop observer failed in %s", method)
+        notify(self.observer, method, *args)
 
     def _child_gone(self) -> None:
         """The pipe closed: fine when stopping, otherwise the child died and its requests fail."""
@@ -332,9 +320,7 @@ class EngineProcess:
         log.error("%s", self.error)
         with self._lock:
             entries, self._open = self._open, {}
-        grouped = {rid: [RequestOutput(rid, i, [], [], finished=True, finish_reason=FinishReason.ERROR,
-                                       num_prompt_tokens=e.request.num_prompt_tokens, error=self.error)
-                         for i in sorted(e.open_samples)] for rid, e in entries.items()}
+        grouped = {rid: e.final_outputs(FinishReason.ERROR, self.error) for rid, e in entries.items()}
         for entry in entries.values():
             self._observe("on_end", entry.request, FinishReason.ERROR)
         if grouped:
