@@ -212,11 +212,16 @@ def test_api_key_is_required_when_set(guarded):
 
 def test_full_queue_answers_429_with_retry_after(guarded):
     async def burst():
+        """One request runs first (the engine takes one at a time), then seven arrive at once: one may wait."""
         headers = {"Authorization": "Bearer sekret"}
+        body = {"prompt": [5, 6, 7], "max_tokens": 40, "ignore_eos": True}
         async with httpx.AsyncClient(base_url=guarded.base_url, timeout=60) as c:
-            return await asyncio.gather(*(c.post("/v1/completions", headers=headers,
-                                                 json={"prompt": [5, 6, 7], "max_tokens": 40, "ignore_eos": True})
-                                          for _ in range(8)))
+            first = asyncio.ensure_future(c.post("/v1/completions", headers=headers, json=body))
+            while 'vllm:num_requests_running{model_name="guarded"} 1.0' not in (await c.get("/metrics")).text:
+                assert not first.done(), first.result().text
+                await asyncio.sleep(0.005)
+            rest = await asyncio.gather(*(c.post("/v1/completions", headers=headers, json=body) for _ in range(7)))
+            return [await first, *rest]
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)
