@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from engines.detokenizer import SampleStream, load_tokenizer
+from engines.kv.accounting import KVLedger, KVLog
 from engines.model.config import ModelConfig
 from engines.request import FinishReason, Request, RequestError, RequestOutput
 
 
 @dataclass
 class KVStats:
-    """KV memory at one instant, in token slots of the capacity C (see DESIGN.md).
+    """KV memory at one instant, in token slots of the capacity C (docs/methodology.md).
 
-    ``sequences`` maps (request_id, sample index) to (tokens stored, slots allocated) for
-    every sequence holding memory; the harness splits allocated - stored into reservation
-    and internal fragmentation once it knows each sequence's final length.
+    Every field is a counter the engine keeps as memory changes, so a snapshot costs O(1)
+    whatever the number of sequences or cached blocks. ``external``: free slots that cannot
+    serve the demand waiting at the head of the queue (0 for paging, 0 when nothing waits).
+    ``breakdown`` is False for engines that cannot say which slots hold token states.
     """
 
     capacity: int
@@ -32,18 +35,22 @@ class KVStats:
     allocated: int  # slots owned by live sequences
     free: int
     largest_free_extent: int  # the largest allocation that could succeed now
+    external: int = 0
     cached: int = 0  # free slots still holding a reusable prefix (paged prefix cache)
-    sequences: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     num_running: int = 0
     num_waiting: int = 0
     num_preemptions: int = 0  # cumulative
     num_swapped_out: int = 0  # cumulative sequences swapped to CPU
     prefix_cache_queries: int = 0  # cumulative prompt tokens looked up
     prefix_cache_hits: int = 0  # cumulative prompt tokens found cached
+    breakdown: bool = True
 
 
 class Engine(abc.ABC):
     name: ClassVar[str]
+    # Our engines sample KV memory inside ``_step``, after the step's admissions; the others
+    # are sampled by ``step`` once ``_step`` returns (their admissions happen out of sight).
+    samples_kv_itself: ClassVar[bool] = False
 
     def __init__(self, model_dir: str | Path, max_model_len: int | None = None) -> None:
         self.model_dir = Path(model_dir)
@@ -54,6 +61,7 @@ class Engine(abc.ABC):
             raise RequestError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
         self.max_model_len = max_model_len or limit
         self._aborted: list[RequestOutput] = []
+        self.ledger = KVLedger()
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg) -> "Engine":
@@ -66,6 +74,8 @@ class Engine(abc.ABC):
 
     def step(self) -> list[RequestOutput]:
         outputs = self._step()
+        if not self.samples_kv_itself:
+            self.ledger.sample(time.perf_counter(), self.kv_stats())
         if self._aborted:
             outputs = self._aborted + outputs
             self._aborted = []
@@ -82,6 +92,13 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def kv_stats(self) -> KVStats: ...
+
+    def kv_log(self) -> KVLog:
+        """KV memory after every step since the last call (and every change of a sequence's
+        allocation, for engines with a breakdown); the harness drains it before and after a run."""
+        log = self.ledger.drain()
+        log.breakdown = self.kv_stats().breakdown
+        return log
 
     def close(self) -> None:
         """Release the device memory and threads the engine holds."""

@@ -20,6 +20,9 @@ class RuntimeConfig:
     attn_backend: str = "auto"  # auto = triton on CUDA, torch elsewhere
     max_model_len: Optional[int] = None  # default: the model's context
     seed: int = 0  # for requests without their own seed
+    # Log KV memory after every step's admissions (the KV breakdown's data); false only to
+    # measure what that costs (benchmarks/kv_accounting.py).
+    record_kv_steps: bool = True
 
 
 @dataclass

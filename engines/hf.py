@@ -64,6 +64,8 @@ class _Batch:
     rows: list[_Row]
     events: "queue.Queue[list[RequestOutput] | BaseException | None]" = field(default_factory=queue.Queue)
     padded_len: int = 0  # cache length every row occupies right now
+    num_prompt_tokens: int = 0
+    num_generated: int = 0  # tokens the rows have made so far (counted as they come, for kv_stats)
     done: threading.Event = field(default_factory=threading.Event)  # set when generate() has returned
 
 
@@ -81,6 +83,7 @@ class _StreamRows(StoppingCriteria):
         for row, token in zip(self.batch.rows, new):
             if row.stream.finished or row.aborted:
                 continue
+            self.batch.num_generated += 1
             text = row.stream.append(token)
             outputs.append(RequestOutput(
                 request_id=row.request.request_id, index=row.index, new_token_ids=[token], token_times=[now],
@@ -187,6 +190,7 @@ class HFEngine(Engine):
             self._worker.start()
         batch = _Batch(self._take_batch())
         batch.padded_len = max(r.request.num_prompt_tokens for r in batch.rows)  # the prompts' cache, before a token
+        batch.num_prompt_tokens = sum(r.request.num_prompt_tokens for r in batch.rows)
         self._jobs.put(batch)
         return batch
 
@@ -229,18 +233,14 @@ class HFEngine(Engine):
         )
 
     def kv_stats(self) -> KVStats:
-        """The DynamicCache of a static batch: every row holds the padded length until the batch ends."""
+        """The DynamicCache of a static batch: every row holds the padded length until the batch ends.
+        There is no fixed capacity to split, so no breakdown; the counts are kept as the batch runs."""
         batch = self.batch
         if batch is None:
-            return KVStats(0, 0, 0, 0, 0, num_waiting=len(self.waiting))
-        seqs = {}
-        for row in batch.rows:
-            stored = row.request.num_prompt_tokens + len(row.stream.token_ids)
-            seqs[(row.request.request_id, row.index)] = (stored, batch.padded_len)
-        allocated = batch.padded_len * len(batch.rows)
-        stored = sum(s for s, _ in seqs.values())
-        return KVStats(capacity=allocated, stored=stored, allocated=allocated, free=0, largest_free_extent=0,
-                       sequences=seqs, num_running=len(batch.rows), num_waiting=len(self.waiting))
+            return KVStats(0, 0, 0, 0, 0, num_waiting=len(self.waiting), breakdown=False)
+        rows = len(batch.rows)
+        return KVStats(capacity=0, stored=batch.num_prompt_tokens + batch.num_generated, allocated=batch.padded_len * rows,
+                       free=0, largest_free_extent=0, num_running=rows, num_waiting=len(self.waiting), breakdown=False)
 
     def close(self) -> None:
         if self.batch is not None:
@@ -255,6 +255,11 @@ class HFEngine(Engine):
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _page_size(cache) -> int | None:
+    """Tokens per block of transformers' paged cache: ``block_size`` up to 5.2x, ``page_size`` after."""
+    return getattr(cache, "block_size", None) or getattr(cache, "page_size", None)
 
 
 def _error_output(row: _Row, error: BaseException) -> RequestOutput:
@@ -386,16 +391,16 @@ class HFPagedEngine(Engine):
         )
 
     def kv_stats(self) -> KVStats:
-        """Only what the manager exposes: its block pool's size and free blocks, when it has them."""
-        stats = KVStats(0, 0, 0, 0, 0, num_running=len(self.rows))
+        """Only what the manager exposes: its block pool's size and free blocks, when it has them (no breakdown)."""
+        stats = KVStats(0, 0, 0, 0, 0, num_running=len(self.rows), breakdown=False)
         cache = getattr(getattr(self.manager, "batch_processor", None), "cache", None)
-        if cache is not None and hasattr(cache, "num_blocks"):
-            capacity = cache.num_blocks * cache.block_size
+        page = _page_size(cache)
+        if cache is not None and hasattr(cache, "num_blocks") and page:
+            capacity = cache.num_blocks * page
             free_blocks = cache.get_num_free_blocks() if hasattr(cache, "get_num_free_blocks") else None
             if free_blocks is not None:
-                free = free_blocks * cache.block_size
-                stored = sum(r.request.num_prompt_tokens + len(r.stream.token_ids) for r in self.rows.values())
-                stats = KVStats(capacity, stored, capacity - free, free, free, num_running=len(self.rows))
+                free = free_blocks * page
+                stats = KVStats(capacity, 0, capacity - free, free, free, num_running=len(self.rows), breakdown=False)
         return stats
 
     def close(self) -> None:

@@ -22,10 +22,12 @@ from engines.model_runner import ModelRunner, SampleRow
 from engines.request import Request, RequestError, RequestOutput, SamplingParams
 from engines.sampling import sample_seed
 from engines.scheduler import ScheduledBatch, Scheduler
-from engines.sequence import Sequence, SeqStatus
+from engines.sequence import Sequence
 
 
 class LLMEngine(Engine):
+    samples_kv_itself = True
+
     def __init__(self, model_dir: str | Path, cfg: PagedConfig | ContiguousConfig) -> None:
         super().__init__(model_dir, cfg.max_model_len)
         self.cfg = cfg
@@ -36,6 +38,8 @@ class LLMEngine(Engine):
         self.slot_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * self.model.dtype.itemsize
         num_slots = self._kv_slots()
         self.kv = self.make_kv_manager(num_slots)
+        self.ledger = self.kv.ledger
+        self.ledger.record = cfg.record_kv_steps
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             enable_chunked_prefill=cfg.enable_chunked_prefill, preemption_mode=cfg.preemption_mode,
@@ -137,12 +141,16 @@ class LLMEngine(Engine):
             self.step()
         self.scheduler.num_preemptions = 0
         self.kv.num_prefix_queries = self.kv.num_prefix_hits = self.kv.num_swapped_out = 0
+        self.ledger.drain()
 
     # -- the contract ------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self.check_request(request)
         p = request.sampling_params
         seq = Sequence(request, 0, self.new_stream(request), self._generator(p.seed, 0), num_forks=p.n - 1)
+        if p.n > self.cfg.max_num_seqs:
+            raise RequestError(f"request {request.request_id!r} asks for n={p.n} samples, more than max_num_seqs "
+                               f"({self.cfg.max_num_seqs}) sequences can run at once")
         if not self.kv.can_ever_fit(seq):
             raise RequestError(
                 f"request {request.request_id!r} can never fit in KV memory: it may need "
@@ -167,7 +175,8 @@ class LLMEngine(Engine):
             self.report_aborted(request_id, i, dropped[0].num_prompt)
 
     def kv_stats(self) -> KVStats:
-        stats = self.kv.kv_stats(self.scheduler.live)
+        waiting = self.scheduler.waiting
+        stats = self.kv.kv_stats(waiting[0] if waiting else None)
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting) + len(self.scheduler.swapped)
         stats.num_preemptions = self.scheduler.num_preemptions
@@ -190,6 +199,7 @@ class LLMEngine(Engine):
         for seq, _ in batch.prefills:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+        self.ledger.sample(now, self.kv_stats())  # after this step's admissions, before its frees
         self.runner.apply(self.kv.take_ops())
         rows = self._sample_rows(batch)
         tokens = self.runner.run(batch, rows)
@@ -214,23 +224,25 @@ class LLMEngine(Engine):
     def _postprocess(
         self, batch: ScheduledBatch, rows: list[SampleRow], tokens: list[list[int]], now: float
     ) -> list[RequestOutput]:
+        computed = 0
         for seq, n in batch.prefills:
             seq.num_computed += n
+            computed += n
             self.kv.commit(seq)
         decoding = {id(s) for s in batch.decodes}
         outputs = []
         for row, sampled in zip(rows, tokens):
             seq = row.seq
             if seq is not row.source:  # a new sample: share (or copy) the prompt's cache, then run beside it
-                self.kv.fork(row.source, seq)
                 seq.num_computed = row.source.num_computed
-                seq.status = SeqStatus.RUNNING
-                self.scheduler.running.append(seq)
+                self.kv.fork(row.source, seq)
+                self.scheduler.forked(seq)
             first = seq.num_output == 0
             new, text = [], ""
             for token in sampled:  # a decode that ran several steps brings several tokens
                 if id(seq) in decoding:
                     seq.num_computed += 1  # the step cached the K/V of the token before this one
+                    computed += 1
                 seq.token_ids.append(token)
                 text += seq.stream.append(token)
                 new.append(token)
@@ -245,8 +257,9 @@ class LLMEngine(Engine):
                 num_cached_tokens=seq.num_cached_prompt if first else 0,
                 first_scheduled_time=seq.first_scheduled_time if first else None,
             ))
+        self.ledger.computed(computed)
         for row in rows:
-            row.source.num_forks = 0
+            row.source.num_forks = 0  # its samples are running: scheduler.forked took their seats
         for row in rows:
             if row.seq.stream.finished:
                 self.scheduler.finish(row.seq)

@@ -5,6 +5,8 @@ KV manager is out of memory the newest running sequence is preempted, by recompu
 by swap), then prompt chunks of running sequences, then swapped-out sequences coming
 back, then waiting ones in arrival order (FCFS: the first that does not fit stops
 admission), all within a token budget (chunked prefill) and a cap on running sequences.
+The cap is hard: a request with n samples is admitted only with seats for all n, since its
+samples join the running set when its prompt completes.
 """
 
 from __future__ import annotations
@@ -56,6 +58,25 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the last is the first to be preempted
         self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_pending_forks = 0  # samples of running prompts that will join the running set
+
+    def free_seats(self) -> int:
+        return self.max_num_seqs - len(self.running) - self.num_pending_forks
+
+    def _run(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        self.num_pending_forks += seq.num_forks
+
+    def _stop_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.num_pending_forks -= seq.num_forks
+
+    def forked(self, child: Sequence) -> None:
+        """A sample forked from a prompt that completed: it takes the seat its prompt kept for it."""
+        self.num_pending_forks -= 1
+        child.status = SeqStatus.RUNNING
+        self.running.append(child)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -105,19 +126,20 @@ class Scheduler:
                 budget -= n
         if batch.preempted:
             return batch
-        while self.swapped and len(self.running) < self.max_num_seqs and budget > 0:
+        while self.swapped and budget > 0:
             seq = self.swapped[0]
-            if not self.kv.swap_in(seq):
+            if self.free_seats() < 1 + seq.num_forks or not self.kv.swap_in(seq):
                 break
             self.swapped.popleft()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            self._run(seq)
             if not self.kv.allocate(seq, 1):  # swap_in left room for this token
                 raise AssertionError("swap-in did not leave room for the next token")
             batch.decodes.append(seq)
             budget -= 1
-        while self.waiting and not self.swapped and len(self.running) < self.max_num_seqs and budget > 0:
+        while self.waiting and not self.swapped and budget > 0:
             seq = self.waiting[0]
+            if self.free_seats() < 1 + seq.num_forks:
+                break
             self.kv.admit(seq)
             n = self._chunk(seq, budget)
             if not n or not self.kv.allocate(seq, n):
@@ -125,8 +147,7 @@ class Scheduler:
                 seq.num_computed = 0
                 break
             self.waiting.popleft()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            self._run(seq)
             batch.prefills.append((seq, n))
             budget -= n
         return batch
@@ -150,7 +171,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        self._stop_running(seq)
         self.num_preemptions += 1
         if self.preemption_mode == "swap" and self.kv.swap_out(seq):
             seq.status = SeqStatus.SWAPPED
@@ -164,7 +185,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.status = SeqStatus.FINISHED
-        self.running.remove(seq)
+        self._stop_running(seq)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Drop every sample of a request wherever it is; its memory is free on return."""
@@ -172,7 +193,7 @@ class Scheduler:
         for seq in dropped:
             self.kv.free(seq)
             if seq.status is SeqStatus.RUNNING:
-                self.running.remove(seq)
+                self._stop_running(seq)
             elif seq.status is SeqStatus.SWAPPED:
                 self.swapped.remove(seq)
             else:

@@ -15,10 +15,11 @@ chunk brings is exact; otherwise each chunk with text counts one token. Arrival 
 request's scheduled time (a client blocked by a slow server shows as queueing, as offline);
 queue time (first scheduled) is not visible over HTTP and is left empty.
 
-KV memory: from our server, ``/kvbench/kv_stats`` is polled (every sequence's stored and
-allocated slots, so the full breakdown of the vLLM paper is computed as offline); from
-another server, ``/metrics`` is scraped (vLLM's KV usage and cache_config_info): only the
-allocated share is known then, and the breakdown figures are left empty rather than guessed.
+KV memory: from our server, its KV log is read (``/kvbench/kv_log``: the engine's counters
+after every step's admissions and every change of a sequence's allocation, so the full
+breakdown of the vLLM paper is computed as offline, from the same data); from another
+server, ``/metrics`` is scraped (vLLM's KV usage and cache_config_info): only the allocated
+share is known then, and the breakdown figures are left empty rather than guessed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -43,12 +43,6 @@ log = logging.getLogger("harness.bench_serve")
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
-# Run-table figures that need each sequence's stored and allocated slots (left empty from /metrics alone).
-BREAKDOWN_FIGURES = ("kv_mean_token_states", "kv_mean_reservation", "kv_mean_internal", "kv_mean_external",
-                     "kv_token_states_frac", "kv_reservation_frac", "kv_internal_frac", "kv_external_frac",
-                     "kv_token_states_used_frac", "kv_reservation_used_frac", "kv_internal_used_frac",
-                     "kv_external_used_frac", "kv_fragmentation", "kv_waste")
-BREAKDOWN_COLUMNS = ("token_states", "reservation", "internal", "external")
 
 
 @dataclass
@@ -89,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="completions sends token ids (exact prompt lengths); chat sends the decoded text as one user message")
     p.add_argument("--out", type=Path, help="run directory to write (default outputs/NAME/bench-serve_TIMESTAMP)")
     p.add_argument("--kv-source", choices=["auto", "kvbench", "metrics", "none"], default="auto",
-                   help="where KV samples come from: auto = /kvbench/kv_stats on our server, else /metrics")
-    p.add_argument("--kv-poll-interval", type=float, default=0.02, help="seconds between KV samples (default 0.02)")
+                   help="where KV data comes from: auto = /kvbench/kv_log on our server, else /metrics")
+    p.add_argument("--kv-poll-interval", type=float, default=0.02,
+                   help="seconds between reads of the KV log (our server: every step is in it) or scrapes of /metrics")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (default: no limit)")
     p.add_argument("--no-report", action="store_true", help="write the tables only")
     p.add_argument("--multirun", "-m", action="store_true",
@@ -163,20 +158,9 @@ def tokenizer_dir(args: argparse.Namespace, view: ServerView, model_spec, model_
 
 
 # -- KV samples ------------------------------------------------------------------------------------
-def kv_from_json(d: dict[str, Any], rename: dict[str, str]):
-    from engines.base import KVStats
-
-    sequences = {}
-    for rid, index, stored, allocated in d.get("sequences", []):
-        sequences[(rename.get(rid, rid), int(index))] = (int(stored), int(allocated))
-    fields = {k: d[k] for k in ("capacity", "stored", "allocated", "free", "largest_free_extent", "cached", "num_running",
-                                "num_waiting", "num_preemptions", "num_swapped_out", "prefix_cache_queries",
-                                "prefix_cache_hits") if k in d}
-    return KVStats(**fields, sequences=sequences)
-
-
 def kv_from_metrics(text: str, model: str):
-    """KV state from Prometheus text (vLLM's names): usage, capacity from cache_config_info, queue depths."""
+    """KV state from Prometheus text (vLLM's names): usage, capacity from cache_config_info, queue depths.
+    Only the allocated share is known this way: no breakdown."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from engines.base import KVStats
@@ -196,45 +180,71 @@ def kv_from_metrics(text: str, model: str):
                 values[s.name] = values.get(s.name, 0.0) + s.value
     usage = values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc", 0.0))
     allocated = int(round(usage * capacity))
-    return KVStats(capacity=capacity, stored=allocated, allocated=allocated, free=capacity - allocated,
+    return KVStats(capacity=capacity, stored=0, allocated=allocated, free=capacity - allocated,
                    largest_free_extent=capacity - allocated, num_running=int(values.get("vllm:num_requests_running", 0)),
                    num_waiting=int(values.get("vllm:num_requests_waiting", 0)),
                    num_preemptions=int(values.get("vllm:num_preemptions_total", 0)),
                    prefix_cache_queries=int(values.get("vllm:prefix_cache_queries_total", 0)),
-                   prefix_cache_hits=int(values.get("vllm:prefix_cache_hits_total", 0)))
+                   prefix_cache_hits=int(values.get("vllm:prefix_cache_hits_total", 0)), breakdown=False)
 
 
 class KVPoller:
-    """Samples the server's KV state every ``interval`` seconds: /kvbench/kv_stats, else /metrics, else nothing."""
+    """KV memory during a run. From our server: its KV log (``/kvbench/kv_log``), which holds the engine's
+    counters after every step and every allocation change, so the breakdown is the offline run's; read every
+    ``interval`` seconds and put on this client's clock (the offset measured by the quickest read). From another
+    server: ``/metrics`` every ``interval`` (the allocated share only, no breakdown); else nothing."""
 
     def __init__(self, client, view: ServerView, interval: float, source: str = "auto") -> None:
         self.client, self.view, self.interval = client, view, interval
-        self.raw: list[tuple[float, Any]] = []
         self.source = ("kvbench" if view.info is not None else "metrics") if source == "auto" else source
+        self.cursors = {"samples": 0, "allocations": 0}
+        self.replies: list[dict[str, Any]] = []
+        self.offsets: list[tuple[float, float]] = []  # (round trip, server clock - this clock) of each read
+        self.scraped: list[tuple[float, Any]] = []  # (time, KVStats) from /metrics
+        self.baseline = None
 
-    async def sample(self) -> None:
+    async def start(self) -> None:
+        """Skip what the server logged before the run, and note its counters now (cumulative ones count from here)."""
         from engines.base import KVStats
 
+        if self.source == "kvbench":
+            r = await self.client.get(f"{self.view.base_url}/kvbench/kv_stats", headers=self.view.headers)
+            if r.status_code == 200:
+                self.baseline = KVStats(**r.json())
+            await self._read_log(skip=True)
+        if self.source == "metrics":
+            await self.sample()
+            self.baseline = self.scraped[-1][1] if self.scraped else None
+
+    async def _read_log(self, skip: bool = False) -> None:
+        cursors = {"samples": 2**62, "allocations": 2**62} if skip else self.cursors
+        sent = time.perf_counter()
+        r = await self.client.get(f"{self.view.base_url}/kvbench/kv_log", params=cursors, headers=self.view.headers)
+        received = time.perf_counter()
+        if r.status_code != 200:
+            log.warning("%s/kvbench/kv_log answered %d: no KV breakdown for this run", self.view.base_url, r.status_code)
+            self.source = "none"
+            return
+        reply = r.json()
+        self.cursors = reply["next"]
+        self.offsets.append((received - sent, reply["now"] - (sent + received) / 2))
+        if any(reply["missed"].values()):
+            log.warning("the server's KV log dropped %s entries this client had not read", reply["missed"])
+        if not skip:
+            self.replies.append(reply)
+
+    async def sample(self) -> None:
         try:
             if self.source == "kvbench":
-                r = await self.client.get(f"{self.view.base_url}/kvbench/kv_stats", headers=self.view.headers)
-                if r.status_code == 200:
-                    self.raw.append((time.perf_counter(), r.json()))
-                    return
-                self.source = "metrics"
-            if self.source == "metrics":
+                await self._read_log()
+            elif self.source == "metrics":
                 r = await self.client.get(f"{self.view.base_url}/metrics")
                 if r.status_code == 200:
-                    self.raw.append((time.perf_counter(), kv_from_metrics(r.text, self.view.model)))
-                    return
-                self.source = "none"
-            self.raw.append((time.perf_counter(), KVStats(0, 0, 0, 0, 0)))
-        except Exception as e:  # noqa: BLE001 - a missed sample is not a failed run
-            log.debug("KV sample failed: %s", e)
-
-    def restamp_first(self, t: float) -> None:
-        if self.raw:
-            self.raw[0] = (t, self.raw[0][1])
+                    self.scraped.append((time.perf_counter(), kv_from_metrics(r.text, self.view.model)))
+                else:
+                    self.source = "none"
+        except Exception as e:  # noqa: BLE001 - a missed read is not a failed run (the next read catches up)
+            log.debug("KV read failed: %s", e)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -244,15 +254,19 @@ class KVPoller:
                 await self.sample()
         await self.sample()
 
-    def samples(self, rename: dict[str, str]):
-        from engines.base import KVStats
-        from harness.runner import KVSample
+    def kv_log(self, rename: dict[str, str]):
+        """Everything read, as one KVLog on this client's clock, with the sequences' ids as the workload's."""
+        from engines.kv.accounting import KVLog
+        from harness.server.kv_feed import log_from_reply
 
-        out = []
-        for t, item in self.raw:
-            stats = kv_from_json(item, rename) if isinstance(item, dict) else item
-            out.append(KVSample(t, stats))
-        return out or [KVSample(time.perf_counter(), KVStats(0, 0, 0, 0, 0))]
+        if self.source == "kvbench" and self.offsets:
+            offset = min(self.offsets)[1]
+            out = KVLog(baseline=self.baseline)
+            for reply in self.replies:
+                out.extend(log_from_reply(reply, rename, offset))
+            return out
+        samples = [(i, t, stats) for i, (t, stats) in enumerate(self.scraped)]
+        return KVLog(samples, breakdown=False, baseline=self.baseline)
 
 
 # -- one request -----------------------------------------------------------------------------------
@@ -366,9 +380,8 @@ async def run_http(client: Client, requests, offsets: np.ndarray | None, concurr
 
     from harness.runner import RunRecord, SampleRecord
 
-    await poller.sample()  # the state at the start, as the offline runner samples it before the first step
+    await poller.start()  # what the server logged before now is not this run's (as the offline runner drains it)
     start = time.perf_counter()
-    poller.restamp_first(start)
     records: dict[tuple[str, int], SampleRecord] = {}
     in_flight = 0
     max_in_flight = 0
@@ -413,7 +426,7 @@ async def run_http(client: Client, requests, offsets: np.ndarray | None, concurr
     rename = {f"{client.engine_id(r.request_id)}-0": r.request_id for r in requests}
     samples = [records[(r.request_id, i)] for r in requests for i in range(r.sampling_params.n) if (r.request_id, i) in records]
     ends = [s.finish for s in samples if s.finish is not None]
-    return RunRecord(start, max(ends, default=start), samples, poller.samples(rename), max_in_flight)
+    return RunRecord(start, max(ends, default=start), samples, poller.kv_log(rename), max_in_flight)
 
 
 async def warm(client: Client, token_ids: np.ndarray, count: int) -> None:
@@ -551,12 +564,6 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
 
     info = view.info or {}
     figures, request_rows, steps = _run_figures(spec, record, model_cfg, torch.device("cpu"))
-    if poller.source != "kvbench":
-        # Left empty, not guessed. kv_mean_capacity too: the report draws the breakdown of every run with a
-        # capacity (kv_steps keeps the capacity and the allocated slots of every sample).
-        figures.update({k: math.nan for k in BREAKDOWN_FIGURES + ("kv_mean_capacity",)})
-        for c in BREAKDOWN_COLUMNS:
-            steps[c] = math.nan
     wl_label = workload_label(typed["workload"], typed["arrival"])
     server_device = torch.device(str(info["device"]).split(":")[0]) if info.get("device") else torch.device("cpu")
     row = _params_row(spec, tok_dir, server_device, wl_label)

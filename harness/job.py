@@ -97,13 +97,10 @@ def _run_figures(spec: JobSpec, record: RunRecord, model_cfg: ModelConfig, devic
     requests = metrics.request_table(record)
     steps = kv_breakdown.kv_steps(record.kv, record.samples, record.start)
     duration = record.end - record.start
-    figures = metrics.summarize(requests, duration, spec.slo.ttft_s, spec.slo.tpot_s)
-    figures.update(kv_breakdown.summarize(steps, duration))
-    last = steps.iloc[-1]
+    figures = metrics.summarize(requests, duration, spec.slo.ttft_s, spec.slo.tpot_s, spec.slo.e2e_s)
+    figures.update(kv_breakdown.summarize(steps, duration, record.kv.breakdown))
     figures.update(
-        max_running=int(steps["num_running"].max()), max_in_flight=record.max_in_flight,
-        preemptions=int(last["preemptions"]),
-        prefix_cache_hit_rate=last["prefix_cache_hits"] / last["prefix_cache_queries"] if last["prefix_cache_queries"] else math.nan,
+        max_in_flight=record.max_in_flight,
         peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else math.nan,
     )
     ceilings = device_ceilings(device)

@@ -177,6 +177,7 @@ def run_label(r: pd.Series, x: str | None) -> str:
 def kv_runs(ok: pd.DataFrame, x: str | None, every_run: bool) -> pd.DataFrame:
     """Runs with KV figures: all of them when few (and asked for), else one per engine config at the largest sweep value."""
     with_kv = ok[ok.get("kv_mean_capacity", pd.Series(0.0, index=ok.index)).fillna(0) > 0]
+    with_kv = with_kv[with_kv.get("kv_mean_token_states", pd.Series(0.0, index=with_kv.index)).notna()]
     if x:
         with_kv = with_kv.sort_values(x)
     if every_run and len(with_kv) <= MAX_BARS:

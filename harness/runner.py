@@ -1,7 +1,9 @@
 """Drive an engine in real time with a workload's arrivals and record what happened.
 
 One loop on the ``time.perf_counter`` clock (the clock of ``RequestOutput.token_times``):
-send every request that is due, step the engine, stamp the outputs, sample ``kv_stats()``.
+send every request that is due, step the engine, stamp the outputs. KV memory is the
+engine's own log (``kv_log()``: a sample after each step's admissions), drained before the
+run, so warm-up stays out, and after it.
 A request's ``arrival_time`` is its *scheduled* time, not the moment the loop got round to
 sending it, so time spent blocked in ``step()`` shows up as queue time, as it would for a
 client of a real server. In a closed loop a client's next request is scheduled at the
@@ -18,7 +20,8 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from engines.base import Engine, KVStats
+from engines.base import Engine
+from engines.kv.accounting import KVLog
 from engines.request import Request, RequestOutput, SamplingParams
 from harness.workload import PlannedRequest
 
@@ -44,19 +47,13 @@ class SampleRecord:
 
 
 @dataclass
-class KVSample:
-    time: float
-    stats: KVStats
-
-
-@dataclass
 class RunRecord:
     """Everything measured in one run: the window [start, end], every sample, KV memory each step."""
 
     start: float
     end: float
     samples: list[SampleRecord]
-    kv: list[KVSample]
+    kv: KVLog
     max_in_flight: int  # requests sent and not yet finished, at most
 
 
@@ -90,7 +87,8 @@ class _Run:
         self.samples: dict[tuple[str, int], SampleRecord] = {}
         self.open_samples: dict[str, int] = {}  # request id -> samples not finished yet
         self.max_in_flight = 0
-        self.kv = [KVSample(self.start, engine.kv_stats())]
+        engine.kv_log()  # what the engine logged before the run (warm-up) is not this run's
+        self.kv_baseline = engine.kv_stats()
 
     def send_due(self) -> None:
         now = self.clock()
@@ -134,13 +132,14 @@ class _Run:
                 received = self.clock()
                 for out in outputs:
                     self.record(out, received)
-                self.kv.append(KVSample(received, self.engine.kv_stats()))
             elif self.due:
                 sleep(max(0.0, self.due[0][0] - self.clock()))
             else:
                 break
         ends = [s.finish for s in self.samples.values() if s.finish is not None]
-        return RunRecord(self.start, max(ends, default=self.start), list(self.samples.values()), self.kv, self.max_in_flight)
+        kv = self.engine.kv_log()
+        kv.baseline = self.kv_baseline
+        return RunRecord(self.start, max(ends, default=self.start), list(self.samples.values()), kv, self.max_in_flight)
 
 
 def run_workload(

@@ -184,10 +184,11 @@ class ArrivalSpec:
 
 @dataclass
 class SLOSpec:
-    """Goodput counts the requests that meet both (None = no limit on that figure)."""
+    """Goodput counts the requests that meet every limit (None = no limit on that figure)."""
 
     ttft_s: Optional[float] = 1.0
     tpot_s: Optional[float] = 0.1
+    e2e_s: Optional[float] = None
 
 
 @dataclass

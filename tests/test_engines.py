@@ -52,7 +52,7 @@ def run_exact(model_dir, reference, cfg, workload="mixed"):
     mismatches = [i for i in range(N) if got[f"r{i}"][0] != expected[i]]
     assert not mismatches, f"{cfg}: requests {mismatches} differ from the reference"
     stats = engine.kv_stats()
-    assert stats.allocated == 0 and not stats.sequences, "memory still held after every request finished"
+    assert stats.allocated == 0 and stats.stored == 0 and engine.ledger.owned == 0, "memory still held after every request finished"
     return stats
 
 

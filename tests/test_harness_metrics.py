@@ -1,4 +1,4 @@
-"""Metric computations against hand-computed values (DESIGN.md's definitions)."""
+"""Metric computations against hand-computed values (docs/methodology.md's definitions)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.metrics import goodput_requests, inter_token_latencies, latency_stats, request_table, summarize, tpot
+from engines.kv.accounting import KVLog
+from harness.metrics import (
+    delivery_times, goodput_requests, inter_token_latencies, latency_stats, request_outcomes, request_table, summarize, tpot,
+)
 from harness.runner import RunRecord, SampleRecord
+
+START = 10.0  # the run's clock does not start at 0
 
 
 def test_percentiles_interpolate_linearly_between_order_statistics():
@@ -23,49 +28,96 @@ def test_statistics_skip_undefined_values_and_are_nan_when_none_remain():
     assert all(math.isnan(v) for v in latency_stats([math.nan], "t").values())
 
 
-def test_tpot_is_undefined_for_a_one_token_output():
+def test_tpot_is_e2e_minus_ttft_over_the_tokens_after_the_first():
     assert math.isnan(tpot(1.0, 1.0, 1))
     assert tpot(1.0, 2.0, 5) == pytest.approx(0.25)
+    assert tpot(1.0, 4.0, 2) == pytest.approx(3.0)
+
+
+def test_deliveries_are_runs_of_one_timestamp():
+    assert delivery_times([1.0, 1.0, 1.0, 2.5, 2.5, 4.0]).tolist() == [1.0, 2.5, 4.0]
+    assert delivery_times([]).tolist() == []
 
 
 def _record() -> RunRecord:
-    # request 0: arrives 0, scheduled 0.5, tokens at 1, 2, 4 -> TTFT 1, TPOT (4-1)/2 = 1.5, E2E 4, queue 0.5
-    # request 1: arrives 1, scheduled 1.0, one token at 3 -> TTFT 2, TPOT undefined, E2E 2, queue 0
-    # request 2: arrives 2, fails with an error after one token at 5
+    """Arrivals, scheduling and token times relative to START:
+    0: arrives 0, scheduled 0.5, tokens at 1, 2, 4 -> TTFT 1, TPOT (4-1)/2 = 1.5, E2E 4, queue 0.5
+    1: arrives 1, scheduled 1.0, one token at 3 -> TTFT 2, TPOT undefined, E2E 2, queue 0
+    2: arrives 2, fails with an error after one token at 5 (not counted, but counted as failed)
+    3: arrives 2, aborted after two tokens (not counted, but counted as aborted)
+    4: arrives 3, multi-step decode: tokens at 4 (one), then 6, 6, 6, 6 (a delivery of four), then 7 -> ITL 2 and 1
+    """
+    t = (lambda *xs: [START + x for x in xs])
     samples = [
-        SampleRecord("0", 0, 10, 0.0, 0.5, [1.0, 2.0, 4.0], 4.0, "length"),
-        SampleRecord("1", 0, 20, 1.0, 1.0, [3.0], 3.0, "length"),
-        SampleRecord("2", 0, 30, 2.0, 2.5, [5.0], 5.0, "error", "boom"),
+        SampleRecord("0", 0, 10, START + 0.0, START + 0.5, t(1.0, 2.0, 4.0), START + 4.0, "length"),
+        SampleRecord("1", 0, 20, START + 1.0, START + 1.0, t(3.0), START + 3.0, "length"),
+        SampleRecord("2", 0, 30, START + 2.0, START + 2.5, t(5.0), START + 5.0, "error", "boom"),
+        SampleRecord("3", 0, 40, START + 2.0, START + 2.0, t(2.5, 3.0), START + 3.0, "abort"),
+        SampleRecord("4", 0, 5, START + 3.0, START + 3.0, t(4.0, 6.0, 6.0, 6.0, 6.0, 7.0), START + 7.0, "stop"),
     ]
-    return RunRecord(start=0.0, end=5.0, samples=samples, kv=[], max_in_flight=3)
+    return RunRecord(start=START, end=START + 8.0, samples=samples, kv=KVLog(), max_in_flight=3)
 
 
-def test_request_table_and_summary_match_hand_values():
+def test_request_table_times_are_relative_to_the_start():
     table = request_table(_record())
-    assert table["ttft_s"].tolist() == [1.0, 2.0, 3.0]
-    assert table["e2e_s"].tolist() == [4.0, 2.0, 3.0]
-    assert table["queue_s"].tolist() == [0.5, 0.0, 0.5]
-    assert table["tpot_s"].iloc[0] == 1.5 and table["tpot_s"].iloc[1:].isna().all()
-    assert sorted(inter_token_latencies(table).tolist()) == [1.0, 2.0]
-    s = summarize(table, duration=5.0, ttft_slo=1.5, tpot_slo=2.0)
-    assert s["completed"] == 2 and s["failed"] == 1
-    assert s["output_tokens"] == 5 and s["prompt_tokens"] == 60
-    assert s["output_tok_s"] == pytest.approx(1.0)
-    assert s["total_tok_s"] == pytest.approx(13.0)
-    assert s["requests_s"] == pytest.approx(0.4)
-    assert s["goodput_req_s"] == pytest.approx(0.2)  # only request 0 meets TTFT <= 1.5
-    assert s["tpot_mean"] == 1.5 and s["ttft_p50"] == 2.0 and s["itl_mean"] == 1.5
+    assert table["arrival_s"].tolist() == [0.0, 1.0, 2.0, 2.0, 3.0]
+    assert table["ttft_s"].tolist() == [1.0, 2.0, 3.0, 0.5, 1.0]
+    assert table["e2e_s"].tolist() == [4.0, 2.0, 3.0, 1.0, 4.0]
+    assert table["queue_s"].tolist() == [0.5, 0.0, 0.5, 0.0, 0.0]
+    assert table["finish_s"].tolist() == [4.0, 3.0, 5.0, 3.0, 7.0]
+    assert table["tpot_s"].iloc[0] == 1.5 and table["tpot_s"].iloc[1:3].isna().all()
+    assert table["tpot_s"].iloc[4] == pytest.approx(3.0 / 5)
+    assert table["deliveries"].tolist() == [3, 1, 1, 2, 3]
+    assert table["token_times_s"].iloc[0] == [1.0, 2.0, 4.0]
 
 
-def test_goodput_applies_both_slos_and_needs_every_sample():
+def test_itl_counts_each_gap_between_deliveries_once():
+    table = request_table(_record())
+    assert sorted(inter_token_latencies(table.iloc[[0, 1, 4]]).tolist()) == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_summary_counts_successful_requests_only():
+    s = summarize(request_table(_record()), duration=8.0, ttft_slo=1.5, tpot_slo=2.0)
+    assert (s["num_requests"], s["completed"], s["failed"], s["aborted"]) == (5, 3, 1, 1)
+    assert s["output_tokens"] == 3 + 1 + 6 and s["prompt_tokens"] == 10 + 20 + 5
+    assert s["output_tok_s"] == pytest.approx(10 / 8)
+    assert s["total_tok_s"] == pytest.approx(45 / 8)
+    assert s["requests_s"] == pytest.approx(3 / 8)
+    assert s["goodput_req_s"] == pytest.approx(2 / 8)  # 0 and 4 meet TTFT <= 1.5 (1 takes 2 s)
+    assert s["ttft_mean"] == pytest.approx(4 / 3) and s["ttft_p50"] == 1.0
+    assert s["tpot_mean"] == pytest.approx((1.5 + 0.6) / 2)
+    assert s["e2e_mean"] == pytest.approx(10 / 3)
+    assert s["queue_mean"] == pytest.approx(0.5 / 3)
+    assert s["itl_mean"] == pytest.approx(6 / 4) and s["itl_p50"] == pytest.approx(1.5)
+    assert s["duration_s"] == 8.0 and math.isnan(s["slo_e2e_s"])
+
+
+def test_summary_of_nothing_successful_has_no_latencies_and_no_throughput():
+    record = _record()
+    record.samples = record.samples[2:4]
+    s = summarize(request_table(record), 8.0, None, None)
+    assert (s["completed"], s["failed"], s["aborted"], s["output_tokens"]) == (0, 1, 1, 0)
+    assert s["output_tok_s"] == 0.0 and math.isnan(s["ttft_p95"]) and math.isnan(s["itl_mean"])
+
+
+def test_request_outcomes_need_every_sample():
+    table = pd.DataFrame({"request_id": ["a", "a", "b", "b", "c", "d"],
+                          "finish_reason": ["length", "abort", "length", "error", None, "stop"]})
+    assert request_outcomes(table) == {"num_requests": 4, "completed": 1, "aborted": 1, "failed": 2}
+
+
+def test_goodput_applies_every_slo_and_needs_every_sample():
     table = pd.DataFrame({
-        "request_id": ["a", "b", "c", "c", "d"],
-        "ttft_s": [0.1, 0.1, 0.1, 0.1, 0.9],
-        "tpot_s": [0.05, 0.5, 0.05, 0.3, np.nan],
-        "finish_reason": ["length", "stop", "length", "length", "length"],
+        "request_id": ["a", "b", "c", "c", "d", "e"],
+        "ttft_s": [0.1, 0.1, 0.1, 0.1, 0.9, 0.5],
+        "tpot_s": [0.05, 0.5, 0.05, 0.3, np.nan, 0.1],
+        "e2e_s": [1.0, 5.0, 1.0, 4.0, 0.9, 2.0],
+        "finish_reason": ["length", "stop", "length", "length", "length", "length"],
     })
-    assert goodput_requests(table, 0.5, 0.1) == 1  # a; b too slow per token; c has a slow sample; d slow first token
-    assert goodput_requests(table, 1.0, 0.1) == 2  # d too (one token: no TPOT to miss)
-    assert goodput_requests(table, None, None) == 4
+    assert goodput_requests(table, 0.5, 0.1) == 2  # a, e (exactly at both limits); b slow per token; c a slow sample; d
+    assert goodput_requests(table, 1.0, 0.1) == 3  # d too (one token: no TPOT to miss)
+    assert goodput_requests(table, None, None) == 5
+    assert goodput_requests(table, None, None, e2e_slo=2.0) == 3  # a, d, e (exactly at the limit)
+    assert goodput_requests(table, None, None, e2e_slo=1.99) == 2
     table.loc[0, "finish_reason"] = "abort"
-    assert goodput_requests(table, None, None) == 3
+    assert goodput_requests(table, None, None) == 4

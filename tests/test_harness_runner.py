@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from engines.base import KVStats
+from engines.kv.accounting import KVLog
 from engines.request import FinishReason, Request, RequestOutput, SamplingParams
 from harness.metrics import request_table
 from harness.runner import run_workload
@@ -32,6 +33,8 @@ class ScriptedEngine:
         self.clock, self.batch = clock, batch
         self.waiting: deque[Request] = deque()
         self.running: dict[str, list] = {}  # id -> [request, tokens, first scheduled]
+        self.log = KVLog()
+        self.num_steps = 0
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -44,6 +47,8 @@ class ScriptedEngine:
         while self.waiting and len(self.running) < self.batch:
             r = self.waiting.popleft()
             self.running[r.request_id] = [r, 0, start]
+        self.log.samples.append((self.num_steps, start, self.kv_stats()))  # after admissions, as our engines do
+        self.num_steps += 1
         self.clock.t += 1.0
         outputs = []
         for rid, entry in list(self.running.items()):
@@ -56,6 +61,10 @@ class ScriptedEngine:
             if finished:
                 del self.running[rid]
         return outputs
+
+    def kv_log(self) -> KVLog:
+        log, self.log = self.log, KVLog()
+        return log
 
     def kv_stats(self) -> KVStats:
         stored = sum(len(e[0].prompt_token_ids) + e[1] for e in self.running.values())
@@ -75,7 +84,8 @@ def test_closed_loop_sends_each_clients_next_request_when_its_last_one_finishes(
     assert table["ttft_s"].tolist() == [1.0] * 4
     assert table["e2e_s"].tolist() == [2.0] * 4
     assert (record.start, record.end, record.max_in_flight) == (0.0, 4.0, 2)
-    assert [s.stats.num_running for s in record.kv] == [0, 2, 0, 2, 0]
+    # sampled after each step's admissions: two running in each of the four steps
+    assert [(t, stats.num_running) for _, t, stats in record.kv.samples] == [(0.0, 2), (1.0, 2), (2.0, 2), (3.0, 2)]
 
 
 def test_open_loop_arrivals_are_scheduled_times_so_queueing_shows():

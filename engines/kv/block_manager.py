@@ -28,12 +28,20 @@ class Block:
 
 
 class BlockPool:
-    """Blocks, their ref counts, the free queue (LRU) and the prefix-cache index."""
+    """Blocks, their ref counts, the free queue (LRU) and the prefix-cache index.
+
+    ``num_cached_free`` (free blocks a prefix lookup can still find) is kept up to date as
+    blocks move, never counted by walking the index: it is sampled every step.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, Block] = {}
+        self.num_cached_free = 0
+
+    def _indexed(self, block: Block) -> bool:
+        return block.hash is not None and self.cached.get(block.hash) is block
 
     @property
     def num_free(self) -> int:
@@ -44,8 +52,9 @@ class BlockPool:
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:
-            if self.cached.get(block.hash) is block:
+            if self._indexed(block):
                 del self.cached[block.hash]
+                self.num_cached_free -= 1
             block.hash, block.tokens = None, ()
         block.ref_count = 1
         return block
@@ -54,6 +63,7 @@ class BlockPool:
         """Add a holder to a block (a prefix hit, or a forked sample)."""
         if block.ref_count == 0:
             del self.free_queue[block.block_id]
+            self.num_cached_free -= self._indexed(block)
         block.ref_count += 1
 
     def release(self, block: Block) -> None:
@@ -61,6 +71,7 @@ class BlockPool:
         block.ref_count -= 1
         if block.ref_count == 0:
             self.free_queue[block.block_id] = None
+            self.num_cached_free += self._indexed(block)
 
     def lookup(self, block_hash: int, tokens: tuple[int, ...]) -> Block | None:
         block = self.cached.get(block_hash)
@@ -69,10 +80,6 @@ class BlockPool:
     def publish(self, block: Block, block_hash: int, tokens: tuple[int, ...]) -> None:
         block.hash, block.tokens = block_hash, tokens
         self.cached.setdefault(block_hash, block)
-
-    @property
-    def num_cached_free(self) -> int:
-        return sum(1 for b in self.cached.values() if b.ref_count == 0)
 
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
@@ -165,6 +172,7 @@ class PagedKVManager(KVManager):
         self.num_published[seq.seq_id] = len(table)
         seq.num_computed = len(table) * self.block_size
         seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
+        self.ledger.hold(seq, seq.num_computed)
 
     def allocate(self, seq: Sequence, num_new: int) -> bool:
         table = self.tables[seq.seq_id]
@@ -184,13 +192,18 @@ class PagedKVManager(KVManager):
             self.pool.release(table[i])
             table[i] = fresh
             self.table_array.set(seq.seq_id, i, fresh.block_id)
+        grown = False
         while len(table) < self.blocks_for(seq.num_computed + num_new):
             block = self.pool.take()
             self.table_array.set(seq.seq_id, len(table), block.block_id)
             table.append(block)
+            grown = True
+        if grown:
+            self.ledger.hold(seq, len(table) * bs)
         return True
 
     def free(self, seq: Sequence) -> None:
+        self.ledger.hold(seq, 0)
         table = self.tables.pop(seq.seq_id, None)
         self.table_array.release(seq.seq_id)
         self.num_published.pop(seq.seq_id, None)
@@ -208,6 +221,7 @@ class PagedKVManager(KVManager):
         self.tables[child.seq_id] = table
         self.table_array.assign(child.seq_id, [b.block_id for b in table])
         self.num_published[child.seq_id] = self.num_published.get(parent.seq_id, 0)
+        self.ledger.hold(child, len(table) * self.block_size)
 
     def commit(self, seq: Sequence) -> None:
         if not self.enable_prefix_caching:
@@ -248,6 +262,7 @@ class PagedKVManager(KVManager):
         self.tables[seq.seq_id] = table
         self.table_array.assign(seq.seq_id, [b.block_id for b in table])
         self.num_published[seq.seq_id] = 0  # commit() re-publishes its full blocks, hash chain intact
+        self.ledger.hold(seq, len(table) * self.block_size)
         return True
 
     # -- addressing --------------------------------------------------------------------------
@@ -270,19 +285,14 @@ class PagedKVManager(KVManager):
     def max_blocks_per_seq(self, max_model_len: int) -> int:
         return self.blocks_for(max_model_len)
 
-    def kv_stats(self, seqs: list[Sequence]) -> KVStats:
+    def kv_stats(self, head: Sequence | None) -> KVStats:
+        """Counters only: every free block serves any demand, so nothing is external fragmentation."""
         bs = self.block_size
-        sequences = {}
-        for s in seqs:
-            table = self.tables.get(s.seq_id)
-            if table is not None:
-                sequences[s.key] = (s.num_computed, len(table) * bs)
         allocated = (self.num_blocks - self.pool.num_free) * bs
-        unfilled = sum(a - st for st, a in sequences.values())
         free = self.pool.num_free * bs
         return KVStats(
-            capacity=self.capacity, stored=allocated - unfilled, allocated=allocated, free=free,
-            largest_free_extent=free, cached=self.pool.num_cached_free * bs, sequences=sequences,
+            capacity=self.capacity, stored=allocated - (self.ledger.owned - self.ledger.stored), allocated=allocated,
+            free=free, largest_free_extent=free, cached=self.pool.num_cached_free * bs,
             num_swapped_out=self.num_swapped_out, prefix_cache_queries=self.num_prefix_queries,
             prefix_cache_hits=self.num_prefix_hits,
         )
@@ -307,3 +317,7 @@ class PagedKVManager(KVManager):
             assert row.tolist() == [b.block_id for b in table], "block table array out of step with the tables"
         host = self.host_free + [h for table in self.host_tables.values() for h in table]
         assert sorted(host) == list(range(self.num_host_blocks)), "a host block is lost or held twice"
+        assert self.pool.num_cached_free == sum(1 for b in self.pool.cached.values() if b.ref_count == 0), (
+            "cached-free counter out of step with the prefix index")
+        owned = {i: len(t) * self.block_size for i, t in self.tables.items()}
+        self.ledger.check(owned, sum(s.num_computed for s in seqs if s.seq_id in self.tables))

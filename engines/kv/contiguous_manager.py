@@ -63,6 +63,7 @@ class ContiguousKVManager(KVManager):
             regions.append((start, size))
         self.regions[seq.seq_id] = regions[0]
         self.spare[seq.seq_id] = regions[1:]
+        self.ledger.hold(seq, size * len(regions))
         return True
 
     def allocate(self, seq: Sequence, num_new: int) -> bool:
@@ -75,10 +76,12 @@ class ContiguousKVManager(KVManager):
         # The reservation was too small (an upper bound that was not one): grow in place or fail.
         if self.arena.extend(start, size, needed - size):
             self.regions[seq.seq_id] = (start, needed)
+            self.ledger.hold(seq, self.ledger.held(seq) + needed - size)
             return True
         return False
 
     def free(self, seq: Sequence) -> None:
+        self.ledger.hold(seq, 0)
         region = self.regions.pop(seq.seq_id, None)
         if region is not None:
             self.arena.free(*region)
@@ -88,6 +91,8 @@ class ContiguousKVManager(KVManager):
     def fork(self, parent: Sequence, child: Sequence) -> None:
         start, size = self.spare[parent.seq_id].pop()
         self.regions[child.seq_id] = (start, size)
+        self.ledger.hold(parent, self.ledger.held(parent) - size)
+        self.ledger.hold(child, size)
         p_start = self.regions[parent.seq_id][0]
         n = parent.num_computed
         self.ops.copies += list(zip(range(p_start, p_start + n), range(start, start + n)))
@@ -108,17 +113,13 @@ class ContiguousKVManager(KVManager):
     def max_blocks_per_seq(self, max_model_len: int) -> int:
         return 0
 
-    def kv_stats(self, seqs: list[Sequence]) -> KVStats:
-        sequences = {}
-        for s in seqs:
-            region = self.regions.get(s.seq_id)
-            if region is not None:
-                spare = sum(n for _, n in self.spare.get(s.seq_id, []))
-                sequences[s.key] = (s.num_computed, region[1] + spare)
+    def kv_stats(self, head: Sequence | None) -> KVStats:
+        """Counters only; ``external`` is the free space in holes too small for ``head``'s region."""
         free = self.arena.num_free
         return KVStats(
-            capacity=self.capacity, stored=sum(st for st, _ in sequences.values()), allocated=self.capacity - free,
-            free=free, largest_free_extent=self.arena.largest_free_extent, sequences=sequences,
+            capacity=self.capacity, stored=self.ledger.stored, allocated=self.capacity - free, free=free,
+            largest_free_extent=self.arena.largest_free_extent,
+            external=self.arena.unusable_by(self.reservation_for(head)) if head is not None else 0,
         )
 
     def check_invariants(self, seqs: list[Sequence]) -> None:
@@ -131,3 +132,6 @@ class ContiguousKVManager(KVManager):
             pos += size
         assert pos == self.capacity
         assert set(self.regions) <= {s.seq_id for s in seqs}, "a region outlived its sequence"
+        self.arena.check()
+        owned = {i: size + sum(n for _, n in self.spare.get(i, [])) for i, (_, size) in self.regions.items()}
+        self.ledger.check(owned, sum(s.num_computed for s in seqs if s.seq_id in self.regions))

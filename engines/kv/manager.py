@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.base import KVStats
+from engines.kv.accounting import KVLedger
 from engines.sequence import Sequence
 
 
@@ -29,7 +30,12 @@ class CacheOps:
 
 
 class KVManager(abc.ABC):
-    """Owns the mapping from sequences to KV slots; never touches tensors itself."""
+    """Owns the mapping from sequences to KV slots; never touches tensors itself.
+
+    Every change of a sequence's allocation goes through ``self.ledger.hold``, so that the
+    memory counters (and the per-step log the KV breakdown is computed from) stay exact
+    without walking the cache.
+    """
 
     capacity: int  # token slots
     block_size: int  # the addressing granularity the kernels see (1 for contiguous)
@@ -40,6 +46,7 @@ class KVManager(abc.ABC):
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0
         self.num_swapped_out = 0
+        self.ledger = KVLedger()
 
     def take_ops(self) -> CacheOps:
         ops, self.ops = self.ops, CacheOps(copy_block_size=self.block_size)
@@ -85,7 +92,8 @@ class KVManager(abc.ABC):
         """Width of a block table row (static for CUDA graphs); 0 without block tables."""
 
     @abc.abstractmethod
-    def kv_stats(self, seqs: list[Sequence]) -> KVStats: ...
+    def kv_stats(self, head: Sequence | None) -> KVStats:
+        """The memory counters now; ``head`` is the sequence first in line to be admitted, if any."""
 
     def swap_out(self, seq: Sequence) -> bool:
         raise NotImplementedError(f"{type(self).__name__} cannot swap")

@@ -2,9 +2,10 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models`` (these
 need ``Authorization: Bearer KEY`` when an API key is set), ``GET /health`` (503 once the
-engine loop has died), ``GET /metrics`` (Prometheus), ``GET /version``, and two of our own
-that ``harness bench-serve`` reads: ``GET /kvbench/info`` (engine, config, KV capacity,
-hardware) and ``GET /kvbench/kv_stats`` (the engine's KV snapshot, per sequence).
+engine loop has died), ``GET /metrics`` (Prometheus), ``GET /version``,
+and three of our own that ``harness bench-serve`` reads: ``GET /kvbench/info`` (engine, config, KV capacity,
+hardware), ``GET /kvbench/kv_stats`` (the engine's KV counters now) and ``GET /kvbench/kv_log``
+(its KV log after every step, harness.server.kv_feed).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with a status that fits:
 400 for a bad body (malformed JSON, a field of the wrong type, a value out of range, a prompt
@@ -276,10 +277,14 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
     @app.get("/kvbench/kv_stats")
     async def kvbench_kv_stats(request: HTTPRequest) -> Any:
         authorize(request)
-        s = loop.snapshot
-        fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "sequences"}
-        fields["sequences"] = [[rid, index, stored, allocated] for (rid, index), (stored, allocated) in s.sequences.items()]
+        fields = dataclasses.asdict(loop.snapshot)
         fields["num_waiting"] = loop.num_waiting()
         return fields
+
+    @app.get("/kvbench/kv_log")
+    async def kvbench_kv_log(request: HTTPRequest, samples: int = 0, allocations: int = 0) -> Any:
+        """The engine's KV log after the given cursors (harness.server.kv_feed), for bench-serve's KV breakdown."""
+        authorize(request)
+        return loop.kv_feed.since(samples, allocations)
 
     return app

@@ -22,6 +22,7 @@ from typing import Callable
 
 from engines.base import Engine, KVStats
 from engines.request import FinishReason, Request, RequestError, RequestOutput
+from harness.server.kv_feed import KVFeed
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class EngineLoop:
         self._pending_adds = 0
         self.error: str | None = None
         self.snapshot: KVStats = engine.kv_stats()
+        self.kv_feed = KVFeed()
         self.num_steps = 0
         self.max_batch_size = 0
         self.last_batch_size = 0
@@ -301,7 +303,9 @@ class EngineLoop:
             self.on_outputs(grouped)
 
     def _publish(self) -> None:
+        """The KV snapshot (O(1): the engine's counters) and what the engine logged since the last call."""
         self.snapshot = self.engine.kv_stats()
+        self.kv_feed.add(self.engine.kv_log())
 
     def _final(self, reason: FinishReason, error: str | None) -> dict[str, list[RequestOutput]]:
         grouped = {}

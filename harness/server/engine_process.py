@@ -37,9 +37,11 @@ from typing import Any, Callable
 
 from engines.base import Engine, KVStats
 from engines.request import FinishReason, Request, RequestError, RequestOutput
+from engines.kv.accounting import KVLog
 from harness.server.engine_loop import (
     EngineDead, EngineInfo, EngineLoop, LoopObserver, OpenRequest, OutputsCallback, QueueFull, StepInfo, notify,
 )
+from harness.server.kv_feed import KVFeed
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class EngineProcess:
         self.extra: dict[str, Any] = {}  # what setup() reported besides the engine (hardware, model directory)
         self.error: str | None = None
         self.snapshot = KVStats(0, 0, 0, 0, 0)
+        self.kv_feed = KVFeed()
         self.num_steps = 0
         self.max_batch_size = 0
         self.last_batch_size = 0
@@ -250,11 +253,13 @@ class EngineProcess:
         kind = message[0]
         if kind == "snapshot":
             self.snapshot = message[1]
+            self.kv_feed.add(message[2])
         elif kind == "added":
             self._added(message[1], message[2])
         elif kind == "step":
             if message[3] is not None:
                 self.snapshot = message[3]
+            self.kv_feed.add(message[4])
             self._step(message[1], message[2])
         elif kind == "outputs":
             self._track(message[1])
@@ -385,18 +390,23 @@ class _ForwardingLoop(EngineLoop):
         elif kind == "stop":
             self._stopping.set()
 
-    def _publish(self) -> None:
-        super()._publish()
-        if self.snapshot != self._sent:
-            self._sent = self.snapshot
-            self._send(("snapshot", self.snapshot))
-
-    def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
-        """One message per step: its outputs, and the KV snapshot after it when that changed."""
-        EngineLoop._publish(self)
+    def _kv_update(self) -> tuple[KVStats | None, KVLog | None]:
+        """The KV snapshot when it changed since the last message, and the engine's log since then (None: empty)."""
+        self.snapshot = self.engine.kv_stats()
+        log = self.engine.kv_log()
         changed = self.snapshot != self._sent
         self._sent = self.snapshot
-        self._send(("step", info, grouped, self.snapshot if changed else None))
+        return (self.snapshot if changed else None), (log if log.samples or log.allocations else None)
+
+    def _publish(self) -> None:
+        snapshot, log = self._kv_update()
+        if snapshot is not None or log is not None:
+            self._send(("snapshot", self.snapshot, log))
+
+    def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
+        """One message per step: its outputs, the KV snapshot after it when that changed, and the KV log."""
+        snapshot, log = self._kv_update()
+        self._send(("step", info, grouped, snapshot, log))
 
     def _fail_all(self, error: str) -> None:
         self._send(("dead", error))  # first, so the server refuses new requests before it sees the failures
