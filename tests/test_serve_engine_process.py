@@ -363,3 +363,29 @@ def test_a_stream_that_keeps_up_reads_every_step():
         return seen
 
     assert asyncio.run(run()) == [[[0]], [[1]], [[2]]]
+
+
+@pytest.mark.parametrize("which", ["proc_server", "thread_server"])
+def test_the_kv_log_has_every_step_and_allocation_of_a_request(which, request):
+    """/kvbench/kv_log: the engine's counters after every step and each allocation change, after a cursor."""
+    base = request.getfixturevalue(which).base_url
+    with httpx.Client(base_url=base, timeout=60) as c:
+        cursors = c.get("/kvbench/kv_log", params={"samples": 2**62, "allocations": 2**62}).json()["next"]
+        rid = f"kv-log-{which}"
+        r = c.post("/v1/completions", headers={"X-Request-Id": rid},
+                   json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200
+        reply = c.get("/kvbench/kv_log", params=cursors).json()
+        again = c.get("/kvbench/kv_log", params=reply["next"]).json()
+    fields = reply["fields"]
+    rows = [dict(zip(fields, row)) for row in reply["samples"]]
+    assert len(rows) == 12  # a prefill and 11 decodes, sampled once each
+    assert [r["step"] for r in rows] == list(range(rows[0]["step"], rows[0]["step"] + 12))
+    assert all(r["breakdown"] and r["num_running"] == 1 and r["capacity"] == 4096 for r in rows)
+    assert rows[-1]["stored"] - rows[1]["stored"] == 10  # one more token's K/V stored by each decode
+    mine = [a for a in reply["allocations"] if a[1].startswith(rid)]
+    assert mine[0][3] > 0 and mine[-1][3] == 0  # held, then released
+    assert mine[-1][4] == rows[-1]["stored"] + 1  # released holding every token but the last sampled one
+    assert reply["missed"] == {"samples": 0, "allocations": 0}
+    assert again["samples"] == [] and again["allocations"] == [] and again["next"] == reply["next"]
+    assert reply["now"] >= rows[-1]["time"]

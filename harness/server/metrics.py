@@ -199,6 +199,9 @@ class _SnapshotCollector:
         yield gauge("kvbench:kv_cached_tokens", "Free token slots still holding a reusable prefix.", s.cached)
         yield gauge("kvbench:kv_largest_free_extent_tokens", "The largest allocation that could succeed now.",
                     s.largest_free_extent)
+        yield gauge("kvbench:kv_external_fragmentation_tokens",
+                    "Free token slots in holes too small for the request waiting first (0 for paging or an empty queue).",
+                    s.external)
         yield gauge("kvbench:max_batch_size", "The most sequences that advanced in one engine step so far.", loop.max_batch_size)
         yield gauge("kvbench:last_batch_size", "Sequences that advanced in the last engine step.", loop.last_batch_size)
         yield counter("kvbench:swapped_out", "Sequences swapped out to CPU memory.", s.num_swapped_out)
