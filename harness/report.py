@@ -259,7 +259,13 @@ def _noise(e: Estimate) -> str:
 
 
 def run_label(r: pd.Series, x: str | None) -> str:
-    return r["engine_label"] + (f" ({_key(x)}={_fmt(r[x])})" if x else "")
+    return r["engine_label"] + (f", {short_axis(x)} {_fmt(r[x])}" if x else "")
+
+
+def _last_line(reason) -> str:
+    """The line of a reason that says what went wrong (a traceback's last)."""
+    lines = str(reason).strip().splitlines() if isinstance(reason, str) else []
+    return lines[-1] if lines else ""
 
 
 def missing_runs(table: pd.DataFrame, x: str | None) -> list[str]:
@@ -269,7 +275,7 @@ def missing_runs(table: pd.DataFrame, x: str | None) -> list[str]:
     for (what, label, reason), g in bad.groupby(["_outcome", "engine_label", "_reason"], sort=True):
         where = f" at {short_axis(x)} {', '.join(map(_fmt, _sorted_unique(g[x])))}" if x and g[x].notna().any() else ""
         repeats = f", repeat {', '.join(map(str, sorted(set(g['repeat']))))}" if (table["repeat"] > 0).any() else ""
-        reason = reason.strip().splitlines()[-1][:80] if reason.strip() else ""
+        reason = _last_line(reason)[:80]
         lines.append(f"{what}: {label}{where}{repeats}" + (f" ({reason})" if reason else ""))
     return lines
 
@@ -409,20 +415,22 @@ def _colors(labels) -> dict[str, str]:
 
 
 def _bounds(g: pd.DataFrame, col: str, scale: float = 1.0) -> tuple[pd.Series, list]:
-    """The medians and the error-bar lengths below and above them (0 without an interval)."""
+    """The medians and the error-bar lengths below and above them (NaN, so no bar is drawn, without an interval)."""
     y = scale * g[col].astype(float)
-    below = (y - scale * g[f"{col}_lo"].astype(float)).fillna(0.0).clip(lower=0)
-    above = (scale * g[f"{col}_hi"].astype(float) - y).fillna(0.0).clip(lower=0)
+    below = (y - scale * g[f"{col}_lo"].astype(float)).clip(lower=0)
+    above = (scale * g[f"{col}_hi"].astype(float) - y).clip(lower=0)
     return y, [below.to_numpy(), above.to_numpy()]
 
 
-def _name_missing(fig, missing: list[str]) -> None:
-    """A line under the figure naming the runs it cannot show (failed, skipped, nothing completed)."""
+def _name_missing(fig, missing: list[str], below_inches: float = 0.0) -> None:
+    """A line under the figure (and ``below_inches`` under what is already below it, a legend) naming the runs it
+    cannot show (failed, skipped, nothing completed)."""
     if not missing:
         return
     shown = missing[:MAX_MISSING_SHOWN] + ([f"and {len(missing) - MAX_MISSING_SHOWN} more"]
                                            if len(missing) > MAX_MISSING_SHOWN else [])
-    fig.text(0.01, -0.01, "Not shown: " + "; ".join(shown), ha="left", va="top", fontsize=8, color="#a01818",
+    y = -0.01 - below_inches / fig.get_figheight()
+    fig.text(0.01, y, "Not shown: " + "; ".join(shown), ha="left", va="top", fontsize=8, color="#a01818",
              wrap=True, transform=fig.transFigure)
 
 
@@ -430,10 +438,10 @@ def _missing_caption(missing: list[str]) -> str:
     return f" Not shown: {'; '.join(missing)}." if missing else ""
 
 
-def _save(fig, figure: Figure, out: Path, missing: list[str]) -> Figure:
+def _save(fig, figure: Figure, out: Path, missing: list[str], below_inches: float = 0.0) -> Figure:
     figure.file(out).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    _name_missing(fig, missing)
+    _name_missing(fig, missing, below_inches)
     fig.savefig(figure.file(out), dpi=110, bbox_inches="tight")
     plt.close(fig)
     figure.caption += _missing_caption(missing)
@@ -552,7 +560,7 @@ def fig_runs_bars(stats: pd.DataFrame, ok: pd.DataFrame, x: str | None, out: Pat
 
 def kv_groups(stats: pd.DataFrame, x: str | None, every: bool) -> pd.DataFrame:
     """Groups with KV figures: all when few (and asked for), else one per series at its largest sweep value."""
-    chosen = stats.sort_values(x) if x else stats
+    chosen = stats.sort_values([x, "engine_label"], kind="stable") if x else stats
     if every and len(chosen) <= MAX_BARS:
         return chosen
     return chosen.groupby("engine_label", sort=True).tail(1)
@@ -597,7 +605,7 @@ def fig_kv_breakdown(chosen: pd.DataFrame, ok: pd.DataFrame, x: str | None, out:
                             "beside the vLLM paper's published breakdown. Bars: the median share over the repeats (n), "
                             "rescaled to 100%; whisker: 95% bootstrap interval of the token-state share. n/a: the engine "
                             "cannot split its KV memory."))
-    return _save(fig, figure, out, missing)
+    return _save(fig, figure, out, missing, below_inches=0.35)  # under the legend
 
 
 def _stacked_bar(ax, k: int, name: str, shares: dict[str, float]) -> None:
@@ -717,8 +725,7 @@ def _status_text(g: pd.DataFrame) -> str:
 def _cell(ok: pd.DataFrame, col: str) -> str:
     if ok.empty:
         return ""
-    if col in BREAKDOWN_COLUMNS and not ok["kv_breakdown"].all():
-        return "n/a"
+    # n/a where NaN: normalize() blanked the breakdown of engines without one
     return fmt_estimate(median_ci(pd.to_numeric(ok[col], errors="coerce")), percent=col in PERCENT_COLUMNS)
 
 
@@ -748,7 +755,7 @@ def _notes(table: pd.DataFrame, unfinished: list[Path]) -> list[str]:
     for status in ("skipped", "failed"):
         rows = table[table["status"] == status]
         for label, g in rows.groupby("engine_label"):
-            notes.append(f"{status}: {label} ({len(g)} runs): {g['reason'].iloc[0]}")
+            notes.append(f"{status}: {label} ({len(g)} runs): {_last_line(g['reason'].iloc[0])}")
     empty = table[outcome(table) == "no request completed"]
     notes += [f"no request completed: {label} ({len(g)} runs)" for label, g in empty.groupby("engine_label")]
     notes += [f"unfinished (no results): {p}" for p in unfinished]
