@@ -101,13 +101,15 @@ class Ratio:
 
 
 def normalize(table: pd.DataFrame) -> pd.DataFrame:
-    """``repeat`` 0 where missing; ``kv_breakdown`` inferred where missing (a capacity, and not hf or hf_paged);
-    the breakdown columns NaN for runs without one (old hf_paged runs recorded 100% token states)."""
+    """``repeat`` 0 where missing; ``kv_breakdown`` inferred where missing (a capacity, not hf or hf_paged, and a
+    token-state share); the breakdown columns NaN for runs without one (old hf_paged runs recorded 100% token states)."""
     table = table.copy()
     table["repeat"] = pd.to_numeric(table["repeat"], errors="coerce").fillna(0).astype(int) if "repeat" in table else 0
     capacity = pd.to_numeric(table.get("kv_mean_capacity", pd.Series(0.0, index=table.index)), errors="coerce")
     engine = table.get("engine", pd.Series("", index=table.index))
     inferred = (capacity.fillna(0) > 0) & ~engine.isin(NO_BREAKDOWN_ENGINES)
+    if "kv_token_states_used_frac" in table:  # KV usage read from a server's /metrics: a total, no split
+        inferred &= pd.to_numeric(table["kv_token_states_used_frac"], errors="coerce").notna()
     given = table["kv_breakdown"] if "kv_breakdown" in table else pd.Series(None, index=table.index, dtype=object)
     table["kv_breakdown"] = [bool(i) if pd.isna(g) else bool(g) for g, i in zip(given, inferred)]
     for c in BREAKDOWN_COLUMNS:
@@ -664,7 +666,7 @@ def _kv_no_breakdown(ax, steps: pd.DataFrame, engine: str) -> None:
         ax.legend(fontsize=7, loc="upper right")
     else:
         ax.set_ylim(0, 100)
-    ax.text(0.5, 0.5, f"breakdown n/a: {engine} cannot split its KV memory", transform=ax.transAxes, ha="center",
+    ax.text(0.5, 0.5, f"n/a: {engine} reports no KV breakdown", transform=ax.transAxes, ha="center",
             va="center", fontsize=9, color="#333333", bbox={"facecolor": "white", "edgecolor": "#999999"})
 
 
@@ -760,7 +762,7 @@ def _notes(table: pd.DataFrame, unfinished: list[Path]) -> list[str]:
     notes += [f"no request completed: {label} ({len(g)} runs)" for label, g in empty.groupby("engine_label")]
     notes += [f"unfinished (no results): {p}" for p in unfinished]
     no_kv = table[usable(table) & ~table["kv_breakdown"]]
-    notes += [f"no KV breakdown: {label} cannot split its KV memory (n/a in the tables and figures)"
+    notes += [f"no KV breakdown: {label} reports none (n/a in the tables and figures)"
               for label in sorted(no_kv["engine_label"].unique())]
     if "param.seed" in table and table["param.seed"].nunique(dropna=True) > 1:
         notes.append("runs that differ only in their seed are taken as repeats of one setting")

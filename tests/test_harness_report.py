@@ -134,7 +134,7 @@ def test_an_engine_without_a_kv_breakdown_reads_n_a(report):
         assert hf["KV token states"] == hf["KV waste"] == hf["KV fragmentation"] == "n/a"
         assert hf["output tok/s"] != "n/a"
     assert _runs(report, "paged", "1")["KV waste"] == "20.0%"
-    assert "no KV breakdown: hf cannot split its KV memory" in report
+    assert "no KV breakdown: hf reports none" in report
 
 
 def test_paged_against_each_contiguous_config_with_intervals(report):
@@ -187,14 +187,18 @@ def test_the_report_links_to_the_methodology(report, tmp_path):
 
 
 def test_old_runs_get_repeat_0_and_a_breakdown_only_where_they_could_have_one():
-    old = pd.DataFrame({"engine": ["hf_paged", "paged", "hf", "contiguous"], "kv_mean_capacity": [400.0, 900.0, 0.0, 0.0],
-                        "kv_token_states_used_frac": [1.0, 0.99, 1.0, math.nan], "kv_waste": [0.0, 0.01, 0.0, math.nan]})
+    # the last: a served run whose KV usage came from /metrics (a capacity, no split)
+    old = pd.DataFrame({"engine": ["hf_paged", "paged", "hf", "contiguous", "paged"],
+                        "kv_mean_capacity": [400.0, 900.0, 0.0, 0.0, 900.0],
+                        "kv_token_states_used_frac": [1.0, 0.99, 1.0, math.nan, math.nan],
+                        "kv_waste": [0.0, 0.01, 0.0, math.nan, math.nan]})
     table = normalize(old)
-    assert table["repeat"].tolist() == [0, 0, 0, 0]
-    assert table["kv_breakdown"].tolist() == [False, True, False, False]
-    assert table["kv_token_states_used_frac"].isna().tolist() == [True, False, True, True]
-    new = normalize(old.assign(repeat=[0, 1, 2, None], kv_breakdown=[True, False, None, None]))
-    assert new["repeat"].tolist() == [0, 1, 2, 0] and new["kv_breakdown"].tolist() == [True, False, False, False]
+    assert table["repeat"].tolist() == [0] * 5
+    assert table["kv_breakdown"].tolist() == [False, True, False, False, False]
+    assert table["kv_token_states_used_frac"].isna().tolist() == [True, False, True, True, True]
+    new = normalize(old.assign(repeat=[0, 1, 2, None, 0], kv_breakdown=[True, False, None, None, None]))
+    assert new["repeat"].tolist() == [0, 1, 2, 0, 0]
+    assert new["kv_breakdown"].tolist() == [True, False, False, False, False]
     assert old["kv_token_states_used_frac"].iloc[0] == 1.0  # the caller's table is left as it was
 
 
