@@ -288,8 +288,9 @@ def missing_runs(table: pd.DataFrame, x: str | None) -> list[str]:
 def paging_ratios(ok: pd.DataFrame, x: str | None) -> list[Ratio]:
     """paged / contiguous of each figure in RATIO_METRICS, for every pair of such series at every shared setting.
     Series pair up when they carry the same run name or other settings (``paged · offline64`` with
-    ``contiguous · offline64``)."""
-    suffix = {label: label[len(base):] for label, base in zip(ok["engine_label"], ok["base_label"])}
+    ``contiguous · offline64``) and were measured the same way (``paged@http`` only with ``contiguous@http``)."""
+    suffix = {label: (base.partition("@")[2], label[len(base):])
+              for label, base in zip(ok["engine_label"], ok["base_label"])}
     series = {kind: sorted(ok.loc[ok["engine"] == kind, "engine_label"].unique()) for kind in ("paged", "contiguous")}
     settings = _sorted_unique(ok[x]) if x else [None]
     ratios = []
@@ -326,7 +327,7 @@ def paging_statement(ok: pd.DataFrame, ratios: list[Ratio], x: str | None) -> st
     kinds = set(ok.get("engine", pd.Series(dtype=object)))
     if "paged" not in kinds or "contiguous" not in kinds:
         return f"Paging: no {'paged' if 'paged' not in kinds else 'contiguous'} run to compare."
-    ratios = [r for r in ratios if not math.isnan(r.metrics["output_tok_s"].value)]
+    ratios = [r for r in ratios if not math.isnan(r.metrics.get("output_tok_s", Estimate(math.nan)).value)]
     if not ratios:
         return "Paging: the paged and contiguous runs share no setting to compare."
     paged = "paged" if any(r.paged == "paged" for r in ratios) else ratios[0].paged
@@ -338,8 +339,8 @@ def paging_statement(ok: pd.DataFrame, ratios: list[Ratio], x: str | None) -> st
     gain = max(chosen, key=lambda r: r.metrics["output_tok_s"].value)
     cost = min(chosen, key=lambda r: r.metrics["output_tok_s"].value)
     policies = {r.contiguous: _policy(ok, r.contiguous) for r in chosen}
-    return " ".join(s for s in [_throughput_sentence(paged, gain, cost, x, policies), _latency_sentence(chosen, x),
-                                _basis(chosen)] if s)
+    return " ".join(s for s in [_throughput_sentence(paged, gain, cost, x, policies, several=len(chosen) > 1),
+                                _latency_sentence(chosen, x), _basis(chosen)] if s)
 
 
 def _policy(ok: pd.DataFrame, label: str) -> str:
@@ -354,9 +355,10 @@ def _where(r: Ratio, x: str | None) -> str:
     return f"at {short_axis(x)} {_fmt(r.setting)}" if x else ""
 
 
-def _throughput_sentence(paged: str, gain: Ratio, cost: Ratio, x: str | None, policies: dict[str, str]) -> str:
+def _throughput_sentence(paged: str, gain: Ratio, cost: Ratio, x: str | None, policies: dict[str, str],
+                         several: bool) -> str:
+    """The largest gain and the largest cost; across ``several`` settings, also that there was none of either."""
     g, c = gain.metrics["output_tok_s"], cost.metrics["output_tok_s"]
-    several = len(policies) > 1 or gain is not cost
     clauses = []
     if g.value >= 1:
         clauses.append(f"{_where(gain, x)}, {paged} gave {fmt_ratio(g, 'x')}{_noise(g)} the output tokens/s of "
@@ -365,7 +367,7 @@ def _throughput_sentence(paged: str, gain: Ratio, cost: Ratio, x: str | None, po
         clauses.append(f"{paged} gave more output tokens/s than contiguous at no {short_axis(x)}")
     if c.value < 1:
         subject = "it" if clauses else paged
-        against = "" if clauses and cost.contiguous == gain.contiguous else \
+        against = "" if g.value >= 1 and cost.contiguous == gain.contiguous else \
             f" of the output tokens/s of {policies[cost.contiguous]}"
         clauses.append(f"{_where(cost, x)} {subject} cost {fmt_cost(c)}{_noise(c)}{against}".strip())
     elif several:
@@ -556,7 +558,7 @@ def fig_runs_bars(stats: pd.DataFrame, ok: pd.DataFrame, x: str | None, out: Pat
             ax.set_yticklabels([])
     figure = Figure("throughput_latency_by_run", "Throughput and p95 latency per engine",
                     caption(ok, x, "Output tokens/s, p95 TTFT, p95 TPOT and the most requests running at once, per "
-                            f"engine (n: repeats). Bars: medians over the repeats; whiskers: 95% bootstrap intervals."))
+                            "engine (n: repeats). Bars: medians over the repeats; whiskers: 95% bootstrap intervals."))
     return _save(fig, figure, out, missing)
 
 

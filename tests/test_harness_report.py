@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from harness.report import (METHODOLOGY, REPO, methodology_link, name_series, normalize, paging_ratios,
-                            sweep_axis, write_report)
+                            paging_statement, sweep_axis, write_report)
 from harness.results import write_run
 
 CONCURRENCY = "param.arrival.concurrency"
@@ -215,11 +215,29 @@ def test_a_recorded_run_without_repeat_or_kv_breakdown_columns_still_reports(tmp
     assert "of the output tokens/s of contiguous (max reservation)" in report
 
 
-def test_paged_pairs_only_with_contiguous_series_of_the_same_name():
-    ok = pd.DataFrame({"engine": ["paged", "contiguous", "contiguous", "hf"],
-                       "engine_label": ["paged · a", "contiguous · a", "contiguous · b", "hf · a"],
-                       "base_label": ["paged", "contiguous", "contiguous", "hf"],
-                       "output_tok_s": [300.0, 100.0, 150.0, 10.0]})
+def _statement(output_tok_s: dict[tuple[str, int], float]) -> str:
+    ok = pd.DataFrame([{"engine": ENGINE[label], "engine_label": label, "base_label": label, CONCURRENCY: c,
+                        "output_tok_s": v} for (label, c), v in output_tok_s.items()])
+    return paging_statement(ok, paging_ratios(ok, CONCURRENCY), CONCURRENCY)
+
+
+def test_the_statement_says_when_paging_never_gained_or_never_cost():
+    gains = _statement({("paged", 1): 110.0, ("paged", 4): 300.0, ("contiguous", 1): 100.0, ("contiguous", 4): 100.0})
+    assert gains.startswith("At concurrency 4, paged gave 3x the output tokens/s of contiguous; it cost output "
+                            "tokens/s at no concurrency (smallest gain: 1.1x at concurrency 1 against contiguous).")
+    costs = _statement({("paged", 1): 90.0, ("paged", 4): 50.0, ("contiguous", 1): 100.0, ("contiguous", 4): 100.0})
+    assert costs.startswith("Paged gave more output tokens/s than contiguous at no concurrency; at concurrency 4 it "
+                            "cost 50.0% of the output tokens/s of contiguous.")
+    assert "One run each: no interval" in costs
+    assert _statement({("paged", 1): 90.0, ("hf", 1): 10.0}) == "Paging: no contiguous run to compare."
+    assert _statement({("contiguous", 1): 90.0}) == "Paging: no paged run to compare."
+
+
+def test_paged_pairs_only_with_contiguous_series_of_the_same_name_measured_the_same_way():
+    ok = pd.DataFrame({"engine": ["paged", "contiguous", "contiguous", "hf", "contiguous"],
+                       "engine_label": ["paged · a", "contiguous · a", "contiguous · b", "hf · a", "contiguous@http · a"],
+                       "base_label": ["paged", "contiguous", "contiguous", "hf", "contiguous@http"],
+                       "output_tok_s": [300.0, 100.0, 150.0, 10.0, 90.0]})
     ratios = paging_ratios(ok, None)
     assert [(r.paged, r.contiguous, r.n_paged, r.n_contiguous) for r in ratios] == [("paged · a", "contiguous · a", 1, 1)]
     assert ratios[0].metrics["output_tok_s"].value == 3.0 and not ratios[0].metrics["output_tok_s"].has_interval
