@@ -811,7 +811,8 @@ class Report:
 
 
 SUMMARY_NOTE = ("Each figure: the median over the repeats that completed, with its 95% percentile-bootstrap interval "
-                "in brackets (none for a single run; with 3 repeats it is their range); n/a: not measured by that engine.")
+                "in brackets (none for a single run; with 3 repeats it is their range, which holds the true median only 75% of the "
+                "time); n/a: not measured by that engine.")
 RATIO_NOTE = "paged / contiguous of the medians at each setting, with 95% bootstrap intervals (each group resampled alone)."
 
 
