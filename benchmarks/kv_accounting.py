@@ -9,7 +9,7 @@ of a step at 256 running requests, the same for paging and contiguous KV. Two me
   allocation changes per step the run actually logged;
 - end to end: ``step()`` of an engine with ``--running`` sequences all decoding, with the
   log on and off (``record_kv_steps``) in interleaved blocks of steps, so that the growing
-  context and any drift land on both; the difference of medians with a 95% bootstrap interval.
+  context and any drift land on both; the ratio of median step times with a 95% bootstrap interval.
 
 The counters themselves are kept either way (the server's metrics read them); what the
 switch turns off is the log. Prints a short table last; ``--out`` writes the step times as CSV.
@@ -30,14 +30,7 @@ from engines import create_engine
 from engines.config import ContiguousConfig, PagedConfig
 from engines.request import Request, SamplingParams
 from harness.make_model import ensure_model
-
-
-def median_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """median(a) - median(b) with a 95% percentile-bootstrap interval (each group resampled on its own)."""
-    rng = np.random.default_rng(seed)
-    boot = (np.median(rng.choice(a, (resamples, len(a))), axis=1) - np.median(rng.choice(b, (resamples, len(b))), axis=1))
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return float(np.median(a) - np.median(b)), float(lo), float(hi)
+from harness.stats import ratio_ci
 
 
 def build_engine(kind: str, model_dir: Path, args: argparse.Namespace):
@@ -124,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         changes_per_step = len(log.allocations) / max(1, len(log.samples))
         per_sample, per_hold = recording_us(engine)
         on, off = np.array(times[True]) * 1e3, np.array(times[False]) * 1e3
-        diff = median_difference(on, off)
+        ratio = ratio_ci(on, off)
         rec_us = per_sample + changes_per_step * per_hold
         summary.append((kind, len(engine.scheduler.running), statistics.median(on), statistics.median(off),
-                        diff, rec_us, rec_us / 1e3 / statistics.median(on)))
+                        ratio, rec_us, rec_us / 1e3 / statistics.median(on)))
         rows += [{"engine": kind, "record": rec, "step": i, "step_ms": t}
                  for rec in (True, False) for i, t in enumerate(times[rec])]
         engine.close()
@@ -141,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"KV accounting cost per step ({args.preset}, {device}, prompt {args.prompt}, "
           f"{args.blocks} x {args.block_steps} steps per setting)")
-    print(f"{'engine':<11} {'running':>7} {'step ms (log on)':>17} {'step ms (off)':>14} {'on - off ms [95% CI]':>26} "
+    print(f"{'engine':<11} {'running':>7} {'step ms (log on)':>17} {'step ms (off)':>14} {'on / off - 1 [95% CI]':>27} "
           f"{'recording µs/step':>18} {'share':>7}")
-    for kind, running, med_on, med_off, d, rec_us, share in summary:
-        ci = f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
-        print(f"{kind:<11} {running:>7} {med_on:>17.3f} {med_off:>14.3f} {ci:>26} {rec_us:>18.1f} {share:>7.2%}")
+    for kind, running, med_on, med_off, r, rec_us, share in summary:
+        ci = f"{r.value - 1:+.2%} [{r.low - 1:+.2%}, {r.high - 1:+.2%}]"
+        print(f"{kind:<11} {running:>7} {med_on:>17.3f} {med_off:>14.3f} {ci:>27} {rec_us:>18.1f} {share:>7.2%}")
     return 0
 
 
