@@ -1,4 +1,4 @@
-"""The roofline floor of a run (DESIGN.md), and its efficiency against the measured time.
+"""The roofline floor of a run (docs/methodology.md, "The roofline"), and its efficiency against the measured time.
 
 ``T_floor = prefill_FLOPs / F + (KV_bytes_read_in_decode + n_decode_steps_min * weight_bytes) / B``
 with ``n_decode_steps_min = max(longest output, ceil(total output tokens / concurrency bound))``:

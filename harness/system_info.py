@@ -1,6 +1,6 @@
 """What a result was measured on: code version, library versions, hardware, model shape.
 
-A result without its hardware, versions, model shape and config is not a result (DESIGN.md).
+A result without its hardware, versions, model shape and config is not a result (docs/methodology.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The roofline formula of DESIGN.md on hand values (pure; no GPU needed)."""
+"""The roofline formula of docs/methodology.md on hand values (pure; no GPU needed)."""
 
 from __future__ import annotations
 
