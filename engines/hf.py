@@ -9,12 +9,14 @@ batching costs. ``hf_paged``: transformers' own continuous batching
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -32,6 +34,52 @@ def load_hf_model(model_dir: Path, dtype: str, device: torch.device, attn_implem
     torch_dtype = resolve_dtype(cfg, dtype, device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=attn_implementation)
     return model.to(device).eval()
+
+
+def cb_attn_implementation(name: str) -> str:
+    """``name`` as the installed transformers spells it for continuous batching.
+
+    transformers 5.17 names its paged kernels ``paged|sdpa``, ``paged|flash_attention_2``...; later
+    versions take the plain names (and warn about the prefix), keeping only ``paged|eager``.
+    Either spelling is accepted; the installed version's registry decides.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    base = name.removeprefix("paged|")
+    paged = f"paged|{base}"
+    return paged if paged in ALL_ATTENTION_FUNCTIONS else base
+
+
+def cb_config_kwargs(block_size: int) -> dict[str, Any]:
+    """The ContinuousBatchingConfig arguments whose names differ between transformers versions.
+
+    The tokens of one cache block are ``block_size`` in 5.17 and ``page_size`` later (where
+    ``block_size`` is deprecated). Later versions also switch sdpa to flash attention unless told
+    not to; 5.17 keeps the ``paged|...`` implementation it is given, so both run what is named.
+    """
+    from transformers import ContinuousBatchingConfig
+
+    fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    kwargs: dict[str, Any] = {"page_size" if "page_size" in fields else "block_size": block_size}
+    if "auto_switch_to_flash" in fields:
+        kwargs["auto_switch_to_flash"] = False
+    return kwargs
+
+
+def _page_size(cache: Any) -> int:
+    """Tokens per block of transformers' paged cache: ``block_size`` in 5.17, its allocators' pages later."""
+    if hasattr(cache, "block_size"):
+        return cache.block_size
+    return min(allocator.tokens_per_page for allocator in cache.cache_allocators.values())
+
+
+def _free_blocks(cache: Any) -> int | None:
+    """Free blocks of transformers' paged cache: counted in 5.17, a fraction of its capacity later."""
+    if hasattr(cache, "get_num_free_blocks"):
+        return cache.get_num_free_blocks()
+    if hasattr(cache, "compute_free_capacity"):
+        return round(cache.compute_free_capacity(relative=True) * cache.num_blocks)
+    return None
 
 
 def _batch_key(p: SamplingParams) -> tuple:
@@ -290,10 +338,11 @@ class HFPagedEngine(Engine):
 
         super().__init__(model_dir, max_model_len)
         self.device = resolve_device(device)
-        self.model = load_hf_model(self.model_dir, dtype, self.device, attn_implementation, self.model_config)
+        self.attn_implementation = cb_attn_implementation(attn_implementation)
+        self.model = load_hf_model(self.model_dir, dtype, self.device, self.attn_implementation, self.model_config)
         self.do_sample = do_sample
         self.cb_config = ContinuousBatchingConfig(
-            block_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
+            **cb_config_kwargs(block_size), num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
             max_memory_percent=max_memory_percent, use_cuda_graph=use_cuda_graph,
             allow_block_sharing=allow_block_sharing, per_request_processors=do_sample,
         )
@@ -390,10 +439,10 @@ class HFPagedEngine(Engine):
         stats = KVStats(0, 0, 0, 0, 0, num_running=len(self.rows))
         cache = getattr(getattr(self.manager, "batch_processor", None), "cache", None)
         if cache is not None and hasattr(cache, "num_blocks"):
-            capacity = cache.num_blocks * cache.block_size
-            free_blocks = cache.get_num_free_blocks() if hasattr(cache, "get_num_free_blocks") else None
+            capacity = cache.num_blocks * _page_size(cache)
+            free_blocks = _free_blocks(cache)
             if free_blocks is not None:
-                free = free_blocks * cache.block_size
+                free = free_blocks * _page_size(cache)
                 stored = sum(r.request.num_prompt_tokens + len(r.stream.token_ids) for r in self.rows.values())
                 stats = KVStats(capacity, stored, capacity - free, free, free, num_running=len(self.rows))
         return stats
