@@ -122,8 +122,8 @@ class _StreamRows(StoppingCriteria):
         self.batch, self.prompt_len, self.first_scheduled = batch, prompt_len, first_scheduled
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, -1].tolist()  # waits for the device: the tokens exist only now
         now = time.perf_counter()
-        new = input_ids[:, -1].tolist()
         self.batch.padded_len = input_ids.shape[1]
         outputs = []
         for row, token in zip(self.batch.rows, new):
@@ -160,6 +160,9 @@ class HFEngine(Engine):
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.model = load_hf_model(self.model_dir, dtype, self.device, attn_implementation, self.model_config)
+        # generate() fills an unset eos_token_id from the model's generation config and would then end
+        # rows (and pad them) on its own; our stop rules (SampleStream) are the only ones.
+        self.model.generation_config.eos_token_id = None
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
         self.waiting: deque[Request] = deque()
         self.batch: _Batch | None = None
