@@ -14,6 +14,7 @@ import random
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def _requests(ignore_eos: bool) -> list[Request]:
 
 
 def _run(engine: Engine, requests: list[Request]) -> dict[str, tuple[list[int], FinishReason | None]]:
-    """Request id -> (its tokens, its finish reason, None if never marked finished)."""
+    """Request id -> (its tokens, its finish reason or None if it was never marked finished)."""
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     reasons: dict[str, FinishReason | None] = dict.fromkeys(tokens)
     for r in requests:
@@ -70,8 +71,15 @@ def _choose_eos(outputs: list[list[int]], avoid: set[int]) -> int:
     raise AssertionError(f"no usable EOS token in the greedy outputs {outputs}")
 
 
+@dataclass
+class EOSModel:
+    path: Path
+    eos: int
+    ours: dict[str, list[int]]  # our paged engine's greedy tokens per request, EOS ignored
+
+
 @pytest.fixture(scope="module")
-def eos_model(tiny_model, tmp_path_factory) -> tuple[Path, int]:
+def eos_model(tiny_model, tmp_path_factory) -> EOSModel:
     """A copy of the tiny model whose config.json and generation_config.json name a token greedy decoding hits."""
     src = tiny_model("tiny-qwen3")
     greedy = _run(create_engine(src, PagedConfig(block_size=16)), _requests(ignore_eos=True))
@@ -83,7 +91,8 @@ def eos_model(tiny_model, tmp_path_factory) -> tuple[Path, int]:
         data = json.loads((out / name).read_text())
         data["eos_token_id"] = eos
         (out / name).write_text(json.dumps(data, indent=2))
-    return out, eos
+    ours = _run(create_engine(out, PagedConfig(block_size=16)), _requests(ignore_eos=True))
+    return EOSModel(out, eos, {k: tokens for k, (tokens, _) in ours.items()})
 
 
 BASELINES = [HFConfig(batch_size=1, dtype="float32"), HFConfig(batch_size=4, dtype="float32"),
@@ -92,24 +101,21 @@ BASELINES = [HFConfig(batch_size=1, dtype="float32"), HFConfig(batch_size=4, dty
 
 @pytest.mark.parametrize("cfg", BASELINES, ids=["hf-batch1", "hf-batch4", "hf_paged"])
 def test_ignore_eos_gives_exact_lengths_and_our_tokens(eos_model, cfg):
-    model_dir, eos = eos_model
-    ours = _run(create_engine(model_dir, PagedConfig(block_size=16)), _requests(ignore_eos=True))
-    assert any(eos in tokens for tokens, _ in ours.values()), "the test model must emit its EOS token"
-    got = _run(create_engine(model_dir, cfg), _requests(ignore_eos=True))
+    assert any(eos_model.eos in tokens for tokens in eos_model.ours.values()), "the test model must emit its EOS token"
+    got = _run(create_engine(eos_model.path, cfg), _requests(ignore_eos=True))
     for i, n in enumerate(MAX_TOKENS):
         tokens, reason = got[f"r{i}"]
         assert len(tokens) == n and reason is FinishReason.LENGTH, (i, tokens, reason)
-        assert tokens == ours[f"r{i}"][0], i
+        assert tokens == eos_model.ours[f"r{i}"], i
 
 
 @pytest.mark.parametrize("cfg", BASELINES, ids=["hf-batch1", "hf-batch4", "hf_paged"])
 def test_without_ignore_eos_a_request_stops_at_eos(eos_model, cfg):
-    model_dir, eos = eos_model
-    full = _run(create_engine(model_dir, PagedConfig(block_size=16)), _requests(ignore_eos=True))
-    got = _run(create_engine(model_dir, cfg), _requests(ignore_eos=False))
+    eos = eos_model.eos
+    got = _run(create_engine(eos_model.path, cfg), _requests(ignore_eos=False))
     stopped = 0
     for i in range(len(MAX_TOKENS)):
-        expected = full[f"r{i}"][0]
+        expected = eos_model.ours[f"r{i}"]
         if eos in expected:
             expected, reason = expected[: expected.index(eos) + 1], FinishReason.STOP
             stopped += 1
