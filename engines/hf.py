@@ -9,12 +9,14 @@ batching costs. ``hf_paged``: transformers' own continuous batching
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -32,6 +34,52 @@ def load_hf_model(model_dir: Path, dtype: str, device: torch.device, attn_implem
     torch_dtype = resolve_dtype(cfg, dtype, device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=attn_implementation)
     return model.to(device).eval()
+
+
+def cb_attn_implementation(name: str) -> str:
+    """``name`` as the installed transformers spells it for continuous batching.
+
+    transformers 5.17 names its paged kernels ``paged|sdpa``, ``paged|flash_attention_2``...; later
+    versions take the plain names (and warn about the prefix), keeping only ``paged|eager``.
+    Either spelling is accepted; the installed version's registry decides.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    base = name.removeprefix("paged|")
+    paged = f"paged|{base}"
+    return paged if paged in ALL_ATTENTION_FUNCTIONS else base
+
+
+def cb_config_kwargs(block_size: int) -> dict[str, Any]:
+    """The ContinuousBatchingConfig arguments whose names differ between transformers versions.
+
+    The tokens of one cache block are ``block_size`` in 5.17 and ``page_size`` later (where
+    ``block_size`` is deprecated). Later versions also switch sdpa to flash attention unless told
+    not to; 5.17 keeps the ``paged|...`` implementation it is given, so both run what is named.
+    """
+    from transformers import ContinuousBatchingConfig
+
+    fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    kwargs: dict[str, Any] = {"page_size" if "page_size" in fields else "block_size": block_size}
+    if "auto_switch_to_flash" in fields:
+        kwargs["auto_switch_to_flash"] = False
+    return kwargs
+
+
+def _page_size(cache: Any) -> int:
+    """Tokens per block of transformers' paged cache: ``block_size`` in 5.17, its allocators' pages later."""
+    if hasattr(cache, "block_size"):
+        return cache.block_size
+    return min(allocator.tokens_per_page for allocator in cache.cache_allocators.values())
+
+
+def _free_blocks(cache: Any) -> int | None:
+    """Free blocks of transformers' paged cache: counted in 5.17, a fraction of its capacity later."""
+    if hasattr(cache, "get_num_free_blocks"):
+        return cache.get_num_free_blocks()
+    if hasattr(cache, "compute_free_capacity"):
+        return round(cache.compute_free_capacity(relative=True) * cache.num_blocks)
+    return None
 
 
 def _batch_key(p: SamplingParams) -> tuple:
@@ -76,8 +124,8 @@ class _StreamRows(StoppingCriteria):
         self.batch, self.prompt_len, self.first_scheduled = batch, prompt_len, first_scheduled
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, -1].tolist()  # waits for the device: the tokens exist only now
         now = time.perf_counter()
-        new = input_ids[:, -1].tolist()
         self.batch.padded_len = input_ids.shape[1]
         outputs = []
         for row, token in zip(self.batch.rows, new):
@@ -115,6 +163,9 @@ class HFEngine(Engine):
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.model = load_hf_model(self.model_dir, dtype, self.device, attn_implementation, self.model_config)
+        # generate() fills an unset eos_token_id from the model's generation config and would then end
+        # rows (and pad them) on its own; our stop rules (SampleStream) are the only ones.
+        self.model.generation_config.eos_token_id = None
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
         self.waiting: deque[Request] = deque()
         self.batch: _Batch | None = None
@@ -257,11 +308,6 @@ class HFEngine(Engine):
             torch.cuda.empty_cache()
 
 
-def _page_size(cache) -> int | None:
-    """Tokens per block of transformers' paged cache: ``block_size`` up to 5.2x, ``page_size`` after."""
-    return getattr(cache, "block_size", None) or getattr(cache, "page_size", None)
-
-
 def _error_output(row: _Row, error: BaseException) -> RequestOutput:
     return RequestOutput(
         request_id=row.request.request_id, index=row.index, new_token_ids=[], token_times=[], finished=True,
@@ -295,10 +341,11 @@ class HFPagedEngine(Engine):
 
         super().__init__(model_dir, max_model_len)
         self.device = resolve_device(device)
-        self.model = load_hf_model(self.model_dir, dtype, self.device, attn_implementation, self.model_config)
+        self.attn_implementation = cb_attn_implementation(attn_implementation)
+        self.model = load_hf_model(self.model_dir, dtype, self.device, self.attn_implementation, self.model_config)
         self.do_sample = do_sample
         self.cb_config = ContinuousBatchingConfig(
-            block_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
+            **cb_config_kwargs(block_size), num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
             max_memory_percent=max_memory_percent, use_cuda_graph=use_cuda_graph,
             allow_block_sharing=allow_block_sharing, per_request_processors=do_sample,
         )
@@ -394,10 +441,10 @@ class HFPagedEngine(Engine):
         """Only what the manager exposes: its block pool's size and free blocks, when it has them (no breakdown)."""
         stats = KVStats(0, 0, 0, 0, 0, num_running=len(self.rows), breakdown=False)
         cache = getattr(getattr(self.manager, "batch_processor", None), "cache", None)
-        page = _page_size(cache)
-        if cache is not None and hasattr(cache, "num_blocks") and page:
+        if cache is not None and hasattr(cache, "num_blocks"):
+            page = _page_size(cache)
             capacity = cache.num_blocks * page
-            free_blocks = cache.get_num_free_blocks() if hasattr(cache, "get_num_free_blocks") else None
+            free_blocks = _free_blocks(cache)
             if free_blocks is not None:
                 free = free_blocks * page
                 stats = KVStats(capacity, 0, capacity - free, free, free, num_running=len(self.rows), breakdown=False)
