@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -311,6 +312,15 @@ def _report_error(e: BaseException, show_tracebacks: bool) -> int:
     return EXIT_FAILED
 
 
+def _restore_logging(handlers: list[logging.Handler], level: int) -> None:
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def run_app(argv: list[str]) -> int:
     """Run the Hydra app on ``argv`` (overrides and Hydra flags); the exit status."""
     show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -318,6 +328,8 @@ def run_app(argv: list[str]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print one line (or the traceback if the user asked)
     sys.argv = [saved_argv[0] if saved_argv else "harness", *argv]
     sys.stderr = Console(saved_stderr)
+    root = logging.getLogger()
+    saved_logging = (list(root.handlers), root.level)  # Hydra configures logging for its jobs; called in-process, undo it
     for state in (FAILED_RUNS, _NEW_DIRS, _STOPPED):
         state.clear()
     SWEEP.clear()
@@ -336,6 +348,7 @@ def run_app(argv: list[str]) -> int:
         return _report_error(e, show_tracebacks)
     finally:
         _close_progress()
+        _restore_logging(*saved_logging)
         sys.argv, sys.stderr = saved_argv, saved_stderr
         if not show_tracebacks:
             os.environ.pop("HYDRA_FULL_ERROR", None)
