@@ -165,7 +165,9 @@ def test_the_first_failed_run_is_the_first_in_job_order(tmp_path):
 
 @pytest.mark.parametrize("label, kind", [("contiguous_pow2", "contiguous"), ("contiguous", "contiguous"), ("paged", "paged")])
 def test_engine_overrides_apply_to_every_engine_config_of_their_kind(label, kind):
-    engine = engine_config(composed(["+experiment=throughput", f"engine={label}"]))
+    cfg = composed(["+experiment=throughput", f"engine={label}", "require_cuda=false"])
+    engine = app.job_spec(app.task_config(cfg), cfg.hydra).engine  # as the sweep's check and the job build it
+    assert engine == engine_config(cfg)
     assert engine.name == kind and engine.num_scheduler_steps == 8  # throughput's settings for contiguous and paged
     if label == "contiguous_pow2":
         assert engine.reservation == "pow2"
