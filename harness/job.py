@@ -75,11 +75,12 @@ def concurrency_bound(spec: JobSpec, num_sequences: int) -> int:
     return min(b for b in bounds if b)
 
 
-def _params_row(spec: JobSpec, model_dir: Path, device: torch.device, label: str) -> dict[str, Any]:
+def _params_row(spec: JobSpec, model_dir: Path, device: torch.device, label: str, compute_dtype: str | None = None) -> dict[str, Any]:
     a, w = spec.arrival, spec.workload
     row = {
         "experiment": spec.name, "engine": spec.engine.name, "engine_label": spec.engine_label,
         "model": spec.model.preset if spec.model.path is None else model_dir.name, "device": device.type,
+        "compute_dtype": compute_dtype,  # None where unknown: an engine that did not load, a server that does not say
         "workload": w.name, "workload_label": label, "arrival": a.process, "concurrency": a.concurrency,
         "rate": a.rate, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed, "repeat": spec.repeat,
     }
@@ -162,7 +163,7 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
     device = getattr(engine, "device", device)
     hw = hardware(device)
     metadata["compute_dtype"] = compute_dtype(engine)  # the checkpoint's dtype stays in model_shape
-    row = {**_params_row(spec, model_dir, device, label), "compute_dtype": metadata["compute_dtype"], "hardware": hardware_label(hw)}
+    row = {**_params_row(spec, model_dir, device, label, metadata["compute_dtype"]), "hardware": hardware_label(hw)}
     try:
         warm_up(engine, regular_token_ids(tokenizer, model_cfg.vocab_size), spec.warmup_requests)
         if device.type == "cuda":
