@@ -168,7 +168,9 @@ class HarnessCallback(Callback):
         except Exception as e:
             raise sweep.SweepRefused() from e
         print(f"results: {where}", file=sys.stderr)
-        SWEEP.update(dir=where, progress=SweepProgress(sweep.settings(planned), sys.stderr))
+        SWEEP["dir"] = where
+        if sweep.runs_here(config):  # other launchers run the jobs (and their callbacks) in other processes
+            SWEEP["progress"] = SweepProgress(sweep.settings(planned), sys.stderr)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "progress" in SWEEP:

@@ -35,6 +35,11 @@ def uses_basic_sweeper(config: DictConfig) -> bool:
     return str(OmegaConf.select(config, "hydra.sweeper._target_")).endswith("basic_sweeper.BasicSweeper")
 
 
+def runs_here(config: DictConfig) -> bool:
+    """Whether the jobs run in this process (Hydra's basic launcher), where the callbacks can follow them."""
+    return str(OmegaConf.select(config, "hydra.launcher._target_")).endswith("basic_launcher.BasicLauncher")
+
+
 def jobs(config: DictConfig) -> list[list[str]]:
     """Each job's overrides, in the order Hydra's basic sweeper launches them (the job number is the index)."""
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
