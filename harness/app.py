@@ -4,7 +4,7 @@ Config tree: ``conf/`` (config.yaml and the engine/, model/, workload/, arrival/
 experiment/ and hydra/launcher/ groups), typed by harness.schema. An experiment that
 sweeps is a Hydra multirun (``hydra.sweeper.params`` in its config), so launchers scale it
 out: each job writes its own run directory, and the report is written when the sweep ends.
-``repeats=N`` repeats every setting N times, interleaved (harness.sweeper); ``resume=true``
+``repeats=N`` repeats every setting N times, interleaved (harness.sweep); ``resume=true``
 continues the latest sweep, keeping its finished runs (harness.resume). A sweep shows one
 progress line (harness.progress); Hydra's and the libraries' INFO lines and bars are silenced.
 User errors (an unknown engine or key, a bad value, a missing file) end the program with
@@ -114,7 +114,11 @@ def _quiet_libraries() -> None:
     """transformers' weight-loading bars and INFO logs, and huggingface_hub's bars, would bury the progress line."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
-    if "transformers" in sys.modules:  # already imported: the variables above came too late
+    if "huggingface_hub" in sys.modules:  # already imported: the variables above came too late
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_warning()
