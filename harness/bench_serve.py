@@ -463,9 +463,11 @@ def override_params(overrides: list[str]) -> dict[str, Any]:
     """The overrides as the offline run records them (param.* columns): what a sweep varies."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from harness.app import NOT_PARAMS
+
     # as harness.app.job_params reads a Hydra job's overrides
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return {o.key_or_group: o.value() for o in parsed if o.key_or_group != "experiment"}
+    return {o.key_or_group: o.value() for o in parsed if o.key_or_group not in NOT_PARAMS}
 
 
 def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[list[str]], bool]:
@@ -544,10 +546,11 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
     cfg = compose_bench_config(overrides)
     typed = {name: OmegaConf.to_object(cfg[name]) for name in ("model", "workload", "arrival", "slo")}
     max_len = view.max_model_len or model_cfg.max_context
-    requests = build_workload(typed["workload"], tokenizer, model_cfg.vocab_size, max_len, cfg.seed)
-    offsets = arrival_offsets(typed["arrival"], len(requests), cfg.seed)
+    seed = cfg.seed + cfg.repeat  # as an offline run: repeat r draws its workload and arrivals from seed + r
+    requests = build_workload(typed["workload"], tokenizer, model_cfg.vocab_size, max_len, seed)
+    offsets = arrival_offsets(typed["arrival"], len(requests), seed)
     engine, label = engine_of(view)
-    spec = JobSpec(name=cfg.name, seed=cfg.seed, engine_label=label, engine=engine, **typed,
+    spec = JobSpec(name=cfg.name, seed=seed, repeat=cfg.repeat, engine_label=label, engine=engine, **typed,
                    warmup_requests=cfg.warmup_requests, params=override_params(overrides),
                    config=OmegaConf.to_container(cfg, resolve=True))
     client = Client(streams, view, args.endpoint, tokenizer, tag=f"bench-{uuid.uuid4().hex[:8]}")

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class JobSpec:
     name: str
-    seed: int
+    seed: int  # the seed this run draws its workload and arrivals from: the config's seed + repeat
     engine_label: str  # the engine/ config chosen (e.g. contiguous_pow2); engine.name is the engine
     engine: Any  # an engines.config dataclass
     model: ModelSpec
@@ -46,6 +46,7 @@ class JobSpec:
     warmup_requests: int = 1
     torch_threads: int | None = None
     require_cuda: bool = False
+    repeat: int = 0  # which of the config's repeats this run is
     params: dict[str, Any] = field(default_factory=dict)  # the job's overrides (what a sweep varies)
     config: dict[str, Any] = field(default_factory=dict)  # the full resolved config, for the record
 
@@ -74,13 +75,14 @@ def concurrency_bound(spec: JobSpec, num_sequences: int) -> int:
     return min(b for b in bounds if b)
 
 
-def _params_row(spec: JobSpec, model_dir: Path, device: torch.device, label: str) -> dict[str, Any]:
+def _params_row(spec: JobSpec, model_dir: Path, device: torch.device, label: str, compute_dtype: str | None = None) -> dict[str, Any]:
     a, w = spec.arrival, spec.workload
     row = {
         "experiment": spec.name, "engine": spec.engine.name, "engine_label": spec.engine_label,
         "model": spec.model.preset if spec.model.path is None else model_dir.name, "device": device.type,
+        "compute_dtype": compute_dtype,  # None where unknown: an engine that did not load, a server that does not say
         "workload": w.name, "workload_label": label, "arrival": a.process, "concurrency": a.concurrency,
-        "rate": a.rate, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed,
+        "rate": a.rate, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed, "repeat": spec.repeat,
     }
     row.update({f"engine.{k}": v for k, v in asdict(spec.engine).items()})
     row.update({f"param.{k}": _scalar(v) for k, v in spec.params.items()})
@@ -111,6 +113,19 @@ def _run_figures(spec: JobSpec, record: RunRecord, model_cfg: ModelConfig, devic
     return figures, requests, steps
 
 
+def check_device(spec: JobSpec) -> None:
+    """A GPU reference workload refuses a CPU, before anything is built."""
+    if spec.require_cuda and not cuda_available():
+        raise UserError(f"experiment {spec.name!r} is a GPU reference workload at a real model's size; "
+                        "no CUDA device here (set require_cuda=false to run it anyway)")
+
+
+def compute_dtype(engine: Any) -> str | None:
+    """The dtype the engine's model computes in (float32 on a CPU whatever the checkpoint's dtype)."""
+    dtype = getattr(getattr(engine, "model", None), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
 def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
     """Run one job into ``job_dir`` and return its status: ok, skipped (engine not landed) or failed.
 
@@ -118,9 +133,7 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
     sweep still runs and its report says what failed; the app's exit status reports it too.
     """
     device = torch.device("cuda" if cuda_available() else "cpu")
-    if spec.require_cuda and device.type != "cuda":
-        raise UserError(f"experiment {spec.name!r} is a GPU reference workload at a real model's size; "
-                        "no CUDA device here (set require_cuda=false to run it anyway)")
+    check_device(spec)
     if spec.torch_threads is not None:
         torch.set_num_threads(spec.torch_threads)
     model_dir = resolve_model_dir(spec.model)
@@ -132,7 +145,7 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
     label = workload_label(spec.workload, spec.arrival)
     metadata = {"name": spec.name, "engine_label": spec.engine_label, "engine": asdict(spec.engine), "model_dir": str(model_dir),
                 "model_shape": model_shape(model_cfg), "workload_label": label, "git": git_state(),
-                "versions": versions(), "params": spec.params, "config": spec.config}
+                "versions": versions(), "params": spec.params, "config": spec.config, "seed": spec.seed, "repeat": spec.repeat}
     try:
         engine = create_engine(model_dir, spec.engine)
     except EngineNotAvailable as e:
@@ -142,9 +155,12 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
         write_run(job_dir, row, {**metadata, "status": "skipped", "reason": reason, "hardware": hw})
         log.warning("skipped %s: %s", spec.engine_label, reason)
         return "skipped"
+    except ValueError as e:  # the engine refused its settings: a user error, like a bad value in the config
+        raise UserError(f"engine {spec.engine_label}: {e}") from e
     device = getattr(engine, "device", device)
     hw = hardware(device)
-    row = {**_params_row(spec, model_dir, device, label), "hardware": hardware_label(hw)}
+    metadata["compute_dtype"] = compute_dtype(engine)  # the checkpoint's dtype stays in model_shape
+    row = {**_params_row(spec, model_dir, device, label, metadata["compute_dtype"]), "hardware": hardware_label(hw)}
     try:
         warm_up(engine, regular_token_ids(tokenizer, model_cfg.vocab_size), spec.warmup_requests)
         if device.type == "cuda":

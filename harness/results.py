@@ -3,9 +3,10 @@
 A run directory holds ``run`` (one row: the run's parameters and headline figures),
 ``requests`` (one row per sample) and ``kv_steps`` (one row per engine step), each as
 Parquet and CSV (the CSV of ``requests`` leaves out the per-token times, a list column),
-and ``metadata.json``. ``metadata.json`` is written last and atomically: a directory
-without it is an unfinished run, which readers skip, so an interrupted sweep leaves its
-finished runs readable.
+and ``metadata.json``. Every file is written to a temporary name and renamed into place, and
+``metadata.json`` goes last (and first out, when a run is written again): a directory without it
+is an unfinished run, which readers skip, so a sweep killed at any moment (even by SIGKILL)
+leaves each run either complete or recognisably unfinished.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
@@ -35,18 +37,33 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` to a temporary sibling, then rename: ``path`` is never seen half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_run(job_dir: Path, run: dict[str, Any], metadata: dict[str, Any],
               requests: pd.DataFrame | None = None, kv_steps: pd.DataFrame | None = None) -> None:
-    """Write the tables, then ``metadata.json`` (whose presence marks the run finished)."""
+    """Write the tables, then ``metadata.json`` (whose presence marks the run finished).
+
+    A run written again (a resumed sweep re-running a failed run) first loses its
+    ``metadata.json``, then any table of the old run that this one does not write.
+    """
     job_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in (("run", pd.DataFrame([run])), ("requests", requests), ("kv_steps", kv_steps)):
+    (job_dir / METADATA).unlink(missing_ok=True)
+    tables = {"run": pd.DataFrame([run]), "requests": requests, "kv_steps": kv_steps}
+    for name, table in tables.items():
         if table is None:
+            for suffix in ("parquet", "csv"):
+                (job_dir / f"{name}.{suffix}").unlink(missing_ok=True)
             continue
-        table.to_parquet(job_dir / f"{name}.parquet", index=False)
-        table.drop(columns=[c for c in table.columns if c.endswith("token_times_s")]).to_csv(job_dir / f"{name}.csv", index=False)
-    tmp = job_dir / f".{METADATA}.tmp"
-    tmp.write_text(json.dumps(_jsonable({**metadata, "run": run}), indent=2))
-    os.replace(tmp, job_dir / METADATA)
+        text = table.drop(columns=[c for c in table.columns if c.endswith("token_times_s")])
+        _write_atomically(job_dir / f"{name}.parquet", lambda f, t=table: t.to_parquet(f, index=False))
+        _write_atomically(job_dir / f"{name}.csv", lambda f, t=text: t.to_csv(f, index=False))
+    record = json.dumps(_jsonable({**metadata, "run": run}), indent=2)
+    _write_atomically(job_dir / METADATA, lambda f: f.write_text(record))
 
 
 @dataclass
@@ -73,12 +90,17 @@ def find_runs(paths: Iterable[str | Path]) -> tuple[list[RunDir], list[Path]]:
     """Finished runs under ``paths`` (a run or a sweep directory), and the run directories left unfinished."""
     runs, unfinished = [], []
     for root in map(Path, paths):
-        for meta in sorted(root.rglob(METADATA)):
+        for meta in sorted(root.rglob(METADATA), key=run_order):
             runs.append(RunDir(meta.parent, json.loads(meta.read_text())))
-        for hydra_dir in sorted(root.rglob(".hydra")):
+        for hydra_dir in sorted(root.rglob(".hydra"), key=run_order):
             if not (hydra_dir.parent / METADATA).is_file():
                 unfinished.append(hydra_dir.parent)
     return runs, unfinished
+
+
+def run_order(path: Path) -> list[Any]:
+    """Sort key in sweep order: numbers compare as numbers, so job 2's ``2_...`` precedes job 10's ``10_...``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def runs_table(runs: list[RunDir]) -> pd.DataFrame:

@@ -11,6 +11,10 @@ Resolvers for the YAML files:
   runs in minutes on a laptop CPU and at full size on a GPU.
 - ``${max:A,B,...}`` and ``${mul:A,B}``: small arithmetic for sizes that scale with a sweep
   value (e.g. the number of requests with the concurrency).
+- ``${sweep_if_repeats:N}`` (hydra.mode): a multirun when N > 1, so that repeats of a single run sweep.
+- ``${repeat_sweep:N}`` (hydra.sweeper.params.repeat): the sweep of ``repeat`` over 0..N-1.
+- ``${latest_or_new:BASE,STAMP,RESUME}`` (hydra.run.dir, hydra.sweep.dir): BASE/STAMP, or with
+  RESUME the latest directory under BASE (harness.resume).
 """
 
 from __future__ import annotations
@@ -41,10 +45,30 @@ def _on_device(cpu_value: Any, cuda_value: Any) -> Any:
     return cuda_value if cuda_available() else cpu_value
 
 
+def _latest_or_new(base: str, stamp: str, resume: bool) -> str:
+    from harness.resume import output_dir
+
+    return output_dir(base, stamp, resume)
+
+
+def _sweep_if_repeats(repeats: Any) -> Optional[str]:
+    return "MULTIRUN" if isinstance(repeats, int) and repeats > 1 else None
+
+
+def _repeat_sweep(repeats: Any) -> str:
+    """The repeats 0..repeats-1 as a sweep (a single 0 for one repeat)."""
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise UserError(f"repeats must be an integer >= 1, got {repeats!r}")
+    return f"range(0,{repeats})" if repeats > 1 else "0"
+
+
 def register_resolvers() -> None:
-    for name, fn in (("on_device", _on_device), ("max", lambda *xs: max(xs)), ("mul", lambda a, b: a * b)):
+    for name, fn in (("on_device", _on_device), ("max", lambda *xs: max(xs)), ("mul", lambda a, b: a * b),
+                     ("sweep_if_repeats", _sweep_if_repeats), ("repeat_sweep", _repeat_sweep)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("latest_or_new"):  # cached: every job of a sweep resolves the same directory
+        OmegaConf.register_new_resolver("latest_or_new", _latest_or_new, use_cache=True)
 
 
 def _need(ok: bool, message: str) -> None:
@@ -200,14 +224,38 @@ class Config:
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     arrival: ArrivalSpec = field(default_factory=ArrivalSpec)
     slo: SLOSpec = field(default_factory=SLOSpec)
-    # Settings for one engine config of a sweep over engines, keyed by its engine/ choice
-    # (e.g. hf: {batch_size: 32}); checked against that engine's schema.
+    # Settings for one kind of engine in a sweep over engines, keyed by the engine kind (engine.name:
+    # hf, hf_paged, contiguous, paged), so every config of a kind gets them (contiguous_pow2 those of
+    # contiguous); checked against that engine's schema.
     engine_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     warmup_requests: int = 1  # untimed requests run before the measurement
     torch_threads: Optional[int] = None  # torch's CPU threads for the job (None: torch's default)
     require_cuda: bool = False  # reference workloads at real-model sizes refuse a CPU run
     report: bool = True  # write the report when the run or sweep ends
     report_dir: Optional[str] = None  # where it goes; default: the run or sweep directory
+    # Runs of every setting. Above 1 the app sweeps `repeat` over 0..repeats-1 as the outermost
+    # dimension, so the repeats interleave (every setting once, then again...) and drift hits every
+    # engine alike; repeat r draws its workload and arrivals from seed + r.
+    repeats: int = 1
+    repeat: int = 0  # this run's repeat (set by the sweep)
+    # Continue the latest sweep of this experiment (or hydra.sweep.dir): finished runs whose recorded
+    # config equals the requested one are kept, unfinished and failed ones run again.
+    resume: bool = False
+
+
+# Top-level keys that say how to run or report, not what a run measures: a resumed sweep may change them.
+NOT_MEASURED = ("repeats", "resume", "report", "report_dir")
+
+
+def check_run_settings(cfg: Any) -> None:
+    """Value checks of the top-level knobs (the nodes check themselves in __post_init__)."""
+    _need(cfg.repeats >= 1, f"repeats must be >= 1, got {cfg.repeats}")
+    _need(0 <= cfg.repeat, f"repeat must be >= 0, got {cfg.repeat}")
+    _need(cfg.warmup_requests >= 0, f"warmup_requests must be >= 0, got {cfg.warmup_requests}")
+    _need(cfg.torch_threads is None or cfg.torch_threads >= 1, f"torch_threads must be >= 1 (or null), got {cfg.torch_threads}")
+    for key in cfg.engine_overrides:
+        _need(key in ENGINE_CONFIGS, f"engine_overrides: {key!r} is not an engine kind; the keys are engine kinds "
+              f"(engine.name), one of: {', '.join(sorted(ENGINE_CONFIGS))}")
 
 
 def register_configs() -> None:

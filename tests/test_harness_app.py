@@ -12,15 +12,31 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from harness.app import run_app
-from harness.results import find_runs
+from harness import app, sweep
+from harness.app import CONF_DIR, engine_config, run_app
+from harness.cli import main as cli_main
+from harness.resume import job_number
+from harness.results import find_runs, write_run
 
 SMOKE = ["+experiment=smoke", "workload.num_requests=4", "workload.output.value=4"]
+# prompt lengths drawn from the seed: equal for every engine within a repeat, different between repeats
+VARIED_PROMPTS = ["workload.prompt.dist=uniform", "workload.prompt.low=4", "workload.prompt.high=64"]
 
 
-def harness(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def harness(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def with_site(tmp_path: Path, code: str) -> dict:
+    """An environment whose Python runs ``code`` first (a sitecustomize): stand-ins for the app's subprocess."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(autouse=True)
@@ -28,21 +44,51 @@ def _model(tiny_model):
     tiny_model("tiny-qwen3")  # built once, before the subprocesses look for it
 
 
+@pytest.fixture
+def in_process(tmp_path, monkeypatch):
+    """run_app in this process, in an empty directory; the jobs' torch thread setting is put back afterwards."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def composed(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the GPU workload")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["engine=nope"], "unknown engine 'nope'; choose one of: contiguous"),
     (["engine.blok_size=16"], "unknown key 'engine.blok_size'; valid keys here: attn_implementation, batch_size, device"),
     (["engine=paged", "engine.blok_size=16"], "block_size, cpu_kv_budget_gb"),
     (["arrival=closed", "arrival.concurrency=-4"], "arrival.concurrency must be an integer >= 1, got -4"),
+    (["arrival=closed", "arrival.concurrency=0"], "arrival.concurrency must be an integer >= 1, got 0"),
+    (["arrival.concurrency=1.5"], "arrival.concurrency: Value '1.5' of type 'float' could not be converted to Integer"),
+    (["workload.num_requests=-1"], "workload.num_requests must be >= 1, got -1"),
     (["workload=sharegpt", "workload.dataset.path=/no/such/sharegpt.json"], "file '/no/such/sharegpt.json' does not exist"),
     (["workload=sharegpt"], "workload.dataset.path needs a value"),
     (["+experiment=nope"], "unknown experiment 'nope'"),
     (["engine.batch_size=many"], "engine.batch_size: Value 'many'"),
+    (["engine=paged", "engine.block_size=0"], "engine paged: block_size must be a power of two in [1, 256], got 0"),
+    (["torch_threads=0"], "torch_threads must be >= 1 (or null), got 0"),
+    (["+engine_overrides.contiguous_pow2.reservation=max"],
+     "engine_overrides: 'contiguous_pow2' is not an engine kind; the keys are engine kinds (engine.name), one of: contiguous, hf, hf_paged, paged"),
+    (["repeats=0"], "repeats must be >= 1, got 0"),
+    (["-m", "engine=hf,paged", "repeats=-1"], "repeats must be an integer >= 1, got -1"),
+    (["-m", *SMOKE, "arrival.concurrency=2,0"], "arrival.concurrency must be an integer >= 1, got 0"),
+    (["resume=true"], "resume=true: nothing to resume under outputs/default/"),
+    (["-m", "engine=hf,paged", "resume=true"], "resume=true: nothing to resume under multirun/default/"),
+    pytest.param(["+experiment=throughput"], "'throughput' is a GPU reference workload", marks=ON_CPU),
 ])
-def test_a_bad_override_is_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, capsys, args, needle):
-    monkeypatch.chdir(tmp_path)
+def test_a_user_error_is_one_line_exit_status_2_and_leaves_no_folder(in_process, capsys, args, needle):
     assert run_app(args) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert not list(in_process.iterdir()), list(in_process.rglob("*"))  # no empty outputs/ or multirun/ folder left
 
 
 def test_the_console_script_exits_nonzero_on_a_bad_override(tmp_path):
@@ -65,6 +111,10 @@ def test_smoke_run_writes_tables_metadata_and_report(tmp_path):
     assert (run / "requests.csv").is_file() and (run / "kv_steps.csv").is_file()
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["status"] == "ok" and meta["git"]["commit"] and meta["versions"]["torch"]
+    if not torch.cuda.is_available():  # a CPU computes in float32 whatever the checkpoint's dtype
+        assert meta["compute_dtype"] == row["compute_dtype"] == "float32" and meta["model_shape"]["dtype"] == "bfloat16"
+    assert row["seed"] == 0 and row["repeat"] == 0 and "param.repeat" not in row
+    assert "Loading weights" not in done.stderr and "[HYDRA]" not in done.stdout + done.stderr  # silenced
     assert meta["model_shape"]["hidden_size"] == 64 and meta["config"]["engine"]["name"] == "hf"
     assert meta["hardware"]["device"] in ("cpu", "cuda")
     report = (run / "report.md").read_text()
@@ -85,16 +135,11 @@ def test_multirun_through_the_submitit_launcher_aggregates_into_one_report(tmp_p
 
 def test_engines_not_landed_are_skipped_and_failures_reported_while_the_sweep_goes_on(tmp_path):
     # Stand-ins, installed in the subprocess: paged has not landed; hf breaks on its first step.
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import engines, engines.hf\n"
-        "engines.ENGINE_CLASSES['paged'] = ('engines.not_landed_yet', 'PagedEngine')\n"
-        "def broken(self):\n    raise RuntimeError('boom')\n"
-        "engines.hf.HFEngine._step = broken\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "harness", "-m", *SMOKE, "engine=hf,paged,contiguous", "hydra.sweep.dir=sweep"],
-                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    env = with_site(tmp_path, "import engines, engines.hf\n"
+                              "engines.ENGINE_CLASSES['paged'] = ('engines.not_landed_yet', 'PagedEngine')\n"
+                              "def broken(self):\n    raise RuntimeError('boom')\n"
+                              "engines.hf.HFEngine._step = broken\n")
+    done = harness(["-m", *SMOKE, "engine=hf,paged,contiguous", "hydra.sweep.dir=sweep"], tmp_path, env=env)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: 1 run(s) failed; the first, ")
     assert "RuntimeError: boom" in done.stderr
@@ -104,24 +149,158 @@ def test_engines_not_landed_are_skipped_and_failures_reported_while_the_sweep_go
     report = (tmp_path / "sweep" / "report.md").read_text()
     assert "skipped: paged (1 runs): engine 'paged' has not landed yet" in report
     assert "failed: hf (1 runs): RuntimeError: boom" in report
+    # a person follows the sweep on one line per run start and finish (stderr is no terminal here)
+    assert "run 2 of 3: engine=paged started" in done.stderr and "run 3 of 3: engine=contiguous ok in " in done.stderr
+    assert "[HYDRA]" not in done.stdout + done.stderr and "Loading weights" not in done.stderr
 
 
-def test_an_interrupted_sweep_leaves_finished_runs_readable(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "-m", *SMOKE, "workload.num_requests=2,100000",
-                             "hydra.sweep.dir=sweep"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not find_runs([tmp_path / "sweep"])[0] and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)  # the second, endless run is under way
-    proc.send_signal(signal.SIGINT)
+def test_the_first_failed_run_is_the_first_in_job_order(tmp_path):
+    for name in ("10_engine=paged", "2_engine=hf"):
+        write_run(tmp_path / name, {"engine": name}, {"status": "failed", "reason": f"boom in {name}"})
+    app.FAILED_RUNS.clear()
+    app._finish(tmp_path, OmegaConf.create({"report": False, "report_dir": None}))
+    assert [Path(where).name for where, _ in app.FAILED_RUNS] == ["2_engine=hf", "10_engine=paged"]
+    app.FAILED_RUNS.clear()
+
+
+@pytest.mark.parametrize("label, kind", [("contiguous_pow2", "contiguous"), ("contiguous", "contiguous"), ("paged", "paged")])
+def test_engine_overrides_apply_to_every_engine_config_of_their_kind(label, kind):
+    cfg = composed(["+experiment=throughput", f"engine={label}", "require_cuda=false"])
+    engine = app.job_spec(app.task_config(cfg), cfg.hydra).engine  # as the sweep's check and the job build it
+    assert engine == engine_config(cfg)
+    assert engine.name == kind and engine.num_scheduler_steps == 8  # throughput's settings for contiguous and paged
+    if label == "contiguous_pow2":
+        assert engine.reservation == "pow2"
+
+
+def test_the_sweep_plan_runs_repeats_as_the_outermost_dimension():
+    """Hydra's basic sweeper orders the product by first appearance: config.yaml's `repeat` param comes first,
+    then the experiment's params, then the command line's sweeps (sweep.jobs is the sweeper's own expansion)."""
+    cfg = composed(["+experiment=concurrency_sweep", "repeats=3"])
+    OmegaConf.update(cfg, "hydra.overrides.task", [*cfg.hydra.overrides.task, "workload.n=1,2"], force_add=True)
+    plan = [dict(o.split("=", 1) for o in job) for job in sweep.jobs(cfg)]
+    settings = 4 * 9 * 2  # engines x concurrencies x n
+    assert len(plan) == 3 * settings
+    assert [job["repeat"] for job in plan] == [str(r) for r in range(3) for _ in range(settings)]  # A B A B, not A A B B
+    assert [job["engine"] for job in plan[:settings]] == [e for e in ("hf", "hf_paged", "contiguous", "paged") for _ in range(18)]
+    assert [job["workload.n"] for job in plan[:4]] == ["1", "2", "1", "2"]
+    assert plan[settings:2 * settings] == [{**job, "repeat": "1"} for job in plan[:settings]]
+
+
+def test_repeats_interleave_in_a_sweep_each_drawing_its_workload_from_seed_plus_repeat(in_process, capsys):
+    assert run_app(["-m", *SMOKE, *VARIED_PROMPTS, "engine=hf,contiguous", "repeats=2", "seed=5", "hydra.sweep.dir=sweep"]) == 0
+    runs = find_runs([in_process / "sweep"])[0]
+    order = [(job_number(r.path), r.run["engine"], r.run["repeat"], r.run["seed"]) for r in runs]
+    assert order == [(0, "hf", 0, 5), (1, "contiguous", 0, 5), (2, "hf", 1, 6), (3, "contiguous", 1, 6)]
+    prompts = [tuple(r.table("requests").sort_values("request_id")["prompt_tokens"]) for r in runs]
+    assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[0] != prompts[2]
+    assert all("param.repeat" not in r.run for r in runs)  # the repeat is no sweep axis
+    assert len({r.path for r in runs}) == 4
+    err = capsys.readouterr().err
+    assert "run 3 of 4: engine=hf repeat=1 started" in err and "run 4 of 4: engine=contiguous repeat=1 ok in " in err
+
+
+def test_a_single_run_with_repeats_becomes_a_sweep_of_its_repeats(in_process):
+    assert run_app([*SMOKE, "workload.num_requests=2", "repeats=3"]) == 0
+    assert not (in_process / "outputs").exists()
+    [sweep_dir] = (in_process / "multirun" / "smoke").iterdir()
+    runs = find_runs([sweep_dir])[0]
+    assert [(job_number(r.path), r.run["repeat"], r.run["seed"], r.status) for r in runs] == [(i, i, i, "ok") for i in range(3)]
+    assert (sweep_dir / "report.md").is_file()
+
+
+def test_resume_reruns_failed_runs_and_refuses_runs_of_another_config(in_process, monkeypatch, capsys):
+    import engines.hf
+    from hydra.core.hydra_config import HydraConfig
+
+    step = engines.hf.HFEngine._step
+
+    def broken_in_job_1(self):
+        if HydraConfig.get().job.num == 1:
+            raise RuntimeError("boom")
+        return step(self)
+
+    monkeypatch.setattr(engines.hf.HFEngine, "_step", broken_in_job_1)
+    args = ["-m", *SMOKE, "arrival.concurrency=1,2", "hydra.sweep.dir=sweep"]
+    assert run_app(args) == 1
+    monkeypatch.setattr(engines.hf.HFEngine, "_step", step)
+    first = next((in_process / "sweep").glob("0_*")) / "metadata.json"
+    kept = first.stat().st_mtime_ns, first.read_text()
+    capsys.readouterr()
+
+    assert run_app([*args, "resume=true"]) == 0
+    assert "run 1 of 2: arrival.concurrency=1 reused" in capsys.readouterr().err
+    assert [(r.run["concurrency"], r.status) for r in find_runs([in_process / "sweep"])[0]] == [(1, "ok"), (2, "ok")]
+    assert (first.stat().st_mtime_ns, first.read_text()) == kept
+
+    assert run_app([*args, "workload.num_requests=3", "resume=true"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: resume=true: ") and "finished with another config (workload.num_requests: 4 -> 3)" in line
+    assert run_app(["-m", *SMOKE, "arrival.concurrency=1", "hydra.sweep.dir=sweep", "resume=true"]) == 2
+    assert "is not a run of the sweep asked for now" in capsys.readouterr().err
+    assert (first.stat().st_mtime_ns, first.read_text()) == kept and len(find_runs([in_process / "sweep"])[0]) == 2
+
+
+# A stand-in for the killed sweeps: the second run (and any after it) waits while the file `hold` exists.
+HOLD_AFTER_THE_FIRST_RUN = (
+    "import os, time\n"
+    "import harness.job\n"
+    "from hydra.core.hydra_config import HydraConfig\n"
+    "warm_up = harness.job.warm_up\n"
+    "def held(*args, **kwargs):\n"
+    "    while os.path.exists('hold') and HydraConfig.get().job.num >= 1:\n"
+    "        time.sleep(0.05)\n"
+    "    return warm_up(*args, **kwargs)\n"
+    "harness.job.warm_up = held\n")
+
+
+def _wait_for(condition, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_a_killed_sweep_keeps_its_finished_runs_and_resume_runs_only_the_rest(in_process, capsys, sig):
+    """The sweep runs in a subprocess, killed while its second run is under way; the report and the resumed
+    sweep run in this process (the same code as `harness report` and `python -m harness`, without the start-up)."""
+    tmp_path = in_process
+    env = with_site(tmp_path, HOLD_AFTER_THE_FIRST_RUN)
+    (tmp_path / "hold").touch()
+    # SIGKILL: the default sweep folder, which resume=true finds as the latest of the experiment
+    where = ["hydra.sweep.dir=sweep"] if sig == signal.SIGINT else []
+    args = [sys.executable, "-m", "harness", "-m", *SMOKE, "arrival.concurrency=1,2,3", *where]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweeps = lambda: [tmp_path / "sweep"] if where else sorted((tmp_path / "multirun" / "smoke").glob("*"))  # noqa: E731
+    _wait_for(lambda: any(sweeps()) and all(d.exists() for d in sweeps()) and any(sweeps()[0].glob("1_*/.hydra")), "the second run")
+    sweep_dir = sweeps()[0]
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
-    runs, unfinished = find_runs([tmp_path / "sweep"])
-    assert [r.run["num_requests"] for r in runs] == [2] and len(unfinished) == 1
-    report = subprocess.run([sys.executable, "-m", "harness", "report", "sweep"], cwd=tmp_path, capture_output=True, text=True)
-    assert report.returncode == 0, report.stderr
-    assert "unfinished (no results)" in (tmp_path / "sweep" / "report.md").read_text()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, stderr
+        assert f"interrupted: the finished runs in {sweep_dir.relative_to(tmp_path)} keep their results" in stderr
+        assert "resume=true" in stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    runs, unfinished = find_runs([sweep_dir])
+    assert [(job_number(r.path), r.status) for r in runs] == [(0, "ok")] and [job_number(p) for p in unfinished] == [1]
+    first = runs[0].path / "metadata.json"
+    kept = first.stat().st_mtime_ns, first.read_text()
+
+    assert cli_main(["report", str(sweep_dir.relative_to(tmp_path))]) == 0
+    text = (sweep_dir / "report.md").read_text()
+    assert "from 1 runs" in text and "unfinished (no results)" in text
+
+    capsys.readouterr()
+    assert cli_main([*args[3:], "resume=true"]) == 0  # the same command line, resumed
+    err = capsys.readouterr().err
+    assert "run 1 of 3: arrival.concurrency=1 reused (finished earlier)" in err
+    assert "run 2 of 3: arrival.concurrency=2 ok in " in err and "run 3 of 3: arrival.concurrency=3 ok in " in err
+    runs, unfinished = find_runs([sweep_dir])
+    assert [(r.run["concurrency"], r.status) for r in runs] == [(1, "ok"), (2, "ok"), (3, "ok")] and not unfinished
+    assert (first.stat().st_mtime_ns, first.read_text()) == kept  # the finished run was not run again
+    assert "from 3 runs" in (sweep_dir / "report.md").read_text()
 
 
 def test_memory_waste_in_ci_size_ranks_the_reservation_policies(tmp_path):
