@@ -6,7 +6,14 @@
 #   PART serve: where the HTTP path's time goes: the serve workload offline (token ids only, and with
 #           text as a server makes it), then served with the engine in its own process and on a thread
 #           of the server, with the CPU seconds of every process and thread (experiments/proc_cpu.py)
-# Each experiment's directory is packed as OUT/NAME.tgz.
+#   PART measure: what KV accounting costs a step (benchmarks/kv_accounting.py), the prefill kernel's
+#           extra paged stage (benchmarks/prefill_stages.py), and `throughput` for contiguous and paged,
+#           3 interleaved repeats
+#   PART sweep: the main job, `concurrency_sweep`, for our engines (every contiguous reservation
+#           policy and paged) at CONCURRENCY (default 1,4,16,64,256), REPEATS interleaved repeats (default 3)
+#   PART baselines: the same sweep for the transformers baselines (hf, hf_paged), BASELINE_REPEATS (default 1)
+# Each experiment's directory is packed as OUT/NAME.tgz. Reports are generated afterwards, from the
+# unpacked runs, with `harness report`.
 set -uo pipefail
 out=${1:?output directory}; part=${2:?part a or b}
 py=${PYTHON:-python3}
@@ -15,7 +22,24 @@ pack() { tar czf "$out/$1.tgz" -C "$out" "$1" && rm -rf "${out:?}/$1"; }
 model=${MODEL:-qwen3-0.6b}  # MODEL=tiny-qwen3 REQUESTS=16 for a smoke run on a CPU
 serve_workload=(model=$model workload=fixed workload.num_requests=${REQUESTS:-256} workload.prompt.value=512
                 workload.output.value=128 arrival=closed arrival.concurrency=64)
-if [ "$part" = a ]; then
+levels=${CONCURRENCY:-1,4,16,64,256}
+if [ "$part" = measure ]; then
+  $py -m benchmarks.kv_accounting --out "$out/kv_accounting.csv" 2>&1 | tee "$out/kv_accounting.log"
+  $py -m benchmarks.prefill_stages --out "$out/prefill_stages.csv" 2>&1 | tee "$out/prefill_stages.log"
+  $py -m harness +experiment=throughput engine=contiguous,paged repeats=3 report=false \
+      hydra.sweep.dir="$out/throughput" 2>&1 | tee "$out/throughput.log"
+  pack throughput
+elif [ "$part" = sweep ]; then
+  $py -m harness +experiment=concurrency_sweep engine=contiguous,contiguous_pow2,contiguous_oracle,paged \
+      arrival.concurrency=$levels repeats=${REPEATS:-3} report=false hydra.sweep.dir="$out/concurrency_sweep" \
+      2>&1 | tee "$out/concurrency_sweep.log"
+  pack concurrency_sweep
+elif [ "$part" = baselines ]; then
+  $py -m harness +experiment=concurrency_sweep engine=hf,hf_paged arrival.concurrency=$levels \
+      repeats=${BASELINE_REPEATS:-1} report=false hydra.sweep.dir="$out/concurrency_sweep_baselines" \
+      2>&1 | tee "$out/concurrency_sweep_baselines.log"
+  pack concurrency_sweep_baselines
+elif [ "$part" = a ]; then
   $py -m harness +experiment=throughput engine=hf_paged,contiguous,paged hydra.sweep.dir="$out/throughput"
   pack throughput
   $py -m harness engine=paged "${serve_workload[@]}" name=offline64 hydra.run.dir="$out/offline64"

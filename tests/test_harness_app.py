@@ -173,16 +173,39 @@ def test_engine_overrides_apply_to_every_engine_config_of_their_kind(label, kind
         assert engine.reservation == "pow2"
 
 
+COMPARISONS = ["concurrency_sweep", "rate_sweep", "memory_waste", "kv_budget_sweep", "block_size_sweep",
+               "parallel_sampling", "throughput", "seed_8b"]
+
+
+@pytest.mark.parametrize("experiment", COMPARISONS)
+def test_experiments_that_compare_kv_strategies_run_paged_without_prefix_caching(experiment):
+    cfg = composed([f"+experiment={experiment}", "engine=paged", "require_cuda=false"])
+    assert engine_config(cfg).enable_prefix_caching is False
+
+
+def test_prefix_caching_stays_on_where_it_is_the_subject():
+    cfg = composed(["+experiment=prefix_sharing"])
+    assert engine_config(cfg).enable_prefix_caching is True
+    assert cfg.hydra.sweeper.params["engine.enable_prefix_caching"] == "true,false"
+
+
+def test_the_main_job_sweeps_every_engine_and_every_reservation_policy():
+    cfg = composed(["+experiment=concurrency_sweep"])
+    assert cfg.hydra.sweeper.params.engine.split(",") == [
+        "hf", "hf_paged", "contiguous", "contiguous_pow2", "contiguous_oracle", "paged"]
+
+
 def test_the_sweep_plan_runs_repeats_as_the_outermost_dimension():
     """Hydra's basic sweeper orders the product by first appearance: config.yaml's `repeat` param comes first,
     then the experiment's params, then the command line's sweeps (sweep.jobs is the sweeper's own expansion)."""
     cfg = composed(["+experiment=concurrency_sweep", "repeats=3"])
     OmegaConf.update(cfg, "hydra.overrides.task", [*cfg.hydra.overrides.task, "workload.n=1,2"], force_add=True)
     plan = [dict(o.split("=", 1) for o in job) for job in sweep.jobs(cfg)]
-    settings = 4 * 9 * 2  # engines x concurrencies x n
+    engines = ("hf", "hf_paged", "contiguous", "contiguous_pow2", "contiguous_oracle", "paged")
+    settings = len(engines) * 9 * 2  # engines x concurrencies x n
     assert len(plan) == 3 * settings
     assert [job["repeat"] for job in plan] == [str(r) for r in range(3) for _ in range(settings)]  # A B A B, not A A B B
-    assert [job["engine"] for job in plan[:settings]] == [e for e in ("hf", "hf_paged", "contiguous", "paged") for _ in range(18)]
+    assert [job["engine"] for job in plan[:settings]] == [e for e in engines for _ in range(18)]
     assert [job["workload.n"] for job in plan[:4]] == ["1", "2", "1", "2"]
     assert plan[settings:2 * settings] == [{**job, "repeat": "1"} for job in plan[:settings]]
 
