@@ -18,7 +18,8 @@ set -uo pipefail
 out=${1:?output directory}; part=${2:?part a or b}
 py=${PYTHON:-python3}
 mkdir -p "$out"
-pack() { tar czf "$out/$1.tgz" -C "$out" "$1" && rm -rf "${out:?}/$1"; }
+runs=${RUNS:-$out}  # where sweeps run (RUNS outside OUT keeps them for a later resume=true)
+pack() { tar czf "$out/$1.tgz" -C "$runs" "$1" && { [ "$runs" != "$out" ] || rm -rf "${out:?}/$1"; }; }
 model=${MODEL:-qwen3-0.6b}  # MODEL=tiny-qwen3 REQUESTS=16 for a smoke run on a CPU
 serve_workload=(model=$model workload=fixed workload.num_requests=${REQUESTS:-256} workload.prompt.value=512
                 workload.output.value=128 arrival=closed arrival.concurrency=64)
@@ -27,17 +28,17 @@ if [ "$part" = measure ]; then
   $py -m benchmarks.kv_accounting --out "$out/kv_accounting.csv" 2>&1 | tee "$out/kv_accounting.log"
   $py -m benchmarks.prefill_stages --out "$out/prefill_stages.csv" 2>&1 | tee "$out/prefill_stages.log"
   $py -m harness +experiment=throughput engine=contiguous,paged repeats=3 report=false \
-      hydra.sweep.dir="$out/throughput" 2>&1 | tee "$out/throughput.log"
+      hydra.sweep.dir="$runs/throughput" 2>&1 | tee "$out/throughput.log"
   pack throughput
 elif [ "$part" = sweep ]; then
   $py -m harness +experiment=concurrency_sweep engine=contiguous,contiguous_pow2,contiguous_oracle,paged \
-      arrival.concurrency=$levels repeats=${REPEATS:-3} report=false hydra.sweep.dir="$out/concurrency_sweep" \
-      2>&1 | tee "$out/concurrency_sweep.log"
+      arrival.concurrency=$levels repeats=${REPEATS:-3} resume=${RESUME:-false} report=false \
+      hydra.sweep.dir="$runs/concurrency_sweep" 2>&1 | tee -a "$out/concurrency_sweep.log"
   pack concurrency_sweep
 elif [ "$part" = baselines ]; then
-  $py -m harness +experiment=concurrency_sweep engine=hf,hf_paged arrival.concurrency=$levels \
-      repeats=${BASELINE_REPEATS:-1} report=false hydra.sweep.dir="$out/concurrency_sweep_baselines" \
-      2>&1 | tee "$out/concurrency_sweep_baselines.log"
+  timeout ${BASELINE_TIMEOUT:-100000} $py -m harness +experiment=concurrency_sweep engine=hf,hf_paged \
+      arrival.concurrency=$levels repeats=${BASELINE_REPEATS:-1} report=false \
+      hydra.sweep.dir="$runs/concurrency_sweep_baselines" 2>&1 | tee "$out/concurrency_sweep_baselines.log"
   pack concurrency_sweep_baselines
 elif [ "$part" = a ]; then
   $py -m harness +experiment=throughput engine=hf_paged,contiguous,paged hydra.sweep.dir="$out/throughput"
