@@ -58,7 +58,7 @@ warnings.filterwarnings("ignore", message=r"\n'hydra/launcher/\w+' is validated 
 
 
 # Overrides that are not settings of a run: no param.* column (the report's sweep axis), no part of a run's folder name.
-NOT_PARAMS = ("experiment", "repeat", "repeats", "resume")
+NOT_PARAMS = ("experiment", "repeat", "repeats", "resume", "report", "report_dir")  # how to run, not what
 
 
 def job_params(task_overrides: list[str]) -> dict[str, Any]:

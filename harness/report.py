@@ -253,11 +253,14 @@ def fmt_ratio(e: Estimate, unit: str = "") -> str:
 def fmt_cost(e: Estimate) -> str:
     """A ratio below 1 as what it cost: 0.988 [0.98–0.996] is ``1.2% [0.4–2.0%]``."""
     text = f"{100 * (1 - e.value):.1f}%"
-    return f"{text} [{100 * (1 - e.high):.1f}–{100 * (1 - e.low):.1f}%]" if e.has_interval else text
+    if not e.has_interval:
+        return text
+    low, high = 100 * (1 - e.high), 100 * (1 - e.low)
+    return f"{text} [{low:.1f}% to {high:.1f}%]" if low < 0 else f"{text} [{low:.1f}–{high:.1f}%]"
 
 
 def _noise(e: Estimate) -> str:
-    return " (within noise: the interval spans 1)" if e.contains(1.0) else ""
+    return " (within noise: the interval includes no change)" if e.contains(1.0) else ""
 
 
 def run_label(r: pd.Series, x: str | None) -> str:
@@ -338,9 +341,21 @@ def paging_statement(ok: pd.DataFrame, ratios: list[Ratio], x: str | None) -> st
     chosen = list(strongest.values())
     gain = max(chosen, key=lambda r: r.metrics["output_tok_s"].value)
     cost = min(chosen, key=lambda r: r.metrics["output_tok_s"].value)
-    policies = {r.contiguous: _policy(ok, r.contiguous) for r in chosen}
+    policies = {r.contiguous: _policy(ok, r.contiguous) for r in ratios}
     return " ".join(s for s in [_throughput_sentence(paged, gain, cost, x, policies, several=len(chosen) > 1),
+                                _weakest_sentence(paged, ratios, gain, x, policies),
                                 _latency_sentence(chosen, x), _basis(chosen)] if s)
+
+
+def _weakest_sentence(paged: str, ratios: list[Ratio], gain: Ratio, x: str | None, policies: dict[str, str]) -> str:
+    """The largest gain against any contiguous policy, when that is not the gain already stated: what paging buys
+    over the reservation a contiguous cache must make without knowing the output length."""
+    best = max((r for r in ratios if r.paged == paged), key=lambda r: r.metrics["output_tok_s"].value)
+    g = best.metrics["output_tok_s"]
+    if g.value <= 1 or (best.contiguous == gain.contiguous and best.setting == gain.setting):
+        return ""
+    return (f"Against every contiguous policy, its largest gain was {fmt_ratio(g, 'x')}{_noise(g)} the output "
+            f"tokens/s of {policies[best.contiguous]} {_where(best, x)}".rstrip() + ".")
 
 
 def _policy(ok: pd.DataFrame, label: str) -> str:
@@ -364,14 +379,14 @@ def _throughput_sentence(paged: str, gain: Ratio, cost: Ratio, x: str | None, po
         clauses.append(f"{_where(gain, x)}, {paged} gave {fmt_ratio(g, 'x')}{_noise(g)} the output tokens/s of "
                        f"{policies[gain.contiguous]}".removeprefix(", "))
     elif several:
-        clauses.append(f"{paged} gave more output tokens/s than contiguous at no {short_axis(x)}")
+        clauses.append(f"{paged} gave no more output tokens/s than the strongest contiguous policy at any {short_axis(x)}")
     if c.value < 1:
         subject = "it" if clauses else paged
         against = "" if g.value >= 1 and cost.contiguous == gain.contiguous else \
             f" of the output tokens/s of {policies[cost.contiguous]}"
         clauses.append(f"{_where(cost, x)} {subject} cost {fmt_cost(c)}{_noise(c)}{against}".strip())
     elif several:
-        clauses.append(f"it cost output tokens/s at no {short_axis(x)} (smallest gain: {fmt_ratio(c, 'x')} "
+        clauses.append(f"it cost no output tokens/s at any {short_axis(x)} (smallest gain: {fmt_ratio(c, 'x')} "
                        f"{_where(cost, x)} against {policies[cost.contiguous]})")
     text = "; ".join(clauses)
     return text[0].upper() + text[1:] + "."

@@ -223,11 +223,16 @@ def _statement(output_tok_s: dict[tuple[str, int], float]) -> str:
 
 def test_the_statement_says_when_paging_never_gained_or_never_cost():
     gains = _statement({("paged", 1): 110.0, ("paged", 4): 300.0, ("contiguous", 1): 100.0, ("contiguous", 4): 100.0})
-    assert gains.startswith("At concurrency 4, paged gave 3x the output tokens/s of contiguous; it cost output "
-                            "tokens/s at no concurrency (smallest gain: 1.1x at concurrency 1 against contiguous).")
+    assert gains.startswith("At concurrency 4, paged gave 3x the output tokens/s of contiguous; it cost no output "
+                            "tokens/s at any concurrency (smallest gain: 1.1x at concurrency 1 against contiguous).")
     costs = _statement({("paged", 1): 90.0, ("paged", 4): 50.0, ("contiguous", 1): 100.0, ("contiguous", 4): 100.0})
-    assert costs.startswith("Paged gave more output tokens/s than contiguous at no concurrency; at concurrency 4 it "
-                            "cost 50.0% of the output tokens/s of contiguous.")
+    assert costs.startswith("Paged gave no more output tokens/s than the strongest contiguous policy at any concurrency; "
+                            "at concurrency 4 it cost 50.0% of the output tokens/s of contiguous.")
+    # against the strongest policy paging only cost; against a weaker one it gained, and the statement says so
+    mixed = _statement({("paged", 1): 90.0, ("paged", 4): 200.0, ("contiguous", 1): 100.0, ("contiguous", 4): 210.0,
+                        ("contiguous_pow2", 1): 100.0, ("contiguous_pow2", 4): 50.0})
+    assert "Against every contiguous policy, its largest gain was 4x the output tokens/s of contiguous_pow2 at " \
+           "concurrency 4." in mixed
     assert "One run each: no interval" in costs
     assert _statement({("paged", 1): 90.0, ("hf", 1): 10.0}) == "Paging: no contiguous run to compare."
     assert _statement({("contiguous", 1): 90.0}) == "Paging: no paged run to compare."

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
 from engines.config import ContiguousConfig, PagedConfig
@@ -29,6 +28,7 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def oai(server):
+    openai = pytest.importorskip("openai")  # the GPU machine has no openai package: these tests skip there
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -216,7 +216,7 @@ def test_openai_client_completions_and_chat(oai):
     models = oai.models.list()
     assert [m.id for m in models.data] == ["tiny-qwen3"]
     assert oai.models.retrieve("tiny-qwen3").id == "tiny-qwen3"
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(pytest.importorskip("openai").NotFoundError):
         oai.models.retrieve("other")
 
 
