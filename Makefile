@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXPERIMENT ?= concurrency_sweep
 
-.PHONY: setup test run gpu-test
+.PHONY: setup test run gpu-test mutation
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,3 +22,12 @@ run: setup
 
 gpu-test: setup
 	$(PY) -m pytest -q -m gpu
+
+# Mutation testing of the modules that define the figures and the KV memory ([tool.mutmut] in
+# pyproject.toml; experiments/mutation/README.md). On demand only, never part of `test` or CI:
+# a fresh run takes tens of minutes on 2 cores. Prints killed/total and the score per module.
+MUTATION_JOBS ?= 2
+mutation: setup
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) > mutants.log 2>&1 || (tail -c 3000 mutants.log; exit 1)
+	$(PY) experiments/mutation/score.py
