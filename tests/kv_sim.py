@@ -52,6 +52,9 @@ class Sim:
     def step(self) -> ScheduledBatch:
         batch = self.scheduler.schedule()
         self.batches.append(batch)
+        # the model runner's contract: a decode computes a sequence's one uncomputed token (its last)
+        assert all(s.is_decoding for s in batch.decodes), "a sequence with prompt left to compute scheduled as a decode"
+        assert all(n <= s.num_uncomputed for s, n in batch.prefills)
         self.kv.take_ops()
         rows: list[tuple[Sequence, Sequence]] = [(s, s) for s in batch.decodes]
         for s, n in batch.prefills:

@@ -164,6 +164,23 @@ def test_preemption_by_swap_parks_the_victim_and_brings_it_back_before_new_promp
     assert len(b.token_ids) == 17
 
 
+def test_a_prompt_swapped_out_part_way_comes_back_for_its_next_chunk_not_as_a_decode():
+    kv = paged(6, host=16)
+    sim = Sim(kv, max_num_batched_tokens=8, preemption_mode="swap")
+    a, b = sim.add(seq("a", 7, 12)), sim.add(seq("b", 20, 4))
+    sim.step()
+    sim.step()  # b: 8 of its 20 prompt tokens computed
+    assert sim.step().preempted == [b] and b.status is SeqStatus.SWAPPED and b.num_computed == 8
+    returned = False
+    for _ in range(40):
+        if not sim.scheduler.has_unfinished():
+            break
+        batch = sim.step()  # Sim.step checks that every decode has exactly its last token to compute
+        returned |= any(s is b for s, _ in batch.prefills) and b.num_computed > 8
+    assert returned and not sim.scheduler.has_unfinished()
+    assert b.token_ids[:20] == list(range(1, 21)) and len(b.token_ids) == 24  # its whole prompt, then 4 tokens
+
+
 def test_swap_falls_back_to_recompute_without_host_memory():
     kv = paged(4, host=1)
     sim, a, b = two_running(kv, preemption_mode="swap")
