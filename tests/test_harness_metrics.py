@@ -174,3 +174,11 @@ def test_throughput_over_a_window_shorter_than_a_second_and_none_over_an_empty_w
     assert summarize(table, 0.5, None, None)["output_tok_s"] == pytest.approx(10 / 0.5)
     s = summarize(table, 0.0, None, None)
     assert math.isnan(s["output_tok_s"]) and math.isnan(s["requests_s"]) and math.isnan(s["goodput_req_s"])
+
+
+def test_a_run_in_which_no_sample_got_a_token_has_undefined_times():
+    record = RunRecord(start=START, end=START + 1.0, kv=KVLog(), max_in_flight=1,
+                       samples=[SampleRecord("x", 0, 5, START + 0.5, finish_reason="error", error="no memory")])
+    row = request_table(record).iloc[0]
+    for column in ("first_scheduled_s", "first_token_s", "finish_s", "ttft_s", "tpot_s", "e2e_s", "queue_s"):
+        assert isinstance(row[column], float) and math.isnan(row[column]), column

@@ -192,3 +192,40 @@ def test_check_invariants_catches_each_broken_invariant(corrupt):
         kv.arena.num_free += 1
     with pytest.raises(AssertionError):
         kv.check_invariants(seqs)
+
+
+def test_the_allocator_policy_reaches_the_arena():
+    placed = {}
+    for policy in ("first_fit", "best_fit"):
+        kv = manager(100, "oracle", allocator=policy)
+        a, b, c = seq("a", 25, 10), seq("b", 10, 10), seq("c", 10, 5)  # 35, 20, 15 slots
+        for s in (a, b, c):
+            kv.admit(s)
+            assert kv.allocate(s, 1)
+        kv.free(a)  # holes: [0, 35) and [70, 100)
+        d, e = seq("d", 20, 10), seq("e", 25, 10)  # 30 slots, then 35
+        kv.admit(d)
+        assert kv.allocate(d, 1)
+        placed[policy] = kv.regions[d.seq_id][0]
+        kv.admit(e)
+        assert kv.allocate(e, 1) == (policy == "best_fit")  # first fit split the only hole e fitted
+    assert placed == {"first_fit": 0, "best_fit": 70}
+
+
+def test_freeing_a_request_before_its_samples_fork_frees_every_region():
+    kv = manager(60, "oracle")
+    a = seq("a", 5, 5, n=3)
+    kv.admit(a)
+    assert kv.allocate(a, 5)
+    assert kv.arena.num_free == 30
+    kv.free(a)  # aborted while its prompt ran
+    assert kv.arena.num_free == 60 and kv.arena.lengths == [60] and a.seq_id not in kv.spare
+
+
+def test_slots_are_int64_and_starts_int32():
+    kv = manager(100, "oracle")
+    a = seq("a", 4, 6)
+    kv.admit(a)
+    assert kv.allocate(a, 4)
+    assert kv.slot_mapping(a, 0, 4).dtype == np.int64 and kv.decode_slots([a], np.array([4])).dtype == np.int64
+    assert kv.addressing([a])[1].dtype == np.int32

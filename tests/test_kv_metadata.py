@@ -61,3 +61,16 @@ def test_block_tables_already_a_multiple_of_16_wide_are_not_padded():
     wide = build_metadata([StepSequence(1, 1)], np.arange(1), block_tables=np.ones((1, 17), dtype=np.int32),
                           seq_starts=None, block_size=2, device=CPU)
     assert wide.decode.addressing.block_tables.shape == (1, 32)
+
+
+def test_every_tensor_is_put_on_the_device_given():
+    meta_device = torch.device("meta")  # shapes and dtypes only: shows where each tensor was sent
+    for tables, starts, bs in ((np.zeros((3, 2), dtype=np.int32), None, 4), (None, np.zeros(3, dtype=np.int32), 1)):
+        meta = build_metadata([StepSequence(4, 1), StepSequence(0, 3), StepSequence(2, 2)], np.arange(6),
+                              block_tables=tables, seq_starts=starts, block_size=bs, device=meta_device)
+        tensors = [meta.slot_mapping, meta.decode.seq_lens, meta.prefill.seq_lens, meta.prefill.query_start_loc]
+        for part in (meta.decode, meta.prefill):
+            t = part.addressing.block_tables if tables is not None else part.addressing.seq_starts
+            tensors.append(t)
+            assert part.addressing.block_size == bs
+        assert all(t.device.type == "meta" for t in tensors)

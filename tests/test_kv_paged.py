@@ -194,6 +194,8 @@ def test_prefix_cache_counts_prompt_tokens_looked_up_and_found_at_most_the_promp
     assert (kv.num_prefix_queries, kv.num_prefix_hits) == (12, 6)
     stats = kv.kv_stats(None)
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (12, 6)
+    kv.admit(seq("b", A[:6] + [7, 8, 9, 1], 8))  # another request with that prefix: 8 of its 10 prompt tokens
+    assert (kv.num_prefix_queries, kv.num_prefix_hits) == (22, 14)
 
 
 def test_without_prefix_caching_nothing_is_looked_up_published_or_counted():
@@ -382,6 +384,94 @@ def test_block_table_array_doubles_and_keeps_its_rows():
     t.set(13, 1, 8)
     assert t.rows([13], 2).tolist() == [[7, 8]]
     assert sorted(t.row_of.values()) == [0, 1, 2, 3]
+    for seq_id in range(14, 19):  # full again: doubles to 8 rows, each row its own
+        t.assign(seq_id, [seq_id])
+    assert t.array.shape == (16, 3) and sorted(t.row_of.values()) == list(range(9))
+    assert t.rows(list(range(14, 19)), 1).ravel().tolist() == list(range(14, 19))
+
+
+def test_addresses_are_integers_of_the_widths_the_kernels_take():
+    kv = PagedKVManager(8, 4, max_model_len=64)
+    a = seq("a", 6, 4)
+    kv.admit(a)
+    assert kv.allocate(a, 6)
+    assert kv.slot_mapping(a, 0, 6).dtype == np.int64 and kv.decode_slots([a], np.array([5])).dtype == np.int64
+    assert kv.addressing([a])[0].dtype == np.int32
+
+
+def test_two_sequences_publishing_the_same_block_leave_one_in_the_index():
+    kv = PagedKVManager(8, 4, max_model_len=64)
+    a, b = seq("a", A[:6], 4), seq("b", A[:6], 4)
+    for s in (a, b):  # both admitted before either published: no hit, each computes its own copy
+        assert admitted(kv, s) == 0
+        assert kv.allocate(s, 6)
+    compute(kv, a, 6)
+    compute(kv, b, 6)
+    first_a, first_b = kv.tables[a.seq_id][0], kv.tables[b.seq_id][0]
+    assert first_a.hash == first_b.hash and kv.pool.cached[first_a.hash] is first_a
+    kv.free(b)
+    assert kv.kv_stats(None).cached == 0  # b's copy is free but no lookup can find it
+    kv.check_invariants([a])
+    kv.free(a)
+    assert kv.kv_stats(None).cached == 4
+    kv.check_invariants([])
+    x = seq("x", list(range(500, 529)), 4)  # takes every block: b's copy, then a's (leaving the index)
+    kv.admit(x)
+    assert kv.allocate(x, 29) and kv.pool.cached == {}
+    kv.check_invariants([x])
+
+
+def test_a_hit_is_verified_against_the_tokens_and_a_block_released_twice_is_an_error():
+    kv = PagedKVManager(4, 4, max_model_len=64)
+    a = seq("a", A[:5], 4)
+    kv.admit(a)
+    assert kv.allocate(a, 5)
+    compute(kv, a, 5)
+    block = kv.tables[a.seq_id][0]
+    assert kv.pool.lookup(block.hash, tuple(A[:4])) is block
+    assert kv.pool.lookup(block.hash, (1, 2, 3, 4)) is None  # same hash, other tokens: no hit
+    kv.free(a)
+    with pytest.raises(AssertionError, match="released more often than acquired"):
+        kv.pool.release(block)
+
+
+def test_without_host_blocks_nothing_can_be_swapped():
+    kv = PagedKVManager(4, 4, max_model_len=64)
+    a = seq("a", 3, 4)
+    kv.admit(a)
+    assert kv.allocate(a, 3)
+    assert not kv.swap_out(a) and kv.host_free == []
+
+
+def test_several_swaps_in_one_step_are_all_handed_to_the_runner():
+    kv = PagedKVManager(8, 4, max_model_len=64, num_host_blocks=8)
+    a, b = seq("a", 7, 4), seq("b", list(range(200, 205)), 4)
+    for s in (a, b):
+        kv.admit(s)
+        assert kv.allocate(s, s.num_tokens)
+        compute(kv, s, s.num_tokens)
+    kv.take_ops()
+    assert kv.swap_out(a) and kv.swap_out(b)
+    ops = kv.take_ops()
+    assert len(ops.swap_out) == 4 and kv.num_swapped_out == 2 and kv.kv_stats(None).num_swapped_out == 2
+    assert kv.swap_in(a) and kv.swap_in(b)
+    assert len(kv.take_ops().swap_in) == 4
+    kv.check_invariants([a, b])
+
+
+def test_swap_in_of_a_sequence_ending_inside_a_block_needs_no_extra_block():
+    kv = PagedKVManager(4, 4, max_model_len=64, num_host_blocks=4)
+    a = seq("a", 7, 4)
+    kv.admit(a)
+    assert kv.allocate(a, 7)
+    compute(kv, a, 7)  # 2 blocks, position 7 still free in the 2nd
+    assert kv.swap_out(a)
+    x = seq("x", list(range(500, 505)), 4)
+    kv.admit(x)
+    assert kv.allocate(x, 5)  # exactly 2 blocks left
+    assert kv.swap_in(a)
+    a.token_ids.append(1)
+    assert kv.allocate(a, 1)
 
 
 def test_a_sequence_fits_if_its_longest_end_fits_in_all_blocks():

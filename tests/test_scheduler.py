@@ -297,8 +297,8 @@ def test_every_request_finishes_exactly_within_budget_seats_and_memory(requests,
         kv = ContiguousKVManager(160, reservation=manager, allocator="first_fit", max_model_len=64)
     sim = Sim(kv, max_num_seqs=seats, max_num_batched_tokens=budget, enable_chunked_prefill=True if not chunked else chunked,
               preemption_mode="swap" if manager == "paged-swap" else "recompute", num_scheduler_steps=steps)
-    if not chunked:
-        budget = max(budget, 31)
+    if not chunked:  # the engine's rule: without chunking the budget holds the longest sequence
+        budget = 64
         sim.scheduler.token_budget = budget
         sim.scheduler.chunked = False
     expected = {}
@@ -322,3 +322,108 @@ def test_every_request_finishes_exactly_within_budget_seats_and_memory(requests,
     assert {s.key: len(s.token_ids) for s in sim.finished} == expected
     stats = kv.kv_stats(None)
     assert stats.allocated == 0 and stats.free == stats.capacity and kv.ledger.owned == kv.ledger.stored == 0
+
+
+# -- swapping back in, exactly -------------------------------------------------------------------------
+def test_a_swapped_decode_comes_back_with_one_token_of_budget_and_just_the_room_it_needs():
+    kv = paged(16, host=16)
+    sim = Sim(kv, max_num_seqs=3, max_num_batched_tokens=4, preemption_mode="swap")
+    a, b = sim.add(seq("a", 1, 20)), sim.add(seq("b", 3, 20))
+    sim.step()  # a: 1 computed; b: 3 computed, its 4th token sampled
+    sim.scheduler._preempt(b)  # as _make_room does: b's blocks go to the host
+    c = sim.add(seq("c", 9, 3))
+    batch = sim.step()
+    assert decodes(batch) == ["a", "b"] and prefills(batch) == [("c", 2)]  # 4 - 1 - 1 tokens left for c
+    assert kv.ledger.held(b) == 4  # room for its 4th token only: one block
+    assert sim.scheduler.num_preemptions == 1
+
+
+def test_a_swapped_sequence_returns_when_the_budget_has_exactly_one_token_left_and_not_at_zero():
+    for budget, back in ((1, False), (2, True)):
+        kv = paged(16, host=16)
+        sim = Sim(kv, max_num_seqs=2, max_num_batched_tokens=2, preemption_mode="swap")
+        a, b = sim.add(seq("a", 1, 20)), sim.add(seq("b", 1, 20))
+        sim.step()
+        sim.scheduler.token_budget = budget
+        sim.scheduler._preempt(b)
+        batch = sim.step()
+        assert batch.num_tokens <= budget and decodes(batch)[0] == "a"
+        assert (b in batch.decodes) is back and (b.status is SeqStatus.RUNNING) is back, budget
+
+
+def test_a_swapped_sequence_returns_into_the_last_free_seat():
+    kv = paged(16, host=16)
+    sim = Sim(kv, max_num_seqs=2, max_num_batched_tokens=8, preemption_mode="swap")
+    a, b = sim.add(seq("a", 2, 20)), sim.add(seq("b", 2, 20))
+    sim.step()
+    sim.scheduler._preempt(b)
+    assert sim.scheduler.free_seats() == 1
+    assert decodes(sim.step()) == ["a", "b"]
+
+
+def test_prompts_and_decodes_swapped_out_together_all_come_back_in_one_step():
+    kv = paged(16, host=16)
+    sim = Sim(kv, max_num_seqs=4, max_num_batched_tokens=8, preemption_mode="swap")
+    a, b = sim.add(seq("a", 2, 20)), sim.add(seq("b", 10, 4))
+    assert prefills(sim.step()) == [("a", 2), ("b", 6)]
+    sim.scheduler._preempt(b)  # part-way through its prompt
+    sim.scheduler._preempt(a)  # decoding
+    c = sim.add(seq("c", 5, 2))
+    batch = sim.step()
+    assert prefills(batch) == [("b", 4), ("c", 3)] and decodes(batch) == ["a"]
+    assert kv.ledger.held(b) == 12 and b.status is SeqStatus.RUNNING
+    sim.run()
+    assert len(b.token_ids) == 14 and b.token_ids[:10] == list(range(1, 11))
+
+
+def test_without_chunking_a_prompt_of_exactly_the_budget_left_is_admitted():
+    sim = Sim(paged(), max_num_batched_tokens=16, enable_chunked_prefill=False)
+    sim.add(seq("a", 10, 5))
+    sim.step()
+    sim.add(seq("b", 15, 5))
+    batch = sim.step()
+    assert decodes(batch) == ["a"] and prefills(batch) == [("b", 15)]
+
+
+def test_a_prompt_chunk_that_needs_memory_preempts_itself_not_the_newer_samples_already_scheduled():
+    kv = paged(6)
+    sim = Sim(kv, max_num_batched_tokens=8)
+    p, a = sim.add(seq("p", 4, 5, n=3)), sim.add(seq("a", 20, 2))
+    assert prefills(sim.step()) == [("p", 4), ("a", 4)]  # p's prompt done: its 2 samples join, newest
+    batch = sim.step()  # p's 3 samples decode (a block each); a's chunk of 5 needs 2 blocks, 1 is free
+    assert decodes(batch) == ["p", "p", "p"] and batch.preempted == [a] and not batch.prefills
+    assert a.status is SeqStatus.WAITING and all(s.status is SeqStatus.RUNNING for s in batch.decodes)
+
+
+def test_preemptions_are_counted_each_time():
+    sim = Sim(paged(5))
+    for rid in "abc":
+        sim.add(seq(rid, 7, 10))
+    sim.run()
+    assert sim.scheduler.num_preemptions == sum(len(batch.preempted) for batch in sim.batches) >= 2
+
+
+def test_one_step_per_call_unless_asked_and_two_when_asked():
+    kv = paged()
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=16, enable_chunked_prefill=True,
+                      preemption_mode="recompute")
+    sim = Sim(kv)
+    sim.scheduler = sched
+    sim.add(seq("a", 3, 10))
+    sim.step()
+    assert sim.step().decode_steps == [1]
+    sim2 = Sim(paged(), num_scheduler_steps=2)
+    sim2.add(seq("a", 3, 10))
+    sim2.step()
+    assert sim2.step().decode_steps == [2]
+
+
+def test_a_prompt_is_looked_up_in_the_prefix_cache_only_when_there_is_budget_to_admit_it():
+    kv = paged(caching=True)
+    sim = Sim(kv, max_num_batched_tokens=8)
+    sim.add(seq("a", 8, 2))
+    sim.add(seq("b", 6, 2))
+    sim.step()  # a takes the whole budget: b is not even looked up
+    assert kv.num_prefix_queries == 8
+    sim.step()
+    assert kv.num_prefix_queries == 14
