@@ -49,6 +49,23 @@ def added_lines(text: str) -> str:
     return "\n".join(line[1:].strip() for line in text.splitlines() if line.startswith("+") and not line.startswith("+++"))
 
 
+def assertion_message_only(name: str) -> bool:
+    """Whether the mutant changes nothing but the message of an ``assert`` (a check that only tests call)."""
+    import ast
+
+    lines = diff(name).splitlines()
+    old = [l[1:] for l in lines if l.startswith("-") and not l.startswith("---")]
+    new = [l[1:] for l in lines if l.startswith("+") and not l.startswith("+++")]
+    if len(old) != 1 or len(new) != 1:
+        return False
+    try:
+        a, b = (ast.parse(x.strip()).body[0] for x in (old[0], new[0]))
+    except SyntaxError:
+        return False
+    return (isinstance(a, ast.Assert) and isinstance(b, ast.Assert) and ast.dump(a.test) == ast.dump(b.test)
+            and ast.dump(a.msg) != ast.dump(b.msg))
+
+
 def load_equivalent(known: set[str]) -> tuple[dict[str, str], list[str]]:
     """name -> reason, and the errors (an entry whose mutant is gone or whose diff no longer matches)."""
     if not EQUIVALENT.exists():
@@ -70,6 +87,7 @@ def load_equivalent(known: set[str]) -> tuple[dict[str, str], list[str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
+    parser.add_argument("--equivalent", action="store_true", help="list the equivalent mutants left out")
     parser.add_argument("--min", type=float, default=None, help="exit 1 if a module scores below this percentage")
     args = parser.parse_args()
 
@@ -88,6 +106,11 @@ def main() -> int:
         results[module] = {name: status_by_exit_code[code] for name, code in codes.items()}
 
     equivalent, errors = load_equivalent({n for r in results.values() for n in r})
+    # the messages of internal assertions: a mutant that only rewrites one changes no behaviour
+    for statuses in results.values():
+        for name, status in statuses.items():
+            if status != "killed" and name not in equivalent and assertion_message_only(name):
+                equivalent[name] = "the message of an assert only"
     for error in errors:
         print("equivalent.toml:", error, file=sys.stderr)
 
@@ -116,6 +139,10 @@ def main() -> int:
     if args.survivors:
         for name in survivors:
             print(f"\n## {name}\n{diff(name)}")
+    if args.equivalent:
+        print("\nequivalent mutants left out:")
+        for name, reason in sorted(equivalent.items()):
+            print(f"  {name}: {reason}")
     if low:
         print(f"below {args.min}%: {', '.join(low)}", file=sys.stderr)
     return 1 if low or errors else 0
