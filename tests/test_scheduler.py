@@ -364,16 +364,16 @@ def test_a_swapped_sequence_returns_into_the_last_free_seat():
 def test_prompts_and_decodes_swapped_out_together_all_come_back_in_one_step():
     kv = paged(16, host=16)
     sim = Sim(kv, max_num_seqs=4, max_num_batched_tokens=8, preemption_mode="swap")
-    a, b = sim.add(seq("a", 2, 20)), sim.add(seq("b", 10, 4))
+    a, b = sim.add(seq("a", 2, 20)), sim.add(seq("b", 11, 4))
     assert prefills(sim.step()) == [("a", 2), ("b", 6)]
     sim.scheduler._preempt(b)  # part-way through its prompt
     sim.scheduler._preempt(a)  # decoding
     c = sim.add(seq("c", 5, 2))
-    batch = sim.step()
-    assert prefills(batch) == [("b", 4), ("c", 3)] and decodes(batch) == ["a"]
+    batch = sim.step()  # b's last 5 prompt tokens, a's decode, and the 2 tokens left for c's first chunk
+    assert prefills(batch) == [("b", 5), ("c", 2)] and decodes(batch) == ["a"]
     assert kv.ledger.held(b) == 12 and b.status is SeqStatus.RUNNING
     sim.run()
-    assert len(b.token_ids) == 14 and b.token_ids[:10] == list(range(1, 11))
+    assert len(b.token_ids) == 15 and b.token_ids[:11] == list(range(1, 12))
 
 
 def test_without_chunking_a_prompt_of_exactly_the_budget_left_is_admitted():
