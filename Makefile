@@ -22,7 +22,7 @@ LATEST_VENV := .venv-latest
 LATEST_TESTS := tests/test_hf_baselines.py tests/test_every_engine_runs.py \
 	tests/test_engines.py::test_transformers_baselines_match_reference tests/test_engines.py::test_hf_paged_samples_per_request
 
-.PHONY: setup test run gpu-test lock test-latest
+.PHONY: setup test run gpu-test lock test-latest mutation
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -57,3 +57,12 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e ".[dev]"
 	$(LATEST_VENV)/bin/python -c "import transformers, torch; print('newest allowed: transformers', transformers.__version__, '/ torch', torch.__version__)"
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
+
+# Mutation testing of the modules that define the figures and the KV memory ([tool.mutmut] in
+# pyproject.toml; experiments/mutation/README.md). On demand only, never part of `test` or CI:
+# a fresh run takes tens of minutes on 2 cores. Prints killed/total and the score per module.
+MUTATION_JOBS ?= 2
+mutation: setup
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) > mutants.log 2>&1 || (tail -c 3000 mutants.log; exit 1)
+	$(PY) experiments/mutation/score.py

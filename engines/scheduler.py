@@ -132,6 +132,12 @@ class Scheduler:
                 break
             self.swapped.popleft()
             self._run(seq)
+            if not seq.is_decoding:  # a prompt swapped out part-way: it goes on with its next chunk
+                n = self._chunk(seq, budget)
+                if n and self.kv.allocate(seq, n):
+                    batch.prefills.append((seq, n))
+                    budget -= n
+                continue
             if not self.kv.allocate(seq, 1):  # swap_in left room for this token
                 raise AssertionError("swap-in did not leave room for the next token")
             batch.decodes.append(seq)

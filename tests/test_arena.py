@@ -75,3 +75,19 @@ def test_random_histories_never_overlap_or_lose_a_slot(policy, history):
             pos += n
         assert pos == capacity
         assert all(a.starts[i] + a.lengths[i] < a.starts[i + 1] for i in range(len(a.starts) - 1)), "uncoalesced"
+
+
+def test_unknown_allocator_is_refused():
+    with pytest.raises(ValueError, match=r"^unknown allocator 'next_fit'; choose one of first_fit, best_fit$"):
+        Arena(10, "next_fit")
+
+
+def test_freeing_into_the_free_extent_after_it_is_refused():
+    a = Arena(50)
+    assert a.allocate(10) == 0 and a.allocate(10) == 10  # [20, 50) free
+    with pytest.raises(ValueError, match=r"^freeing \[15, 25\) overlaps a free extent$"):
+        a.free(15, 10)
+    a.free(0, 10)
+    with pytest.raises(ValueError, match=r"^freeing \[5, 15\) overlaps a free extent$"):
+        a.free(5, 10)
+    assert a.num_free == 40

@@ -83,9 +83,12 @@ def test_prefix_caching_hits_and_stays_exact(model_dir, reference):
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_preemption_stays_exact(model_dir, reference, mode):
+@pytest.mark.parametrize("chunk", [None, 16], ids=["whole-prompts", "chunked-16"])  # 16: prompts preempted part-way
+def test_preemption_stays_exact(model_dir, reference, mode, chunk):
+    budget = {"max_num_batched_tokens": chunk, "max_num_seqs": 8} if chunk else {}
     stats = run_exact(model_dir, reference, PagedConfig(block_size=4, num_blocks=40, preemption_mode=mode,
-                                                        swap_space=0.001, num_scheduler_steps=3), workload="shared")
+                                                        swap_space=0.001, num_scheduler_steps=3, **budget),
+                      workload="shared")
     assert stats.num_preemptions > 0
     if mode == "swap":
         assert stats.num_swapped_out > 0

@@ -121,3 +121,86 @@ def test_time_weighted_summary_of_the_history():
     assert s["kv_peak_allocated_frac"] == pytest.approx(0.3)
     assert (s["max_running"], s["preemptions"]) == (2, 2)
     assert s["kv_breakdown"] is True
+
+
+def test_final_length_without_logged_stores_and_of_a_sample_without_tokens():
+    samples = [SampleRecord("A", 0, 4, START, token_times=[START + 1, START + 2, START + 3]),
+               SampleRecord("B", 0, 6, START)]
+    log = KVLog(allocations=[Allocation(0, "A", 0, 16, 0), Allocation(0, "X", 0, 8, 0), Allocation(1, "Y", 0, 0, 3)])
+    # A: 4 + 3 - 1; B: its prompt (no token sampled); X, Y: sequences with no sample, what they stored
+    assert final_lengths(samples, log) == {("A", 0): 6, ("B", 0): 6, ("X", 0): 0, ("Y", 0): 3}
+
+
+def test_an_allocation_of_a_sequence_of_unknown_length_is_all_internal():
+    internal = internal_per_sample(KVLog(allocations=[Allocation(0, "Z", 0, 8, 0)]), np.array([0, 1]), {})
+    assert internal.tolist() == [8, 8]
+
+
+def test_counters_count_from_zero_when_the_log_has_no_baseline():
+    log, samples = _history()
+    log.baseline = None
+    steps = kv_steps(log, samples, START)
+    assert steps["preemptions"].tolist() == [5, 6, 7, 7]
+
+
+def test_an_engine_without_a_breakdown_has_float_nan_parts():
+    log, samples = _history()
+    log.breakdown = False
+    steps = kv_steps(log, samples, START)
+    for part in ("token_states", "reservation", "internal", "external"):
+        assert np.isnan(steps[part].to_numpy(dtype=float)).all() and steps[part].dtype == float, part
+
+
+def test_time_weighted_mean_over_a_window_that_does_not_start_at_zero():
+    times = np.array([1.0, 2.0, 4.0])
+    values = np.array([10.0, 20.0, 40.0])
+    assert time_weighted_mean(times, values, 2.0, 5.0) == pytest.approx((20 * 2 + 40 * 1) / 3)
+    assert time_weighted_mean(times, values, 1.5, 3.0) == pytest.approx((10 * 0.5 + 20 * 1) / 1.5)
+    assert math.isnan(time_weighted_mean(np.array([]), np.array([]), 0.0, 1.0))
+
+
+def _steps(rows: list[tuple[float, int, int, int, int]]):
+    """Hand-built kv_steps rows: (t_s, capacity, allocated, token_states, num_running)."""
+    import pandas as pd
+
+    n = len(rows)
+    return pd.DataFrame({
+        "t_s": [r[0] for r in rows], "capacity": [r[1] for r in rows], "allocated": [r[2] for r in rows],
+        "token_states": [r[3] for r in rows], "reservation": [0] * n, "internal": [0] * n, "external": [0] * n,
+        "num_running": [r[4] for r in rows], "preemptions": [0] * n, "prefix_cache_queries": [0] * n,
+        "prefix_cache_hits": [0] * n,
+    })
+
+
+def test_capacity_counts_from_the_start_even_if_the_first_sample_comes_late_and_when_it_changes():
+    s = summarize(_steps([(2.0, 100, 10, 10, 1), (3.0, 200, 10, 10, 1)]), 4.0, True)
+    assert s["kv_mean_capacity"] == pytest.approx((100 * 3 + 200 * 1) / 4)
+    assert s["kv_mean_token_states"] == pytest.approx(10 * 2 / 4)  # nothing is held before the first sample
+
+
+def test_fractions_of_memory_in_use_are_undefined_only_when_nothing_was_in_use():
+    nothing = summarize(_steps([(0.0, 100, 0, 0, 0), (1.0, 100, 0, 0, 0)]), 2.0, True)
+    assert math.isnan(nothing["kv_token_states_used_frac"]) and nothing["kv_token_states_frac"] == 0.0
+    little = summarize(_steps([(0.0, 100, 0, 0, 0), (3.0, 100, 1, 1, 1)]), 4.0, True)  # 1 slot for a quarter
+    assert little["kv_token_states_used_frac"] == pytest.approx(1.0)
+    assert little["kv_token_states_frac"] == pytest.approx(0.25 / 100)
+
+
+def test_peak_allocated_share_skips_samples_without_a_capacity():
+    s = summarize(_steps([(0.0, 0, 5, 0, 1), (1.0, 1, 1, 1, 1), (2.0, 4, 1, 1, 1)]), 3.0, True)
+    assert s["kv_peak_allocated_frac"] == pytest.approx(1.0)
+    assert math.isnan(summarize(_steps([(0.0, 0, 5, 0, 1)]), 1.0, True)["kv_peak_allocated_frac"])
+
+
+def test_run_counts_come_from_the_last_sample_and_the_hit_rate_from_its_counters():
+    steps = _steps([(0.0, 100, 10, 10, 3), (1.0, 100, 10, 10, 2)])
+    steps["preemptions"] = [1, 4]
+    steps["prefix_cache_queries"] = [10, 40]
+    steps["prefix_cache_hits"] = [5, 30]
+    s = summarize(steps, 2.0, True)
+    assert (s["max_running"], s["preemptions"], s["prefix_cache_hit_rate"]) == (3, 4, 0.75)
+    steps["prefix_cache_queries"] = [0, 0]
+    steps["prefix_cache_hits"] = [0, 0]
+    assert math.isnan(summarize(steps, 2.0, True)["prefix_cache_hit_rate"])
+    empty = summarize(kv_steps(KVLog(), [], START), 1.0, True)
+    assert math.isnan(empty["prefix_cache_hit_rate"]) and math.isnan(empty["max_running"])

@@ -10,7 +10,8 @@ import pytest
 
 from engines.kv.accounting import KVLog
 from harness.metrics import (
-    delivery_times, goodput_requests, inter_token_latencies, latency_stats, request_outcomes, request_table, summarize, tpot,
+    REQUEST_COLUMNS, delivery_times, goodput_requests, inter_token_latencies, latency_stats, request_outcomes, request_table,
+    summarize, tpot,
 )
 from harness.runner import RunRecord, SampleRecord
 
@@ -121,3 +122,63 @@ def test_goodput_applies_every_slo_and_needs_every_sample():
     assert goodput_requests(table, None, None, e2e_slo=1.99) == 2
     table.loc[0, "finish_reason"] = "abort"
     assert goodput_requests(table, None, None) == 4
+
+
+def test_every_column_of_a_sample_and_undefined_times_for_a_sample_that_never_ran():
+    record = _record()
+    record.samples[0].cached_tokens = 8
+    record.samples.append(SampleRecord("5", 1, 7, START + 6.0, finish_reason="error", error="refused"))
+    table = request_table(record)
+    first = table.iloc[0]
+    assert (first["sample"], first["cached_tokens"], first["first_scheduled_s"], first["first_token_s"]) == (0, 8, 0.5, 1.0)
+    never = table.iloc[-1]
+    assert (never["request_id"], never["sample"], never["prompt_tokens"], never["output_tokens"]) == ("5", 1, 7, 0)
+    assert never["arrival_s"] == 6.0 and never["error"] == "refused" and never["deliveries"] == 0
+    for column in ("first_scheduled_s", "first_token_s", "finish_s", "ttft_s", "tpot_s", "e2e_s", "queue_s"):
+        assert math.isnan(never[column]), column
+    assert never["token_times_s"] == []
+    s = summarize(table, 8.0, None, None)
+    assert (s["num_requests"], s["failed"]) == (6, 2)
+
+
+def test_an_empty_run_has_every_column_and_no_figures():
+    table = request_table(RunRecord(start=START, end=START + 1.0, samples=[], kv=KVLog(), max_in_flight=0))
+    assert list(table.columns) == list(REQUEST_COLUMNS) and table.empty
+
+
+def test_goodput_with_an_e2e_limit_still_needs_success_and_the_other_limits():
+    table = pd.DataFrame({
+        "request_id": ["a", "b", "c"],
+        "ttft_s": [0.1, 0.9, 0.1],
+        "tpot_s": [0.05, 0.05, 0.05],
+        "e2e_s": [1.0, 1.0, 1.0],
+        "finish_reason": ["length", "length", "error"],
+    })
+    assert goodput_requests(table, 0.5, None, e2e_slo=2.0) == 1  # b misses TTFT, c failed
+    assert goodput_requests(table, None, 0.01, e2e_slo=2.0) == 0
+
+
+def test_summary_applies_each_slo_it_is_given_and_records_them():
+    table = request_table(_record())
+    s = summarize(table, 8.0, ttft_slo=None, tpot_slo=1.0)  # request 0 (TPOT 1.5) misses; 1 has no TPOT; 4 meets
+    assert s["goodput_req_s"] == pytest.approx(2 / 8)
+    s = summarize(table, 8.0, ttft_slo=None, tpot_slo=None, e2e_slo=3.0)  # only request 1 (E2E 2) meets it
+    assert s["goodput_req_s"] == pytest.approx(1 / 8)
+    assert (s["slo_e2e_s"], math.isnan(s["slo_ttft_s"]), math.isnan(s["slo_tpot_s"])) == (3.0, True, True)
+    s = summarize(table, 8.0, ttft_slo=1.5, tpot_slo=2.0, e2e_slo=4.0)
+    assert (s["slo_ttft_s"], s["slo_tpot_s"], s["slo_e2e_s"]) == (1.5, 2.0, 4.0)
+
+
+def test_throughput_over_a_window_shorter_than_a_second_and_none_over_an_empty_window():
+    table = request_table(_record())
+    assert summarize(table, 0.5, None, None)["output_tok_s"] == pytest.approx(10 / 0.5)
+    s = summarize(table, 0.0, None, None)
+    assert math.isnan(s["output_tok_s"]) and math.isnan(s["requests_s"]) and math.isnan(s["goodput_req_s"])
+
+
+def test_a_run_in_which_no_sample_got_a_token_has_undefined_times():
+    record = RunRecord(start=START, end=START + 1.0, kv=KVLog(), max_in_flight=1,
+                       samples=[SampleRecord("x", 0, 5, START + 0.5, finish_reason="error", error="no memory")])
+    row = request_table(record).iloc[0]
+    for column in ("first_scheduled_s", "first_token_s", "finish_s", "ttft_s", "tpot_s", "e2e_s", "queue_s"):
+        assert isinstance(row[column], float) and math.isnan(row[column]), column

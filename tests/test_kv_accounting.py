@@ -209,3 +209,28 @@ def test_the_server_feed_hands_out_what_came_after_a_cursor_and_says_what_it_dro
     log = log_from_reply(feed.since(0, 0), {"x-0": "x"}, clock_offset=0.5)
     assert [t for _, t, _ in log.samples] == [2.5, 3.5, 4.5] and log.samples[0][2] == stats
     assert log.allocations == [Allocation(0, "x", 0, 4, 0)] and log.breakdown is False
+
+
+def test_a_later_drain_extends_a_log_and_a_breakdown_needs_both():
+    from engines.base import KVStats
+    from engines.kv.accounting import KVLog
+
+    stats = KVStats(10, 1, 2, 8, 8)
+    log = KVLog([(0, 0.0, stats)], [Allocation(0, "a", 0, 4, 0)])
+    log.extend(KVLog([(1, 1.0, stats)], [Allocation(1, "a", 0, 0, 3)]))
+    assert [s for s, _, _ in log.samples] == [0, 1] and [a.step for a in log.allocations] == [0, 1]
+    assert log.breakdown is True
+    log.extend(KVLog(breakdown=False))
+    assert log.breakdown is False
+    log.extend(KVLog())
+    assert log.breakdown is False
+
+
+def test_cache_ops_are_due_when_any_move_is_pending_and_carry_the_copy_unit():
+    from engines.kv.manager import CacheOps
+
+    assert not CacheOps()
+    assert CacheOps(swap_out=[(1, 2)]) and CacheOps(swap_in=[(1, 2)]) and CacheOps(copies=[(1, 2)])
+    kv = PagedKVManager(8, 4, max_model_len=64)
+    assert kv.ops.copy_block_size == 4 and kv.take_ops().copy_block_size == 4 and kv.ops.copy_block_size == 4
+    assert ContiguousKVManager(8, reservation="oracle", allocator="first_fit", max_model_len=8).ops.copy_block_size == 1

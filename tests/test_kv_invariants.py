@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from engines import create_engine
 from engines.config import ContiguousConfig, PagedConfig
-from engines.request import Request, SamplingParams
+from engines.request import FinishReason, Request, SamplingParams
 from engines.sequence import Sequence
 
 
@@ -53,34 +53,70 @@ def engines(tiny_model):
     return {name: create_engine(path, cfg) for name, cfg in CONFIGS.items()}
 
 
+def must_accept(engine, prompt_len: int, max_tokens: int, n: int) -> bool:
+    """Whether the engine must take the request: it refuses only what can never fit (docs/methodology.md)."""
+    cfg, context = engine.cfg, engine.max_model_len
+    if prompt_len >= context or n > cfg.max_num_seqs:
+        return False
+    longest = min(prompt_len + max_tokens, context)
+    if isinstance(cfg, PagedConfig):
+        return -(-longest // cfg.block_size) <= cfg.num_blocks
+    size = {"max": context, "pow2": min(1 << (longest - 1).bit_length(), context), "oracle": longest}[cfg.reservation]
+    return size * n <= cfg.num_kv_slots
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(operation, min_size=1, max_size=25), prefix=st.lists(st.integers(0, 999), min_size=8, max_size=8))
 def test_invariants_hold_after_every_step(engines, name, ops, prefix):
     engine = engines[name]
     added = 0
+    accepted: dict[str, tuple[int, int, int]] = {}  # request id -> (n, expected tokens per sample, prompt length)
+    aborted: set[str] = set()
+    finals: dict[tuple[str, int], list] = {}
+
+    def step() -> None:
+        for out in engine.step():
+            finals.setdefault((out.request_id, out.index), []).append(out)
+
     for op in ops:
         if op[0] == "add":
             _, prompt_len, max_tokens, n, temperature = op
             prompt = (prefix + [(added * 7 + j) % 1000 for j in range(prompt_len)])[:prompt_len + 4]
+            rid = f"q{added}"
             try:
-                engine.add_request(Request(f"q{added}", prompt, SamplingParams(
+                engine.add_request(Request(rid, prompt, SamplingParams(
                     max_tokens=max_tokens, n=n, temperature=temperature / 2, seed=added, ignore_eos=True)))
+                accepted[rid] = (n, min(max_tokens, engine.max_model_len - len(prompt)), len(prompt))
             except ValueError:
-                pass  # too large for this cache: refused at the door, nothing held
+                # too large for this cache: refused at the door, nothing held; but only then
+                assert not must_accept(engine, len(prompt), max_tokens, n), f"{name} refused a request that fits"
             added += 1
         elif op[0] == "abort":
             engine.abort(f"q{op[1]}")
+            aborted.add(f"q{op[1]}")
         else:
             for _ in range(op[1]):
-                engine.step()
+                step()
         live = engine.scheduler.live
         engine.kv.check_invariants(live)
         if hasattr(engine.kv, "tables"):
             check_sharing(engine)
     while engine.has_unfinished():  # drain: everything finishes and frees its memory
-        engine.step()
+        step()
         engine.kv.check_invariants(engine.scheduler.live)
-    engine.step()  # collect abort outputs
+    step()  # collect abort outputs
     stats = engine.kv_stats()
     assert stats.allocated == 0 and stats.free == stats.capacity and stats.largest_free_extent == stats.capacity
+    # every request taken ran to its end: each sample finished once, with all its tokens unless it was aborted
+    for rid, (n, expected, _) in accepted.items():
+        for i in range(n):
+            outs = finals.get((rid, i), [])
+            assert [o.finished for o in outs].count(True) == 1 and outs[-1].finished, (rid, i)
+            tokens = sum(len(o.new_token_ids) for o in outs)
+            if outs[-1].finish_reason is FinishReason.LENGTH:
+                assert tokens == expected, (rid, i, tokens, expected)
+            else:
+                assert outs[-1].finish_reason is FinishReason.ABORT and rid in aborted, (rid, i, outs[-1].finish_reason)
+    completed = {rid for rid in accepted if finals[(rid, 0)][-1].finish_reason is FinishReason.LENGTH}
+    assert completed >= set(accepted) - aborted
