@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         rec_us = per_sample + changes_per_step * per_hold
         summary.append((kind, len(engine.scheduler.running), statistics.median(on), statistics.median(off),
                         ratio, rec_us, rec_us / 1e3 / statistics.median(on)))
-        rows += [{"engine": kind, "record": rec, "step": i, "step_ms": t}
+        rows += [{"engine": kind, "record": rec, "step": i, "step_ms": 1e3 * t}
                  for rec in (True, False) for i, t in enumerate(times[rec])]
         engine.close()
         del engine
