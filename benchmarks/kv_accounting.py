@@ -18,12 +18,12 @@ switch turns off is the log. Prints a short table last; ``--out`` writes the ste
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from engines import create_engine
@@ -127,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         del engine
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        pd.DataFrame(rows).to_csv(args.out, index=False)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"KV accounting cost per step ({args.preset}, {device}, prompt {args.prompt}, "
           f"{args.blocks} x {args.block_steps} steps per setting)")

@@ -12,10 +12,10 @@ worth to each: ``contiguous@2`` and ``paged@3`` are what the engines run.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from kernels.bench import HEAD_DIM, HEADS, Cache, causal_flops, interleaved, time_us
@@ -54,13 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"batch": batch, "context": context, "chunk": chunk, "addressing": addressing, "num_stages": stages,
                          "engine_default": (addressing, stages) in (("contiguous", 2), ("paged", 3)), "time_us": us,
                          "tflops": flops / us / 1e6, "passes": ";".join(f"{t:.2f}" for t in ts)})
-        del cache
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        pd.DataFrame(rows).to_csv(args.out, index=False)
     print(f"prefill: time (µs, median of {args.passes} interleaved passes) by addressing and Triton num_stages "
           f"({torch.cuda.get_device_name()}); engines run contiguous@2 and paged@3")
     print(f"{'batch x (context + chunk)':>26} {'contig@2':>9} {'contig@3':>9} {'paged@2':>9} {'paged@3':>9} "
