@@ -110,8 +110,14 @@ def check_job(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir), spec.config
 
 
+# transformers' continuous batching logs through a logger of its own, outside transformers' hierarchy
+# and with its own console handler: every hf_paged run would print its INFO lines (start, stop, sizes).
+CB_LOGGER = "ContinuousBatchingLogger"
+
+
 def _quiet_libraries() -> None:
     """transformers' weight-loading bars and INFO logs, and huggingface_hub's bars, would bury the progress line."""
+    logging.getLogger(CB_LOGGER).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     if "huggingface_hub" in sys.modules:  # already imported: the variables above came too late

@@ -123,6 +123,13 @@ def test_smoke_run_writes_tables_metadata_and_report(tmp_path):
     assert "data:image/png;base64," in (run / "report.html").read_text()
 
 
+def test_transformers_continuous_batching_logs_nothing_below_a_warning(tmp_path):
+    """It logs through a logger of its own (not transformers'), with its own console handler."""
+    done = harness([*SMOKE, "engine=hf_paged", "hydra.run.dir=run", "report=false"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "ContinuousBatchingLogger" not in done.stderr and "Loading weights" not in done.stderr, done.stderr
+
+
 def test_multirun_through_the_submitit_launcher_aggregates_into_one_report(tmp_path):
     done = harness(["-m", *SMOKE, "hydra/launcher=submitit_local", "arrival.concurrency=1,2", "hydra.sweep.dir=sweep"], tmp_path)
     assert done.returncode == 0, done.stderr
