@@ -51,6 +51,7 @@ class Engine(abc.ABC):
     # Our engines sample KV memory inside ``_step``, after the step's admissions; the others
     # are sampled by ``step`` once ``_step`` returns (their admissions happen out of sight).
     samples_kv_itself: ClassVar[bool] = False
+    kv_breakdown: ClassVar[bool] = True  # False: it cannot say which of its slots hold token states
 
     def __init__(self, model_dir: str | Path, max_model_len: int | None = None) -> None:
         self.model_dir = Path(model_dir)
@@ -75,7 +76,7 @@ class Engine(abc.ABC):
     def step(self) -> list[RequestOutput]:
         outputs = self._step()
         if not self.samples_kv_itself:
-            self.ledger.sample(time.perf_counter(), self.kv_stats())
+            self.ledger.sample(time.perf_counter(), self.kv_stats() if self.ledger.record else None)
         if self._aborted:
             outputs = self._aborted + outputs
             self._aborted = []
@@ -97,7 +98,7 @@ class Engine(abc.ABC):
         """KV memory after every step since the last call (and every change of a sequence's
         allocation, for engines with a breakdown); the harness drains it before and after a run."""
         log = self.ledger.drain()
-        log.breakdown = self.kv_stats().breakdown
+        log.breakdown = self.kv_breakdown
         return log
 
     def close(self) -> None:

@@ -146,6 +146,7 @@ class _StreamRows(StoppingCriteria):
 
 class HFEngine(Engine):
     name = "hf"
+    kv_breakdown = False  # a dynamic cache per batch: no capacity to split
 
     def __init__(
         self,
@@ -288,10 +289,10 @@ class HFEngine(Engine):
         There is no fixed capacity to split, so no breakdown; the counts are kept as the batch runs."""
         batch = self.batch
         if batch is None:
-            return KVStats(0, 0, 0, 0, 0, num_waiting=len(self.waiting), breakdown=False)
+            return KVStats(0, 0, 0, 0, 0, num_waiting=len(self.waiting), breakdown=self.kv_breakdown)
         rows = len(batch.rows)
         return KVStats(capacity=0, stored=batch.num_prompt_tokens + batch.num_generated, allocated=batch.padded_len * rows,
-                       free=0, largest_free_extent=0, num_running=rows, num_waiting=len(self.waiting), breakdown=False)
+                       free=0, largest_free_extent=0, num_running=rows, num_waiting=len(self.waiting), breakdown=self.kv_breakdown)
 
     def close(self) -> None:
         if self.batch is not None:
@@ -320,6 +321,7 @@ class HFPagedEngine(Engine):
     """transformers' continuous batching (paged attention over its own block cache)."""
 
     name = "hf_paged"
+    kv_breakdown = False  # transformers exposes its pool's size and free blocks only
 
     def __init__(
         self,
@@ -439,7 +441,7 @@ class HFPagedEngine(Engine):
 
     def kv_stats(self) -> KVStats:
         """Only what the manager exposes: its block pool's size and free blocks, when it has them (no breakdown)."""
-        stats = KVStats(0, 0, 0, 0, 0, num_running=len(self.rows), breakdown=False)
+        stats = KVStats(0, 0, 0, 0, 0, num_running=len(self.rows), breakdown=self.kv_breakdown)
         cache = getattr(getattr(self.manager, "batch_processor", None), "cache", None)
         if cache is not None and hasattr(cache, "num_blocks"):
             page = _page_size(cache)
@@ -447,7 +449,7 @@ class HFPagedEngine(Engine):
             free_blocks = _free_blocks(cache)
             if free_blocks is not None:
                 free = free_blocks * page
-                stats = KVStats(capacity, 0, capacity - free, free, free, num_running=len(self.rows), breakdown=False)
+                stats = KVStats(capacity, 0, capacity - free, free, free, num_running=len(self.rows), breakdown=self.kv_breakdown)
         return stats
 
     def close(self) -> None:

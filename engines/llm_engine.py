@@ -199,7 +199,8 @@ class LLMEngine(Engine):
         for seq, _ in batch.prefills:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        self.ledger.sample(now, self.kv_stats())  # after this step's admissions, before its frees
+        # after this step's admissions, before its frees; nothing to build when the log is off
+        self.ledger.sample(now, self.kv_stats() if self.ledger.record else None)
         self.runner.apply(self.kv.take_ops())
         rows = self._sample_rows(batch)
         tokens = self.runner.run(batch, rows)

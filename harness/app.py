@@ -43,7 +43,9 @@ from harness import resume, sweep
 from harness.job import JobSpec, check_device, execute
 from harness.progress import Console, SweepProgress
 from harness.results import METADATA
-from harness.schema import ArrivalSpec, ModelSpec, SLOSpec, UserError, WorkloadSpec, check_run_settings, register_configs
+from harness.schema import (
+    NOT_MEASURED, ArrivalSpec, ModelSpec, SLOSpec, UserError, WorkloadSpec, check_run_settings, register_configs,
+)
 from harness.sweep import CURRENT as SWEEP
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -58,7 +60,7 @@ warnings.filterwarnings("ignore", message=r"\n'hydra/launcher/\w+' is validated 
 
 
 # Overrides that are not settings of a run: no param.* column (the report's sweep axis), no part of a run's folder name.
-NOT_PARAMS = ("experiment", "repeat", "repeats", "resume", "report", "report_dir")  # how to run, not what
+NOT_PARAMS = ("experiment", "repeat", *NOT_MEASURED)
 
 
 def job_params(task_overrides: list[str]) -> dict[str, Any]:

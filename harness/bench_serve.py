@@ -461,13 +461,9 @@ def compose_bench_config(overrides: list[str], with_hydra: bool = False):
 
 def override_params(overrides: list[str]) -> dict[str, Any]:
     """The overrides as the offline run records them (param.* columns): what a sweep varies."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from harness.app import job_params
 
-    from harness.app import NOT_PARAMS
-
-    # as harness.app.job_params reads a Hydra job's overrides
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return {o.key_or_group: o.value() for o in parsed if o.key_or_group not in NOT_PARAMS}
+    return job_params(overrides)
 
 
 def expand_sweep(overrides: list[str], multirun: bool) -> tuple[list[list[str]], bool]:
