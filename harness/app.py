@@ -40,6 +40,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from engines.model.config import ModelLoadError
 from engines.request import RequestError
 from harness import resume, sweep
+from harness.engine_keeper import KEEPER
 from harness.job import JobSpec, check_device, execute
 from harness.progress import Console, SweepProgress
 from harness.results import METADATA
@@ -85,13 +86,13 @@ def job_spec(cfg: DictConfig, hydra_cfg: Any) -> JobSpec:
     """The typed job (every value checked) from the job's config and its hydra node."""
     check_run_settings(cfg)
     label = hydra_cfg.runtime.choices.get("engine") or cfg.engine.name
-    typed = {name: OmegaConf.to_object(cfg[name]) for name in ("model", "workload", "arrival", "slo")}
+    typed = {name: OmegaConf.to_object(cfg[name]) for name in ("model", "workload", "arrival", "slo", "saturation")}
     assert isinstance(typed["model"], ModelSpec) and isinstance(typed["workload"], WorkloadSpec)
     assert isinstance(typed["arrival"], ArrivalSpec) and isinstance(typed["slo"], SLOSpec)
     spec = JobSpec(
         name=cfg.name, seed=cfg.seed + cfg.repeat, repeat=cfg.repeat, engine_label=label, engine=engine_config(cfg), **typed,
         warmup_requests=cfg.warmup_requests, torch_threads=cfg.torch_threads, require_cuda=cfg.require_cuda,
-        params=job_params(hydra_cfg.overrides.task), config=OmegaConf.to_container(cfg, resolve=True),
+        reuse_engine=cfg.reuse_engine, params=job_params(hydra_cfg.overrides.task), config=OmegaConf.to_container(cfg, resolve=True),
     )
     check_device(spec)
     return spec
@@ -197,9 +198,11 @@ class HarnessCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         _close_progress()
+        KEEPER.close()
         _finish(Path(config.hydra.sweep.dir), config)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        KEEPER.close()
         _finish(Path(config.hydra.runtime.output_dir), config)
 
 
@@ -362,6 +365,7 @@ def run_app(argv: list[str]) -> int:
         return _report_error(e, show_tracebacks)
     finally:
         _close_progress()
+        KEEPER.close()  # a sweep stopped early still gives its kept engine back
         _restore_logging(*saved_logging)
         sys.argv, sys.stderr = saved_argv, saved_stderr
         if not show_tracebacks:

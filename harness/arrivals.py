@@ -8,12 +8,14 @@ next request when its previous one finishes, which the runner does as it goes.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
-from harness.schema import ArrivalSpec, UserError
+from harness.schema import ArrivalSpec, UserError, WorkloadSpec
 
 
 def gamma_gaps(rate: float, burstiness: float, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -36,6 +38,18 @@ def read_trace(path: str | Path) -> np.ndarray:
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise UserError(f"arrival.trace: {path} line {number} is not a time in seconds") from e
     return np.asarray(times, dtype=float)
+
+
+def timed_plan(arrival: ArrivalSpec, workload: WorkloadSpec, mean_output: float) -> tuple[ArrivalSpec, WorkloadSpec]:
+    """The rate a ``load`` asks for (load / mean output length), and the requests a ``window`` holds (rate x window).
+
+    The returned arrival keeps its load beside the rate it resolved to (a config may set only one of them)."""
+    if arrival.load is not None:
+        arrival = copy.copy(arrival)
+        arrival.rate = arrival.load / mean_output
+    if arrival.window is not None:
+        workload = dataclasses.replace(workload, num_requests=max(1, round(arrival.rate * arrival.window)))
+    return arrival, workload
 
 
 def arrival_offsets(spec: ArrivalSpec, n: int, seed: int) -> np.ndarray | None:

@@ -533,18 +533,17 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
     import torch
     from omegaconf import OmegaConf
 
-    from harness.arrivals import arrival_offsets
-    from harness.job import JobSpec, _params_row, _run_figures, workload_label
+    from harness.job import JobSpec, _params_row, _run_figures, plan_requests, workload_label
     from harness.results import write_run
     from harness.system_info import git_state, model_shape, versions
-    from harness.workload import build_workload, regular_token_ids
+    from harness.workload import regular_token_ids
 
     cfg = compose_bench_config(overrides)
     typed = {name: OmegaConf.to_object(cfg[name]) for name in ("model", "workload", "arrival", "slo")}
     max_len = view.max_model_len or model_cfg.max_context
     seed = cfg.seed + cfg.repeat  # as an offline run: repeat r draws its workload and arrivals from seed + r
-    requests = build_workload(typed["workload"], tokenizer, model_cfg.vocab_size, max_len, seed)
-    offsets = arrival_offsets(typed["arrival"], len(requests), seed)
+    typed["workload"], typed["arrival"], requests, offsets = plan_requests(
+        typed["workload"], typed["arrival"], tokenizer, model_cfg.vocab_size, max_len, seed)
     engine, label = engine_of(view)
     spec = JobSpec(name=cfg.name, seed=seed, repeat=cfg.repeat, engine_label=label, engine=engine, **typed,
                    warmup_requests=cfg.warmup_requests, params=override_params(overrides),

@@ -1,34 +1,39 @@
 """One benchmark job, from its typed spec to a finished run directory.
 
+A job whose lower rate already saturated its series is recorded as skipped (harness.saturation).
 Build the requests and their arrival times first (so a bad workload fails before a model
-loads), load the engine (an engine that has not landed is recorded as skipped), warm it
-up, run the workload in real time, close the engine, and write the tables and metadata.
+loads), load the engine or take the one the last run kept (harness.engine_keeper; an engine
+that has not landed is recorded as skipped), warm it up, run the workload in real time, close
+or keep the engine, and write the tables and metadata.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-
 import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engines import EngineNotAvailable, create_engine
 from engines.detokenizer import load_tokenizer
 from engines.model.config import ModelConfig
 from harness import kv_breakdown, metrics
-from harness.arrivals import arrival_offsets
+from harness.engine_keeper import KEEPER, engine_key
+from harness.arrivals import arrival_offsets, timed_plan
 from harness.make_model import ensure_model
 from harness.results import write_run
 from harness.roofline import device_ceilings, roofline
 from harness.runner import RunRecord, run_workload, warm_up
-from harness.schema import ArrivalSpec, ModelSpec, SLOSpec, UserError, WorkloadSpec, cuda_available
+from harness.saturation import saturated
+from harness.schema import ArrivalSpec, ModelSpec, SaturationSpec, SLOSpec, UserError, WorkloadSpec, cuda_available
 from harness.system_info import git_state, hardware, hardware_label, model_shape, versions
-from harness.workload import PlannedRequest, build_workload, regular_token_ids
+from harness.workload import PlannedRequest, build_workload, mean_output_tokens, regular_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +48,12 @@ class JobSpec:
     workload: WorkloadSpec
     arrival: ArrivalSpec
     slo: SLOSpec
+    saturation: SaturationSpec = field(default_factory=SaturationSpec)
     warmup_requests: int = 1
     torch_threads: int | None = None
     require_cuda: bool = False
     repeat: int = 0  # which of the config's repeats this run is
+    reuse_engine: bool = False  # keep the engine for the next run if it asks for the same one
     params: dict[str, Any] = field(default_factory=dict)  # the job's overrides (what a sweep varies)
     config: dict[str, Any] = field(default_factory=dict)  # the full resolved config, for the record
 
@@ -61,10 +68,22 @@ def workload_label(w: WorkloadSpec, a: ArrivalSpec) -> str:
         return {"fixed": f"{d.value}", "uniform": f"U[{d.low},{d.high}]", "lognormal": f"mean {d.mean:g}"}[d.dist]
 
     source = f"dataset {Path(w.dataset.path).name}" if w.dataset.path else f"prompt {length(w.prompt)}"
-    arrival = {"offline": "all at t=0", "closed": f"closed loop c={a.concurrency}", "poisson": f"Poisson {a.rate} req/s",
-               "gamma": f"gamma {a.rate} req/s (burstiness {a.burstiness})", "trace": "trace replay"}[a.process]
+    arrival = {"offline": "all at t=0", "closed": f"closed loop c={a.concurrency}", "poisson": f"Poisson {a.rate:.4g} req/s",
+               "gamma": f"gamma {a.rate:.4g} req/s (burstiness {a.burstiness})", "trace": "trace replay"}[a.process]
+    if a.load is not None:
+        arrival += f" (offered {a.load:g} output tok/s)"
     extras = (f", shared prefix {w.prefix.length} x {w.prefix.num_groups}" if w.prefix.num_groups else "") + (f", n={w.n}" if w.n > 1 else "")
     return f"{w.name}: {w.num_requests} requests, {source}, output {length(w.output)}{extras}, {arrival}"
+
+
+def plan_requests(workload: WorkloadSpec, arrival: ArrivalSpec, tokenizer, vocab_size: int, max_len: int, seed: int
+                  ) -> tuple[WorkloadSpec, ArrivalSpec, list[PlannedRequest], np.ndarray | None]:
+    """The requests and when each is sent, for offline and HTTP runs alike, with an arrival load or window resolved
+    into the rate and the number of requests it means (the returned specs say which)."""
+    if arrival.load is not None or arrival.window is not None:
+        arrival, workload = timed_plan(arrival, workload, mean_output_tokens(workload, tokenizer))
+    requests = build_workload(workload, tokenizer, vocab_size, max_len, seed)
+    return workload, arrival, requests, arrival_offsets(arrival, len(requests), seed)
 
 
 def concurrency_bound(spec: JobSpec, num_sequences: int) -> int:
@@ -82,7 +101,7 @@ def _params_row(spec: JobSpec, model_dir: Path, device: torch.device, label: str
         "model": spec.model.preset if spec.model.path is None else model_dir.name, "device": device.type,
         "compute_dtype": compute_dtype,  # None where unknown: an engine that did not load, a server that does not say
         "workload": w.name, "workload_label": label, "arrival": a.process, "concurrency": a.concurrency,
-        "rate": a.rate, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed, "repeat": spec.repeat,
+        "rate": a.rate, "load": a.load, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed, "repeat": spec.repeat,
     }
     row.update({f"engine.{k}": v for k, v in asdict(spec.engine).items()})
     row.update({f"param.{k}": _scalar(v) for k, v in spec.params.items()})
@@ -126,8 +145,17 @@ def compute_dtype(engine: Any) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
+def _skip(spec: JobSpec, job_dir: Path, model_dir: Path, device: torch.device, label: str, metadata: dict[str, Any],
+          reason: str) -> str:
+    hw = hardware(device)
+    row = {**_params_row(spec, model_dir, device, label), "status": "skipped", "reason": reason, "hardware": hardware_label(hw)}
+    write_run(job_dir, row, {**metadata, "status": "skipped", "reason": reason, "hardware": hw})
+    log.warning("skipped %s: %s", spec.engine_label, reason)
+    return "skipped"
+
+
 def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
-    """Run one job into ``job_dir`` and return its status: ok, skipped (engine not landed) or failed.
+    """Run one job into ``job_dir`` and return its status: ok, skipped (engine not landed, or saturated) or failed.
 
     An engine that fails mid-run is recorded as failed, not raised, so that the rest of a
     sweep still runs and its report says what failed; the app's exit status reports it too.
@@ -140,23 +168,24 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
     model_cfg = ModelConfig.from_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)
     max_len = spec.engine.max_model_len or model_cfg.max_context
-    requests: list[PlannedRequest] = build_workload(spec.workload, tokenizer, model_cfg.vocab_size, max_len, spec.seed)
-    offsets = arrival_offsets(spec.arrival, len(requests), spec.seed)
+    workload, arrival, requests, offsets = plan_requests(spec.workload, spec.arrival, tokenizer, model_cfg.vocab_size,
+                                                         max_len, spec.seed)
+    spec = dataclasses.replace(spec, workload=workload, arrival=arrival)
     label = workload_label(spec.workload, spec.arrival)
     metadata = {"name": spec.name, "engine_label": spec.engine_label, "engine": asdict(spec.engine), "model_dir": str(model_dir),
                 "model_shape": model_shape(model_cfg), "workload_label": label, "git": git_state(),
                 "versions": versions(), "params": spec.params, "config": spec.config, "seed": spec.seed, "repeat": spec.repeat}
+    reason = saturated(spec.saturation, spec.params, spec.repeat, job_dir.parent)
+    if reason is not None:
+        return _skip(spec, job_dir, model_dir, device, label, metadata, reason)
+    key = engine_key(model_dir, spec.engine)
     try:
-        engine = create_engine(model_dir, spec.engine)
+        engine, reused = KEEPER.acquire(key, lambda: create_engine(model_dir, spec.engine))
     except EngineNotAvailable as e:
-        reason = str(e)
-        hw = hardware(device)
-        row = {**_params_row(spec, model_dir, device, label), "status": "skipped", "reason": reason, "hardware": hardware_label(hw)}
-        write_run(job_dir, row, {**metadata, "status": "skipped", "reason": reason, "hardware": hw})
-        log.warning("skipped %s: %s", spec.engine_label, reason)
-        return "skipped"
+        return _skip(spec, job_dir, model_dir, device, label, metadata, str(e))
     except ValueError as e:  # the engine refused its settings: a user error, like a bad value in the config
         raise UserError(f"engine {spec.engine_label}: {e}") from e
+    metadata["engine_reused"] = reused
     device = getattr(engine, "device", device)
     hw = hardware(device)
     metadata["compute_dtype"] = compute_dtype(engine)  # the checkpoint's dtype stays in model_shape
@@ -169,13 +198,15 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
         desc = " ".join([spec.engine_label] + [f"{k}={v}" for k, v in spec.params.items() if k != "engine"])
         record = run_workload(engine, requests, offsets, spec.arrival.concurrency, desc=desc, progress=progress)
         figures, request_rows, steps = _run_figures(spec, record, model_cfg, device)
-    except Exception as e:
+    except BaseException as e:
+        KEEPER.release(engine, key, keep=False)
+        if not isinstance(e, Exception):
+            raise
         reason = f"{type(e).__name__}: {e}"
         write_run(job_dir, {**row, "status": "failed", "reason": reason}, {**metadata, "status": "failed", "reason": reason, "hardware": hw})
         log.error("failed %s: %s", spec.engine_label, reason)
         return "failed"
-    finally:
-        engine.close()
+    KEEPER.release(engine, key, keep=spec.reuse_engine)
     write_run(job_dir, {**row, "status": "ok", **figures}, {**metadata, "status": "ok", "hardware": hw}, request_rows, steps)
     log.info("%s: %.1f output tok/s, p95 TTFT %.3f s, p95 TPOT %.4f s, KV token states %.1f%% of capacity",
              desc, figures["output_tok_s"], figures["ttft_p95"], figures["tpot_p95"], 100 * figures["kv_token_states_frac"])

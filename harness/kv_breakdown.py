@@ -133,10 +133,12 @@ def summarize(steps: pd.DataFrame, duration: float, breakdown: bool) -> dict[str
 
 
 def step_counts(steps: pd.DataFrame) -> dict[str, float]:
-    """The most sequences running at once, preemptions, and the prefix cache's hit rate, over the run."""
+    """The most sequences running at once and their mean over steps (the vLLM paper's Fig. 13, "requests batched":
+    one value per engine step, each step's batch after its admissions), preemptions, and the prefix cache's hit rate."""
     if steps.empty:
-        return {"max_running": math.nan, "preemptions": math.nan, "prefix_cache_hit_rate": math.nan}
+        return {"max_running": math.nan, "mean_running": math.nan, "preemptions": math.nan, "prefix_cache_hit_rate": math.nan}
     last = steps.iloc[-1]
     queries = last["prefix_cache_queries"]
-    return {"max_running": int(steps["num_running"].max()), "preemptions": int(last["preemptions"]),
+    return {"max_running": int(steps["num_running"].max()), "mean_running": float(steps["num_running"].mean()),
+            "preemptions": int(last["preemptions"]),
             "prefix_cache_hit_rate": last["prefix_cache_hits"] / queries if queries else math.nan}

@@ -6,7 +6,9 @@ Per sample (one of a request's n; one per request when n = 1), times on one cloc
 - ITL = the gaps between successive deliveries, each gap once: a delivery is the tokens
   that reached the host together (one step's, one multi-step call's, one stream chunk's),
   which share one timestamp, so a delivery of k tokens is one gap, not k - 1 zero gaps;
-- queue = first scheduled - arrival.
+- queue = first scheduled - arrival;
+- normalized latency = E2E / output tokens (s/token), the vLLM paper's Fig. 12 measure: its
+  run figure is the mean over samples (``norm_latency_mean``), as the paper's.
 Each as mean, p50, p90, p95, p99 (linear interpolation between order statistics).
 
 Only successful samples count: finished, neither failed (error) nor aborted. Failed and
@@ -29,7 +31,7 @@ from harness.runner import RunRecord, SampleRecord
 PERCENTILES = (50, 90, 95, 99)
 FAILED = "error"
 ABORTED = "abort"
-LATENCIES = ("ttft", "tpot", "e2e", "queue")
+LATENCIES = ("ttft", "tpot", "e2e", "queue", "norm_latency")
 
 
 def latency_stats(values: Iterable[float], name: str) -> dict[str, float]:
@@ -65,13 +67,14 @@ def _sample_row(s: SampleRecord, start: float) -> dict:
         "arrival_s": rel(s.arrival), "first_scheduled_s": rel(s.first_scheduled), "first_token_s": rel(first),
         "finish_s": rel(s.finish), "ttft_s": ttft, "tpot_s": tpot(ttft, e2e, len(s.token_times)), "e2e_s": e2e,
         "queue_s": s.first_scheduled - s.arrival if s.first_scheduled is not None else nan,
+        "norm_latency_s": e2e / len(s.token_times) if s.token_times else nan,
         "finish_reason": s.finish_reason, "error": s.error, "token_times_s": [t - start for t in s.token_times],
     }
 
 
 REQUEST_COLUMNS = ("request_id", "sample", "prompt_tokens", "output_tokens", "deliveries", "cached_tokens", "arrival_s",
                    "first_scheduled_s", "first_token_s", "finish_s", "ttft_s", "tpot_s", "e2e_s", "queue_s",
-                   "finish_reason", "error", "token_times_s")
+                   "norm_latency_s", "finish_reason", "error", "token_times_s")
 
 
 def request_table(record: RunRecord) -> pd.DataFrame:

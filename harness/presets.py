@@ -64,6 +64,20 @@ MISTRAL = ChatFormat(
     ),
 )
 
+# Llama 2's chat format: [INST] ... [/INST] turns after <s>, the reply closed by </s>.
+LLAMA2 = ChatFormat(
+    specials=("<unk>", "<s>", "</s>"),
+    bos="<s>",
+    eos=("</s>",),
+    pad="</s>",
+    add_bos=True,
+    template=(
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + ' </s>' }}"
+        "{% else %}{{ '<<SYS>>\\n' + message['content'] + '\\n<</SYS>>\\n\\n' }}{% endif %}{% endfor %}"
+    ),
+)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -139,6 +153,12 @@ PRESETS: dict[str, Preset] = {
             tie_word_embeddings=False, rope_scaling={
                 "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}), LLAMA3),
+        # The vLLM paper's memory setting (Kwon et al. 2023, section 6): 40 layers x 40 KV heads x 128 x K and V x
+        # 2 bytes = 800 KiB of KV per token, as OPT-13B; 12 GiB of KV is then 15,728 token slots.
+        Preset("llama-2-13b", _llama(
+            hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+            num_key_value_heads=40, head_dim=128, vocab_size=32000, max_position_embeddings=4096,
+            rope_theta=10000.0, tie_word_embeddings=False), LLAMA2),
         Preset("mistral-7b", _mistral(
             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=8, head_dim=128, vocab_size=32768, max_position_embeddings=32768,

@@ -10,7 +10,9 @@ Resolvers for the YAML files:
 - ``${on_device:CPU_VALUE,CUDA_VALUE}``: pick a size by the machine, so that one experiment
   runs in minutes on a laptop CPU and at full size on a GPU.
 - ``${max:A,B,...}`` and ``${mul:A,B}``: small arithmetic for sizes that scale with a sweep
-  value (e.g. the number of requests with the concurrency).
+  value (e.g. the number of requests with the concurrency); ``${arrivals_in:RATE,SECONDS}``: the
+  requests a rate sends in a window (rounded, at least 1), so every point of a rate sweep lasts
+  about as long.
 - ``${sweep_if_repeats:N}`` (hydra.mode): a multirun when N > 1, so that repeats of a single run sweep.
 - ``${repeat_sweep:N}`` (hydra.sweeper.params.repeat): the sweep of ``repeat`` over 0..N-1.
 - ``${latest_or_new:BASE,STAMP,RESUME}`` (hydra.run.dir, hydra.sweep.dir): BASE/STAMP, or with
@@ -51,6 +53,13 @@ def _latest_or_new(base: str, stamp: str, resume: bool) -> str:
     return output_dir(base, stamp, resume)
 
 
+def _arrivals_in(rate: Any, seconds: Any) -> int:
+    try:
+        return max(1, round(float(rate) * float(seconds)))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"arrivals_in needs a rate and a number of seconds, got {rate!r} and {seconds!r}") from e
+
+
 def _sweep_if_repeats(repeats: Any) -> Optional[str]:
     return "MULTIRUN" if isinstance(repeats, int) and repeats > 1 else None
 
@@ -64,6 +73,7 @@ def _repeat_sweep(repeats: Any) -> str:
 
 def register_resolvers() -> None:
     for name, fn in (("on_device", _on_device), ("max", lambda *xs: max(xs)), ("mul", lambda a, b: a * b),
+                     ("arrivals_in", _arrivals_in),
                      ("sweep_if_repeats", _sweep_if_repeats), ("repeat_sweep", _repeat_sweep)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
@@ -192,13 +202,25 @@ class ArrivalSpec:
     rate: Optional[float] = None  # poisson/gamma: requests per second
     burstiness: float = 1.0  # gamma shape: 1 = Poisson, < 1 burstier, > 1 smoother
     trace: Optional[str] = None  # a file of arrival times in seconds (one per line, or JSONL with "timestamp")
+    # poisson/gamma: the offered load in output tokens/s instead of a rate: rate = load / the workload's mean output
+    # length, so one sweep of loads suits workloads of different lengths (paper_repro's ShareGPT and Alpaca)
+    load: Optional[float] = None
+    # poisson/gamma: send the requests of this many seconds, round(rate x window), instead of workload.num_requests,
+    # so every point of a rate sweep lasts about as long and a system past its capacity builds the same queue
+    window: Optional[float] = None
 
     def __post_init__(self) -> None:
         _need(self.process in ARRIVAL_PROCESSES, f"arrival.process must be one of {', '.join(ARRIVAL_PROCESSES)}, got {self.process!r}")
         if self.process == "closed" or self.concurrency is not None:
             _need(self.concurrency is not None and self.concurrency >= 1,
                   f"arrival.concurrency must be an integer >= 1, got {self.concurrency}")
-        if self.process in ("poisson", "gamma") or self.rate is not None:
+        timed = self.process in ("poisson", "gamma")
+        for key in ("load", "window"):
+            value = getattr(self, key)
+            _need(value is None or (timed and value > 0), f"arrival.{key} must be > 0 and needs process poisson or gamma, "
+                  f"got {value} with process {self.process}")
+        _need(self.load is None or self.rate is None, f"arrival: set rate or load, not both (rate={self.rate}, load={self.load})")
+        if (timed and self.load is None) or self.rate is not None:
             _need(self.rate is not None and self.rate > 0, f"arrival.rate must be > 0 requests/s, got {self.rate}")
         _need(self.burstiness > 0, f"arrival.burstiness must be > 0, got {self.burstiness}")
         if self.process == "trace":
@@ -216,6 +238,25 @@ class SLOSpec:
 
 
 @dataclass
+class SaturationSpec:
+    """Where a system stops keeping up with a swept rate: the vLLM paper's Fig. 12 reading (harness.sustain,
+    harness.saturation). The report's rule: a system sustains a value of ``along`` while the median over repeats of
+    its mean normalized latency stays within ``sustain_factor`` x the unloaded latency (the lowest median of any
+    series at the sweep's lowest value); its sustainable rate is where its curve crosses that limit."""
+
+    along: str = "arrival.rate"
+    sustain_factor: float = 4.0
+    # Skip a series' higher values once a lower one exceeded skip_factor x that series' lowest (None: run every point)
+    skip_factor: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _need(self.sustain_factor > 1, f"saturation.sustain_factor must be > 1, got {self.sustain_factor}")
+        _need(self.skip_factor is None or self.skip_factor > self.sustain_factor,
+              f"saturation.skip_factor must exceed sustain_factor ({self.sustain_factor}) so no sustained point is "
+              f"skipped, got {self.skip_factor}")
+
+
+@dataclass
 class Config:
     name: str = "default"  # the experiment's name: output folders and report titles
     seed: int = 0
@@ -224,6 +265,7 @@ class Config:
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     arrival: ArrivalSpec = field(default_factory=ArrivalSpec)
     slo: SLOSpec = field(default_factory=SLOSpec)
+    saturation: SaturationSpec = field(default_factory=SaturationSpec)
     # Settings for one kind of engine in a sweep over engines, keyed by the engine kind (engine.name:
     # hf, hf_paged, contiguous, paged), so every config of a kind gets them (contiguous_pow2 those of
     # contiguous); checked against that engine's schema.
@@ -241,10 +283,13 @@ class Config:
     # Continue the latest sweep of this experiment (or hydra.sweep.dir): finished runs whose recorded
     # config equals the requested one are kept, unfinished and failed ones run again.
     resume: bool = False
+    # Keep the engine loaded between consecutive runs of a sweep with the same engine and model settings, as one
+    # server serves every rate of a `vllm bench serve` sweep (harness.engine_keeper); false builds one per run.
+    reuse_engine: bool = False
 
 
 # Top-level keys that say how to run or report, not what a run measures: a resumed sweep may change them.
-NOT_MEASURED = ("repeats", "resume", "report", "report_dir")
+NOT_MEASURED = ("repeats", "resume", "report", "report_dir", "reuse_engine")
 
 
 def check_run_settings(cfg: Any) -> None:

@@ -116,6 +116,17 @@ def load_dataset(spec: DatasetSpec, tokenizer: Tokenizer) -> list[tuple[list[int
     return _load_sharegpt(path, tokenizer, spec) if fmt == "sharegpt" else _load_jsonl(path, tokenizer)
 
 
+def mean_output_tokens(spec: WorkloadSpec, tokenizer: Tokenizer) -> float:
+    """The expected output length of a request: the distribution's (lognormal: after clipping), or a dataset's mean
+    over its usable prompts (the drawn distribution's where a prompt has no reply length)."""
+    d = spec.output
+    drawn = {"fixed": float(d.value), "uniform": (d.low + d.high) / 2, "lognormal": float(d.mean)}[d.dist]
+    if spec.dataset.path is None:
+        return drawn
+    lengths = [length for _, length in load_dataset(spec.dataset, tokenizer)]
+    return float(np.mean([drawn if length is None else length for length in lengths])) if lengths else drawn
+
+
 def build_workload(spec: WorkloadSpec, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, seed: int) -> list[PlannedRequest]:
     """The workload's requests in sending order; every one fits ``max_model_len``."""
     # Independent streams, so that changing one aspect (say, the prefix) leaves the others as they were.
