@@ -90,14 +90,14 @@ def make_model(
 
 
 def _readme(preset: str, seed: int, device_type: str, weights: bool) -> str:
-    intro = (f"# {preset} (random weights)\n\nWritten by `harness make-model --preset {preset} --seed {seed}`: "
-             "the exact shape of the real architecture with random weights, for measuring speed and memory. "
-             "The text it generates is meaningless.\n")
-    if weights:
-        return intro
-    return intro + (f"\nThere are no weight files: kvbench's own engines draw the weights on the device at load "
-                    f"(seeded, on a {device_type} device, as make-model would have written them). "
-                    "transformers cannot load this directory.\n")
+    origin = (f"Written by `harness make-model --preset {preset} --seed {seed}`" if weights
+              else f"Written for `model.source=random` (preset {preset}, seed {seed})")
+    text = (f"# {preset} (random weights)\n\n{origin}: the exact shape of the real architecture with random weights, "
+            "for measuring speed and memory. The text it generates is meaningless.\n")
+    if not weights:
+        text += ("\nThere are no weight files: the weights are drawn on the device at load by kvbench's own engines, seeded, "
+                 f"identical to make-model's files drawn on a {device_type} device. transformers cannot load this directory.\n")
+    return text
 
 
 def _write_weights(
