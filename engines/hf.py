@@ -25,9 +25,17 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from engines.base import Engine, KVStats
 from engines.detokenizer import SampleStream
 from engines.model.loader import resolve_device, resolve_dtype
+from engines.model.random_weights import drawn_at_load
 from engines.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
 
 POLL_SECONDS = 0.01  # how long step() waits for the worker before returning nothing
+
+
+def require_weight_files(engine: str, cfg) -> None:
+    """transformers reads safetensors only: a directory whose weights are drawn at load is refused up front."""
+    if drawn_at_load(cfg.raw):
+        raise ValueError(f"engine {engine} loads weights with transformers from safetensors; model.source=random has none: "
+                         "use model.source=files")
 
 
 def load_hf_model(model_dir: Path, dtype: str, device: torch.device, attn_implementation: str, cfg) -> torch.nn.Module:
@@ -159,6 +167,7 @@ class HFEngine(Engine):
         max_model_len: int | None = None,
     ) -> None:
         super().__init__(model_dir, max_model_len)
+        require_weight_files(self.name, self.model_config)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
@@ -342,6 +351,7 @@ class HFPagedEngine(Engine):
         from transformers import ContinuousBatchingConfig
 
         super().__init__(model_dir, max_model_len)
+        require_weight_files(self.name, self.model_config)
         self.device = resolve_device(device)
         self.attn_implementation = cb_attn_implementation(attn_implementation)
         self.model = load_hf_model(self.model_dir, dtype, self.device, self.attn_implementation, self.model_config)

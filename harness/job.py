@@ -59,7 +59,7 @@ class JobSpec:
 
 
 def resolve_model_dir(spec: ModelSpec) -> Path:
-    return Path(spec.path) if spec.path is not None else ensure_model(spec.preset, seed=spec.seed, dtype=spec.dtype)
+    return Path(spec.path) if spec.path is not None else ensure_model(spec.preset, seed=spec.seed, dtype=spec.dtype, weights=spec.source == "files")
 
 
 def workload_label(w: WorkloadSpec, a: ArrivalSpec) -> str:
@@ -99,6 +99,7 @@ def _params_row(spec: JobSpec, model_dir: Path, device: torch.device, label: str
     row = {
         "experiment": spec.name, "engine": spec.engine.name, "engine_label": spec.engine_label,
         "model": spec.model.preset if spec.model.path is None else model_dir.name, "device": device.type,
+        "model_source": spec.model.source,
         "compute_dtype": compute_dtype,  # None where unknown: an engine that did not load, a server that does not say
         "workload": w.name, "workload_label": label, "arrival": a.process, "concurrency": a.concurrency,
         "rate": a.rate, "load": a.load, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed, "repeat": spec.repeat,
@@ -173,6 +174,7 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
     spec = dataclasses.replace(spec, workload=workload, arrival=arrival)
     label = workload_label(spec.workload, spec.arrival)
     metadata = {"name": spec.name, "engine_label": spec.engine_label, "engine": asdict(spec.engine), "model_dir": str(model_dir),
+                "model_source": spec.model.source,
                 "model_shape": model_shape(model_cfg), "workload_label": label, "git": git_state(),
                 "versions": versions(), "params": spec.params, "config": spec.config, "seed": spec.seed, "repeat": spec.repeat}
     reason = saturated(spec.saturation, spec.params, spec.repeat, job_dir.parent)

@@ -1,8 +1,12 @@
-"""``harness make-model``: write a Hugging Face model directory with random weights of a preset's shape."""
+"""``harness make-model``: write a Hugging Face model directory with random weights of a preset's shape.
+
+Without weights (``weights=False``, ``model.source=random``) the directory holds everything but the
+safetensors, and its config.json tells our loader to draw them on the device at load
+(engines.model.random_weights): the same tensors, without writing and reading back gigabytes.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from engines.model.config import ModelConfig
+from engines.model.random_weights import DRAWN, WEIGHTS_KEY, draw_tensor, hf_weight_shapes
 from harness.presets import Preset, get_preset
 from harness.tokenizer_builder import build_tokenizer
 
@@ -23,32 +28,6 @@ MODEL_FORMAT = 1
 
 def cache_root() -> Path:
     return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
-
-
-def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face checkpoint of this shape holds, by name."""
-    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    for n in range(cfg.num_layers):
-        p = f"model.layers.{n}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        for name, rows in (("q_proj", cfg.num_heads * d), ("k_proj", cfg.num_kv_heads * d), ("v_proj", cfg.num_kv_heads * d)):
-            shapes[p + f"self_attn.{name}.weight"] = (rows, h)
-            if cfg.qkv_bias:
-                shapes[p + f"self_attn.{name}.bias"] = (rows,)
-        shapes[p + "self_attn.o_proj.weight"] = (h, cfg.num_heads * d)
-        if cfg.qk_norm:
-            shapes[p + "self_attn.q_norm.weight"] = (d,)
-            shapes[p + "self_attn.k_norm.weight"] = (d,)
-        for name, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
-            shapes[p + f"mlp.{name}.weight"] = shape
-            if cfg.mlp_bias:
-                shapes[p + f"mlp.{name}.bias"] = (shape[0],)
-    shapes["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    return shapes
 
 
 def init_device(requested: str = "auto") -> torch.device:
@@ -62,18 +41,6 @@ def init_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def random_tensor(
-    name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float, device: torch.device
-) -> torch.Tensor:
-    """Norm weights are 1 + N(0, std) (so a test sees a misplaced one), the rest N(0, std); seeded per tensor."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    gen = torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    t = torch.empty(shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen)
-    if name.endswith("norm.weight"):
-        t = 1.0 + t
-    return t.to(dtype).cpu()
-
-
 def make_model(
     preset: str | Preset,
     out: str | Path,
@@ -82,8 +49,13 @@ def make_model(
     dtype: str = "bfloat16",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     device: str = "auto",
+    weights: bool = True,
 ) -> Path:
-    """Write config.json, safetensors (sharded above ``shard_bytes``), tokenizer and generation config."""
+    """Write config.json, safetensors (sharded above ``shard_bytes``), tokenizer and generation config.
+
+    ``weights=False`` writes no safetensors: config.json then says the weights are drawn at load
+    (with the seed, std and device type to draw them as this function would have written them).
+    """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     draw_on = init_device(device)
     out = Path(out)
@@ -96,9 +68,12 @@ def make_model(
     config = {**preset.config, "torch_dtype": dtype, "bos_token_id": bos_id, "eos_token_id": eos_ids[0],
               "pad_token_id": ids[chat.pad], "kvbench_preset": preset.name, "kvbench_seed": seed,
               "kvbench_init_device": draw_on.type}
+    if not weights:
+        config.update({WEIGHTS_KEY: DRAWN, "kvbench_init_std": preset.init_std})
     cfg = ModelConfig.from_dict(config)
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    _write_weights(out, hf_weight_shapes(cfg), seed, torch_dtype, shard_bytes, preset.init_std, draw_on)
+    if weights:
+        _write_weights(out, hf_weight_shapes(cfg), seed, torch_dtype, shard_bytes, preset.init_std, draw_on)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": bos_id, "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0], "pad_token_id": ids[chat.pad]},
@@ -110,11 +85,19 @@ def make_model(
         "add_bos_token": chat.add_bos, "model_max_length": cfg.max_position_embeddings,
         "chat_template": chat.template,
     }, indent=2))
-    (out / "README.md").write_text(
-        f"# {preset.name} (random weights)\n\nWritten by `harness make-model --preset {preset.name} --seed {seed}`: "
-        "the exact shape of the real architecture with random weights, for measuring speed and memory. "
-        "The text it generates is meaningless.\n")
+    (out / "README.md").write_text(_readme(preset.name, seed, draw_on.type, weights))
     return out
+
+
+def _readme(preset: str, seed: int, device_type: str, weights: bool) -> str:
+    origin = (f"Written by `harness make-model --preset {preset} --seed {seed}`" if weights
+              else f"Written for `model.source=random` (preset {preset}, seed {seed})")
+    text = (f"# {preset} (random weights)\n\n{origin}: the exact shape of the real architecture with random weights, "
+            "for measuring speed and memory. The text it generates is meaningless.\n")
+    if not weights:
+        text += ("\nThere are no weight files: the weights are drawn on the device at load by kvbench's own engines, seeded, "
+                 f"identical to make-model's files drawn on a {device_type} device. transformers cannot load this directory.\n")
+    return text
 
 
 def _write_weights(
@@ -132,13 +115,13 @@ def _write_weights(
         shards[-1].append(name)
         size += nbytes
     if len(shards) == 1:
-        save_file({n: random_tensor(n, shapes[n], seed, dtype, std, device) for n in shards[0]}, out / "model.safetensors",
+        save_file({n: draw_tensor(n, shapes[n], seed, dtype, std, device).cpu() for n in shards[0]}, out / "model.safetensors",
                   metadata={"format": "pt"})
         return
     weight_map, total = {}, 0
     for k, names in enumerate(shards, start=1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: random_tensor(n, shapes[n], seed, dtype, std, device) for n in names}
+        tensors = {n: draw_tensor(n, shapes[n], seed, dtype, std, device).cpu() for n in names}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, out / file, metadata={"format": "pt"})
         weight_map.update({n: file for n in names})
@@ -146,16 +129,20 @@ def _write_weights(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def ensure_model(preset: str, *, seed: int = 0, dtype: str = "bfloat16") -> Path:
-    """The cached directory of a preset, built once (atomically, so a crash leaves no half model)."""
+def ensure_model(preset: str, *, seed: int = 0, dtype: str = "bfloat16", weights: bool = True) -> Path:
+    """The cached directory of a preset, built once (atomically, so a crash leaves no half model).
+
+    ``weights=False``: the directory without weight files (make_model's ``weights``), cached under its own name.
+    """
     device = init_device()
-    target = cache_root() / "models" / f"{preset}-seed{seed}-{dtype}-{device.type}-v{MODEL_FORMAT}"
+    kind = "" if weights else "-random"
+    target = cache_root() / "models" / f"{preset}-seed{seed}-{dtype}-{device.type}{kind}-v{MODEL_FORMAT}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=target.parent))
     try:
-        make_model(preset, tmp, seed=seed, dtype=dtype, device=device.type)
+        make_model(preset, tmp, seed=seed, dtype=dtype, device=device.type, weights=weights)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first

@@ -88,6 +88,7 @@ def _need(ok: bool, message: str) -> None:
 
 # model: auto picks by device (cuda available?): a tiny model keeps CPU runs to minutes.
 AUTO_PRESETS = {False: "tiny-qwen3", True: "qwen3-0.6b"}
+MODEL_SOURCES = ("files", "random")
 
 
 @dataclass
@@ -98,12 +99,18 @@ class ModelSpec:
     path: Optional[str] = None  # a model directory; wins over the preset
     seed: int = 0  # weights seed of a preset
     dtype: str = "bfloat16"  # checkpoint dtype a preset is written in
+    # files = a preset's weights written to safetensors once and loaded; random = drawn on the device at
+    # load, no disk (our engines only; identical to the files when drawn on the same device type)
+    source: str = "files"
 
     def __post_init__(self) -> None:
         from harness.presets import PRESETS
 
         if self.preset == "auto":
             self.preset = AUTO_PRESETS[cuda_available()]
+        _need(self.source in MODEL_SOURCES, f"model.source must be one of {', '.join(MODEL_SOURCES)}, got {self.source!r}")
+        _need(self.source == "files" or self.path is None,
+              "model.source=random draws a preset's weights; model.path names a directory of files")
         if self.path is not None:
             _need(Path(self.path).is_dir(), f"model.path: {self.path!r} is not a directory")
         else:

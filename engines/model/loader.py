@@ -3,7 +3,9 @@
 Checkpoint tensors are mapped onto our fused parameters (q/k/v into ``qkv_proj``,
 gate/up into ``gate_up_proj``); every shape is checked against the config and every
 parameter must be filled exactly once, so a mismatched or partial checkpoint is an error
-naming the tensor, not garbage output.
+naming the tensor, not garbage output. A directory whose config.json says
+``"kvbench_weights": "random"`` has no weight files: its checkpoint tensors are drawn on the
+device (engines.model.random_weights) and placed the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -18,6 +21,7 @@ from safetensors import safe_open
 import kernels
 from engines.model.config import DTYPES, ModelConfig, ModelLoadError
 from engines.model.decoder import CausalLM
+from engines.model.random_weights import draw_checkpoint, drawn_at_load
 
 # Checkpoint tensors that carry nothing we need.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -117,35 +121,43 @@ def load_model(
         model = CausalLM(cfg, kernels.load_backend(attn_backend, device))
     model = model.to(torch_dtype).to_empty(device=device)
     model.rotary.init_table(torch_dtype)
-    _fill_parameters(model, checkpoint_files(path))
+    if drawn_at_load(cfg.raw):
+        _fill_parameters(model, (("random weights", name, t) for name, t in draw_checkpoint(cfg, device)))
+    else:
+        _fill_parameters(model, _read_checkpoint(checkpoint_files(path)))
     return model.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def _fill_parameters(model: CausalLM, files: dict[str, Path]) -> None:
-    filled: dict[int, int] = {}  # id(param) -> rows filled
+def _read_checkpoint(files: dict[str, Path]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file name, tensor name, tensor) of every checkpoint tensor we may need, file by file."""
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
-    unexpected = []
     for file, names in by_file.items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in names:
-                if _IGNORED.match(name):
-                    continue
-                target = _target(model, name)
-                if target is None:
-                    unexpected.append(name)
-                    continue
-                param, offset, rows = target
-                tensor = f.get_tensor(name)
-                expected = (rows, *param.shape[1:])
-                if tuple(tensor.shape) != expected:
-                    raise ModelLoadError(
-                        f"{file.name}: tensor {name} has shape {tuple(tensor.shape)}, but config.json implies {expected}"
-                    )
-                param[offset : offset + rows].copy_(tensor)
-                filled[id(param)] = filled.get(id(param), 0) + rows
+                if not _IGNORED.match(name):
+                    yield file.name, name, f.get_tensor(name)
+
+
+@torch.no_grad()
+def _fill_parameters(model: CausalLM, tensors: Iterable[tuple[str, str, torch.Tensor]]) -> None:
+    """Copy each (source, name, tensor) into the parameter rows it maps to; every row exactly once."""
+    filled: dict[int, int] = {}  # id(param) -> rows filled
+    unexpected = []
+    for source, name, tensor in tensors:
+        target = _target(model, name)
+        if target is None:
+            unexpected.append(name)
+            continue
+        param, offset, rows = target
+        expected = (rows, *param.shape[1:])
+        if tuple(tensor.shape) != expected:
+            raise ModelLoadError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but config.json implies {expected}"
+            )
+        param[offset : offset + rows].copy_(tensor)
+        filled[id(param)] = filled.get(id(param), 0) + rows
     if unexpected:
         shown = ", ".join(sorted(unexpected)[:5])
         raise ModelLoadError(f"checkpoint has {len(unexpected)} tensors this config has no place for (e.g. {shown})")
