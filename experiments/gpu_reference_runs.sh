@@ -12,6 +12,9 @@
 #   PART sweep: the main job, `concurrency_sweep`, for our engines (every contiguous reservation
 #           policy and paged) at CONCURRENCY (default 1,4,16,64,256), REPEATS interleaved repeats (default 3)
 #   PART baselines: the same sweep for the transformers baselines (hf, hf_paged), BASELINE_REPEATS (default 1)
+#   PART paper: the vLLM paper's experiments (`paper_repro`: llama-2-13b, 12 GiB of KV), stopped at LIMIT seconds
+#           (default 550) with Ctrl-C so that one device call stays inside its 10 minutes; RESUME=true continues
+#           the sweep in RUNS; each engine's runs are packed apart (a device call returns files of 16 MiB at most)
 # Each experiment's directory is packed as OUT/NAME.tgz. Reports are generated afterwards, from the
 # unpacked runs, with `harness report`.
 set -uo pipefail
@@ -75,6 +78,15 @@ elif [ "$part" = serve ]; then
     kill -TERM $server; wait $server
     pack serve64_$mode
   done
+elif [ "$part" = paper ]; then
+  timeout -s INT -k 30 ${LIMIT:-550} $py -m harness +experiment=paper_repro resume=${RESUME:-false} report=false \
+      hydra.sweep.dir="$runs/paper_repro" 2>&1 | tee -a "$out/paper_repro.log"
+  find "$runs/paper_repro" -name '*.csv' -delete  # the Parquet tables hold the same rows
+  for e in contiguous contiguous_pow2 contiguous_oracle paged; do
+    (cd "$runs" && find paper_repro -maxdepth 1 -name "*engine=${e},*" -print0 | tar czf "$out/paper_repro_$e.tgz" --null -T -)
+  done
+  tar czf "$out/paper_repro_sweep.tgz" -C "$runs" --exclude='*=*' paper_repro
+  $py experiments/paper_repro_table.py "$runs/paper_repro"
 else
   $py -m harness +experiment=memory_waste hydra.sweep.dir="$out/memory_waste"
   pack memory_waste
