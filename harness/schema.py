@@ -296,7 +296,7 @@ class Config:
 
 
 # Top-level keys that say how to run or report, not what a run measures: a resumed sweep may change them.
-NOT_MEASURED = ("repeats", "resume", "report", "report_dir", "reuse_engine")
+NOT_MEASURED = ("repeats", "resume", "report", "report_dir", "reuse_engine", "saturation")
 
 
 def check_run_settings(cfg: Any) -> None:
