@@ -823,12 +823,24 @@ class Report:
     notes: list[str]
     figures: list[Figure]
     provenance: list[str]
+    sections: list = field(default_factory=list)  # harness.paper.Section: a comparison with a paper's figures
 
 
 SUMMARY_NOTE = ("Each figure: the median over the repeats that completed, with its 95% percentile-bootstrap interval "
                 "in brackets (none for a single run; with 3 repeats it is their range, which holds the true median only 75% of the "
                 "time); n/a: not measured by that engine.")
 RATIO_NOTE = "paged / contiguous of the medians at each setting, with 95% bootstrap intervals (each group resampled alone)."
+
+
+def sustain_factor(runs: list[RunDir]) -> float:
+    """The sustainable-rate rule's factor the runs were configured with (harness.sustain), else the default."""
+    from harness.schema import SaturationSpec
+
+    for r in runs:
+        value = r.metadata.get("config", {}).get("saturation", {}).get("sustain_factor")
+        if value is not None:
+            return float(value)
+    return SaturationSpec().sustain_factor
 
 
 def write_report(paths: list[Path], out: Path) -> Path:
@@ -849,6 +861,9 @@ def write_report(paths: list[Path], out: Path) -> Path:
     table.drop(columns=["base_label"]).to_parquet(out / "runs.parquet", index=False)
     table.drop(columns=["base_label"]).to_csv(out / "runs.csv", index=False)
     figures = make_figures(table, {str(r.path): r for r in found}, x, out)
+    from harness import paper  # it draws with this module's helpers
+
+    sections = [s for s in [paper.section(table, out, sustain_factor(found))] if s is not None]
     ok = table[usable(table)]
     ratios = paging_ratios(ok, x)
     names = ", ".join(sorted(table["experiment"].dropna().unique())) if "experiment" in table else ""
@@ -857,7 +872,7 @@ def write_report(paths: list[Path], out: Path) -> Path:
                     intro=f"Generated {stamp} by `harness report` from {len(found)} runs in {', '.join(map(str, paths))}.",
                     methodology=methodology_link(out), statement=paging_statement(ok, ratios, x),
                     summary=summary_table(table, x), ratios=ratio_table(ratios, x), notes=_notes(table, unfinished),
-                    figures=figures, provenance=_provenance(found))
+                    figures=figures, provenance=_provenance(found), sections=sections)
     (out / "report.md").write_text(_markdown(report))
     (out / "report.html").write_text(_html(report, out))
     return out / "report.md"
@@ -869,6 +884,12 @@ def _markdown(r: Report) -> str:
           markdown_table(r.summary), ""]
     if not r.ratios.empty:
         md += ["## Paged against contiguous", "", RATIO_NOTE, "", markdown_table(r.ratios), ""]
+    for s in r.sections:
+        md += [f"## {s.title}", "", *[line for p in s.paragraphs for line in (p, "")]]
+        for title, df in s.tables:
+            md += [f"### {title}", "", markdown_table(df), ""]
+        for f in s.figures:
+            md += [f"### {f.title}", "", f"![{f.title}](figures/{f.name}.png)", "", f"*{f.caption}*", ""]
     if r.notes:
         md += ["## Notes", "", *[f"- {n}" for n in r.notes], ""]
     md += ["## Figures", ""]
@@ -891,15 +912,23 @@ def _html(r: Report, out: Path) -> str:
              f"<h2>Runs</h2><p>{esc(SUMMARY_NOTE)}</p>", r.summary.to_html(index=False, border=0)]
     if not r.ratios.empty:
         parts += [f"<h2>Paged against contiguous</h2><p>{esc(RATIO_NOTE)}</p>", r.ratios.to_html(index=False, border=0)]
+    for s in r.sections:
+        parts += [f"<h2>{esc(s.title)}</h2>", *[f"<p>{esc(p)}</p>" for p in s.paragraphs]]
+        for title, df in s.tables:
+            parts += [f"<h3>{esc(title)}</h3>", df.to_html(index=False, border=0)]
+        parts += [_html_figure(f, out) for f in s.figures]
     if r.notes:
         parts += ["<h2>Notes</h2><ul>", *[f"<li>{esc(n)}</li>" for n in r.notes], "</ul>"]
     parts.append("<h2>Figures</h2>")
-    for f in r.figures:
-        data = base64.b64encode(f.file(out).read_bytes()).decode()
-        parts.append(f"<figure><h3>{esc(f.title)}</h3><img alt='{esc(f.title)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{esc(f.caption)}</figcaption></figure>")
+    parts += [_html_figure(f, out) for f in r.figures]
     parts += ["<h2>Provenance</h2><ul>", *[f"<li>{esc(p)}</li>" for p in r.provenance], "</ul></body></html>"]
     return "".join(parts)
+
+
+def _html_figure(f: Figure, out: Path) -> str:
+    data = base64.b64encode(f.file(out).read_bytes()).decode()
+    return (f"<figure><h3>{html.escape(f.title)}</h3><img alt='{html.escape(f.title)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
 
 
 def main(argv: list[str]) -> int:
