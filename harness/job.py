@@ -68,8 +68,9 @@ def workload_label(w: WorkloadSpec, a: ArrivalSpec) -> str:
         return {"fixed": f"{d.value}", "uniform": f"U[{d.low},{d.high}]", "lognormal": f"mean {d.mean:g}"}[d.dist]
 
     source = f"dataset {Path(w.dataset.path).name}" if w.dataset.path else f"prompt {length(w.prompt)}"
-    arrival = {"offline": "all at t=0", "closed": f"closed loop c={a.concurrency}", "poisson": f"Poisson {a.rate:.4g} req/s",
-               "gamma": f"gamma {a.rate:.4g} req/s (burstiness {a.burstiness})", "trace": "trace replay"}[a.process]
+    rate = f"{a.rate:.4g} req/s" if a.rate is not None else ""
+    arrival = {"offline": "all at t=0", "closed": f"closed loop c={a.concurrency}", "poisson": f"Poisson {rate}",
+               "gamma": f"gamma {rate} (burstiness {a.burstiness})", "trace": "trace replay"}[a.process]
     if a.load is not None:
         arrival += f" (offered {a.load:g} output tok/s)"
     extras = (f", shared prefix {w.prefix.length} x {w.prefix.num_groups}" if w.prefix.num_groups else "") + (f", n={w.n}" if w.n > 1 else "")

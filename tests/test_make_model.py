@@ -16,7 +16,8 @@ from harness.presets import PRESETS, get_preset
 from harness.tokenizer_builder import build_tokenizer
 
 # Parameter counts of the real models these presets copy.
-REAL_SIZES = {"qwen3-0.6b": 0.596e9, "llama-3.2-1b": 1.236e9, "llama-3.1-8b": 8.03e9, "mistral-7b": 7.248e9}
+REAL_SIZES = {"qwen3-0.6b": 0.596e9, "llama-3.2-1b": 1.236e9, "llama-3.1-8b": 8.03e9, "mistral-7b": 7.248e9,
+              "llama-2-13b": 13.016e9}
 
 
 def digest(path) -> dict[str, str]:
