@@ -24,6 +24,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 import pandas as pd
 
 from harness.kv_breakdown import COMPONENTS
@@ -147,11 +148,13 @@ def fig12(results: list[WorkloadResult], out: Path) -> Figure:
                             [max(s[1].high - s[1].value, 0) if s[1].has_interval else np.nan for s in stats]])
             ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, color=SYSTEM_COLORS[system], label=system)
             s = r.rates.get(system)
-            if s is not None and math.isfinite(s.estimate.value):
+            if s is not None and not s.bound and math.isfinite(s.estimate.value):  # a bound is no crossing to mark
                 ax.axvline(s.estimate.value, color=SYSTEM_COLORS[system], ls=":", lw=1.2)
         ax.axhline(r.limit, color="#555555", ls="--", lw=1, label=f"limit {r.limit:.3g} s/token")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("normalized latency (s/token)")
         ratio = _ratio_title(r)
@@ -162,7 +165,7 @@ def fig12(results: list[WorkloadResult], out: Path) -> Figure:
                     "Mean end-to-end latency / output length against the Poisson request rate, per system (the paper's "
                     "Fig. 12). Points: medians over the repeats; bars: 95% bootstrap intervals. Dashed: the limit "
                     "(sustain_factor x the unloaded latency); dotted: each system's sustainable rate, where its curve "
-                    "crosses the limit (median over repeats). Titles: our vLLM / Orca ratios, with the paper's in "
+                    "crosses the limit (median over repeats; none where a repeat never crossed). Titles: our vLLM / Orca ratios, with the paper's in "
                     "brackets where its text gives them.")
     return _save(fig, figure, out, [])
 
