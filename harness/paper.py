@@ -87,6 +87,8 @@ def paper_runs(table: pd.DataFrame) -> pd.DataFrame:
 def applies(table: pd.DataFrame) -> bool:
     """A sweep of at least two of the paper's systems over at least two rates on one of its workloads."""
     runs = paper_runs(table)
+    if runs.empty:
+        return False
     return any(g["system"].nunique() >= 2 and g["rate"].nunique() >= 2 for _, g in runs.groupby("dataset"))
 
 
