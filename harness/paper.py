@@ -29,7 +29,7 @@ import pandas as pd
 
 from harness.kv_breakdown import COMPONENTS
 from harness.report import (
-    COMPONENT_COLORS, COMPONENT_LABELS, PAPER_FIG2, Figure, _save, _stacked_bar, fmt_estimate, fmt_ratio,
+    COMPONENT_LABELS, PAPER_FIG2, Figure, _save, _stacked_bar, fmt_estimate, fmt_ratio,
 )
 from harness.stats import median_ci, ratio_ci
 from harness.sustain import LATENCY, Sustained, sustainable_rates, unloaded_latency

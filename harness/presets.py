@@ -7,7 +7,7 @@ preset measures like the real model; its generated text is meaningless.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -64,13 +64,10 @@ MISTRAL = ChatFormat(
     ),
 )
 
-# Llama 2's chat format: [INST] ... [/INST] turns after <s>, the reply closed by </s>.
-LLAMA2 = ChatFormat(
+# Llama 2's chat format: Mistral's [INST] ... [/INST] turns without their special tokens, a system prompt in <<SYS>>.
+LLAMA2 = replace(
+    MISTRAL,
     specials=("<unk>", "<s>", "</s>"),
-    bos="<s>",
-    eos=("</s>",),
-    pad="</s>",
-    add_bos=True,
     template=(
         "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
         "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + ' </s>' }}"

@@ -62,3 +62,12 @@ def start_server(tiny_model):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def in_process(tmp_path, monkeypatch):
+    """run_app in this process, in an empty directory; the jobs' torch thread setting is put back afterwards."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    yield tmp_path
+    torch.set_num_threads(threads)

@@ -44,15 +44,6 @@ def _model(tiny_model):
     tiny_model("tiny-qwen3")  # built once, before the subprocesses look for it
 
 
-@pytest.fixture
-def in_process(tmp_path, monkeypatch):
-    """run_app in this process, in an empty directory; the jobs' torch thread setting is put back afterwards."""
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    yield tmp_path
-    torch.set_num_threads(threads)
-
-
 def composed(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)

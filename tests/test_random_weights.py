@@ -23,15 +23,6 @@ def random_dir():
     return lambda preset="tiny-qwen3": ensure_model(preset, weights=False)
 
 
-@pytest.fixture
-def in_process(tmp_path, monkeypatch):
-    """run_app in this process, in an empty directory; the jobs' torch thread setting is put back afterwards."""
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    yield tmp_path
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3"])  # tiny-qwen3 ties its embeddings
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
 def test_drawn_weights_equal_the_written_ones(tiny_model, random_dir, preset, dtype):
