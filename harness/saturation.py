@@ -6,9 +6,10 @@ takes longer (its requests drain at the capacity) and shows a higher latency sti
 the run that showed it) when a finished run of the same sweep, with the same repeat and the
 same settings but a lower value of ``saturation.along``, had a mean normalized latency above
 ``skip_factor`` times the lowest of that series' runs at lower values. The rule reads only
-finished runs, so jobs run in parallel by a launcher are never skipped on a guess. Keep
-``skip_factor`` well above ``sustain_factor`` (the report's rule, harness.sustain), so that no
-point the report could count as sustained is skipped.
+finished runs, so jobs run in parallel by a launcher are never skipped on a guess. With
+``skip_factor`` at least ``sustain_factor`` (the report's rule, harness.sustain) the point that
+triggers a skip is itself beyond the report's limit (a series' lowest latency is at least the
+unloaded one), so the sustainable rate lies below every skipped point.
 """
 
 from __future__ import annotations

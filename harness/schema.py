@@ -253,13 +253,14 @@ class SaturationSpec:
 
     along: str = "arrival.rate"
     sustain_factor: float = 4.0
-    # Skip a series' higher values once a lower one exceeded skip_factor x that series' lowest (None: run every point)
+    # Skip a series' higher values once a lower one exceeded skip_factor x that series' lowest (None: run every point).
+    # At least sustain_factor: the point that triggers it is then beyond the report's limit, and the crossing lies below it.
     skip_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
         _need(self.sustain_factor > 1, f"saturation.sustain_factor must be > 1, got {self.sustain_factor}")
-        _need(self.skip_factor is None or self.skip_factor > self.sustain_factor,
-              f"saturation.skip_factor must exceed sustain_factor ({self.sustain_factor}) so no sustained point is "
+        _need(self.skip_factor is None or self.skip_factor >= self.sustain_factor,
+              f"saturation.skip_factor must be at least sustain_factor ({self.sustain_factor}) so no sustained point is "
               f"skipped, got {self.skip_factor}")
 
 

@@ -89,8 +89,9 @@ def test_a_higher_load_is_skipped_once_a_lower_one_of_the_same_series_and_repeat
 
 
 def test_saturation_settings_are_checked():
-    with pytest.raises(UserError, match="skip_factor must exceed sustain_factor"):
-        SaturationSpec(sustain_factor=3.0, skip_factor=2.0)
+    with pytest.raises(UserError, match="skip_factor must be at least sustain_factor"):
+        SaturationSpec(sustain_factor=3.0, skip_factor=2.9)
+    assert SaturationSpec(sustain_factor=3.0, skip_factor=3.0).skip_factor == 3.0
     with pytest.raises(UserError, match="sustain_factor must be > 1"):
         SaturationSpec(sustain_factor=1.0)
 
