@@ -724,10 +724,13 @@ def make_figures(table: pd.DataFrame, runs: dict[str, RunDir], x: str | None, ou
             figures.append(fig_block_size(stats, ok, x, out, missing))
     else:
         figures.append(fig_runs_bars(stats, ok, x, out, missing))
-    figures.append(fig_distributions(stats, ok, runs, x, out, missing))
+    if any((Path(d) / "requests.parquet").is_file() for d in ok["run_dir"]):  # a record kept without its request tables
+        figures.append(fig_distributions(stats, ok, runs, x, out, missing))
     if stats["kv_breakdown"].any():
-        figures += [fig_kv_breakdown(kv_groups(stats, x, every=True), ok, x, out, missing),
-                    fig_kv_over_time(kv_groups(stats, x, every=False), ok, runs, x, out, missing)]
+        figures.append(fig_kv_breakdown(kv_groups(stats, x, every=True), ok, x, out, missing))
+        traced = kv_groups(stats, x, every=False)
+        if all((Path(r["run_dirs"][0]) / "kv_steps.parquet").is_file() for _, r in traced.iterrows()):
+            figures.append(fig_kv_over_time(traced, ok, runs, x, out, missing))
     return figures
 
 

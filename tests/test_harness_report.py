@@ -255,3 +255,16 @@ def test_runs_of_several_names_under_one_engine_label_become_separate_series():
     assert labels == ["paged · offline", "paged · offline_text", "paged@http", "contiguous", "contiguous"]
     assert table["engine_label"].tolist()[0] == "paged"  # the caller's table is left as it was
     assert name_series(table.drop(columns="param.name"))["engine_label"].tolist() == table["engine_label"].tolist()
+
+
+def test_runs_kept_without_their_request_and_step_tables_report_without_those_figures(sweep, tmp_path):
+    """A reference run committed with its run rows only (the per-request and per-step tables dropped for size)."""
+    import shutil
+
+    kept = tmp_path / "kept"
+    shutil.copytree(sweep, kept, ignore=shutil.ignore_patterns("requests.*", "kv_steps.*", "figures", "report.*", "runs.*"))
+    write_report([kept], tmp_path / "out")
+    names = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
+    assert {"kv_breakdown.png", "throughput_latency_vs_arrival_concurrency.png"} <= names
+    assert not names & {"ttft_tpot_distributions.png", "kv_usage_over_time.png"}
+    assert "ttft_tpot_distributions.png" in {p.name for p in (sweep / "figures").iterdir()}
