@@ -24,8 +24,8 @@ from engines import EngineNotAvailable, create_engine
 from engines.detokenizer import load_tokenizer
 from engines.model.config import ModelConfig
 from harness import kv_breakdown, metrics
-from harness.engine_keeper import KEEPER, engine_key
 from harness.arrivals import arrival_offsets, timed_plan
+from harness.engine_keeper import KEEPER, engine_key
 from harness.make_model import ensure_model
 from harness.results import write_run
 from harness.roofline import device_ceilings, roofline
@@ -59,7 +59,9 @@ class JobSpec:
 
 
 def resolve_model_dir(spec: ModelSpec) -> Path:
-    return Path(spec.path) if spec.path is not None else ensure_model(spec.preset, seed=spec.seed, dtype=spec.dtype, weights=spec.source == "files")
+    if spec.path is not None:
+        return Path(spec.path)
+    return ensure_model(spec.preset, seed=spec.seed, dtype=spec.dtype, weights=spec.source == "files")
 
 
 def workload_label(w: WorkloadSpec, a: ArrivalSpec) -> str:
