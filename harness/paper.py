@@ -5,8 +5,8 @@ Applies to Poisson-rate sweeps of the paper's systems (the ``paper_repro`` exper
 engine. Three comparisons, each a figure and a table of paper vs ours:
 
 - Fig. 2, the share of the KV memory in use by token states, reservation, internal and external
-  fragmentation, per workload at the highest rate every system ran (the most memory pressure
-  that all four show);
+  fragmentation, per workload and system at the highest rate the system ran in each of its
+  repeats (the most memory pressure it was measured under in all of them);
 - Fig. 12, normalized latency against the request rate, and the sustainable rate of each system
   by the rule of harness.sustain, with the ratios the paper's text quotes;
 - Fig. 13, the mean number of requests batched (``mean_running``) at the paper's rates (ShareGPT
@@ -32,7 +32,7 @@ from harness.report import (
     COMPONENT_LABELS, PAPER_FIG2, Figure, _save, _stacked_bar, fmt_estimate, fmt_ratio,
 )
 from harness.stats import median_ci, ratio_ci
-from harness.sustain import LATENCY, Sustained, sustainable_rates, unloaded_latency
+from harness.sustain import LATENCY, Sustained, complete_repeats, sustainable_rates, unloaded_latency
 
 SYSTEMS = ("Orca (Max)", "Orca (Pow2)", "Orca (Oracle)", "vLLM")
 RESERVATIONS = {"max": "Orca (Max)", "pow2": "Orca (Pow2)", "oracle": "Orca (Oracle)"}
@@ -100,14 +100,17 @@ class WorkloadResult:
     l0_rate: float
     limit: float
     rates: dict[str, Sustained]
+    incomplete: pd.DataFrame  # (system, repeat, rate it stopped at) of the repeats left out
 
 
 def analyse(runs: pd.DataFrame, factor: float) -> list[WorkloadResult]:
     out = []
     for dataset, g in runs.groupby("dataset", sort=False):
+        g, cut = complete_repeats(g)
         l0, at = unloaded_latency(g)
         limit = factor * l0
-        out.append(WorkloadResult(dataset, g, l0, at, limit, sustainable_rates(g, limit) if math.isfinite(limit) else {}))
+        rates = sustainable_rates(g, limit) if math.isfinite(limit) else {}
+        out.append(WorkloadResult(dataset, g, l0, at, limit, rates, cut))
     return out
 
 
@@ -182,32 +185,32 @@ def _ratio_title(r: WorkloadResult) -> str:
     return ("\n" + ", ".join(parts)) if parts else ""
 
 
-def _fig2_rows(r: WorkloadResult) -> tuple[float, pd.DataFrame]:
-    """The ok runs at the highest rate that every system ran ok, and that rate."""
+def _fig2_rows(r: WorkloadResult) -> pd.DataFrame:
+    """Each system's ok runs at the highest rate it ran ok in every one of its repeats: the most memory pressure it
+    was measured under in all of them."""
     ok = r.runs[r.runs["status"] == "ok"]
-    per = ok.groupby("system")["rate"].apply(lambda v: set(np.round(v, 9)))
-    common = sorted(set.intersection(*per)) if len(per) else []
-    if not common:
-        return math.nan, ok.iloc[0:0]
-    rate = common[-1]
-    return rate, ok[np.isclose(ok["rate"], rate)]
+    repeats = ok.groupby("system")["repeat"].transform("nunique")
+    in_all = ok.groupby(["system", "rate"])["repeat"].transform("nunique") == repeats
+    top = ok[in_all].groupby("system")["rate"].transform("max")
+    return ok[in_all][np.isclose(ok[in_all]["rate"], top)]
 
 
 def fig2(results: list[WorkloadResult], out: Path) -> tuple[Figure, pd.DataFrame]:
-    panels = [(f"{r.dataset}-like, {rate:.3g} req/s", at) for r in results for rate, at in [_fig2_rows(r)]]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.2 * (len(panels) + 1), 3.2), sharex=True)
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(5.2 * (len(results) + 1), 3.2), sharex=True)
     rows = []
-    for ax, (title, at) in zip(axes, panels):
+    for ax, r in zip(axes, results):
+        at = _fig2_rows(r)
         for k, system in enumerate(_ordered(at["system"])):
             g = at[at["system"] == system]
+            rate = float(g["rate"].iloc[0])
             shares = {c: 100 * float(g[f"kv_{c}_used_frac"].median()) for c in COMPONENTS}
             total = sum(v for v in shares.values() if not math.isnan(v)) or 1.0
-            _stacked_bar(ax, k, system, {c: 100 * v / total for c, v in shares.items()})
+            _stacked_bar(ax, k, f"{system}\n{rate:.3g} req/s", {c: 100 * v / total for c, v in shares.items()})
             for c in COMPONENTS:
-                rows.append({"workload": title, "system": system, "share of KV in use": COMPONENT_LABELS[c],
-                             "paper (Fig. 2)": f"{PAPER_FIG2[system][c]:.1f}%",
+                rows.append({"workload": r.dataset, "system": system, "at (req/s)": f"{rate:.3g}",
+                             "share of KV in use": COMPONENT_LABELS[c], "paper (Fig. 2)": f"{PAPER_FIG2[system][c]:.1f}%",
                              "ours": fmt_estimate(median_ci(g[f"kv_{c}_used_frac"]), percent=True)})
-        ax.set_title(f"measured here: {title}", fontsize=9)
+        ax.set_title(f"measured here: {r.dataset}-like", fontsize=9)
     for k, system in enumerate(SYSTEMS):
         _stacked_bar(axes[-1], k, system, PAPER_FIG2[system])
     axes[-1].set_title("Kwon et al. 2023, Fig. 2", fontsize=9)
@@ -221,7 +224,8 @@ def fig2(results: list[WorkloadResult], out: Path) -> tuple[Figure, pd.DataFrame
     figure = Figure("paper_fig2_kv_breakdown", "Fig. 2: where the KV memory goes",
                     "Time-weighted share of the KV memory in use holding token states, reserved for tokens still to "
                     "come, or lost to internal and external fragmentation, per system, at the highest request rate "
-                    "every system ran (medians over the repeats, rescaled to 100%), beside the paper's Fig. 2 (its "
+                    "it ran in each of its repeats (the most memory pressure it was measured under in all of them; "
+                    "medians over the repeats, rescaled to 100%), beside the paper's Fig. 2 (its "
                     "last segment is external fragmentation and others).")
     return _save(fig, figure, out, [], below_inches=0.35), pd.DataFrame(rows)
 
@@ -286,7 +290,11 @@ def section(table: pd.DataFrame, out: Path, factor: float) -> Section | None:
                                                   f"{r.limit:.4g}" for r in results)
             + "). Its sustainable rate in one repeat is where its curve first crosses the limit, interpolated linearly "
             "between the swept rates; ≥ marks a system that never crossed (a lower bound), < one that started above.")
-    return Section("Beside the vLLM paper (Kwon et al., SOSP 2023)", [rule],
+    left_out = [f"{r.dataset} {c['system']} repeat {c['repeat']} (stopped at {c['rate']:.3g} req/s)"
+                for r in results for _, c in r.incomplete.iterrows()]
+    paragraphs = [rule] + ([f"Left out as incomplete (the sweep stopped before their last rate; `resume=true` finishes "
+                            f"them): {'; '.join(left_out)}."] if left_out else [])
+    return Section("Beside the vLLM paper (Kwon et al., SOSP 2023)", paragraphs,
                    [("Fig. 12: sustainable rates (medians over repeats, 95% bootstrap intervals)", rates),
                     ("Fig. 12: how much higher a rate vLLM sustains", ratios),
                     ("Fig. 2: share of the KV memory in use", fig2_rows),

@@ -13,6 +13,10 @@ for the whole run. The rule here (``saturation`` in the config, docs/methodology
   bound (its highest rate), one that starts beyond it an upper bound (its lowest rate); the
   table says which.
 
+Only complete repeats count: a repeat whose curve stops below the highest rate its series
+reached in any repeat (a sweep cut short, to be resumed) says nothing about where its curve
+crosses, and is left out by ``complete_repeats``.
+
 The figure is the median over repeats with a bootstrap interval (harness.stats), and the ratio
 of two systems the ratio of their medians, each group resampled alone.
 """
@@ -36,6 +40,15 @@ class Crossing:
 
     rate: float
     bound: str = ""
+
+
+def complete_repeats(runs: pd.DataFrame, series: str = "system") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the runs of complete repeats, one row per incomplete (series, repeat) with the rate it stopped at)."""
+    reached = runs.groupby([series, "repeat"])["rate"].transform("max")
+    top = runs.groupby(series)["rate"].transform("max")
+    complete = np.isclose(reached, top)
+    cut = runs[~complete].groupby([series, "repeat"], as_index=False)["rate"].max()
+    return runs[complete], cut
 
 
 def unloaded_latency(runs: pd.DataFrame, series: str = "system") -> tuple[float, float]:

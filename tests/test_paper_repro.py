@@ -7,6 +7,8 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -228,3 +230,12 @@ def test_paper_repro_runs_at_ci_size_and_reports_beside_the_paper(tmp_path, tiny
     report = (tmp_path / "sweep" / "report.md").read_text()
     assert "## Beside the vLLM paper" in report and "Fig. 13: mean requests batched" in report
     assert (tmp_path / "sweep" / "figures" / "paper_fig12_normalized_latency.png").is_file()
+
+
+def test_a_repeat_cut_short_is_left_out_of_the_sustainable_rate_and_named():
+    table = _paper_table()
+    cut = (table["engine"] == "paged") & (table["repeat"] == 2) & (table["rate"] > 1.0)
+    s = section(table[~cut], Path(tempfile.mkdtemp()), factor=3.0)
+    rates = dict(s.tables)["Fig. 12: sustainable rates (medians over repeats, 95% bootstrap intervals)"].set_index("system")
+    assert len(rates.loc["vLLM", "per repeat"].split(", ")) == 2 and not rates.loc["vLLM", "sustainable rate (req/s)"].startswith("≥")
+    assert "Left out as incomplete" in s.paragraphs[1] and "vLLM repeat 2 (stopped at 1 req/s)" in s.paragraphs[1]
