@@ -276,8 +276,12 @@ def _last_line(reason) -> str:
 def missing_runs(table: pd.DataFrame, x: str | None) -> list[str]:
     """The runs no figure can show, by outcome, series and reason: ``failed: contiguous at concurrency 256 (OOM)``."""
     bad = table[~usable(table)].assign(_outcome=outcome(table), _reason=table["reason"].fillna("").astype(str))
+    saturated = (bad["_outcome"] == "skipped") & bad["_reason"].str.startswith("saturated")
     lines = []
-    for (what, label, reason), g in bad.groupby(["_outcome", "engine_label", "_reason"], sort=True):
+    if saturated.any():  # by design (saturation.skip_factor): one line, not one per series and repeat
+        lines.append(f"{int(saturated.sum())} runs skipped as saturated: a lower {short_axis(x) if x else 'value'} of "
+                     "their series and repeat had already exploded")
+    for (what, label, reason), g in bad[~saturated].groupby(["_outcome", "engine_label", "_reason"], sort=True):
         where = f" at {short_axis(x)} {', '.join(map(_fmt, _sorted_unique(g[x])))}" if x and g[x].notna().any() else ""
         repeats = f", repeat {', '.join(map(str, sorted(set(g['repeat']))))}" if (table["repeat"] > 0).any() else ""
         reason = _last_line(reason)[:80]

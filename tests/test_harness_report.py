@@ -268,3 +268,14 @@ def test_runs_kept_without_their_request_and_step_tables_report_without_those_fi
     assert {"kv_breakdown.png", "throughput_latency_vs_arrival_concurrency.png"} <= names
     assert not names & {"ttft_tpot_distributions.png", "kv_usage_over_time.png"}
     assert "ttft_tpot_distributions.png" in {p.name for p in (sweep / "figures").iterdir()}
+
+
+def test_runs_skipped_as_saturated_are_named_in_one_line_and_other_misses_each():
+    from harness.report import missing_runs
+
+    table = pd.DataFrame({"engine_label": ["paged", "paged", "contiguous"], "status": ["skipped", "skipped", "failed"],
+                          "reason": ["saturated: at arrival.rate=2 ...", "saturated: at arrival.rate=4 ...", OOM],
+                          "param.arrival.rate": [4.0, 8.0, 2.0], "repeat": [0, 1, 0], "completed": [0, 0, 0]})
+    assert missing_runs(table, "param.arrival.rate") == [
+        "2 runs skipped as saturated: a lower arrival rate of their series and repeat had already exploded",
+        "failed: contiguous at arrival rate 2, repeat 0 (RuntimeError: CUDA out of memory)"]
