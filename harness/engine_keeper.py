@@ -70,8 +70,8 @@ class EngineKeeper:
 def _close(engine: Engine) -> None:
     engine.close()
     del engine
-    gc.collect()  # the device memory of its tensors goes back before the next engine is built
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # its device memory goes back before the next engine is built (cycles too)
+        gc.collect()
         torch.cuda.empty_cache()
 
 
