@@ -294,10 +294,12 @@ def test_a_killed_sweep_keeps_its_finished_runs_and_resume_runs_only_the_rest(in
     # SIGKILL: the default sweep folder, which resume=true finds as the latest of the experiment
     where = ["hydra.sweep.dir=sweep"] if sig == signal.SIGINT else []
     args = [sys.executable, "-m", "harness", "-m", *SMOKE, "arrival.concurrency=1,2,3", *where]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as at a terminal: a test run started in the background of a shell inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler, so the sweep would never see the signal
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     sweeps = lambda: [tmp_path / "sweep"] if where else sorted((tmp_path / "multirun" / "smoke").glob("*"))  # noqa: E731
-    # the signal lands while the second run is held, before its warm-up. Sent as soon as the run's folder appeared,
-    # it was lost now and then on a fresh clone (the run then held for ever); where it went is not yet known
+    # the signal lands while the second run is held, before its warm-up
     _wait_for(lambda: any(sweeps()) and all(d.exists() for d in sweeps()) and any(sweeps()[0].glob("1_*/.hydra"))
               and (tmp_path / "holding").exists(), "the second run")
     sweep_dir = sweeps()[0]
