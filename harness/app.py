@@ -198,11 +198,9 @@ class HarnessCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         _close_progress()
-        KEEPER.close()
         _finish(Path(config.hydra.sweep.dir), config)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        KEEPER.close()
         _finish(Path(config.hydra.runtime.output_dir), config)
 
 
@@ -365,7 +363,7 @@ def run_app(argv: list[str]) -> int:
         return _report_error(e, show_tracebacks)
     finally:
         _close_progress()
-        KEEPER.close()  # a sweep stopped early still gives its kept engine back
+        KEEPER.close()  # a finished or stopped sweep gives its kept engine back (atexit does in a launcher's workers)
         _restore_logging(*saved_logging)
         sys.argv, sys.stderr = saved_argv, saved_stderr
         if not show_tracebacks:

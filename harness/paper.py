@@ -95,9 +95,8 @@ def paper_runs(table: pd.DataFrame) -> pd.DataFrame:
     return runs[~((runs["status"] == "skipped") & ~runs["reason"].fillna("").str.startswith("saturated"))]
 
 
-def applies(table: pd.DataFrame) -> bool:
-    """A sweep of at least two of the paper's systems over at least two rates on one of its workloads."""
-    runs = paper_runs(table)
+def applies(runs: pd.DataFrame) -> bool:
+    """Whether ``paper_runs`` sweep at least two of the paper's systems over at least two rates on one of its workloads."""
     if runs.empty:
         return False
     return any(g["system"].nunique() >= 2 and g["rate"].nunique() >= 2 for _, g in runs.groupby("dataset"))
@@ -289,7 +288,7 @@ def fig13(results: list[WorkloadResult], out: Path) -> tuple[Figure, pd.DataFram
 def section(table: pd.DataFrame, out: Path, factor: float) -> Section | None:
     """The paper section of a report, or None when the runs are not such a sweep."""
     runs = paper_runs(table)
-    if not applies(table):
+    if not applies(runs):
         return None
     results = [r for r in analyse(runs, factor) if r.rates]
     if not results:

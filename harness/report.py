@@ -31,6 +31,7 @@ import pandas as pd  # noqa: E402
 
 from harness.kv_breakdown import COMPONENTS  # noqa: E402
 from harness.results import RunDir, find_runs, runs_table  # noqa: E402
+from harness.schema import SaturationSpec  # noqa: E402
 from harness.stats import Estimate, median_ci, ratio_ci  # noqa: E402
 
 # Kwon et al., "Efficient Memory Management for Large Language Model Serving with
@@ -841,8 +842,6 @@ RATIO_NOTE = "paged / contiguous of the medians at each setting, with 95% bootst
 
 def sustain_factor(runs: list[RunDir]) -> float:
     """The sustainable-rate rule's factor the runs were configured with (harness.sustain), else the default."""
-    from harness.schema import SaturationSpec
-
     for r in runs:
         value = r.metadata.get("config", {}).get("saturation", {}).get("sustain_factor")
         if value is not None:
@@ -895,13 +894,11 @@ def _markdown(r: Report) -> str:
         md += [f"## {s.title}", "", *[line for p in s.paragraphs for line in (p, "")]]
         for title, df in s.tables:
             md += [f"### {title}", "", markdown_table(df), ""]
-        for f in s.figures:
-            md += [f"### {f.title}", "", f"![{f.title}](figures/{f.name}.png)", "", f"*{f.caption}*", ""]
+        md += [line for f in s.figures for line in _md_figure(f)]
     if r.notes:
         md += ["## Notes", "", *[f"- {n}" for n in r.notes], ""]
     md += ["## Figures", ""]
-    for f in r.figures:
-        md += [f"### {f.title}", "", f"![{f.title}](figures/{f.name}.png)", "", f"*{f.caption}*", ""]
+    md += [line for f in r.figures for line in _md_figure(f)]
     md += ["## Provenance", "", *[f"- {p}" for p in r.provenance], ""]
     return "\n".join(md)
 
@@ -930,6 +927,10 @@ def _html(r: Report, out: Path) -> str:
     parts += [_html_figure(f, out) for f in r.figures]
     parts += ["<h2>Provenance</h2><ul>", *[f"<li>{esc(p)}</li>" for p in r.provenance], "</ul></body></html>"]
     return "".join(parts)
+
+
+def _md_figure(f: Figure) -> list[str]:
+    return [f"### {f.title}", "", f"![{f.title}](figures/{f.name}.png)", "", f"*{f.caption}*", ""]
 
 
 def _html_figure(f: Figure, out: Path) -> str:

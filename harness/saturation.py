@@ -20,8 +20,7 @@ from typing import Any
 
 from harness.results import RunDir, find_runs
 from harness.schema import SaturationSpec
-
-METRIC = "norm_latency_mean"
+from harness.sustain import LATENCY
 
 
 def _series_key(params: dict[str, Any], along: str) -> str:
@@ -48,7 +47,7 @@ def saturated(spec: SaturationSpec, params: dict[str, Any], repeat: int, sweep_d
         if (run.status != "ok" or run.metadata.get("repeat", 0) != repeat or value is None or value >= here
                 or _series_key(theirs, spec.along) != key):
             continue
-        latency = run.run.get(METRIC)
+        latency = run.run.get(LATENCY)
         if latency is not None and math.isfinite(latency):
             lower.append((value, float(latency), run))
     if not lower:
