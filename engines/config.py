@@ -23,6 +23,9 @@ class RuntimeConfig:
     # Log KV memory after every step's admissions (the KV breakdown's data); false only to
     # measure what that costs (benchmarks/kv_accounting.py).
     record_kv_steps: bool = True
+    # Time every step by phase on the host and by CUDA events on the device (the step anatomy:
+    # docs/methodology.md); false only to measure what that costs (benchmarks/step_anatomy.py).
+    step_anatomy: bool = True
 
 
 @dataclass

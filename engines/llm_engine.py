@@ -23,6 +23,7 @@ from engines.request import Request, RequestError, RequestOutput, SamplingParams
 from engines.sampling import sample_seed
 from engines.scheduler import ScheduledBatch, Scheduler
 from engines.sequence import Sequence
+from engines.step_clock import StepClock
 
 
 class LLMEngine(Engine):
@@ -37,7 +38,8 @@ class LLMEngine(Engine):
         mc = self.model_config
         self.slot_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * self.model.dtype.itemsize
         num_slots = self._kv_slots()
-        self.kv = self.make_kv_manager(num_slots)
+        self.clock = StepClock(self.device, enabled=cfg.step_anatomy)
+        self.kv = self.clock.wrap(self.make_kv_manager(num_slots))  # its calls during a step time as `kv`
         self.ledger = self.kv.ledger
         self.ledger.record = cfg.record_kv_steps
         self.scheduler = Scheduler(
@@ -48,7 +50,7 @@ class LLMEngine(Engine):
         self.runner = ModelRunner(
             self.model, self.kv, num_slots=self.kv.capacity, num_host_slots=self.host_slots(self.kv.block_size),
             max_model_len=self.max_model_len, use_cuda_graphs=not cfg.enforce_eager,
-            cuda_graph_max_batch=min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
+            cuda_graph_max_batch=min(cfg.cuda_graph_max_batch, cfg.max_num_seqs), clock=self.clock,
         )
         if self.device.type == "cuda":
             self._warm_up()
@@ -190,7 +192,9 @@ class LLMEngine(Engine):
 
     # -- one step: schedule -> run -> postprocess --------------------------------------------
     def _step(self) -> list[RequestOutput]:
+        self.clock.start()
         batch = self.scheduler.schedule()
+        self.clock.lap("schedule")
         if not batch:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress with requests waiting (a bug: please report)")
@@ -202,9 +206,12 @@ class LLMEngine(Engine):
         # after this step's admissions, before its frees; nothing to build when the log is off
         self.ledger.sample(now, self.kv_stats() if self.ledger.record else None)
         self.runner.apply(self.kv.take_ops())
+        self.clock.lap("kv")
         rows = self._sample_rows(batch)
         tokens = self.runner.run(batch, rows)
-        return self._postprocess(batch, rows, tokens, time.perf_counter())
+        outputs = self._postprocess(batch, rows, tokens, time.perf_counter())
+        self.ledger.timed(self.clock.finish(self.ledger.step - 1))
+        return outputs
 
     def _sample_rows(self, batch: ScheduledBatch) -> list[SampleRow]:
         """Who samples this step: every sequence whose last token is computed now, and for a

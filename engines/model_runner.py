@@ -18,6 +18,7 @@ from engines.model.decoder import CausalLM
 from engines.sampling import Sampler, SamplingBatch
 from engines.scheduler import ScheduledBatch
 from engines.sequence import Sequence
+from engines.step_clock import StepClock
 
 
 @dataclass
@@ -111,8 +112,10 @@ class ModelRunner:
         max_model_len: int,
         use_cuda_graphs: bool,
         cuda_graph_max_batch: int,
+        clock: StepClock | None = None,
     ) -> None:
         self.model = model
+        self.clock = clock or StepClock(model.device, enabled=False)
         self.kv = kv
         self.device = model.device
         self.max_model_len = max_model_len
@@ -158,9 +161,11 @@ class ModelRunner:
         """Forward the batch; return the tokens each row sampled (one per decode step it ran)."""
         if not batch.prefills:
             return self._run_decodes(batch.decodes, batch.decode_steps, rows)
+        clock = self.clock
         scheduled = [(s, 1) for s in batch.decodes] + batch.prefills
         hidden = self._forward_eager(scheduled)
         if not rows:
+            clock.lap("launch")
             return []
         last = {}  # sequence -> row of its last token in ``hidden``
         offset = 0
@@ -171,11 +176,17 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(sources, device=self.device)])
         pick = {h: i for i, h in enumerate(sources)}
         logits = logits[torch.tensor([pick[last[id(r.source)]] for r in rows], device=self.device)]
-        return [[t] for t in self.sampler(logits, self._sampling_batch(rows)).tolist()]
+        sampled = self.sampler(logits, self._sampling_batch(rows))
+        clock.end("sample")
+        clock.lap("launch")
+        tokens = sampled.tolist()
+        clock.lap("sync")
+        return [[t] for t in tokens]
 
     def _run_decodes(self, seqs: list[Sequence], steps: list[int], rows: list[SampleRow]) -> list[list[int]]:
         """Decode ``steps[i]`` tokens of each sequence, feeding each step's samples to the next on the
         device; the host waits once, at the end (several steps: vLLM's multi-step scheduling)."""
+        clock = self.clock
         n, k = len(seqs), max(steps)
         # A sequence with fewer steps than the batch repeats its last position without writing
         # (slot -1), so it never reads past what it was allocated.
@@ -191,17 +202,26 @@ class ModelRunner:
             b = graphs.load(n, tables, starts)
             dev = torch.from_numpy(np.stack([positions, slots, positions + 1])).to(self.device)
         sampled = []
+        clock.lap("prepare")
         for j in range(k):
             if graphs is not None:
+                clock.begin()
                 hidden = graphs.replay(n, b, ids, dev[0, j], dev[1, j], dev[2, j].int())
             else:
                 meta = build_metadata([StepSequence(int(p), 1) for p in positions[j]], slots[j],
                                       block_tables=tables, seq_starts=starts, block_size=self.kv.block_size,
                                       device=self.device)
-                hidden = self.model(ids, torch.from_numpy(positions[j]).to(self.device), self.kv_cache, meta)
+                position = torch.from_numpy(positions[j]).to(self.device)
+                clock.lap("prepare")
+                clock.begin()
+                hidden = self.model(ids, position, self.kv_cache, meta)
+            clock.end("forward")
             ids = self.sampler(self.model.compute_logits(hidden), sampling)
+            clock.end("sample")
+            clock.lap("launch")
             sampled.append(ids)
         tokens = torch.stack(sampled).tolist()  # the one host sync
+        clock.lap("sync")
         return [[tokens[j][i] for j in range(steps[i])] for i in range(n)]
 
     def _forward_eager(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
@@ -216,9 +236,10 @@ class ModelRunner:
             [StepSequence(s.num_computed, n) for s, n in scheduled], slots,
             block_tables=tables, seq_starts=starts, block_size=self.kv.block_size, device=self.device,
         )
-        return self.model(
-            torch.from_numpy(ids).to(self.device, non_blocking=True),
-            torch.from_numpy(positions).to(self.device, non_blocking=True),
-            self.kv_cache,
-            meta,
-        )
+        ids_d = torch.from_numpy(ids).to(self.device, non_blocking=True)
+        positions_d = torch.from_numpy(positions).to(self.device, non_blocking=True)
+        self.clock.lap("prepare")
+        self.clock.begin()
+        hidden = self.model(ids_d, positions_d, self.kv_cache, meta)
+        self.clock.end("forward")
+        return hidden

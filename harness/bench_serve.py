@@ -197,7 +197,7 @@ class KVPoller:
     def __init__(self, client, view: ServerView, interval: float, source: str = "auto") -> None:
         self.client, self.view, self.interval = client, view, interval
         self.source = ("kvbench" if view.info is not None else "metrics") if source == "auto" else source
-        self.cursors = {"samples": 0, "allocations": 0}
+        self.cursors = {"samples": 0, "allocations": 0, "times": 0}
         self.replies: list[dict[str, Any]] = []
         self.offsets: list[tuple[float, float]] = []  # (round trip, server clock - this clock) of each read
         self.scraped: list[tuple[float, Any]] = []  # (time, KVStats) from /metrics
@@ -217,7 +217,7 @@ class KVPoller:
             self.baseline = self.scraped[-1][1] if self.scraped else None
 
     async def _read_log(self, skip: bool = False) -> None:
-        cursors = {"samples": 2**62, "allocations": 2**62} if skip else self.cursors
+        cursors = {"samples": 2**62, "allocations": 2**62, "times": 2**62} if skip else self.cursors
         sent = time.perf_counter()
         r = await self.client.get(f"{self.view.base_url}/kvbench/kv_log", params=cursors, headers=self.view.headers)
         received = time.perf_counter()

@@ -23,7 +23,7 @@ import torch
 from engines import EngineNotAvailable, create_engine
 from engines.detokenizer import load_tokenizer
 from engines.model.config import ModelConfig
-from harness import kv_breakdown, metrics
+from harness import kv_breakdown, metrics, step_anatomy
 from harness.arrivals import arrival_offsets, timed_plan
 from harness.engine_keeper import KEEPER, engine_key
 from harness.make_model import ensure_model
@@ -120,10 +120,11 @@ def _scalar(value: Any) -> Any:
 def _run_figures(spec: JobSpec, record: RunRecord, model_cfg: ModelConfig, device: torch.device) -> tuple[dict, Any, Any]:
     """The run row's figures, the per-sample table and the per-step KV table."""
     requests = metrics.request_table(record)
-    steps = kv_breakdown.kv_steps(record.kv, record.samples, record.start)
+    steps = step_anatomy.with_times(kv_breakdown.kv_steps(record.kv, record.samples, record.start), record.kv)
     duration = record.end - record.start
     figures = metrics.summarize(requests, duration, spec.slo.ttft_s, spec.slo.tpot_s, spec.slo.e2e_s)
     figures.update(kv_breakdown.summarize(steps, duration, record.kv.breakdown))
+    figures.update(step_anatomy.summarize(steps, duration))
     figures.update(
         max_in_flight=record.max_in_flight,
         peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else math.nan,

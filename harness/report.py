@@ -27,8 +27,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from engines.step_clock import HOST_PHASES  # noqa: E402
 from harness.kv_breakdown import COMPONENTS  # noqa: E402
 from harness.results import RunDir, find_runs, runs_table  # noqa: E402
 from harness.schema import SaturationSpec  # noqa: E402
@@ -55,18 +57,21 @@ SUMMARY_COLUMNS = {
     "requests_s": "req/s", "goodput_req_s": "goodput req/s", "ttft_p95": "p95 TTFT s", "tpot_p95": "p95 TPOT s",
     "itl_p95": "p95 ITL s", "e2e_p95": "p95 E2E s", "queue_p95": "p95 queue s", "max_running": "max running",
     "preemptions": "preemptions", "kv_token_states_frac": "KV token states", "kv_waste": "KV waste",
-    "kv_fragmentation": "KV fragmentation", "roofline_efficiency": "roofline eff.",
+    "kv_fragmentation": "KV fragmentation", "roofline_efficiency": "roofline eff.", "gpu_busy_frac": "GPU busy",
 }
 
 
-PERCENT_COLUMNS = ("kv_token_states_frac", "kv_waste", "kv_fragmentation", "roofline_efficiency")
+PERCENT_COLUMNS = ("kv_token_states_frac", "kv_waste", "kv_fragmentation", "roofline_efficiency", "gpu_busy_frac")
+PHASE_COLORS = {"schedule": "#4878a8", "kv": "#d9534f", "prepare": "#f2b134", "launch": "#7f5a9e", "sync": "#bbbbbb",
+                "postprocess": "#4c9a2a"}
+ANATOMY_COLUMNS = (*(f"step_{p}_ms" for p in HOST_PHASES), "step_ms", "step_gpu_ms")
 USED_FRAC_COLUMNS = tuple(f"kv_{c}_used_frac" for c in COMPONENTS)
 # what an engine that cannot split its KV memory (kv_breakdown False) leaves NaN
 BREAKDOWN_COLUMNS = (*(f"kv_mean_{c}" for c in COMPONENTS), *(f"kv_{c}_frac" for c in COMPONENTS), *USED_FRAC_COLUMNS,
                      "kv_fragmentation", "kv_waste")
 NO_BREAKDOWN_ENGINES = ("hf", "hf_paged")  # old runs carry no kv_breakdown column: these never had one
 STAT_COLUMNS = tuple(dict.fromkeys([*(c for c in SUMMARY_COLUMNS if c not in ("engine_label", "status")),
-                                    *USED_FRAC_COLUMNS]))
+                                    *USED_FRAC_COLUMNS, *ANATOMY_COLUMNS]))
 RATIO_METRICS = {"output_tok_s": "output tok/s", "tpot_p95": "p95 TPOT", "ttft_p95": "p95 TTFT"}
 REPEAT_KEYS = ("repeat", "repeats", "seed")  # overrides that repeat a setting rather than change it
 LABEL_KEYS = ("engine", "name")  # overrides that name a series rather than place it on an axis
@@ -714,6 +719,39 @@ def fig_block_size(stats: pd.DataFrame, ok: pd.DataFrame, x: str, out: Path, mis
     return _save(fig, figure, out, missing)
 
 
+def fig_step_anatomy(chosen: pd.DataFrame, ok: pd.DataFrame, x: str | None, out: Path, missing: list[str]) -> Figure:
+    """Where a step's time goes, per engine: host phases stacked (ms per step), the GPU's time per step beside them."""
+    names = [f"{run_label(r, x)} (n={r['n']})" for _, r in chosen.iterrows()]
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.5 * len(names)))
+    for k, (name, (_, r)) in enumerate(zip(names, chosen.iterrows())):
+        left = 0.0
+        for p in HOST_PHASES:
+            w = float(r[f"step_{p}_ms"])
+            w = 0.0 if math.isnan(w) else w
+            ax.barh(k, w, left=left, height=0.55, color=PHASE_COLORS[p], label=p if k == 0 else None)
+            left += w
+        gpu = float(r["step_gpu_ms"])
+        if not math.isnan(gpu):
+            ax.plot([gpu, gpu], [k - 0.38, k + 0.38], color="black", lw=2, label="GPU time (forward + sampler)" if k == 0 else None)
+        busy = r.get("gpu_busy_frac", math.nan)
+        note = f"  {left:.3g} ms/step" + ("" if math.isnan(busy) else f", GPU busy {100 * busy:.0f}%")
+        ax.text(max(left, 0 if math.isnan(gpu) else gpu), k, note, va="center", fontsize=7)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("ms per engine step (medians over the repeats)")
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_xlim(0, 1.3 * max(1e-3, float(np.nanmax(chosen[["step_ms", "step_gpu_ms"]].to_numpy(dtype=float)))))
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (1.2 + 0.5 * len(names)) - 0.12),
+              ncol=len(HOST_PHASES) + 1, frameon=False)
+    figure = Figure("step_anatomy", "Where a step's time goes",
+                    caption(ok, x, "Mean host wall time of an engine step split by phase (schedule, KV manager calls, "
+                            "preparing inputs, launching the forward and sampler, waiting for the sampled tokens, "
+                            "postprocessing; defined in the methodology, \"Step anatomy\"), and the GPU's time per "
+                            "step (black mark; on a CPU, the wall time of the same spans). Medians over the repeats (n) "
+                            "of each run's mean; engines that do not time their steps are left out."))
+    return _save(fig, figure, out, missing, below_inches=0.3)
+
+
 def make_figures(table: pd.DataFrame, runs: dict[str, RunDir], x: str | None, out: Path) -> list[Figure]:
     ok = table[usable(table)]
     if ok.empty:
@@ -736,6 +774,9 @@ def make_figures(table: pd.DataFrame, runs: dict[str, RunDir], x: str | None, ou
         traced = kv_groups(stats, x, every=False)
         if all((Path(r["run_dirs"][0]) / "kv_steps.parquet").is_file() for _, r in traced.iterrows()):
             figures.append(fig_kv_over_time(traced, ok, runs, x, out, missing))
+    timed = kv_groups(stats[stats["step_ms"].notna()], x, every=True)
+    if len(timed):
+        figures.append(fig_step_anatomy(timed, ok, x, out, missing))
     return figures
 
 

@@ -370,7 +370,7 @@ def test_the_kv_log_has_every_step_and_allocation_of_a_request(which, request):
     """/kvbench/kv_log: the engine's counters after every step and each allocation change, after a cursor."""
     base = request.getfixturevalue(which).base_url
     with httpx.Client(base_url=base, timeout=60) as c:
-        cursors = c.get("/kvbench/kv_log", params={"samples": 2**62, "allocations": 2**62}).json()["next"]
+        cursors = c.get("/kvbench/kv_log", params={"samples": 2**62, "allocations": 2**62, "times": 2**62}).json()["next"]
         rid = f"kv-log-{which}"
         r = c.post("/v1/completions", headers={"X-Request-Id": rid},
                    json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
@@ -386,6 +386,8 @@ def test_the_kv_log_has_every_step_and_allocation_of_a_request(which, request):
     mine = [a for a in reply["allocations"] if a[1].startswith(rid)]
     assert mine[0][3] > 0 and mine[-1][3] == 0  # held, then released
     assert mine[-1][4] == rows[-1]["stored"] + 1  # released holding every token but the last sampled one
-    assert reply["missed"] == {"samples": 0, "allocations": 0}
+    assert reply["missed"] == {"samples": 0, "allocations": 0, "times": 0}
     assert again["samples"] == [] and again["allocations"] == [] and again["next"] == reply["next"]
+    times = [dict(zip(reply["time_fields"], row)) for row in reply["times"]]  # each step's anatomy, keyed alike
+    assert [t["step"] for t in times] == [r["step"] for r in rows] and all(t["wall"] > 0 for t in times)
     assert reply["now"] >= rows[-1]["time"]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from engines.base import KVStats
+    from engines.step_clock import StepTimes
 
 
 class Held(Protocol):
@@ -48,18 +49,22 @@ class KVLog:
     engine's start. ``allocations``: every change of a sequence's allocation, stamped with the
     step of the first sample that shows it. ``breakdown``: False for engines that cannot say
     which of their slots hold token states (the transformers baselines). ``baseline``: the
-    counters when the log began, which a run's cumulative counters count from.
+    counters when the log began, which a run's cumulative counters count from. ``times``: where
+    each step's time went (engines.step_clock), keyed by the step of its sample; empty for
+    engines that do not time their steps.
     """
 
     samples: list[tuple[int, float, "KVStats"]] = field(default_factory=list)
     allocations: list[Allocation] = field(default_factory=list)
     breakdown: bool = True
     baseline: "KVStats | None" = None
+    times: list["StepTimes"] = field(default_factory=list)
 
     def extend(self, later: "KVLog") -> None:
         """Append a later drain of the same ledger."""
         self.samples.extend(later.samples)
         self.allocations.extend(later.allocations)
+        self.times.extend(later.times)
         self.breakdown = self.breakdown and later.breakdown
 
 
@@ -106,6 +111,11 @@ class KVLedger:
         if self.record:
             self.log.samples.append((self.step, time, stats))
         self.step += 1
+
+    def timed(self, times: list[StepTimes]) -> None:
+        """Steps' anatomies, each keyed by its sample's step (a step's may come a step late: engines.step_clock)."""
+        if self.record:
+            self.log.times.extend(times)
 
     def drain(self) -> KVLog:
         log, self.log = self.log, KVLog()

@@ -282,9 +282,9 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
         return fields
 
     @app.get("/kvbench/kv_log")
-    async def kvbench_kv_log(request: HTTPRequest, samples: int = 0, allocations: int = 0) -> Any:
+    async def kvbench_kv_log(request: HTTPRequest, samples: int = 0, allocations: int = 0, times: int = 0) -> Any:
         """The engine's KV log after the given cursors (harness.server.kv_feed), for bench-serve's KV breakdown."""
         authorize(request)
-        return loop.kv_feed.since(samples, allocations)
+        return loop.kv_feed.since(samples, allocations, times)
 
     return app

@@ -1,0 +1,100 @@
+"""What timing a step costs an engine step: ``python -m benchmarks.step_anatomy [options]``.
+
+The step anatomy (engines.step_clock, docs/methodology.md) is on in every run, so issue 13
+asks that it cost under 1% of a step. ``step()`` of an engine with ``--running`` sequences all
+decoding is timed with the anatomy on and off in interleaved blocks of steps, so that the
+growing context and any drift land on both; the ratio of median step times comes with a 95%
+bootstrap interval. Off means what ``engine.step_anatomy=false`` builds: no laps, no CUDA
+events, and the KV manager handed to the scheduler and runner directly instead of through
+its timing wrapper. Prints a short table last, with the anatomy's own split of the step;
+``--out`` writes the step times as CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmarks.kv_accounting import build_engine, fill
+from engines.step_clock import HOST_PHASES
+from harness.make_model import ensure_model
+from harness.stats import ratio_ci
+
+
+def set_anatomy(engine, timed_kv, on: bool) -> None:
+    """Switch a built engine between what step_anatomy=true and =false build (the clock, and the KV manager its
+    scheduler and runner call: timed or direct)."""
+    kv = timed_kv if on else object.__getattribute__(timed_kv, "_kv")
+    engine.clock.on = on
+    engine.kv = engine.scheduler.kv = engine.runner.kv = kv
+
+
+def step_times(engine, args: argparse.Namespace) -> tuple[dict[bool, list[float]], list]:
+    """Seconds per step with the anatomy on and off, in alternating blocks; and the anatomies of the 'on' steps."""
+    timed_kv = engine.kv
+    times: dict[bool, list[float]] = {True: [], False: []}
+    anatomies = []
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    for block in range(2 * args.blocks):
+        on = block % 2 == 0
+        set_anatomy(engine, timed_kv, on)
+        for _ in range(args.block_steps):
+            sync()
+            t0 = time.perf_counter()
+            engine.step()  # returns after the host has this step's tokens: a device sync
+            times[on].append(time.perf_counter() - t0)
+        anatomies += engine.kv_log().times
+    set_anatomy(engine, timed_kv, True)
+    return times, anatomies
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step_anatomy", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="qwen3-0.6b" if torch.cuda.is_available() else "tiny-qwen3")
+    p.add_argument("--engines", default="contiguous,paged")
+    p.add_argument("--running", default="8,256", help="comma-separated batch sizes")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--blocks", type=int, default=8, help="blocks of steps per setting (on, off alternate)")
+    p.add_argument("--block-steps", type=int, default=20)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    model_dir = ensure_model(args.preset)
+    rows, summary = [], []
+    for running in (int(r) for r in args.running.split(",")):
+        args.running = running
+        for kind in args.engines.split(","):
+            engine = build_engine(kind, model_dir, args)
+            fill(engine, args)
+            engine.kv_log()
+            times, anatomies = step_times(engine, args)
+            on, off = np.array(times[True]) * 1e3, np.array(times[False]) * 1e3
+            split = {ph: 1e3 * statistics.median(getattr(a, ph) for a in anatomies) for ph in (*HOST_PHASES, "forward")}
+            summary.append((kind, running, statistics.median(on), statistics.median(off), ratio_ci(on, off), split))
+            rows += [{"engine": kind, "running": running, "anatomy": a, "step": i, "step_ms": t}
+                     for a, ts in (("on", on), ("off", off)) for i, t in enumerate(ts)]
+            engine.close()
+            del engine
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(args.out, index=False)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"Step anatomy cost per step ({args.preset}, {device}, prompt {args.prompt}, "
+          f"{args.blocks} x {args.block_steps} steps per setting; split: medians of the 'on' steps, ms)")
+    print(f"{'engine':<11} {'running':>7} {'step ms on':>11} {'off':>8} {'on / off - 1 [95% CI]':>27}  "
+          + " ".join(f"{ph[:8]:>8}" for ph in (*HOST_PHASES, "gpu fwd")))
+    for kind, running, med_on, med_off, r, split in summary:
+        ci = f"{r.value - 1:+.2%} [{r.low - 1:+.2%}, {r.high - 1:+.2%}]"
+        print(f"{kind:<11} {running:>7} {med_on:>11.3f} {med_off:>8.3f} {ci:>27}  "
+              + " ".join(f"{v:>8.3f}" for v in split.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
