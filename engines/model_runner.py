@@ -19,6 +19,7 @@ from engines.sampling import Sampler, SamplingBatch
 from engines.scheduler import ScheduledBatch
 from engines.sequence import Sequence
 from engines.step_clock import StepClock
+from engines.transfer import to_device
 
 
 @dataclass
@@ -83,10 +84,10 @@ class _DecodeGraphs:
         self.slot_mapping[n:b].fill_(-1)  # padding rows write nothing
         self.seq_lens[n:b].fill_(1)
         if tables is not None:
-            self.block_tables[:n, : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
+            self.block_tables[:n, : tables.shape[1]].copy_(to_device(tables, self.block_tables.device))
             self.block_tables[n:b, 0].fill_(0)
         else:
-            self.seq_starts[:n].copy_(torch.from_numpy(starts), non_blocking=True)
+            self.seq_starts[:n].copy_(to_device(starts, self.seq_starts.device))
             self.seq_starts[n:b].fill_(0)
         return b
 
@@ -142,8 +143,8 @@ class ModelRunner:
             kernels.swap_blocks(self.host_cache, self.kv_cache, torch.tensor(src), torch.tensor(dst), bs)
         if ops.copies:
             src, dst = zip(*ops.copies)
-            kernels.copy_blocks(self.kv_cache, torch.tensor(src, device=self.device),
-                                torch.tensor(dst, device=self.device), ops.copy_block_size)
+            kernels.copy_blocks(self.kv_cache, to_device(np.asarray(src, dtype=np.int64), self.device),
+                                to_device(np.asarray(dst, dtype=np.int64), self.device), ops.copy_block_size)
 
     # -- the step ----------------------------------------------------------------------------
     def _sampling_batch(self, rows: list[SampleRow]) -> SamplingBatch:
@@ -163,20 +164,23 @@ class ModelRunner:
             return self._run_decodes(batch.decodes, batch.decode_steps, rows)
         clock = self.clock
         scheduled = [(s, 1) for s in batch.decodes] + batch.prefills
+        if rows:  # which rows of the forward's output the samples read: known before it runs
+            last = {}  # sequence -> row of its last token in the forward's output
+            offset = 0
+            for seq, n in scheduled:
+                offset += n
+                last[id(seq)] = offset - 1
+            sources = sorted({last[id(r.source)] for r in rows})
+            pick = {h: i for i, h in enumerate(sources)}
+            gather = to_device(np.asarray(sources, dtype=np.int64), self.device)
+            order = to_device(np.asarray([pick[last[id(r.source)]] for r in rows], dtype=np.int64), self.device)
+            sampling = self._sampling_batch(rows)
         hidden = self._forward_eager(scheduled)
         if not rows:
             clock.lap("launch")
             return []
-        last = {}  # sequence -> row of its last token in ``hidden``
-        offset = 0
-        for seq, n in scheduled:
-            offset += n
-            last[id(seq)] = offset - 1
-        sources = sorted({last[id(r.source)] for r in rows})
-        logits = self.model.compute_logits(hidden[torch.tensor(sources, device=self.device)])
-        pick = {h: i for i, h in enumerate(sources)}
-        logits = logits[torch.tensor([pick[last[id(r.source)]] for r in rows], device=self.device)]
-        sampled = self.sampler(logits, self._sampling_batch(rows))
+        logits = self.model.compute_logits(hidden[gather])[order]
+        sampled = self.sampler(logits, sampling)
         clock.end("sample")
         clock.lap("launch")
         tokens = sampled.tolist()
@@ -196,11 +200,11 @@ class ModelRunner:
         slots = np.where(active, self.kv.decode_slots(seqs, positions), -1)
         tables, starts = self.kv.addressing(seqs)
         sampling = self._sampling_batch(rows)
-        ids = torch.from_numpy(np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n)).to(self.device)
+        ids = to_device(np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n), self.device)
         graphs = self.graphs if self.graphs is not None and self.graphs.padded_size(n) is not None else None
         if graphs is not None:
             b = graphs.load(n, tables, starts)
-            dev = torch.from_numpy(np.stack([positions, slots, positions + 1])).to(self.device)
+            dev = to_device(np.stack([positions, slots, positions + 1]), self.device)
         sampled = []
         clock.lap("prepare")
         for j in range(k):
@@ -211,7 +215,7 @@ class ModelRunner:
                 meta = build_metadata([StepSequence(int(p), 1) for p in positions[j]], slots[j],
                                       block_tables=tables, seq_starts=starts, block_size=self.kv.block_size,
                                       device=self.device)
-                position = torch.from_numpy(positions[j]).to(self.device)
+                position = to_device(positions[j], self.device)
                 clock.lap("prepare")
                 clock.begin()
                 hidden = self.model(ids, position, self.kv_cache, meta)
@@ -236,8 +240,7 @@ class ModelRunner:
             [StepSequence(s.num_computed, n) for s, n in scheduled], slots,
             block_tables=tables, seq_starts=starts, block_size=self.kv.block_size, device=self.device,
         )
-        ids_d = torch.from_numpy(ids).to(self.device, non_blocking=True)
-        positions_d = torch.from_numpy(positions).to(self.device, non_blocking=True)
+        ids_d, positions_d = to_device(ids, self.device), to_device(positions, self.device)
         self.clock.lap("prepare")
         self.clock.begin()
         hidden = self.model(ids_d, positions_d, self.kv_cache, meta)

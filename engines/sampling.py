@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engines.request import SamplingParams
+from engines.transfer import to_device
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -23,15 +25,16 @@ def sample_seed(seed: int, index: int) -> int:
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters of one step, as device tensors."""
+    """Per-row sampling parameters of one step, as device tensors (None where the batch does not need them:
+    an all-greedy batch without penalties copies nothing to the device)."""
 
-    temperature: torch.Tensor  # [B] float32; 0 = greedy
-    top_k: torch.Tensor  # [B] int64; 0 = off
-    top_p: torch.Tensor  # [B] float32
-    min_p: torch.Tensor  # [B] float32
-    presence: torch.Tensor  # [B] float32
-    frequency: torch.Tensor  # [B] float32
-    repetition: torch.Tensor  # [B] float32
+    temperature: torch.Tensor | None  # [B] float32; 0 = greedy
+    top_k: torch.Tensor | None  # [B] int64; 0 = off
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
+    presence: torch.Tensor | None  # [B] float32
+    frequency: torch.Tensor | None  # [B] float32
+    repetition: torch.Tensor | None  # [B] float32
     output_tokens: torch.Tensor | None  # [B, L] int64 padded with vocab_size; only when a penalty is on
     prompt_tokens: torch.Tensor | None  # [B, P] int64 padded with vocab_size; only for repetition penalty
     generators: list[torch.Generator | None]
@@ -42,6 +45,7 @@ class SamplingBatch:
     use_min_p: bool
     use_penalties: bool
     use_repetition: bool
+    max_top_k: int = 0  # the most logits any row keeps under top-k, 0: all (known on the host: no sync to find it)
 
     @classmethod
     def build(
@@ -53,39 +57,39 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
     ) -> "SamplingBatch":
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
         use_penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
         use_repetition = any(p.repetition_penalty != 1.0 for p in params)
+        all_greedy = all(p.greedy for p in params)
+        columns = [None] * 7
+        if use_penalties or not all_greedy:  # every column in one copy (top_k is exact in float32 below 2**24)
+            table = np.array([(p.temperature, p.top_k, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+                               p.repetition_penalty) for p in params], dtype=np.float32)
+            columns = list(to_device(table.T, device))
+            columns[1] = columns[1].long()
+        temperature, top_k, top_p, min_p, presence, frequency, repetition = columns
         return cls(
-            temperature=col([p.temperature for p in params], torch.float32),
-            top_k=col([p.top_k for p in params], torch.int64),
-            top_p=col([p.top_p for p in params], torch.float32),
-            min_p=col([p.min_p for p in params], torch.float32),
-            presence=col([p.presence_penalty for p in params], torch.float32),
-            frequency=col([p.frequency_penalty for p in params], torch.float32),
-            repetition=col([p.repetition_penalty for p in params], torch.float32),
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            presence=presence, frequency=frequency, repetition=repetition,
             output_tokens=_padded(output_ids, vocab_size, device) if use_penalties else None,
             prompt_tokens=_padded(prompt_ids, vocab_size, device) if use_repetition else None,
             generators=generators,
-            all_greedy=all(p.greedy for p in params),
+            all_greedy=all_greedy,
             any_greedy=any(p.greedy for p in params),
             use_top_k=any(p.top_k > 0 and not p.greedy for p in params),
             use_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),
             use_min_p=any(p.min_p > 0.0 and not p.greedy for p in params),
             use_penalties=use_penalties,
             use_repetition=use_repetition,
+            max_top_k=0 if any(p.top_k <= 0 for p in params) else max(p.top_k for p in params),
         )
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0) or 1
-    out = torch.full((len(rows), width), pad, dtype=torch.int64)
+    out = np.full((len(rows), width), pad, dtype=np.int64)
     for i, r in enumerate(rows):
-        if r:
-            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
-    return out.to(device, non_blocking=True)
+        out[i, : len(r)] = r
+    return to_device(out, device)
 
 
 def _token_counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -105,9 +109,10 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits - batch.presence.unsqueeze(1) * (counts > 0).float()
 
 
-def _mask_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def _mask_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
     k = torch.where(top_k > 0, top_k, logits.shape[1]).clamp(max=logits.shape[1])
-    kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    width = min(max_top_k, logits.shape[1]) if max_top_k else logits.shape[1]
+    kth = torch.topk(logits, width, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
@@ -146,7 +151,7 @@ class Sampler:
         is_greedy = batch.temperature == 0
         logits = logits / torch.where(is_greedy, 1.0, batch.temperature).unsqueeze(1)
         if batch.use_top_k:
-            logits = _mask_top_k(logits, batch.top_k)
+            logits = _mask_top_k(logits, batch.top_k, batch.max_top_k)
         if batch.use_top_p:
             logits = _mask_top_p(logits, batch.top_p)
         if batch.use_min_p:

@@ -139,3 +139,34 @@ def test_on_a_gpu_events_time_every_step_including_chunks_that_sync_nothing():
         assert t.forward > 0 and t.sample >= 0  # a chunk that completes no prompt samples nothing
     # the device works between the first step's start and the last one's sync, so never for longer than the steps
     assert sum(t.forward + t.sample for t in log.times) <= sum(t.wall for t in log.times)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["paged", "contiguous"])
+def test_on_a_gpu_a_step_syncs_the_host_once_to_return_its_tokens(kind):
+    """Prefills, mixed steps, graph and eager decodes, greedy and sampled rows: the only synchronizing CUDA call in a
+    step is the one that brings the sampled tokens back (torch's sync debug mode reports every other)."""
+    import warnings
+
+    from harness.make_model import ensure_model
+
+    cfg = (PagedConfig if kind == "paged" else ContiguousConfig)(
+        max_num_batched_tokens=512, max_num_seqs=16, cuda_graph_max_batch=8, gpu_memory_utilization=0.3)
+    engine = create_engine(ensure_model("qwen3-0.6b"), cfg)
+    for i in range(12):  # more decodes than graphs capture at the start, fewer at the end: both paths
+        params = SamplingParams(max_tokens=8 + 4 * i, temperature=0.7 * (i % 2), top_k=20 * (i % 3), top_p=0.9,
+                                seed=i, ignore_eos=True)
+        engine.add_request(Request(f"s{i}", list(range(7, 300 + 20 * i)), params))
+    syncs_per_step = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        while engine.has_unfinished():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.step()
+            syncs_per_step.append(sum("synchronizing" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        engine.close()
+    assert len(syncs_per_step) > 20
+    assert max(syncs_per_step) <= 1, f"steps with more than one host sync: {syncs_per_step}"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engines.transfer import to_device
+
 
 @dataclass
 class Addressing:
@@ -72,9 +74,9 @@ def _addressing(rows: slice, block_tables: np.ndarray | None, seq_starts: np.nda
         part = block_tables[rows]
         pad = -part.shape[1] % TABLE_WIDTH_QUANTUM
         part = np.pad(part, ((0, 0), (0, pad))) if pad else np.ascontiguousarray(part)
-        return Addressing(torch.from_numpy(part).to(device, non_blocking=True), None, block_size)
+        return Addressing(to_device(part, device), None, block_size)
     part = np.ascontiguousarray(seq_starts[rows], dtype=np.int32)
-    return Addressing(None, torch.from_numpy(part).to(device, non_blocking=True), block_size)
+    return Addressing(None, to_device(part, device), block_size)
 
 
 def build_metadata(
@@ -99,7 +101,7 @@ def build_metadata(
         num_decodes += 1
 
     def lens(rows: slice) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(seq_lens[rows])).to(device, non_blocking=True)
+        return to_device(seq_lens[rows], device)
 
     decode = prefill = None
     if num_decodes:
@@ -112,14 +114,14 @@ def build_metadata(
         qsl = np.zeros(len(rest) + 1, dtype=np.int32)
         np.cumsum(rest, out=qsl[1:])
         prefill = PrefillBatch(
-            query_start_loc=torch.from_numpy(qsl).to(device, non_blocking=True),
+            query_start_loc=to_device(qsl, device),
             seq_lens=lens(rows),
             addressing=_addressing(rows, block_tables, seq_starts, block_size, device),
             max_query_len=int(rest.max()),
             max_seq_len=int(seq_lens[rows].max()),
         )
     return AttentionMetadata(
-        slot_mapping=torch.from_numpy(slot_mapping.astype(np.int64)).to(device, non_blocking=True),
+        slot_mapping=to_device(slot_mapping.astype(np.int64, copy=False), device),
         num_decode_tokens=num_decodes,
         decode=decode,
         prefill=prefill,
