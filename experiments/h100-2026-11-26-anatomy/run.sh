@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 13's first GPU evidence: the step anatomy, what it costs, and the host-sync fixes before/after.
+# Usage on the GPU machine, from the repo root: experiments/h100-2026-11-26-anatomy/run.sh OUT PART
+#   the code "before" (commit acadd34: anatomy, old host path) in .bench/before, "after" is the working tree.
+#   PART 1: GPU tests of the anatomy and of one sync per step; the anatomy's cost (benchmarks/step_anatomy.py);
+#           `throughput` (contiguous, paged) before and after, repeats alternating between the two.
+#   PART 2: `seed_8b` (llama-3.1-8b shape, random weights) before and after, alternating.
+set -uo pipefail
+out=${1:?output directory}; part=${2:?part}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+runs=${RUNS:-$out/runs}
+here=$PWD
+sweep() {  # version experiment repeat [overrides...]
+  local v=$1 exp=$2 r=$3; shift 3
+  local code=$here; [ "$v" = before ] && code=$here/.bench/before
+  (cd "$code" && PYTHONPATH=$code:${PYTHONPATH:-} $py -m harness +experiment=$exp engine=contiguous,paged name=${exp}_$v \
+      repeats=1 repeat=$r report=false hydra.sweep.dir="$runs/$exp/${v}_r$r" "$@" 2>&1 | grep -v WARNING | tail -4)
+}
+if [ "$part" = 1 ]; then
+  $py -m pytest -q -m gpu tests/test_step_anatomy.py 2>&1 | tail -4
+  $py -m benchmarks.step_anatomy --running 8,64,256 --blocks 6 --block-steps 20 --out "$out/step_anatomy_cost.csv" \
+      2>&1 | tee "$out/step_anatomy_cost.log" | tail -8
+  for r in 0 1 2; do for v in before after; do sweep $v throughput $r; done; done
+  tar czf "$out/throughput.tgz" -C "$runs" throughput
+elif [ "$part" = 2 ]; then
+  for r in 0 1 2; do for v in before after; do sweep $v seed_8b $r model.source=random; done; done
+  tar czf "$out/seed_8b.tgz" -C "$runs" seed_8b
+fi
