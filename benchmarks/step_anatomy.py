@@ -7,12 +7,16 @@ growing context and any drift land on both; the ratio of median step times comes
 bootstrap interval. Off means what ``engine.step_anatomy=false`` builds: no laps, no CUDA
 events, and the KV manager handed to the scheduler and runner directly instead of through
 its timing wrapper. Prints a short table last, with the anatomy's own split of the step;
-``--out`` writes the step times as CSV.
+``--out`` writes the step times as CSV; ``--profile N`` prints the host's hottest functions over
+N more steps of each engine (cProfile), to see what the phases are made of.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -54,6 +58,17 @@ def step_times(engine, args: argparse.Namespace) -> tuple[dict[bool, list[float]
     return times, anatomies
 
 
+def hottest(engine, steps: int, top: int = 14) -> str:
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(steps):
+        engine.step()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    return "\n".join(line for line in text.getvalue().splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step_anatomy", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="qwen3-0.6b" if torch.cuda.is_available() else "tiny-qwen3")
@@ -64,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=8, help="blocks of steps per setting (on, off alternate)")
     p.add_argument("--block-steps", type=int, default=20)
     p.add_argument("--out", type=Path)
+    p.add_argument("--profile", type=int, default=0, help="steps to profile on the host after timing (0: none)")
     args = p.parse_args(argv)
     model_dir = ensure_model(args.preset)
     rows, summary = [], []
@@ -77,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             on, off = np.array(times[True]) * 1e3, np.array(times[False]) * 1e3
             split = {ph: 1e3 * statistics.median(getattr(a, ph) for a in anatomies) for ph in (*HOST_PHASES, "forward")}
             summary.append((kind, running, statistics.median(on), statistics.median(off), ratio_ci(on, off), split))
+            if args.profile:
+                print(f"\n{kind}, {running} running: the host's hottest functions over {args.profile} steps")
+                print(hottest(engine, args.profile))
             rows += [{"engine": kind, "running": running, "anatomy": a, "step": i, "step_ms": t}
                      for a, ts in (("on", on), ("off", off)) for i, t in enumerate(ts)]
             engine.close()

@@ -15,7 +15,7 @@ import torch
 from engines.kv.manager import CacheOps, KVManager
 from engines.kv.metadata import Addressing, AttentionMetadata, DecodeBatch, StepSequence, build_metadata
 from engines.model.decoder import CausalLM
-from engines.sampling import Sampler, SamplingBatch
+from engines.sampling import Sampler, SamplingBatch, uses_history
 from engines.scheduler import ScheduledBatch
 from engines.sequence import Sequence
 from engines.step_clock import StepClock
@@ -148,11 +148,13 @@ class ModelRunner:
 
     # -- the step ----------------------------------------------------------------------------
     def _sampling_batch(self, rows: list[SampleRow]) -> SamplingBatch:
+        params = [r.seq.request.sampling_params for r in rows]
+        history = uses_history(params)  # token histories cost a copy of every output so far: only for penalties
         return SamplingBatch.build(
-            [r.seq.request.sampling_params for r in rows],
+            params,
             [r.seq.generator for r in rows],
-            [r.seq.token_ids[r.seq.num_prompt:] for r in rows],
-            [r.seq.request.prompt_token_ids for r in rows],
+            [r.seq.token_ids[r.seq.num_prompt:] for r in rows] if history else None,
+            [r.seq.request.prompt_token_ids for r in rows] if history else None,
             self.model.cfg.vocab_size,
             self.device,
         )

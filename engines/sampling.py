@@ -23,6 +23,11 @@ def sample_seed(seed: int, index: int) -> int:
     return seed if index == 0 else (seed * 1_000_003 + index) % (2**63)
 
 
+def uses_history(params: list[SamplingParams]) -> bool:
+    """Whether sampling these rows reads their token histories (a repetition, presence or frequency penalty)."""
+    return any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters of one step, as device tensors (None where the batch does not need them:
@@ -52,12 +57,13 @@ class SamplingBatch:
         cls,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
-        output_ids: list[list[int]],
-        prompt_ids: list[list[int]],
+        output_ids: list[list[int]] | None,
+        prompt_ids: list[list[int]] | None,
         vocab_size: int,
         device: torch.device,
     ) -> "SamplingBatch":
-        use_penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
+        """``output_ids``/``prompt_ids``: each row's tokens so far, needed (and read) only when ``uses_history``."""
+        use_penalties = uses_history(params)
         use_repetition = any(p.repetition_penalty != 1.0 for p in params)
         all_greedy = all(p.greedy for p in params)
         columns = [None] * 7
