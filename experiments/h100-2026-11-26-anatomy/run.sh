@@ -4,7 +4,8 @@
 #   the code "before" (commit acadd34: anatomy, old host path) in .bench/before, "after" is the working tree.
 #   PART 1: GPU tests of the anatomy and of one sync per step; the anatomy's cost (benchmarks/step_anatomy.py);
 #           `throughput` (contiguous, paged) before and after, repeats alternating between the two.
-#   PART 2: `seed_8b` (llama-3.1-8b shape, random weights) before and after, alternating.
+#   PART 2: the anatomy's cost again, with the host's hottest functions; `throughput` before and after again.
+#   PART 3: `seed_8b` (llama-3.1-8b shape, random weights) before and after, alternating.
 set -uo pipefail
 out=${1:?output directory}; part=${2:?part}
 py=${PYTHON:-python3}
@@ -24,6 +25,12 @@ if [ "$part" = 1 ]; then
   for r in 0 1 2; do for v in before after; do sweep $v throughput $r; done; done
   tar czf "$out/throughput.tgz" -C "$runs" throughput
 elif [ "$part" = 2 ]; then
+  $py -m benchmarks.step_anatomy --running 8,256 --blocks 6 --block-steps 20 --profile 50 \
+      --out "$out/step_anatomy_cost.csv" > "$out/step_anatomy_cost.log" 2>&1
+  tail -6 "$out/step_anatomy_cost.log"
+  for r in 0 1 2; do for v in before after; do sweep $v throughput $r; done; done
+  tar czf "$out/throughput.tgz" -C "$runs" throughput
+elif [ "$part" = 3 ]; then
   for r in 0 1 2; do for v in before after; do sweep $v seed_8b $r model.source=random; done; done
   tar czf "$out/seed_8b.tgz" -C "$runs" seed_8b
 fi
