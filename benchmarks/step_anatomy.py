@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import statistics
@@ -26,7 +27,8 @@ import pandas as pd
 import torch
 
 from benchmarks.kv_accounting import build_engine, fill
-from engines.step_clock import HOST_PHASES
+from engines.step_clock import HOST_PHASES, StepClock
+from harness.engine_keeper import freeze_heap
 from harness.make_model import ensure_model
 from harness.stats import ratio_ci
 
@@ -58,6 +60,53 @@ def step_times(engine, args: argparse.Namespace) -> tuple[dict[bool, list[float]
     return times, anatomies
 
 
+def primitives(device: torch.device, repeats: int = 20000) -> dict[str, float]:
+    """µs per call of what the anatomy does each step: a lap, a timed KV call beyond a direct one, and on a GPU
+    the stream lookup, an event record, query and elapsed-time read; and an empty step with three device marks."""
+    clock = StepClock(device)
+    noop = _Noop()
+    timed = clock.timed(noop.call)
+
+    def per_call(fn, n: int = repeats) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    def empty_step() -> None:
+        clock.start()
+        for phase in ("schedule", "kv", "prepare"):
+            clock.lap(phase)
+        clock.begin()
+        clock.end("forward")
+        clock.end("sample")
+        clock.lap("launch")
+        clock.lap("sync")
+        clock.finish(0)
+
+    out = {"lap": per_call(lambda: clock.lap("prepare")),
+           "timed KV call - direct": per_call(lambda: timed(1)) - per_call(lambda: noop.call(1))}
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream = torch.cuda.current_stream()
+        a.record(stream), b.record(stream)
+        torch.cuda.synchronize()
+        out.update({"current_stream": per_call(torch.cuda.current_stream), "event record": per_call(lambda: a.record(stream)),
+                    "event query": per_call(b.query)})
+        torch.cuda.synchronize()
+        out["elapsed_time"] = per_call(lambda: a.elapsed_time(b))
+    clock.start()
+    out["empty step (3 marks)"] = per_call(empty_step, repeats // 10)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+class _Noop:
+    def call(self, x):
+        return x
+
+
 def hottest(engine, steps: int, top: int = 14) -> str:
     profile = cProfile.Profile()
     profile.enable()
@@ -80,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-steps", type=int, default=20)
     p.add_argument("--out", type=Path)
     p.add_argument("--profile", type=int, default=0, help="steps to profile on the host after timing (0: none)")
+    p.add_argument("--primitives", action="store_true", help="only time the anatomy's primitives")
     args = p.parse_args(argv)
+    if args.primitives:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for name, us in primitives(device).items():
+            print(f"{name:<24} {us:8.2f} µs")
+        return 0
     model_dir = ensure_model(args.preset)
     rows, summary = [], []
     for running in (int(r) for r in args.running.split(",")):
@@ -88,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.engines.split(","):
             engine = build_engine(kind, model_dir, args)
             fill(engine, args)
+            freeze_heap()  # as a run or a server does once its engine is built
             engine.kv_log()
             times, anatomies = step_times(engine, args)
             on, off = np.array(times[True]) * 1e3, np.array(times[False]) * 1e3
@@ -100,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                      for a, ts in (("on", on), ("off", off)) for i, t in enumerate(ts)]
             engine.close()
             del engine
+            gc.unfreeze()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)

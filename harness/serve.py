@@ -163,6 +163,7 @@ def build_engine(resolved):
     """The engine, loaded and warm, and its model directory."""
     from engines import create_engine
     from engines.detokenizer import load_tokenizer
+    from harness.engine_keeper import freeze_heap
     from harness.job import resolve_model_dir
     from harness.runner import warm_up
     from harness.workload import regular_token_ids
@@ -172,6 +173,7 @@ def build_engine(resolved):
     engine = create_engine(model_dir, resolved.engine)
     if resolved.server.warmup:
         warm_up(engine, regular_token_ids(load_tokenizer(model_dir), engine.model_config.vocab_size), 1)
+    freeze_heap()  # the server's process holds this one engine for its life
     stats = engine.kv_stats()
     slot_bytes = getattr(engine, "slot_bytes", None)
     size = f" ({stats.capacity * slot_bytes / 2**30:.2f} GiB)" if slot_bytes else ""
