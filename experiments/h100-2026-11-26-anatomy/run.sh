@@ -31,6 +31,10 @@ elif [ "$part" = 2 ]; then
   for r in 0 1 2; do for v in before after; do sweep $v throughput $r; done; done
   tar czf "$out/throughput.tgz" -C "$runs" throughput
 elif [ "$part" = 3 ]; then
+  $py -m benchmarks.step_anatomy --primitives 2>&1 | tee "$out/primitives.log"
+  $py -m benchmarks.step_anatomy --running 8,64,256 --blocks 6 --block-steps 20 --out "$out/step_anatomy_cost.csv" \
+      > "$out/step_anatomy_cost.log" 2>&1
+  tail -8 "$out/step_anatomy_cost.log"
   for r in 0 1 2; do for v in before after; do sweep $v seed_8b $r model.source=random; done; done
   tar czf "$out/seed_8b.tgz" -C "$runs" seed_8b
 fi
