@@ -6,7 +6,8 @@ decoding is timed with the anatomy on and off in interleaved blocks of steps, so
 growing context and any drift land on both; the ratio of median step times comes with a 95%
 bootstrap interval. Off means what ``engine.step_anatomy=false`` builds: no laps, no CUDA
 events, and the KV manager handed to the scheduler and runner directly instead of through
-its timing wrapper. Prints a short table last, with the anatomy's own split of the step;
+its timing wrapper; a third mode, host, keeps the laps but records no CUDA events, which
+splits the cost between the host's clock and the device's events. Prints a short table last, with the anatomy's own split of the step;
 ``--out`` writes the step times as CSV; ``--profile N`` prints the host's hottest functions over
 N more steps of each engine (cProfile), to see what the phases are made of.
 """
@@ -33,30 +34,36 @@ from harness.make_model import ensure_model
 from harness.stats import ratio_ci
 
 
-def set_anatomy(engine, timed_kv, on: bool) -> None:
+MODES = ("on", "off", "host")  # host: the anatomy without CUDA events (its device spans as host wall clocks)
+
+
+def set_anatomy(engine, timed_kv, mode: str) -> None:
     """Switch a built engine between what step_anatomy=true and =false build (the clock, and the KV manager its
-    scheduler and runner call: timed or direct)."""
-    kv = timed_kv if on else object.__getattribute__(timed_kv, "_kv")
-    engine.clock.on = on
+    scheduler and runner call: timed or direct); ``host`` keeps the clock but records no CUDA events."""
+    kv = timed_kv if mode != "off" else object.__getattribute__(timed_kv, "_kv")
+    engine.clock.on = mode != "off"
+    engine.clock.cuda = mode == "on" and engine.device.type == "cuda"
     engine.kv = engine.scheduler.kv = engine.runner.kv = kv
 
 
-def step_times(engine, args: argparse.Namespace) -> tuple[dict[bool, list[float]], list]:
-    """Seconds per step with the anatomy on and off, in alternating blocks; and the anatomies of the 'on' steps."""
+def step_times(engine, args: argparse.Namespace) -> tuple[dict[str, list[float]], list]:
+    """Seconds per step in each mode, in rotating blocks; and the anatomies of the 'on' steps."""
     timed_kv = engine.kv
-    times: dict[bool, list[float]] = {True: [], False: []}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
     anatomies = []
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    for block in range(2 * args.blocks):
-        on = block % 2 == 0
-        set_anatomy(engine, timed_kv, on)
+    for block in range(len(MODES) * args.blocks):
+        mode = MODES[block % len(MODES)]
+        set_anatomy(engine, timed_kv, mode)
         for _ in range(args.block_steps):
             sync()
             t0 = time.perf_counter()
             engine.step()  # returns after the host has this step's tokens: a device sync
-            times[on].append(time.perf_counter() - t0)
-        anatomies += engine.kv_log().times
-    set_anatomy(engine, timed_kv, True)
+            times[mode].append(time.perf_counter() - t0)
+        log = engine.kv_log()
+        if mode == "on":
+            anatomies += log.times
+    set_anatomy(engine, timed_kv, "on")
     return times, anatomies
 
 
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--running", default="8,256", help="comma-separated batch sizes")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--blocks", type=int, default=8, help="blocks of steps per setting (on, off alternate)")
+    p.add_argument("--blocks", type=int, default=8, help="blocks of steps per mode (on, off, host rotate)")
     p.add_argument("--block-steps", type=int, default=20)
     p.add_argument("--out", type=Path)
     p.add_argument("--profile", type=int, default=0, help="steps to profile on the host after timing (0: none)")
@@ -146,14 +153,15 @@ def main(argv: list[str] | None = None) -> int:
             freeze_heap()  # as a run or a server does once its engine is built
             engine.kv_log()
             times, anatomies = step_times(engine, args)
-            on, off = np.array(times[True]) * 1e3, np.array(times[False]) * 1e3
+            on, off, host = (np.array(times[m]) * 1e3 for m in MODES)
             split = {ph: 1e3 * statistics.median(getattr(a, ph) for a in anatomies) for ph in (*HOST_PHASES, "forward")}
-            summary.append((kind, running, statistics.median(on), statistics.median(off), ratio_ci(on, off), split))
+            summary.append((kind, running, statistics.median(on), statistics.median(off), ratio_ci(on, off),
+                            ratio_ci(host, off), split))
             if args.profile:
                 print(f"\n{kind}, {running} running: the host's hottest functions over {args.profile} steps")
                 print(hottest(engine, args.profile))
-            rows += [{"engine": kind, "running": running, "anatomy": a, "step": i, "step_ms": t}
-                     for a, ts in (("on", on), ("off", off)) for i, t in enumerate(ts)]
+            rows += [{"engine": kind, "running": running, "anatomy": m, "step": i, "step_ms": t}
+                     for m, ts in zip(MODES, (on, off, host)) for i, t in enumerate(ts)]
             engine.close()
             del engine
             gc.unfreeze()
@@ -163,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"Step anatomy cost per step ({args.preset}, {device}, prompt {args.prompt}, "
           f"{args.blocks} x {args.block_steps} steps per setting; split: medians of the 'on' steps, ms)")
-    print(f"{'engine':<11} {'running':>7} {'step ms on':>11} {'off':>8} {'on / off - 1 [95% CI]':>27}  "
-          + " ".join(f"{ph[:8]:>8}" for ph in (*HOST_PHASES, "gpu fwd")))
-    for kind, running, med_on, med_off, r, split in summary:
+    print(f"{'engine':<11} {'running':>7} {'step ms on':>11} {'off':>8} {'on / off - 1 [95% CI]':>27} "
+          f"{'host / off - 1 [95% CI]':>27}  " + " ".join(f"{ph[:8]:>8}" for ph in (*HOST_PHASES, "gpu fwd")))
+    for kind, running, med_on, med_off, r, h, split in summary:
         ci = f"{r.value - 1:+.2%} [{r.low - 1:+.2%}, {r.high - 1:+.2%}]"
-        print(f"{kind:<11} {running:>7} {med_on:>11.3f} {med_off:>8.3f} {ci:>27}  "
+        hi = f"{h.value - 1:+.2%} [{h.low - 1:+.2%}, {h.high - 1:+.2%}]"
+        print(f"{kind:<11} {running:>7} {med_on:>11.3f} {med_off:>8.3f} {ci:>27} {hi:>27}  "
               + " ".join(f"{v:>8.3f}" for v in split.values()))
     return 0
 

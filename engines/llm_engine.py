@@ -128,22 +128,36 @@ class LLMEngine(Engine):
     def _warm_up(self) -> None:
         """Compile the kernels a run will need before anyone measures it: prefills of each size
         class the kernels specialize on, steps that mix decodes with a prompt chunk, and decodes;
+        then one step as large as the token budget allows, so that the allocator holds what the
+        largest step needs before a run (a first allocation of it mid-run would sync the host);
         then forget the warm-up's counters."""
         vocab = min(self.model_config.vocab_size, 1000)
         longest = min(self.cfg.max_num_batched_tokens, self.max_model_len - 8)
         lengths = sorted({min(n, longest) for n in (40, 600, 1200, 2400, 4800, 9600)})
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, detokenize=False)
         for i, n in enumerate(lengths):
-            try:
-                self.add_request(Request(f"warm-up-{i}", [(7 * j + i) % vocab for j in range(n)], params))
-            except RequestError:  # a KV budget too small for this size: nothing larger will fit either
+            if not self._warm_up_request(f"warm-up-{i}", n, i, vocab, params):
                 break
             self.step()  # this prompt's prefill; the next one's joins this one's decodes
+        while self.has_unfinished():
+            self.step()
+        fill = min(-(-self.cfg.max_num_batched_tokens // longest), self.cfg.max_num_seqs)
+        for i in range(fill):  # one full-budget prefill (as many as KV memory admits at once)
+            if not self._warm_up_request(f"warm-up-full-{i}", longest, len(lengths) + i, vocab, params):
+                break
         while self.has_unfinished():
             self.step()
         self.scheduler.num_preemptions = 0
         self.kv.num_prefix_queries = self.kv.num_prefix_hits = self.kv.num_swapped_out = 0
         self.ledger.drain()
+
+    def _warm_up_request(self, request_id: str, n: int, salt: int, vocab: int, params: SamplingParams) -> bool:
+        """Queue an ``n``-token warm-up prompt of its own tokens (no prefix hits); False if it can never fit."""
+        try:
+            self.add_request(Request(request_id, [(7 * j + salt) % vocab for j in range(n)], params))
+        except RequestError:  # a KV budget too small for this size: nothing larger will fit either
+            return False
+        return True
 
     # -- the contract ------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:

@@ -69,7 +69,7 @@ class StepClock:
         self._spans: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # this step's (span, start, end)
         self._pending: list[tuple[StepTimes, list]] = []  # steps whose device work may not have completed
         self._span_start: Any = None
-        self._stream: Any = None  # the stream this step's events are recorded on
+        self._stream: Any = None  # the stream the engine's steps run on, where their events are recorded
         self._cpu_spans = dict.fromkeys(DEVICE_SPANS, 0.0)
         self._phases = dict.fromkeys(HOST_PHASES, 0.0)
         self._kv_in_lap = 0.0
@@ -97,7 +97,7 @@ class StepClock:
         for s in DEVICE_SPANS:
             self._cpu_spans[s] = 0.0
         self._spans = []
-        if self.cuda:
+        if self.cuda and self._stream is None:  # the engine's thread and stream (a lookup costs ~10 µs: once)
             self._stream = torch.cuda.current_stream()
         self._kv_in_lap = 0.0
         self._t0 = self._last = time.perf_counter()

@@ -170,3 +170,22 @@ def test_on_a_gpu_a_step_syncs_the_host_once_to_return_its_tokens(kind):
         engine.close()
     assert len(syncs_per_step) > 20
     assert max(syncs_per_step) <= 1, f"steps with more than one host sync: {syncs_per_step}"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_warm_up_leaves_the_allocator_ready_for_a_full_budget_step():
+    """A first cudaMalloc mid-run syncs the host (and lands on whichever engine runs first in a process): the
+    warm-up runs a step as large as the token budget, so a run's largest step allocates no new device memory."""
+    from harness.make_model import ensure_model
+
+    cfg = PagedConfig(max_num_batched_tokens=4096, max_model_len=1024, max_num_seqs=32, gpu_memory_utilization=0.5)
+    engine = create_engine(ensure_model("qwen3-0.6b"), cfg)
+    segments = torch.cuda.memory_stats()["segment.all.allocated"]
+    for i in range(8):  # 8 x 512 tokens: one full-budget prefill, then decodes
+        engine.add_request(Request(f"f{i}", [(11 * j + i) % 997 for j in range(512)],
+                                   SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
+    while engine.has_unfinished():
+        engine.step()
+    grown = torch.cuda.memory_stats()["segment.all.allocated"] - segments
+    engine.close()
+    assert grown == 0, f"the run allocated {grown} new device memory segments"
