@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from benchmarks.kv_accounting import build_engine, fill
+from engines.request import Request, SamplingParams
 from engines.step_clock import HOST_PHASES, StepClock
 from harness.engine_keeper import freeze_heap
 from harness.make_model import ensure_model
@@ -160,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 print(f"\n{kind}, {running} running: the host's hottest functions over {args.profile} steps")
                 print(hottest(engine, args.profile))
+                for i in range(running):  # room for them: the batch is full
+                    engine.abort(f"r{i}")
+                engine.step()
+                for i in range(16):  # prompts alone: eager steps
+                    engine.add_request(Request(f"p{i}", [(7 * j + i) % 997 for j in range(args.prompt)],
+                                               SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)))
+                print(f"\n{kind}, 16 prompts of {args.prompt}: the host's hottest functions "
+                      "over 3 steps")
+                print(hottest(engine, 3, top=24))
             rows += [{"engine": kind, "running": running, "anatomy": m, "step": i, "step_ms": t}
                      for m, ts in zip(MODES, (on, off, host)) for i, t in enumerate(ts)]
             engine.close()

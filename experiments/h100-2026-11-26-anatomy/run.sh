@@ -5,7 +5,10 @@
 #   PART 1: GPU tests of the anatomy and of one sync per step; the anatomy's cost (benchmarks/step_anatomy.py);
 #           `throughput` (contiguous, paged) before and after, repeats alternating between the two.
 #   PART 2: the anatomy's cost again, with the host's hottest functions; `throughput` before and after again.
-#   PART 3: `seed_8b` (llama-3.1-8b shape, random weights) before and after, alternating.
+#   PART 3: the anatomy's primitives and cost again; `seed_8b` (llama-3.1-8b shape, random weights) before and after.
+#   PART 4: GPU tests (anatomy, one sync per step, warm-up, every engine against one-at-a-time greedy); the
+#           primitives; the cost in three modes (on, off, host-only) with the host's hottest functions.
+#   PART 5: `throughput` and `seed_8b` before and after, repeats alternating.
 set -uo pipefail
 out=${1:?output directory}; part=${2:?part}
 py=${PYTHON:-python3}
@@ -36,5 +39,16 @@ elif [ "$part" = 3 ]; then
       > "$out/step_anatomy_cost.log" 2>&1
   tail -8 "$out/step_anatomy_cost.log"
   for r in 0 1 2; do for v in before after; do sweep $v seed_8b $r model.source=random; done; done
+elif [ "$part" = 4 ]; then
+  $py -m pytest -q -m gpu tests/test_step_anatomy.py tests/test_gpu_model.py -k "anatomy or sync or warm or one_at_a_time" \
+      2>&1 | tail -4
+  $py -m benchmarks.step_anatomy --primitives 2>&1 | tee "$out/primitives.log"
+  $py -m benchmarks.step_anatomy --running 8,64,256 --blocks 6 --block-steps 20 --profile 30 \
+      --out "$out/step_anatomy_cost.csv" > "$out/step_anatomy_cost.log" 2>&1
+  tail -8 "$out/step_anatomy_cost.log"
+elif [ "$part" = 5 ]; then
+  for r in 0 1 2; do for v in before after; do sweep $v throughput $r; done; done
+  for r in 0 1 2; do for v in before after; do sweep $v seed_8b $r model.source=random; done; done
+  tar czf "$out/runs.tgz" -C "$runs" throughput seed_8b
   tar czf "$out/seed_8b.tgz" -C "$runs" seed_8b
 fi
