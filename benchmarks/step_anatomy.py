@@ -70,7 +70,7 @@ def step_times(engine, args: argparse.Namespace) -> tuple[dict[str, list[float]]
 
 def primitives(device: torch.device, repeats: int = 20000) -> dict[str, float]:
     """µs per call of what the anatomy does each step: a lap, a timed KV call beyond a direct one, and on a GPU
-    the stream lookup, an event record, query and elapsed-time read; and an empty step with three device marks."""
+    the stream lookup, an event record, query and elapsed-time read; and an empty step with its two device marks."""
     clock = StepClock(device)
     noop = _Noop()
     timed = clock.timed(noop.call)
@@ -86,8 +86,7 @@ def primitives(device: torch.device, repeats: int = 20000) -> dict[str, float]:
         for phase in ("schedule", "kv", "prepare"):
             clock.lap(phase)
         clock.begin()
-        clock.end("forward")
-        clock.end("sample")
+        clock.end()
         clock.lap("launch")
         clock.lap("sync")
         clock.finish(0)
@@ -104,7 +103,7 @@ def primitives(device: torch.device, repeats: int = 20000) -> dict[str, float]:
         torch.cuda.synchronize()
         out["elapsed_time"] = per_call(lambda: a.elapsed_time(b))
     clock.start()
-    out["empty step (3 marks)"] = per_call(empty_step, repeats // 10)
+    out["empty step (2 marks)"] = per_call(empty_step, repeats // 10)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.kv_log()
             times, anatomies = step_times(engine, args)
             on, off, host = (np.array(times[m]) * 1e3 for m in MODES)
-            split = {ph: 1e3 * statistics.median(getattr(a, ph) for a in anatomies) for ph in (*HOST_PHASES, "forward")}
+            split = {ph: 1e3 * statistics.median(getattr(a, ph) for a in anatomies) for ph in (*HOST_PHASES, "gpu")}
             summary.append((kind, running, statistics.median(on), statistics.median(off), ratio_ci(on, off),
                             ratio_ci(host, off), split))
             if args.profile:
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Step anatomy cost per step ({args.preset}, {device}, prompt {args.prompt}, "
           f"{args.blocks} x {args.block_steps} steps per setting; split: medians of the 'on' steps, ms)")
     print(f"{'engine':<11} {'running':>7} {'step ms on':>11} {'off':>8} {'on / off - 1 [95% CI]':>27} "
-          f"{'host / off - 1 [95% CI]':>27}  " + " ".join(f"{ph[:8]:>8}" for ph in (*HOST_PHASES, "gpu fwd")))
+          f"{'host / off - 1 [95% CI]':>27}  " + " ".join(f"{ph[:8]:>8}" for ph in (*HOST_PHASES, "gpu")))
     for kind, running, med_on, med_off, r, h, split in summary:
         ci = f"{r.value - 1:+.2%} [{r.low - 1:+.2%}, {r.high - 1:+.2%}]"
         hi = f"{h.value - 1:+.2%} [{h.low - 1:+.2%}, {h.high - 1:+.2%}]"

@@ -270,8 +270,6 @@ class LLMEngine(Engine):
                 new.append(token)
                 if seq.stream.finished:
                     break
-            if id(seq) in decoding:
-                self.kv.commit(seq)
             outputs.append(RequestOutput(
                 request_id=seq.request.request_id, index=seq.index, new_token_ids=new, token_times=[now] * len(new),
                 text=text, finished=seq.stream.finished, finish_reason=seq.stream.finish_reason,
@@ -279,6 +277,7 @@ class LLMEngine(Engine):
                 num_cached_tokens=seq.num_cached_prompt if first else 0,
                 first_scheduled_time=seq.first_scheduled_time if first else None,
             ))
+        self.kv.commit_many(batch.decodes)  # after their tokens: nothing above reads a decode's commit
         self.ledger.computed(computed)
         for row in rows:
             row.source.num_forks = 0  # its samples are running: scheduler.forked took their seats

@@ -179,11 +179,12 @@ class ModelRunner:
             sampling = self._sampling_batch(rows)
         hidden = self._forward_eager(scheduled)
         if not rows:
+            clock.end()
             clock.lap("launch")
             return []
         logits = self.model.compute_logits(hidden[gather])[order]
         sampled = self.sampler(logits, sampling)
-        clock.end("sample")
+        clock.end()
         clock.lap("launch")
         tokens = sampled.tolist()
         clock.lap("sync")
@@ -209,9 +210,9 @@ class ModelRunner:
             dev = to_device(np.stack([positions, slots, positions + 1]), self.device)
         sampled = []
         clock.lap("prepare")
+        clock.begin()
         for j in range(k):
             if graphs is not None:
-                clock.begin()
                 hidden = graphs.replay(n, b, ids, dev[0, j], dev[1, j], dev[2, j].int())
             else:
                 meta = build_metadata([StepSequence(int(p), 1) for p in positions[j]], slots[j],
@@ -219,13 +220,11 @@ class ModelRunner:
                                       device=self.device)
                 position = to_device(positions[j], self.device)
                 clock.lap("prepare")
-                clock.begin()
                 hidden = self.model(ids, position, self.kv_cache, meta)
-            clock.end("forward")
             ids = self.sampler(self.model.compute_logits(hidden), sampling)
-            clock.end("sample")
             clock.lap("launch")
             sampled.append(ids)
+        clock.end()
         tokens = torch.stack(sampled).tolist()  # the one host sync
         clock.lap("sync")
         return [[tokens[j][i] for j in range(steps[i])] for i in range(n)]
@@ -245,6 +244,4 @@ class ModelRunner:
         ids_d, positions_d = to_device(ids, self.device), to_device(positions, self.device)
         self.clock.lap("prepare")
         self.clock.begin()
-        hidden = self.model(ids_d, positions_d, self.kv_cache, meta)
-        self.clock.end("forward")
-        return hidden
+        return self.model(ids_d, positions_d, self.kv_cache, meta)

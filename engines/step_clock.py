@@ -3,10 +3,14 @@
 The step anatomy of issue 13 (definitions in docs/methodology.md, "Step anatomy"). The
 engine laps the clock at each phase boundary of ``schedule -> run -> postprocess``; every
 call into the KV manager is timed apart (``wrap``), whichever phase it happens in, so the
-host cost of the KV strategy is one number (``kv``). Device spans are bracketed with CUDA
-events, read only after the step's one host sync, so measuring adds no sync. On a CPU the
-forward runs synchronously, and its spans are wall clocks. What it costs a step, on and off
-(``engine.step_anatomy``), is measured in ``benchmarks/step_anatomy.py``.
+host cost of the KV strategy is one number (``kv``). The device's work (forward and sampler)
+is bracketed by two CUDA events, read only after the step's one host sync, so measuring adds
+no sync. Two, not one per kernel group: an event between two kernels costs the device a
+drain (measured at tens of µs a step with a third event between forward and sampler), while
+one before the forward finds the device idle and one after the sampler precedes the copy
+that waits for it anyway. On a CPU the forward runs synchronously, and the span is a wall
+clock. What it costs a step, on and off (``engine.step_anatomy``), is measured in
+``benchmarks/step_anatomy.py``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from typing import Any, Callable
 import torch
 
 HOST_PHASES = ("schedule", "kv", "prepare", "launch", "sync", "postprocess")
-DEVICE_SPANS = ("forward", "sample")
 
 
 @dataclass
 class StepTimes:
-    """One step, in seconds. Host phases sum to ``wall``; device spans are GPU time (NaN: not measured)."""
+    """One step, in seconds. Host phases sum to ``wall``; ``gpu``: the device's time from the first kernel of the
+    forward to the last of the sampler (NaN: not measured)."""
 
     step: int  # the ledger's number of the step's KV sample
     wall: float
@@ -34,13 +38,12 @@ class StepTimes:
     launch: float
     sync: float
     postprocess: float
-    forward: float = math.nan
-    sample: float = math.nan
+    gpu: float = math.nan
 
 
 # The KV manager's calls an engine makes during a step (engines.kv.manager.KVManager).
-KV_CALLS = ("admit", "allocate", "free", "fork", "commit", "swap_in", "swap_out", "slot_mapping", "decode_slots",
-            "addressing", "kv_stats", "take_ops")
+KV_CALLS = ("admit", "allocate", "free", "fork", "commit", "commit_many", "swap_in", "swap_out", "slot_mapping",
+            "decode_slots", "addressing", "kv_stats", "take_ops")
 
 
 class _TimedKV:
@@ -60,17 +63,16 @@ class _TimedKV:
 
 
 class StepClock:
-    """Laps of one step at a time. Off, every method returns at once and ``finish`` gives None."""
+    """Laps of one step at a time. Off, every method returns at once and ``finish`` gives nothing."""
 
     def __init__(self, device: torch.device, enabled: bool = True) -> None:
         self.on = enabled
         self.cuda = device.type == "cuda"
         self._free_events: list[torch.cuda.Event] = []
-        self._spans: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # this step's (span, start, end)
-        self._pending: list[tuple[StepTimes, list]] = []  # steps whose device work may not have completed
-        self._span_start: Any = None
+        self._span: Any = None  # this step's device span: (start event, end event) on CUDA, else start and seconds
+        self._pending: list[tuple[StepTimes, Any]] = []  # steps whose device work may not have completed
         self._stream: Any = None  # the stream the engine's steps run on, where their events are recorded
-        self._cpu_spans = dict.fromkeys(DEVICE_SPANS, 0.0)
+        self._cpu_gpu = 0.0
         self._phases = dict.fromkeys(HOST_PHASES, 0.0)
         self._kv_in_lap = 0.0
         self._t0 = self._last = 0.0
@@ -82,7 +84,7 @@ class StepClock:
     def timed(self, fn: Callable) -> Callable:
         clock, now = self, time.perf_counter
 
-        def call(*args: Any) -> Any:  # lean: a step calls the KV manager about twice per running sequence
+        def call(*args: Any) -> Any:  # lean: a step calls the KV manager about once per running sequence
             t = now()
             out = fn(*args)
             clock._kv_in_lap += now() - t
@@ -94,10 +96,9 @@ class StepClock:
             return
         for p in HOST_PHASES:
             self._phases[p] = 0.0
-        for s in DEVICE_SPANS:
-            self._cpu_spans[s] = 0.0
-        self._spans = []
-        if self.cuda and self._stream is None:  # the engine's thread and stream (a lookup costs ~10 µs: once)
+        self._span = None
+        self._cpu_gpu = 0.0
+        if self.cuda and self._stream is None:  # the engine's thread and stream (a lookup costs µs: once)
             self._stream = torch.cuda.current_stream()
         self._kv_in_lap = 0.0
         self._t0 = self._last = time.perf_counter()
@@ -112,33 +113,29 @@ class StepClock:
         self._kv_in_lap = 0.0
         self._last = now
 
-    # -- device spans: begin, then end each span in turn (forward, sample, forward, ...) ------------------
+    # -- the device span: begin before the forward, end after the sampler ---------------------------------
     def _mark(self) -> torch.cuda.Event:
         event = self._free_events.pop() if self._free_events else torch.cuda.Event(enable_timing=True)
         event.record(self._stream)
         return event
 
     def begin(self) -> None:
-        """Device work of the spans that follow starts here."""
+        """The step's device work starts here (before its first forward)."""
         if not self.on:
             return
-        if self.cuda:
-            self._span_start = self._mark()
-        else:
-            self._span_start = time.perf_counter()
+        self._span = [self._mark(), None] if self.cuda else time.perf_counter()
 
-    def end(self, span: str) -> None:
-        """The device work queued since the last begin/end was ``span``; the next span starts here."""
+    def end(self) -> None:
+        """The step's device work queued so far ends here (after its last sampler, or forward if none)."""
         if not self.on:
             return
         if self.cuda:
-            event = self._mark()
-            self._spans.append((span, self._span_start, event))
-            self._span_start = event
+            if self._span[1] is not None:
+                self._free_events.append(self._span[1])
+            self._span[1] = self._mark()
         else:
-            now = time.perf_counter()
-            self._cpu_spans[span] += now - self._span_start
-            self._span_start = now
+            self._cpu_gpu += time.perf_counter() - self._span
+            self._span = time.perf_counter()
 
     def finish(self, step: int) -> list[StepTimes]:
         """Close the step and return the times of every step whose device work has completed: this one after
@@ -148,18 +145,14 @@ class StepClock:
         self.lap("postprocess")
         times = StepTimes(step, self._last - self._t0, **self._phases)
         if not self.cuda:
-            times.forward, times.sample = (self._cpu_spans[s] for s in DEVICE_SPANS)
+            times.gpu = self._cpu_gpu
             return [times]
-        self._pending.append((times, self._spans))
+        self._pending.append((times, self._span))
         done = []
-        while self._pending and (not self._pending[0][1] or self._pending[0][1][-1][2].query()):  # stream order
-            t, spans = self._pending.pop(0)
-            if spans:
-                t.forward = t.sample = 0.0
-            used = {}
-            for span, a, b in spans:
-                setattr(t, span, getattr(t, span) + a.elapsed_time(b) / 1e3)
-                used[id(a)], used[id(b)] = a, b
-            self._free_events.extend(used.values())
+        while self._pending and (self._pending[0][1] is None or self._pending[0][1][1].query()):
+            t, span = self._pending.pop(0)
+            if span is not None:
+                t.gpu = span[0].elapsed_time(span[1]) / 1e3
+                self._free_events += span
             done.append(t)
         return done

@@ -1,7 +1,7 @@
 """Where a run's step time went: the step anatomy's columns of the per-step table and its run totals.
 
-The engine times each step (engines.step_clock): host wall time by phase, and GPU time of
-the forward and the sampler by CUDA events. Here those become columns of the per-step
+The engine times each step (engines.step_clock): host wall time by phase, and the GPU's
+time from the forward's first kernel to the sampler's last by CUDA events. Here those become columns of the per-step
 table (``kv_steps``, joined on the step number) and figures of the run row. Definitions:
 docs/methodology.md, "Step anatomy".
 """
@@ -14,11 +14,10 @@ import numpy as np
 import pandas as pd
 
 from engines.kv.accounting import KVLog
-from engines.step_clock import DEVICE_SPANS, HOST_PHASES
+from engines.step_clock import HOST_PHASES
 
 HOST_COLUMNS = tuple(f"{p}_s" for p in HOST_PHASES)
-GPU_COLUMNS = tuple(f"gpu_{s}_s" for s in DEVICE_SPANS)
-TIME_COLUMNS = ("step_s", *HOST_COLUMNS, *GPU_COLUMNS)
+TIME_COLUMNS = ("step_s", *HOST_COLUMNS, "gpu_s")
 RUN_COLUMNS = ("num_steps", "step_ms", *(f"step_{p}_ms" for p in HOST_PHASES), "step_gpu_ms", "host_ms_per_step",
                "gpu_busy_frac", "in_step_frac")
 
@@ -28,7 +27,7 @@ def with_times(steps: pd.DataFrame, log: KVLog) -> pd.DataFrame:
     if steps.empty or not log.times:
         return steps.reindex(columns=[*steps.columns, *TIME_COLUMNS])
     times = pd.DataFrame(
-        [(t.wall, *(getattr(t, p) for p in HOST_PHASES), *(getattr(t, s) for s in DEVICE_SPANS)) for t in log.times],
+        [(t.wall, *(getattr(t, p) for p in HOST_PHASES), t.gpu) for t in log.times],
         columns=list(TIME_COLUMNS), index=pd.Index([t.step for t in log.times], name="step"), dtype=float,
     )
     return steps.join(times[~times.index.duplicated(keep="last")], on="step")
@@ -40,7 +39,7 @@ def summarize(steps: pd.DataFrame, duration: float) -> dict[str, float]:
     if timed.empty or duration <= 0:
         return dict.fromkeys(RUN_COLUMNS, math.nan)
     ms = lambda col: float(timed[col].mean() * 1e3)  # noqa: E731
-    gpu = timed[list(GPU_COLUMNS)].sum(axis=1, min_count=len(GPU_COLUMNS))
+    gpu = timed["gpu_s"]
     return {
         "num_steps": int(len(timed)),
         "step_ms": ms("step_s"),

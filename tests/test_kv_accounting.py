@@ -202,15 +202,15 @@ def test_the_server_feed_hands_out_what_came_after_a_cursor_and_says_what_it_dro
 
     feed = KVFeed(max_items=3)
     stats = KVStats(10, 1, 2, 8, 8)
-    timed = StepTimes(1, 0.5, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05)  # no device spans: NaN, sent as null
+    timed = StepTimes(1, 0.5, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05)  # no device span: NaN, sent as null
     feed.add(KVLog([(i, float(i), stats) for i in range(2)], [Allocation(0, "x-0", 0, 4, 0)], times=[timed]))
     reply = feed.since(0, 0)
     assert [row[:2] for row in reply["samples"]] == [[0, 0.0], [1, 1.0]]
     assert reply["next"] == {"samples": 2, "allocations": 1, "times": 1}
     assert reply["missed"] == {"samples": 0, "allocations": 0, "times": 0}
-    assert reply["times"] == [[1, 0.5, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05, None, None]]
+    assert reply["times"] == [[1, 0.5, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05, None]]
     back = log_from_reply(json.loads(json.dumps(reply)), {}, clock_offset=0.0).times
-    assert len(back) == 1 and back[0].wall == 0.5 and math.isnan(back[0].forward) and back[0].step == 1
+    assert len(back) == 1 and back[0].wall == 0.5 and math.isnan(back[0].gpu) and back[0].step == 1
     feed.add(KVLog([(i, float(i), stats) for i in range(2, 6)], breakdown=False))
     reply = feed.since(1, 1)  # samples 1 and 2 are gone: the feed keeps the newest 3
     assert [row[0] for row in reply["samples"]] == [3, 4, 5] and reply["missed"]["samples"] == 2

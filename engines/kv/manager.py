@@ -75,6 +75,11 @@ class KVManager(abc.ABC):
     def commit(self, seq: Sequence) -> None:
         """Called after a step computed more of ``seq``: e.g. publish its full blocks to the prefix cache."""
 
+    def commit_many(self, seqs: list[Sequence]) -> None:
+        """``commit`` each of ``seqs`` (one call for a step's decodes)."""
+        for seq in seqs:
+            self.commit(seq)
+
     @abc.abstractmethod
     def slot_mapping(self, seq: Sequence, start: int, end: int) -> np.ndarray:
         """Slots of positions start..end-1 of ``seq``."""
