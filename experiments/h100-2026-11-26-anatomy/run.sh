@@ -40,7 +40,7 @@ elif [ "$part" = 3 ]; then
   tail -8 "$out/step_anatomy_cost.log"
   for r in 0 1 2; do for v in before after; do sweep $v seed_8b $r model.source=random; done; done
 elif [ "$part" = 4 ]; then
-  $py -m pytest -q -m gpu tests/test_step_anatomy.py tests/test_gpu_model.py -k "anatomy or sync or warm or one_at_a_time" \
+  $py -m pytest -q -m gpu tests/test_step_anatomy.py tests/test_gpu_model.py -k "${TESTS:-anatomy or sync or warm or one_at_a_time}" \
       2>&1 | tail -4
   $py -m benchmarks.step_anatomy --primitives 2>&1 | tee "$out/primitives.log"
   $py -m benchmarks.step_anatomy --running 8,64,256 --blocks 6 --block-steps 20 --profile 30 \
