@@ -45,10 +45,11 @@ def build_engine(kind: str, model_dir: Path, args: argparse.Namespace):
 
 
 def fill(engine, args: argparse.Namespace) -> None:
-    """``--running`` requests, all past their prefill and decoding."""
+    """``--running`` requests, all past their prefill and decoding, long enough to decode through every block of
+    every setting (``args.settings``, default 2) and ``args.extra_steps`` more."""
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
-    total_steps = args.blocks * args.block_steps * 2 + 50
+    total_steps = args.blocks * args.block_steps * getattr(args, "settings", 2) + getattr(args, "extra_steps", 0) + 50
     for i in range(args.running):
         prompt = rng.integers(0, vocab, args.prompt).tolist()
         engine.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=total_steps, temperature=0, ignore_eos=True,

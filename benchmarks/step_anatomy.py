@@ -2,9 +2,9 @@
 
 The step anatomy (engines.step_clock, docs/methodology.md) is on in every run, so issue 13
 asks that it cost under 1% of a step. ``step()`` of an engine with ``--running`` sequences all
-decoding is timed with the anatomy on and off in interleaved blocks of steps, so that the
-growing context and any drift land on both; the ratio of median step times comes with a 95%
-bootstrap interval. Off means what ``engine.step_anatomy=false`` builds: no laps, no CUDA
+decoding is timed with the anatomy on and off, the settings taking turns step by step, so that
+the growing context and any drift land on both; the ratio of median step times comes with a
+95% bootstrap interval. Off means what ``engine.step_anatomy=false`` builds: no laps, no CUDA
 events, and the KV manager handed to the scheduler and runner directly instead of through
 its timing wrapper; a third mode, host, keeps the laps but records no CUDA events, which
 splits the cost between the host's clock and the device's events. Prints a short table last, with the anatomy's own split of the step;
@@ -48,23 +48,24 @@ def set_anatomy(engine, timed_kv, mode: str) -> None:
 
 
 def step_times(engine, args: argparse.Namespace) -> tuple[dict[str, list[float]], list]:
-    """Seconds per step in each mode, in rotating blocks; and the anatomies of the 'on' steps."""
+    """Seconds per step in each mode, the modes taking turns step by step (so the context growing by a token a
+    step lands on every mode alike); and the anatomies of the 'on' steps."""
     timed_kv = engine.kv
     times: dict[str, list[float]] = {m: [] for m in MODES}
     anatomies = []
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    for block in range(len(MODES) * args.blocks):
-        mode = MODES[block % len(MODES)]
+    for i in range(len(MODES) * args.blocks * args.block_steps):
+        mode = MODES[i % len(MODES)]
         set_anatomy(engine, timed_kv, mode)
-        for _ in range(args.block_steps):
-            sync()
-            t0 = time.perf_counter()
-            engine.step()  # returns after the host has this step's tokens: a device sync
-            times[mode].append(time.perf_counter() - t0)
-        log = engine.kv_log()
+        assert len(engine.scheduler.running) == args.running, "a sequence finished while being timed"
+        sync()
+        t0 = time.perf_counter()
+        engine.step()  # returns after the host has this step's tokens: a device sync
+        times[mode].append(time.perf_counter() - t0)
         if mode == "on":
-            anatomies += log.times
+            anatomies += engine.kv_log().times
     set_anatomy(engine, timed_kv, "on")
+    engine.kv_log()
     return times, anatomies
 
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--running", default="8,256", help="comma-separated batch sizes")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--blocks", type=int, default=8, help="blocks of steps per mode (on, off, host rotate)")
+    p.add_argument("--blocks", type=int, default=8, help="steps per mode: blocks x block-steps (modes take turns)")
     p.add_argument("--block-steps", type=int, default=20)
     p.add_argument("--out", type=Path)
     p.add_argument("--profile", type=int, default=0, help="steps to profile on the host after timing (0: none)")
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<24} {us:8.2f} µs")
         return 0
     model_dir = ensure_model(args.preset)
+    args.settings, args.extra_steps = len(MODES), args.profile  # every sequence decodes to the end of the timing
     rows, summary = [], []
     for running in (int(r) for r in args.running.split(",")):
         args.running = running
