@@ -8,7 +8,8 @@
 #   PART 3: the anatomy's primitives and cost again; `seed_8b` (llama-3.1-8b shape, random weights) before and after.
 #   PART 4: GPU tests (anatomy, one sync per step, warm-up, every engine against one-at-a-time greedy); the
 #           primitives; the cost in three modes (on, off, host-only) with the host's hottest functions.
-#   PART 5: `throughput` and `seed_8b` before and after, repeats alternating.
+#   PART 5: the primitives and the cost (settings taking turns step by step); `throughput` before and after.
+#   PART 6: `seed_8b` before and after, repeats alternating.
 set -uo pipefail
 out=${1:?output directory}; part=${2:?part}
 py=${PYTHON:-python3}
@@ -47,8 +48,14 @@ elif [ "$part" = 4 ]; then
       --out "$out/step_anatomy_cost.csv" > "$out/step_anatomy_cost.log" 2>&1
   tail -8 "$out/step_anatomy_cost.log"
 elif [ "$part" = 5 ]; then
+  $py -m benchmarks.step_anatomy --primitives 2>&1 | tee "$out/primitives.log"
+  $py -m benchmarks.step_anatomy --running 8,64,256 --blocks 4 --block-steps 20 --out "$out/step_anatomy_cost.csv" \
+      > "$out/step_anatomy_cost.log" 2>&1
+  tail -8 "$out/step_anatomy_cost.log"
   for r in 0 1 2; do for v in before after; do sweep $v throughput $r; done; done
+  tar czf "$out/throughput.tgz" -C "$runs" throughput
+elif [ "$part" = 6 ]; then
   for r in 0 1 2; do for v in before after; do sweep $v seed_8b $r model.source=random; done; done
-  tar czf "$out/runs.tgz" -C "$runs" throughput seed_8b
+  tar czf "$out/seed_8b.tgz" -C "$runs" seed_8b
   tar czf "$out/seed_8b.tgz" -C "$runs" seed_8b
 fi
