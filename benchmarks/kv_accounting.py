@@ -94,6 +94,17 @@ def recording_us(engine, repeats: int = 20000) -> tuple[float, float]:
     return per_sample, per_hold
 
 
+def change(ratio) -> str:
+    """A ratio with its interval, as a change: +1.23% [+0.50%, +2.00%]."""
+    return f"{ratio.value - 1:+.2%} [{ratio.low - 1:+.2%}, {ratio.high - 1:+.2%}]"
+
+
+def save_rows(rows: list[dict], out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(out, index=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kv_accounting", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="qwen3-0.6b" if torch.cuda.is_available() else "tiny-qwen3")
@@ -126,17 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                  for rec in (True, False) for i, t in enumerate(times[rec])]
         engine.close()
         del engine
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).to_csv(args.out, index=False)
+    save_rows(rows, args.out)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"KV accounting cost per step ({args.preset}, {device}, prompt {args.prompt}, "
           f"{args.blocks} x {args.block_steps} steps per setting)")
     print(f"{'engine':<11} {'running':>7} {'step ms (log on)':>17} {'step ms (off)':>14} {'on / off - 1 [95% CI]':>27} "
           f"{'recording µs/step':>18} {'share':>7}")
     for kind, running, med_on, med_off, r, rec_us, share in summary:
-        ci = f"{r.value - 1:+.2%} [{r.low - 1:+.2%}, {r.high - 1:+.2%}]"
-        print(f"{kind:<11} {running:>7} {med_on:>17.3f} {med_off:>14.3f} {ci:>27} {rec_us:>18.1f} {share:>7.2%}")
+        print(f"{kind:<11} {running:>7} {med_on:>17.3f} {med_off:>14.3f} {change(r):>27} {rec_us:>18.1f} {share:>7.2%}")
     return 0
 
 

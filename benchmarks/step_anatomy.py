@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from benchmarks.kv_accounting import build_engine, fill
+from benchmarks.kv_accounting import build_engine, change, fill, save_rows
 from engines.request import Request, SamplingParams
 from engines.step_clock import HOST_PHASES, StepClock
 from harness.engine_keeper import freeze_heap
@@ -176,18 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             engine.close()
             del engine
             gc.unfreeze()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).to_csv(args.out, index=False)
+    save_rows(rows, args.out)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"Step anatomy cost per step ({args.preset}, {device}, prompt {args.prompt}, "
           f"{args.blocks} x {args.block_steps} steps per setting; split: medians of the 'on' steps, ms)")
     print(f"{'engine':<11} {'running':>7} {'step ms on':>11} {'off':>8} {'on / off - 1 [95% CI]':>27} "
           f"{'host / off - 1 [95% CI]':>27}  " + " ".join(f"{ph[:8]:>8}" for ph in (*HOST_PHASES, "gpu")))
     for kind, running, med_on, med_off, r, h, split in summary:
-        ci = f"{r.value - 1:+.2%} [{r.low - 1:+.2%}, {r.high - 1:+.2%}]"
-        hi = f"{h.value - 1:+.2%} [{h.low - 1:+.2%}, {h.high - 1:+.2%}]"
-        print(f"{kind:<11} {running:>7} {med_on:>11.3f} {med_off:>8.3f} {ci:>27} {hi:>27}  "
+        print(f"{kind:<11} {running:>7} {med_on:>11.3f} {med_off:>8.3f} {change(r):>27} {change(h):>27}  "
               + " ".join(f"{v:>8.3f}" for v in split.values()))
     return 0
 

@@ -189,3 +189,16 @@ def test_on_a_gpu_the_warm_up_leaves_the_allocator_ready_for_a_full_budget_step(
     grown = torch.cuda.memory_stats()["segment.all.allocated"] - segments
     engine.close()
     assert grown == 0, f"the run allocated {grown} new device memory segments"
+
+
+def test_the_cost_benchmark_times_every_mode_alike_and_writes_its_steps(tmp_path, capsys):
+    from benchmarks import step_anatomy
+
+    out = tmp_path / "cost.csv"
+    assert step_anatomy.main(["--preset", "tiny-qwen3", "--running", "3", "--blocks", "1", "--block-steps", "4",
+                              "--prompt", "16", "--engines", "paged", "--out", str(out)]) == 0
+    rows = pd.read_csv(out)
+    assert rows.groupby("anatomy").size().to_dict() == {"host": 4, "off": 4, "on": 4}
+    assert "on / off - 1" in capsys.readouterr().out
+    prims = step_anatomy.primitives(torch.device("cpu"), repeats=200)
+    assert prims["lap"] > 0 and prims["empty step (2 marks)"] > prims["lap"]
