@@ -10,6 +10,9 @@
 #           primitives; the cost in three modes (on, off, host-only) with the host's hottest functions.
 #   PART 5: the primitives and the cost (settings taking turns step by step); `throughput` before and after.
 #   PART 6: `seed_8b` before and after, repeats alternating.
+#   PART 7: where the HTTP path's time goes: the serve workload (qwen3-0.6b, 64 closed-loop clients, prompt 512,
+#           output 128, paged) offline and through `harness serve` + `harness bench-serve`, seeds 0-2 each, with
+#           the server's engine steps timed (the anatomy travels in its KV feed).
 set -uo pipefail
 out=${1:?output directory}; part=${2:?part}
 py=${PYTHON:-python3}
@@ -54,6 +57,18 @@ elif [ "$part" = 5 ]; then
   tail -8 "$out/step_anatomy_cost.log"
   for r in 0 1 2; do for v in before after; do sweep $v throughput $r; done; done
   tar czf "$out/throughput.tgz" -C "$runs" throughput
+elif [ "$part" = 7 ]; then
+  serve=(model=qwen3-0.6b engine=paged workload=fixed workload.num_requests=256 workload.prompt.value=512
+         workload.output.value=128 arrival=closed arrival.concurrency=64)
+  $py -m harness -m "${serve[@]}" seed=0,1,2 reuse_engine=true name=offline64 report=false \
+      hydra.sweep.dir="$runs/serve/offline64" 2>&1 | grep -v WARNING | tail -4
+  $py -m harness serve model=qwen3-0.6b engine=paged server.port=8000 > "$out/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 180); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
+  $py -m harness bench-serve -m --base-url http://127.0.0.1:8000 --model qwen3-0.6b --out "$runs/serve/serve64" \
+      "${serve[@]}" seed=0,1,2 name=serve64 report=false 2>&1 | grep -v WARNING | tail -4
+  kill -TERM $server; wait $server
+  tar czf "$out/serve.tgz" -C "$runs" serve
 elif [ "$part" = 6 ]; then
   for r in 0 1 2; do for v in before after; do sweep $v seed_8b $r model.source=random; done; done
   tar czf "$out/seed_8b.tgz" -C "$runs" seed_8b
