@@ -64,7 +64,7 @@ SUMMARY_COLUMNS = {
 PERCENT_COLUMNS = ("kv_token_states_frac", "kv_waste", "kv_fragmentation", "roofline_efficiency", "gpu_busy_frac")
 PHASE_COLORS = {"schedule": "#4878a8", "kv": "#d9534f", "prepare": "#f2b134", "launch": "#7f5a9e", "sync": "#bbbbbb",
                 "postprocess": "#4c9a2a"}
-ANATOMY_COLUMNS = (*(f"step_{p}_ms" for p in HOST_PHASES), "step_ms", "step_gpu_ms")
+ANATOMY_COLUMNS = (*(f"step_{p}_ms" for p in HOST_PHASES), "step_ms", "step_gpu_ms", "in_step_frac")
 USED_FRAC_COLUMNS = tuple(f"kv_{c}_used_frac" for c in COMPONENTS)
 # what an engine that cannot split its KV memory (kv_breakdown False) leaves NaN
 BREAKDOWN_COLUMNS = (*(f"kv_mean_{c}" for c in COMPONENTS), *(f"kv_{c}_frac" for c in COMPONENTS), *USED_FRAC_COLUMNS,
@@ -733,14 +733,15 @@ def fig_step_anatomy(chosen: pd.DataFrame, ok: pd.DataFrame, x: str | None, out:
         gpu = float(r["step_gpu_ms"])
         if not math.isnan(gpu):
             ax.plot([gpu, gpu], [k - 0.38, k + 0.38], color="black", lw=2, label="GPU time (forward + sampler)" if k == 0 else None)
-        busy = r.get("gpu_busy_frac", math.nan)
-        note = f"  {left:.3g} ms/step" + ("" if math.isnan(busy) else f", GPU busy {100 * busy:.0f}%")
+        busy, inside = r.get("gpu_busy_frac", math.nan), r.get("in_step_frac", math.nan)
+        note = (f"  {r['step_ms']:.3g} ms/step" + ("" if math.isnan(busy) else f", GPU busy {100 * busy:.0f}%")
+                + ("" if math.isnan(inside) else f", in steps {100 * inside:.0f}%"))
         ax.text(max(left, 0 if math.isnan(gpu) else gpu), k, note, va="center", fontsize=7)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("ms per engine step (medians over the repeats)")
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
-    ax.set_xlim(0, 1.3 * max(1e-3, float(np.nanmax(chosen[["step_ms", "step_gpu_ms"]].to_numpy(dtype=float)))))
+    ax.set_xlim(0, 1.6 * max(1e-3, float(np.nanmax(chosen[["step_ms", "step_gpu_ms"]].to_numpy(dtype=float)))))
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (1.2 + 0.5 * len(names)) - 0.12),
               ncol=len(HOST_PHASES) + 1, frameon=False)
     figure = Figure("step_anatomy", "Where a step's time goes",
@@ -748,7 +749,9 @@ def fig_step_anatomy(chosen: pd.DataFrame, ok: pd.DataFrame, x: str | None, out:
                             "preparing inputs, launching the forward and sampler, waiting for the sampled tokens, "
                             "postprocessing; defined in the methodology, \"Step anatomy\"), and the GPU's time per "
                             "step (black mark; on a CPU, the wall time of the same spans). Medians over the repeats (n) "
-                            "of each run's mean; engines that do not time their steps are left out."))
+                            "of each run's mean, so the bars' sum may differ a little from the median step time "
+                            "printed beside them, with the GPU's busy share of the run and the share of the run spent "
+                            "inside steps. Engines that do not time their steps are left out."))
     return _save(fig, figure, out, missing, below_inches=0.3)
 
 
