@@ -61,8 +61,9 @@ def step_times(engine, args: argparse.Namespace) -> tuple[dict[str, list[float]]
         t0 = time.perf_counter()
         engine.step()  # returns after the host has this step's tokens: a device sync
         times[mode].append(time.perf_counter() - t0)
+        timed = engine.kv_log().times  # drained every step: a host-only step's times are not an 'on' step's
         if mode == "on":
-            anatomies += engine.kv_log().times
+            anatomies += timed
     set_anatomy(engine, timed_kv, "on")
     engine.kv_log()
     return times, anatomies

@@ -133,6 +133,8 @@ class LLMEngine(Engine):
         then forget the warm-up's counters."""
         vocab = min(self.model_config.vocab_size, 1000)
         longest = min(self.cfg.max_num_batched_tokens, self.max_model_len - 8)
+        if longest < 1:  # no room for a prompt and the tokens it samples: nothing to warm up with
+            return
         lengths = sorted({min(n, longest) for n in (40, 600, 1200, 2400, 4800, 9600)})
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, detokenize=False)
         for i, n in enumerate(lengths):
@@ -161,7 +163,8 @@ class LLMEngine(Engine):
                              device=self.device)
         for rows in range(1, self.cfg.max_num_seqs + 1):
             self.model.compute_logits(hidden[:rows]).argmax(-1)
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _warm_up_request(self, request_id: str, n: int, salt: int, vocab: int, params: SamplingParams) -> bool:
         """Queue an ``n``-token warm-up prompt of its own tokens (no prefix hits); False if it can never fit."""

@@ -47,7 +47,7 @@ class Scheduler:
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be recompute or swap, got {preemption_mode!r}")
         if preemption_mode == "swap" and not kv.supports_swap:
-            raise ValueError(f"{type(kv).__name__} cannot swap: use preemption_mode=recompute")
+            raise ValueError(f"{kv.__class__.__name__} cannot swap: use preemption_mode=recompute")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens

@@ -55,6 +55,10 @@ class _TimedKV:
             if hasattr(kv, name):
                 object.__setattr__(self, name, clock.timed(getattr(kv, name)))
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # the wrapped manager's class, for isinstance and messages
+        return type(self._kv)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._kv, name)
 

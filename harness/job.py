@@ -205,7 +205,7 @@ def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
         record = run_workload(engine, requests, offsets, spec.arrival.concurrency, desc=desc, progress=progress)
         figures, request_rows, steps = _run_figures(spec, record, model_cfg, device)
     except BaseException as e:
-        engine.close()  # never kept: a failed or interrupted run's engine may still hold requests
+        KEEPER.release(engine, key, keep=False)  # never kept: a failed or interrupted run's engine may hold requests
         if not isinstance(e, Exception):
             raise
         reason = f"{type(e).__name__}: {e}"

@@ -88,8 +88,10 @@ def log_from_reply(reply: dict[str, Any], rename: dict[str, str], clock_offset: 
                for row in reply["samples"]]
     allocations = [Allocation(int(step), rename.get(rid, rid), int(index), int(allocated), int(stored))
                    for step, rid, index, allocated, stored in reply["allocations"]]
+    fields = reply.get("time_fields", ())
     times = [StepTimes(**{k: (int(v) if k == "step" else math.nan if v is None else float(v))
-                          for k, v in zip(reply.get("time_fields", ()), row)}) for row in reply.get("times", ())]
+                          for k, v in zip(fields, row) if k in TIME_FIELDS})
+             for row in reply.get("times", ()) if set(TIME_FIELDS) <= set(fields)]  # a server of another version: none
     return KVLog(samples, allocations, breakdown=bool(reply["breakdown"]), times=times)
 
 
