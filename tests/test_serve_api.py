@@ -282,3 +282,65 @@ def test_the_server_makes_the_text_when_the_engine_need_not(http, server, monkey
         events = sse(r.iter_lines())
     streamed = ["".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"][0]["index"] == i) for i in (0, 1)]
     assert streamed == [c["text"] for c in there["choices"]]
+
+
+# -- vLLM's utility routes and the OpenAPI document -------------------------------------------------------------------
+def test_tokenize_gives_the_ids_a_completion_computes_and_detokenize_gives_them_back(http):
+    text = "The quick brown fox"
+    tok = http.post("/tokenize", json={"prompt": text, "return_token_strs": True})
+    assert tok.status_code == 200
+    body = tok.json()
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) and body["max_model_len"] == MAX_LEN
+    done = http.post("/v1/completions", json={"prompt": text, "max_tokens": 1}).json()
+    assert done["usage"]["prompt_tokens"] == body["count"]
+    same = http.post("/v1/completions", json={"prompt": body["tokens"], "max_tokens": 1, "temperature": 0}).json()
+    first = http.post("/v1/completions", json={"prompt": text, "max_tokens": 1, "temperature": 0}).json()
+    assert same["choices"][0]["text"] == first["choices"][0]["text"]  # the same ids: the same greedy token
+    assert http.post("/detokenize", json={"tokens": body["tokens"]}).json() == {"prompt": text}
+    assert "token_strs" not in http.post("/tokenize", json={"prompt": text}).json()  # only when asked for
+
+
+def test_tokenize_with_messages_gives_the_ids_a_chat_completion_computes(http):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    body = http.post("/tokenize", json={"messages": messages}).json()
+    chat = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()
+    assert body["count"] == chat["usage"]["prompt_tokens"] == len(body["tokens"])
+    bare = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["count"] < body["count"]  # the template's assistant header is what the generation prompt adds
+
+
+def test_bad_tokenize_and_detokenize_bodies_are_4xx_naming_the_field(http):
+    for path, body, status, param in (
+        ("/detokenize", {"tokens": [5, 10**9]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [5], "model": "nope"}, 404, "model"),
+        ("/tokenize", {"prompt": "a", "model": "nope"}, 404, "model"),
+        ("/tokenize", {"messages": []}, 400, "messages"),
+        ("/tokenize", {}, 400, "prompt"),
+    ):
+        r = http.post(path, json=body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
+def test_the_openapi_document_describes_every_route_and_body(http):
+    doc = http.get("/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models", "/version"} <= set(doc["paths"])
+    schemas = doc["components"]["schemas"]
+    completions = doc["paths"]["/v1/completions"]["post"]
+    assert completions["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/CompletionRequest"}
+    assert {"prompt", "max_tokens", "stream", "top_k"} <= set(schemas["CompletionRequest"]["properties"])
+    assert "usage" in schemas["CompletionResponse"]["properties"]
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            refs.update(v for k, v in node.items() if k == "$ref")
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(doc)
+    missing = [r for r in refs if r.removeprefix("#/components/schemas/") not in schemas]
+    assert refs and not missing, missing  # every reference resolves, so a client generator or fuzzer can use it
+    docs = http.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower() and "/openapi.json" in docs.text

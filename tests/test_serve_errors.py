@@ -181,11 +181,16 @@ def test_no_500_and_no_hang_under_garbage(http):
               b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "temperature": Infinity}',
               b'{"prompt": ' + b'[' * 5000 + b']' * 5000 + b'}', b'{"prompt": "a", "max_tokens": 1' + b'0' * 5000 + b'}',
               rb'{"prompt": "\ud800", "max_tokens": 2}']
-    for path in ("/v1/completions", "/v1/chat/completions"):
-        for body in bodies:
-            r = http.post(path, content=body, headers={"content-type": "application/json"})
-            assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
-            assert "error" in r.json()
+    utility = [b"{}", b'{"prompt": null}', b'{"prompt": 1}', b'{"messages": [{}]}', b'{"messages": "hi"}', b'\xff\xfe',
+               b'{"prompt": "a"', b'{"prompt": "a", "add_special_tokens": "yes"}', rb'{"prompt": "\ud800"}', b'[]',
+               b'"prompt"', b'{"tokens": [1.5]}', b'{"tokens": "1 2"}', b'{"tokens": [-1]}', b'{"tokens": [99999999999]}',
+               b'{"tokens": ' + b'[' * 5000 + b']' * 5000 + b'}']
+    cases = [(path, body) for path in ("/v1/completions", "/v1/chat/completions") for body in bodies]
+    cases += [(path, body) for path in ("/tokenize", "/detokenize") for body in utility]
+    for path, body in cases:
+        r = http.post(path, content=body, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        assert "error" in r.json()
 
 
 # -- API key, queue bound: a contiguous engine with a key and a tiny waiting queue ---------------------------------
@@ -200,6 +205,9 @@ def test_api_key_is_required_when_set(guarded):
         check_error(c.post("/v1/completions", json=OK), 401, None, "api key")
         check_error(c.post("/v1/completions", json=OK, headers={"Authorization": "Bearer wrong"}), 401)
         check_error(c.get("/v1/models", headers={"Authorization": "Basic sekret"}), 401)
+        check_error(c.post("/tokenize", json={"prompt": "a"}), 401, None, "api key")
+        check_error(c.post("/detokenize", json={"tokens": [5]}), 401, None, "api key")
+        assert c.get("/openapi.json").json()["security"] == [{"bearer": []}]  # the document says a key is needed
         assert c.get("/health").status_code == 200  # health and metrics stay open, as in vLLM
         assert c.get("/metrics").status_code == 200
         ok = c.post("/v1/completions", json={**OK, "model": "alias"}, headers={"Authorization": "Bearer sekret"})

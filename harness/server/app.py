@@ -1,8 +1,9 @@
 """The FastAPI app: OpenAI's routes over one engine loop, with auth, body limits and OpenAI-shaped errors.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models`` (these
-need ``Authorization: Bearer KEY`` when an API key is set), ``GET /health`` (503 once the
-engine loop has died), ``GET /metrics`` (Prometheus), ``GET /version``,
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``POST /tokenize``,
+``POST /detokenize`` (these need ``Authorization: Bearer KEY`` when an API key is set), ``GET /health``
+(503 once the engine loop has died), ``GET /metrics`` (Prometheus), ``GET /version``, ``GET /openapi.json``
+(every route, with the request and response bodies' JSON schemas) and ``GET /docs`` (FastAPI's Swagger UI),
 and three of our own that ``harness bench-serve`` reads: ``GET /kvbench/info`` (engine, config, KV capacity,
 hardware), ``GET /kvbench/kv_stats`` (the engine's KV counters now) and ``GET /kvbench/kv_log``
 (its KV log after every step, harness.server.kv_feed).
@@ -19,18 +20,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import json
 import logging
 import os
 import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pydantic
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,7 +47,10 @@ from harness.server.engine_loop import EngineLoop
 from harness.server.engine_process import EngineProcess
 from harness.server.errors import APIError, bad_request, error_body
 from harness.server.metrics import CONTENT_TYPE, ServerMetrics
-from harness.server.protocol import ChatCompletionRequest, CompletionRequest
+from harness.server.protocol import (
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ModelCard, ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse,
+)
 from harness.server.serving import ClientGone, ModelInfo, Serving
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,15 @@ UNION_HINTS = {
     "stop": "stop must be a string or a list of strings",
     "content": "content must be a string or a list of content parts",
     "tool_choice": "tool_choice must be a string or an object",
+}
+# The JSON bodies of the routes that parse their own (so FastAPI cannot see them): requests, then the 200's body.
+BODIES: dict[tuple[str, str], tuple[tuple[type[pydantic.BaseModel], ...], type[pydantic.BaseModel]]] = {
+    ("/v1/completions", "post"): ((CompletionRequest,), CompletionResponse),
+    ("/v1/chat/completions", "post"): ((ChatCompletionRequest,), ChatCompletionResponse),
+    ("/tokenize", "post"): ((TokenizeCompletionRequest, TokenizeChatRequest), TokenizeResponse),
+    ("/detokenize", "post"): ((DetokenizeRequest,), DetokenizeResponse),
+    ("/v1/models", "get"): ((), ModelList),
+    ("/v1/models/{name}", "get"): ((), ModelCard),
 }
 
 
@@ -147,9 +163,10 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
             await asyncio.get_running_loop().run_in_executor(None, loop.stop, cfg.shutdown_timeout_s)
             log.info("engine loop stopped")
 
-    app = FastAPI(title="kvbench OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="kvbench OpenAI-compatible server", lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.kvbench = state
+    app.openapi = lambda: app.openapi_schema or _openapi(app, secured=cfg.api_key is not None)
 
     @app.exception_handler(APIError)
     async def _api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
@@ -196,10 +213,13 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
             raise bad_request("X-Request-Id must be 1 to 128 characters of A-Z a-z 0-9 . _ : -")
         return value
 
-    async def parse(request: HTTPRequest, model: type[pydantic.BaseModel]) -> Any:
+    async def parse(request: HTTPRequest, model: type[pydantic.BaseModel] | Callable[[bytes], Any]) -> Any:
+        """The body as ``model``, or as the model that ``model(raw)`` picks for it."""
         raw = await read_body(request, cfg.max_body_bytes)
         if not raw.strip():
             raise bad_request("the request body is empty; send a JSON object")
+        if not isinstance(model, type):
+            model = model(raw)
         try:
             return model.model_validate_json(raw)
         except pydantic.ValidationError as e:
@@ -234,6 +254,18 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
     async def chat_completions(request: HTTPRequest) -> Any:
         return await generate(request, ChatCompletionRequest, serving.chat)
 
+    async def utility(request: HTTPRequest, model: Any, handler: Callable[[Any], pydantic.BaseModel]) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(handler(await parse(request, model)).model_dump(exclude_none=True))
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest) -> Any:
+        return await utility(request, _tokenize_body, serving.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest) -> Any:
+        return await utility(request, DetokenizeRequest, serving.detokenize)
+
     @app.get("/v1/models")
     async def models(request: HTTPRequest) -> Any:
         authorize(request)
@@ -256,13 +288,7 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
 
     @app.get("/version")
     async def version() -> Any:
-        from importlib.metadata import PackageNotFoundError, version as pkg_version
-
-        try:
-            v = pkg_version("kvbench")
-        except PackageNotFoundError:
-            v = "unknown"
-        return {"version": v}
+        return {"version": _version()}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -288,3 +314,44 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
         return loop.kv_feed.since(samples, allocations, times)
 
     return app
+
+
+def _tokenize_body(raw: bytes) -> type[pydantic.BaseModel]:
+    """``/tokenize`` takes a prompt or messages (vLLM's two request shapes): messages when the body has them."""
+    try:
+        fields = json.loads(raw)
+    except (ValueError, RecursionError):  # malformed or nested too deep for Python's parser: pydantic's says so
+        return TokenizeCompletionRequest
+    return TokenizeChatRequest if isinstance(fields, dict) and "messages" in fields else TokenizeCompletionRequest
+
+
+def _openapi(app: FastAPI, secured: bool) -> dict[str, Any]:
+    """FastAPI's document, completed with the bodies of the routes that parse their own (``BODIES``), so that a
+    client generator or a schema-driven fuzzer sees every field; and the bearer scheme when a key is set."""
+    doc = get_openapi(title=app.title, version=_version(), routes=app.routes,
+                      description="OpenAI's completions and chat completions, vLLM's extras, and kvbench's own.")
+    models = sorted({m for requests, response in BODIES.values() for m in (*requests, response)}, key=lambda m: m.__name__)
+    refs, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+    components = doc.setdefault("components", {})
+    components.setdefault("schemas", {}).update(defs.get("$defs", {}))
+    for (path, method), (requests, response) in BODIES.items():
+        operation = doc["paths"][path][method]
+        if requests:
+            schemas = [refs[(m, "validation")] for m in requests]
+            schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        operation["responses"]["200"]["content"] = {"application/json": {"schema": refs[(response, "validation")]}}
+    if secured:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+    app.openapi_schema = doc
+    return doc
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvbench")
+    except PackageNotFoundError:
+        return "unknown"

@@ -85,6 +85,33 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: Optional[Dict[str, Any]] = None
 
 
+class TokenizeCompletionRequest(_Body):
+    """``POST /tokenize`` with a prompt, as vLLM takes it: the ids a completion of it would compute."""
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Body):
+    """``POST /tokenize`` with messages: the ids a chat completion of them would compute (the chat template's)."""
+
+    model: Optional[str] = None
+    messages: List[ChatMessage]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+
+
+class DetokenizeRequest(_Body):
+    model: Optional[str] = None
+    tokens: List[int]
+
+
 # -- responses ---------------------------------------------------------------------------------
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
@@ -167,6 +194,17 @@ class ModelCard(BaseModel):
     owned_by: str = "kvbench"
     root: Optional[str] = None
     max_model_len: Optional[int] = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: List[int]
+    token_strs: Optional[List[str]] = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelList(BaseModel):

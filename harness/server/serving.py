@@ -35,7 +35,8 @@ from harness.server.errors import APIError, bad_request, error_body
 from harness.server.metrics import ServerMetrics
 from harness.server.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice, CompletionRequest,
-    CompletionResponse, ModelCard, ModelList, Usage, _Sampling,
+    CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeChatRequest,
+    TokenizeCompletionRequest, TokenizeResponse, Usage, _Sampling,
 )
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,30 @@ class Serving:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=self.info.created, root=self.info.root,
                                          max_model_len=self.info.max_model_len) for name in self.info.names])
+
+    def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        """The ids a completion of ``prompt`` (or a chat completion of ``messages``) would compute, as vLLM's
+        ``/tokenize`` gives them: the same encoding and chat template as the generation routes."""
+        self.check_model(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            if not body.messages:
+                raise bad_request("messages must hold at least one message", "messages")
+            text = self.template.render(body.messages, add_generation_prompt=body.add_generation_prompt,
+                                        continue_final_message=body.continue_final_message,
+                                        template=body.chat_template, kwargs=body.chat_template_kwargs)
+        else:
+            text = body.prompt
+        encoding = self.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(encoding.ids), max_model_len=self.info.max_model_len, tokens=encoding.ids,
+                                token_strs=encoding.tokens if body.return_token_strs else None)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        """The text of ``tokens``, special tokens included (vLLM's ``/detokenize``): a tokenize round trip."""
+        self.check_model(body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < self.info.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"tokens: {bad} is outside the vocabulary [0, {self.info.vocab_size})", "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.info.names:
