@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -125,11 +126,27 @@ async def discover(client, base_url: str, model: str | None, headers: dict[str, 
     else:
         raise UserError(f"--model: {root} serves {', '.join(names)}, not {model!r}")
     card = next((c for c in cards if c.get("id") == served), {})
-    info = None
-    r = await client.get(f"{root}/kvbench/info", headers=headers)
-    if r.status_code == 200:
-        info = r.json()
+    info = await _json_with(client, f"{root}/kvbench/info", headers, INFO_KEYS)
+    if info is None:
+        log.info("%s has no kvbench endpoints (or they answer something else): KV memory from /metrics", root)
     return ServerView(root, served, card.get("max_model_len") or (info or {}).get("max_model_len"), info, headers)
+
+
+# What our server's /kvbench replies hold; a server that answers these routes with anything else is not ours.
+INFO_KEYS = ("engine", "kv_capacity_tokens", "max_model_len")
+LOG_KEYS = ("fields", "samples", "allocations", "next", "missed", "breakdown", "now")
+
+
+async def _json_with(client, url: str, headers: dict[str, str], keys: tuple[str, ...], **params: Any) -> dict | None:
+    """The JSON object at ``url`` if it answers 200 with every one of ``keys``, else None (never an exception:
+    a server's stray answer must not cost a run its results)."""
+    try:
+        r = await client.get(url, headers=headers, params=params or None)
+        body = r.json() if r.status_code == 200 else None
+    except Exception as e:  # noqa: BLE001 - a transport failure or a body that is not JSON: the same as absent
+        log.debug("%s: %s", url, e)
+        return None
+    return body if isinstance(body, dict) and all(k in body for k in keys) else None
 
 
 def tokenizer_dir(args: argparse.Namespace, view: ServerView, model_spec, model_overridden: bool) -> Path:
@@ -208,9 +225,10 @@ class KVPoller:
         from engines.base import KVStats
 
         if self.source == "kvbench":
-            r = await self.client.get(f"{self.view.base_url}/kvbench/kv_stats", headers=self.view.headers)
-            if r.status_code == 200:
-                self.baseline = KVStats(**r.json())
+            fields = tuple(f.name for f in dataclasses.fields(KVStats) if f.default is dataclasses.MISSING)
+            stats = await _json_with(self.client, f"{self.view.base_url}/kvbench/kv_stats", self.view.headers, fields)
+            known = {f.name for f in dataclasses.fields(KVStats)}
+            self.baseline = None if stats is None else KVStats(**{k: v for k, v in stats.items() if k in known})
             await self._read_log(skip=True)
         if self.source == "metrics":
             await self.sample()
@@ -219,13 +237,13 @@ class KVPoller:
     async def _read_log(self, skip: bool = False) -> None:
         cursors = {"samples": 2**62, "allocations": 2**62, "times": 2**62} if skip else self.cursors
         sent = time.perf_counter()
-        r = await self.client.get(f"{self.view.base_url}/kvbench/kv_log", params=cursors, headers=self.view.headers)
+        reply = await _json_with(self.client, f"{self.view.base_url}/kvbench/kv_log", self.view.headers, LOG_KEYS,
+                                 **cursors)
         received = time.perf_counter()
-        if r.status_code != 200:
-            log.warning("%s/kvbench/kv_log answered %d: no KV breakdown for this run", self.view.base_url, r.status_code)
+        if reply is None:
+            log.warning("%s/kvbench/kv_log gave no KV log: no KV breakdown for this run", self.view.base_url)
             self.source = "none"
             return
-        reply = r.json()
         self.cursors = reply["next"]
         self.offsets.append((received - sent, reply["now"] - (sent + received) / 2))
         if any(reply["missed"].values()):

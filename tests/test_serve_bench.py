@@ -167,3 +167,43 @@ def test_kv_from_metrics_alone_leaves_the_breakdown_empty(server, offline_run, t
     steps = pd.read_parquet(out / "kv_steps.parquet")
     assert (steps["capacity"] == 16384).all()
     assert steps["token_states"].isna().all() and (steps["allocated"] > 0).any()
+
+
+@pytest.fixture(scope="module")
+def stray_kvbench(tiny_model):
+    """Our server, with its /kvbench routes answering as other servers' catch-all routes do: `{}` for every one
+    (``all``), or only for the KV counters and log while /kvbench/info is real (``log``)."""
+    from fastapi.responses import JSONResponse
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from engines import create_engine
+    from harness.server.app import create_app
+    from harness.server.engine_loop import EngineLoop
+    from harness.server.lifecycle import ServerThread
+
+    servers = {}
+    for mode in ("all", "log"):
+        model_dir = tiny_model("tiny-qwen3")
+        app = create_app(EngineLoop(create_engine(model_dir, PagedConfig(**ENGINE))), model_dir=model_dir,
+                         served_names=["tiny-qwen3"], cfg=ServerConfig())
+
+        async def stray(request, call_next, mode=mode):
+            path = request.url.path
+            if path.startswith("/kvbench/") and (mode == "all" or path != "/kvbench/info"):
+                return JSONResponse({})
+            return await call_next(request)
+        app.add_middleware(BaseHTTPMiddleware, dispatch=stray)
+        servers[mode] = ServerThread(app).start()
+    yield servers
+    for s in servers.values():
+        s.stop()
+
+
+@pytest.mark.parametrize("mode", ["all", "log"])
+def test_a_server_whose_kvbench_routes_answer_something_else_still_gets_its_run_written(stray_kvbench, mode, tmp_path):
+    out = tmp_path / mode
+    assert cli.main(["bench-serve", "--base-url", stray_kvbench[mode].base_url, "--model", "tiny-qwen3",
+                     "--out", str(out), "--kv-poll-interval", "0.02", *OVERRIDES]) == 0
+    run = pd.read_parquet(out / "run.parquet").iloc[0]
+    assert run["status"] == "ok" and run["completed"] == 6 and (out / "report.md").is_file()
+    assert math.isnan(run["kv_token_states_frac"])  # no KV log to split: no breakdown, and no crash at the end
