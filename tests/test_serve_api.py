@@ -344,3 +344,21 @@ def test_the_openapi_document_describes_every_route_and_body(http):
     assert refs and not missing, missing  # every reference resolves, so a client generator or fuzzer can use it
     docs = http.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower() and "/openapi.json" in docs.text
+
+
+def test_http_answers_are_counted_by_route_and_status(http):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts() -> dict[tuple[str, str], float]:
+        families = text_string_to_metric_families(http.get("/metrics").text)
+        return {(s.labels["route"], s.labels["status"]): s.value for f in families for s in f.samples
+                if s.name == "kvbench:http_requests_total"}
+    before = counts()
+    assert http.post("/v1/completions", json={"prompt": PROMPT_IDS, "max_tokens": 2}).status_code == 200
+    with http.stream("POST", "/v1/completions", json={"prompt": PROMPT_IDS, "max_tokens": 2, "stream": True}) as r:
+        assert r.status_code == 200 and "[DONE]" in r.read().decode()
+    assert http.post("/tokenize", json={}).status_code == 400
+    assert http.get("/no/such/route").status_code == 404
+    after = counts()
+    grew = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    assert grew(("/v1/completions", "200")) == 2 and grew(("/tokenize", "400")) == 1 and grew(("unmatched", "404")) == 1

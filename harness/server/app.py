@@ -167,6 +167,7 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
                   openapi_url="/openapi.json")
     app.state.kvbench = state
     app.openapi = lambda: app.openapi_schema or _openapi(app, secured=cfg.api_key is not None)
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
@@ -314,6 +315,29 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
         return loop.kv_feed.since(samples, allocations, times)
 
     return app
+
+
+class CountRequests:
+    """Counts every HTTP answer by route template and status (``kvbench:http_requests``). Plain ASGI, so streamed
+    answers and client disconnects pass through untouched; a route no one matched counts as ``unmatched``."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # what the server answers when the app raises before it starts a response
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.http_request(getattr(scope.get("route"), "path", "unmatched"), status)
 
 
 def _tokenize_body(raw: bytes) -> type[pydantic.BaseModel]:
