@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between reads of the KV log (our server: every step is in it) or scrapes of /metrics")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (default: no limit)")
     p.add_argument("--no-report", action="store_true", help="write the tables only")
+    p.add_argument("--save-result", action="store_true",
+                   help="also write each run as `vllm bench serve --save-result` does (vllm_result.json, vLLM's fields)")
     p.add_argument("--multirun", "-m", action="store_true",
                    help="sweep comma lists (arrival.rate=1,2,4), as `harness -m` does; an experiment with "
                         "hydra.sweeper.params sweeps without it")
@@ -552,7 +554,8 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
     from omegaconf import OmegaConf
 
     from harness.job import JobSpec, _params_row, _run_figures, plan_requests, workload_label
-    from harness.results import write_run
+    from harness.results import write_json, write_run
+    from harness.vllm_result import VLLM_RESULT, vllm_result
     from harness.system_info import git_state, model_shape, versions
     from harness.workload import regular_token_ids
 
@@ -600,6 +603,9 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
         "client_cpu_util": client_cpu,  # CPU seconds of this client per second of the run (1.0 = one core busy)
     }
     run = {**row, "status": "ok", **figures}
+    if args.save_result:  # before the run's metadata, whose presence marks it finished
+        write_json(out / VLLM_RESULT, vllm_result(run, request_rows, model_id=view.model, tokenizer_id=str(tok_dir),
+                                                  backend="openai-chat" if args.endpoint == "chat" else "openai"))
     write_run(out, run, {**metadata, "status": "ok"}, request_rows, steps)
     desc = " ".join([label] + [f"{k}={v}" for k, v in spec.params.items()])
     log.info("%s: %.1f output tok/s, p95 TTFT %.3f s, p95 TPOT %.4f s, %d of %d requests failed", desc,

@@ -44,6 +44,13 @@ def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as JSON (non-finite numbers as null), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(value), indent=2)
+    _write_atomically(path, lambda f: f.write_text(text))
+
+
 def write_run(job_dir: Path, run: dict[str, Any], metadata: dict[str, Any],
               requests: pd.DataFrame | None = None, kv_steps: pd.DataFrame | None = None) -> None:
     """Write the tables, then ``metadata.json`` (whose presence marks the run finished).

@@ -207,3 +207,31 @@ def test_a_server_whose_kvbench_routes_answer_something_else_still_gets_its_run_
     run = pd.read_parquet(out / "run.parquet").iloc[0]
     assert run["status"] == "ok" and run["completed"] == 6 and (out / "report.md").is_file()
     assert math.isnan(run["kv_token_states_frac"])  # no KV log to split: no breakdown, and no crash at the end
+
+
+def test_save_result_writes_what_vllm_bench_serve_writes(server, tmp_path):
+    """The fields of `vllm bench serve --save-result`, from the same tables as our own figures."""
+    import numpy as np
+
+    out = tmp_path / "saved"
+    assert cli.main(["bench-serve", "--base-url", server.base_url, "--model", "tiny-qwen3", "--out", str(out),
+                     "--save-result", *OVERRIDES]) == 0
+    result = json.loads((out / "vllm_result.json").read_text())
+    run = pd.read_parquet(out / "run.parquet").iloc[0]
+    requests = pd.read_parquet(out / "requests.parquet")
+    for key in ("date", "backend", "model_id", "tokenizer_id", "num_prompts", "request_rate", "burstiness",
+                "max_concurrency", "duration", "completed", "total_input_tokens", "total_output_tokens",
+                "request_throughput", "request_goodput", "output_throughput", "total_token_throughput", "input_lens",
+                "output_lens", "ttfts", "itls", "generated_texts", "errors",
+                *(f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "std", "p99"))):
+        assert key in result, key
+    assert result["backend"] == "openai" and result["model_id"] == "tiny-qwen3" and result["max_concurrency"] == 3
+    assert result["completed"] == run["completed"] == 6 and result["num_prompts"] == 6
+    assert result["duration"] == pytest.approx(run["duration_s"])
+    assert result["output_throughput"] == pytest.approx(run["output_tok_s"])
+    assert result["mean_ttft_ms"] == pytest.approx(1e3 * run["ttft_mean"])
+    assert result["p99_tpot_ms"] == pytest.approx(1e3 * np.percentile(requests["tpot_s"].dropna(), 99))
+    assert result["output_lens"] == requests["output_tokens"].tolist() and len(result["itls"]) == 6
+    gaps = np.concatenate([np.diff(np.unique(t)) for t in requests["token_times_s"]])
+    assert result["p99_itl_ms"] == pytest.approx(1e3 * np.percentile(gaps, 99))
+    assert result["errors"] == [""] * 6
