@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between reads of the KV log (our server: every step is in it) or scrapes of /metrics")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (default: no limit)")
     p.add_argument("--no-report", action="store_true", help="write the tables only")
+    p.add_argument("--prompt-format", choices=["auto", "text", "token-ids"], default="auto",
+                   help="how completions prompts are sent: token ids (exact lengths), or text (for servers that take "
+                        "only strings; the lengths are then the server's, from usage); auto: token ids if the server "
+                        "takes them")
     p.add_argument("--save-result", action="store_true",
                    help="also write each run as `vllm bench serve --save-result` does (vllm_result.json, vLLM's fields)")
     p.add_argument("--multirun", "-m", action="store_true",
@@ -291,8 +295,9 @@ class KVPoller:
 
 # -- one request -----------------------------------------------------------------------------------
 class Client:
-    def __init__(self, client, view: ServerView, endpoint: str, tokenizer, tag: str) -> None:
+    def __init__(self, client, view: ServerView, endpoint: str, tokenizer, tag: str, prompt_format: str = "token-ids") -> None:
         self.client, self.view, self.endpoint, self.tokenizer, self.tag = client, view, endpoint, tokenizer, tag
+        self.text = endpoint == "chat" or prompt_format == "text"  # the server counts the prompt: usage says its length
 
     def body(self, prompt_ids: list[int], params) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -304,6 +309,8 @@ class Client:
             body["seed"] = params.seed
         if self.endpoint == "chat":
             body["messages"] = [{"role": "user", "content": self.tokenizer.decode(prompt_ids, skip_special_tokens=False)}]
+        elif self.text:
+            body["prompt"] = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
         else:
             body["prompt"] = list(prompt_ids)
         return body
@@ -356,7 +363,7 @@ class Client:
                         details = usage.get("prompt_tokens_details") or {}
                         for s in samples:
                             s.cached_tokens = int(details.get("cached_tokens") or 0)
-                            if self.endpoint == "chat":
+                            if self.text:
                                 s.prompt_tokens = int(usage.get("prompt_tokens", s.prompt_tokens))
                         self._settle(samples, usage, saw_usage, now)
         except Exception as e:  # noqa: BLE001 - a transport failure fails this request, not the run
@@ -447,6 +454,23 @@ async def run_http(client: Client, requests, offsets: np.ndarray | None, concurr
     samples = [records[(r.request_id, i)] for r in requests for i in range(r.sampling_params.n) if (r.request_id, i) in records]
     ends = [s.finish for s in samples if s.finish is not None]
     return RunRecord(start, max(ends, default=start), samples, poller.kv_log(rename), max_in_flight)
+
+
+async def prompt_format(http, view: ServerView, asked: str, token_ids: list[int]) -> str:
+    """``asked``, or for ``auto`` what the server takes: one request with a prompt of token ids, answered 200 or not."""
+    if asked != "auto":
+        return asked
+    body = {"model": view.model, "prompt": token_ids, "max_tokens": 1, "temperature": 0.0}
+    try:
+        r = await http.post(f"{view.base_url}/v1/completions", json=body, headers=view.headers)
+        takes_ids = r.status_code == 200
+    except Exception as e:  # noqa: BLE001 - the run's own requests will say what is wrong with the server
+        log.debug("prompt-format probe: %s", e)
+        takes_ids = True
+    if not takes_ids:
+        log.info("%s does not take token-id prompts (HTTP %d): sending text, lengths from the server's usage",
+                 view.base_url, r.status_code)
+    return "token-ids" if takes_ids else "text"
 
 
 async def warm(client: Client, token_ids: np.ndarray, count: int) -> None:
@@ -569,7 +593,8 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
     spec = JobSpec(name=cfg.name, seed=seed, repeat=cfg.repeat, engine_label=label, engine=engine, **typed,
                    warmup_requests=cfg.warmup_requests, params=override_params(overrides),
                    config=OmegaConf.to_container(cfg, resolve=True))
-    client = Client(streams, view, args.endpoint, tokenizer, tag=f"bench-{uuid.uuid4().hex[:8]}")
+    client = Client(streams, view, args.endpoint, tokenizer, tag=f"bench-{uuid.uuid4().hex[:8]}",
+                    prompt_format=args.prompt_format)
     await warm(client, regular_token_ids(tokenizer, model_cfg.vocab_size), cfg.warmup_requests)
     poller = KVPoller(http, view, args.kv_poll_interval, args.kv_source)
     concurrency = typed["arrival"].concurrency if offsets is None else None
@@ -598,6 +623,7 @@ async def run_job(args: argparse.Namespace, overrides: list[str], out: Path, htt
         "git": git_state(), "versions": info.get("versions") or versions(), "params": spec.params, "config": spec.config,
         "hardware": info.get("hardware") or {"remote": view.base_url},
         "server": {"base_url": view.base_url, "model": view.model, "endpoint": args.endpoint, "kv_source": poller.source,
+                   "prompt_format": "text" if client.text else "token-ids",
                    "info": {k: v for k, v in info.items() if k not in ("hardware", "versions", "model_shape", "config")}},
         "client_versions": versions(),
         "client_cpu_util": client_cpu,  # CPU seconds of this client per second of the run (1.0 = one core busy)
@@ -625,6 +651,7 @@ async def bench(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, l
     from engines.detokenizer import load_tokenizer
     from engines.model.config import ModelConfig
     from harness.report import write_report
+    from harness.workload import regular_token_ids
 
     jobs, multirun = expand_sweep(overrides, args.multirun)
     first = compose_bench_config(jobs[0])
@@ -646,6 +673,9 @@ async def bench(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, l
         tok_dir = tokenizer_dir(args, view, model_spec, model_overridden)
         tokenizer = load_tokenizer(tok_dir)
         model_cfg = ModelConfig.from_dir(tok_dir)
+        if args.endpoint == "completions":
+            args.prompt_format = await prompt_format(http, view, args.prompt_format,
+                                                     regular_token_ids(tokenizer, model_cfg.vocab_size)[:8].tolist())
         for k, job in enumerate(jobs):
             if multirun:
                 name = ",".join(o for o in job if o not in overrides) or "run"  # the swept values, as Hydra names jobs

@@ -235,3 +235,46 @@ def test_save_result_writes_what_vllm_bench_serve_writes(server, tmp_path):
     gaps = np.concatenate([np.diff(np.unique(t)) for t in requests["token_times_s"]])
     assert result["p99_itl_ms"] == pytest.approx(1e3 * np.percentile(gaps, 99))
     assert result["errors"] == [""] * 6
+
+
+@pytest.fixture(scope="module")
+def strings_only(tiny_model):
+    """Our server behind a front that refuses token-id prompts, as servers that take only strings do."""
+    from fastapi.responses import JSONResponse
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from engines import create_engine
+    from harness.server.app import create_app
+    from harness.server.engine_loop import EngineLoop
+    from harness.server.lifecycle import ServerThread
+
+    model_dir = tiny_model("tiny-qwen3")
+    app = create_app(EngineLoop(create_engine(model_dir, PagedConfig(**ENGINE))), model_dir=model_dir,
+                     served_names=["tiny-qwen3"], cfg=ServerConfig())
+
+    async def strings(request, call_next):
+        if request.url.path == "/v1/completions" and not isinstance(json.loads(await request.body()).get("prompt"), str):
+            return JSONResponse({"error": {"message": "prompt must be a string", "type": "invalid_request_error",
+                                           "param": "prompt", "code": None}}, status_code=400)
+        return await call_next(request)
+    app.add_middleware(BaseHTTPMiddleware, dispatch=strings)
+    server = ServerThread(app).start()
+    yield server
+    server.stop()
+
+
+def test_a_server_that_takes_only_text_gets_text_prompts_and_the_true_lengths_from_usage(strings_only, tmp_path):
+    out = tmp_path / "auto"
+    assert cli.main(["bench-serve", "--base-url", strings_only.base_url, "--model", "tiny-qwen3", "--out", str(out),
+                     *OVERRIDES]) == 0
+    run = pd.read_parquet(out / "run.parquet").iloc[0]
+    assert run["completed"] == 6 and run["failed"] == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["server"]["prompt_format"] == "text"
+    requests = pd.read_parquet(out / "requests.parquet")
+    assert (requests["prompt_tokens"] > 0).all()  # the server's count of the text it was sent
+    out = tmp_path / "ids"  # asked for token ids anyway: every request fails (exit 1), and the run says so
+    assert cli.main(["bench-serve", "--base-url", strings_only.base_url, "--model", "tiny-qwen3", "--out", str(out),
+                     "--prompt-format", "token-ids", *OVERRIDES]) == 1
+    run = pd.read_parquet(out / "run.parquet").iloc[0]
+    assert run["failed"] == 6 and run["completed"] == 0
