@@ -985,15 +985,18 @@ def _html_figure(f: Figure, out: Path) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="harness report", description="Write a report (Markdown, HTML, PNG figures) from run directories.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
-    parser.add_argument("--out", type=Path, help="where to write (default: the one RUN_DIR; required with several)")
+    parser.add_argument("run_dirs", nargs="+", type=Path,
+                        help="run or sweep directories (searched recursively), or `vllm bench serve --save-result` "
+                             "JSON files to draw beside them")
+    parser.add_argument("--out", type=Path, help="where to write (default: the one RUN_DIR; required with several "
+                                                 "or with a JSON file)")
     args = parser.parse_args(argv)
-    missing = [d for d in args.run_dirs if not d.is_dir()]
+    missing = [d for d in args.run_dirs if not d.is_dir() and not (d.is_file() and d.suffix == ".json")]
     if missing:
-        print(f"error: {missing[0]} is not a directory", file=sys.stderr)
+        print(f"error: {missing[0]} is neither a directory nor a JSON file", file=sys.stderr)
         return 2
-    if args.out is None and len(args.run_dirs) > 1:
-        print("error: --out is required with several run directories", file=sys.stderr)
+    if args.out is None and (len(args.run_dirs) > 1 or not args.run_dirs[0].is_dir()):
+        print("error: --out is required with several run directories or a JSON file", file=sys.stderr)
         return 2
     try:
         path = write_report(args.run_dirs, args.out or args.run_dirs[0])

@@ -94,9 +94,25 @@ class RunDir:
 
 
 def find_runs(paths: Iterable[str | Path]) -> tuple[list[RunDir], list[Path]]:
-    """Finished runs under ``paths`` (a run or a sweep directory), and the run directories left unfinished."""
+    """Finished runs under ``paths`` (a run or a sweep directory), and the run directories left unfinished.
+
+    ``vllm bench serve --save-result`` JSON files count as runs too: given as paths, or found in folders that are
+    not our runs' (ours write one beside their tables, which is the same run)."""
+    from harness.vllm_result import is_vllm_result, run_row
+
     runs, unfinished = [], []
     for root in map(Path, paths):
+        files = [root] if root.is_file() else [f for f in sorted(root.rglob("*.json"), key=run_order)
+                                              if f.name != METADATA and not (f.parent / METADATA).is_file()]
+        for file in files:
+            try:
+                result = json.loads(file.read_text())
+            except (OSError, ValueError, RecursionError):
+                continue
+            if is_vllm_result(result):
+                runs.append(RunDir(file, {"status": "ok", "run": run_row(result, file.stem)}))
+        if root.is_file():
+            continue
         for meta in sorted(root.rglob(METADATA), key=run_order):
             runs.append(RunDir(meta.parent, json.loads(meta.read_text())))
         for hydra_dir in sorted(root.rglob(".hydra"), key=run_order):

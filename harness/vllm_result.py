@@ -1,4 +1,6 @@
-"""A run as ``vllm bench serve --save-result`` writes one: the JSON its users' scripts and dashboards read.
+"""A run as ``vllm bench serve --save-result`` writes one, both ways: our run written as that JSON (what its users'
+scripts and dashboards read), and such a JSON made elsewhere read as a run row (``harness report`` draws it beside
+ours).
 
 Built from our own tables (the run row and the per-sample table), so each figure keeps the
 definition docs/methodology.md gives it; the field names and units are vLLM's (seconds for
@@ -64,3 +66,39 @@ def vllm_result(run: dict[str, Any], requests: pd.DataFrame, *, backend: str, mo
         values = np.concatenate(itls) if name == "itl" and itls else np.asarray(seconds.get(name, []), dtype=float)
         result.update(_stats(name, np.asarray(values, dtype=float)))
     return result
+
+
+# what a JSON must hold to be read as a `vllm bench serve` result
+RESULT_KEYS = ("duration", "completed", "output_throughput", "mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms")
+# our latency columns and vLLM's metric names
+LATENCY_NAMES = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "e2e": "e2el"}
+
+
+def is_vllm_result(value: Any) -> bool:
+    return isinstance(value, dict) and all(k in value for k in RESULT_KEYS)
+
+
+def run_row(result: dict[str, Any], name: str) -> dict[str, Any]:
+    """A `vllm bench serve` result as a run row with our column names (seconds, tokens/s); what it does not hold
+    (p90/p95 unless it was asked for them, the KV memory, the hardware) is missing, not guessed."""
+    rate = result.get("request_rate")
+    concurrency = result.get("max_concurrency")
+    row: dict[str, Any] = {
+        "experiment": "vllm bench serve", "engine": "vllm", "engine_label": f"vllm:{name}", "status": "ok",
+        "model": result.get("model_id"), "workload": "vllm bench serve", "workload_label": name,
+        "arrival": "closed" if concurrency else "poisson", "concurrency": concurrency,
+        "rate": rate if isinstance(rate, (int, float)) and math.isfinite(rate) else None,
+        "burstiness": result.get("burstiness"), "repeat": 0, "kv_breakdown": False,
+        "hardware": "unknown (a vllm bench serve result)", "duration_s": float(result["duration"]),
+        "num_requests": result.get("num_prompts"), "completed": int(result["completed"]),
+        "failed": result.get("failed"), "prompt_tokens": result.get("total_input_tokens"),
+        "output_tokens": result.get("total_output_tokens"), "output_tok_s": float(result["output_throughput"]),
+        "total_tok_s": result.get("total_token_throughput"), "requests_s": result.get("request_throughput"),
+        "goodput_req_s": result.get("request_goodput", result.get("request_goodput:")),
+        "max_in_flight": result.get("max_concurrent_requests"),
+    }
+    for ours, theirs in LATENCY_NAMES.items():
+        ms = {"mean": result.get(f"mean_{theirs}_ms"), "p50": result.get(f"median_{theirs}_ms")}
+        ms.update({f"p{p}": result.get(f"p{p}_{theirs}_ms") for p in (90, 95, 99)})
+        row.update({f"{ours}_{k}": (v / 1e3 if isinstance(v, (int, float)) else math.nan) for k, v in ms.items()})
+    return row

@@ -278,3 +278,25 @@ def test_a_server_that_takes_only_text_gets_text_prompts_and_the_true_lengths_fr
                      "--prompt-format", "token-ids", *OVERRIDES]) == 1
     run = pd.read_parquet(out / "run.parquet").iloc[0]
     assert run["failed"] == 6 and run["completed"] == 0
+
+
+def test_report_draws_a_vllm_bench_serve_result_beside_our_runs(server, tmp_path):
+    """A JSON written by `vllm bench serve --save-result` elsewhere (here: ours, in the same format) as a series."""
+    ours = tmp_path / "ours"
+    assert cli.main(["bench-serve", "--base-url", server.base_url, "--model", "tiny-qwen3", "--out", str(ours),
+                     "--save-result", *OVERRIDES]) == 0
+    elsewhere = tmp_path / "elsewhere" / "vllm-0.11-h100.json"
+    elsewhere.parent.mkdir()
+    result = json.loads((ours / "vllm_result.json").read_text())
+    elsewhere.write_text(json.dumps({**result, "output_throughput": 1234.5, "median_ttft_ms": 42.0}))
+    out = tmp_path / "report"
+    assert cli.main(["report", str(ours), str(elsewhere), "--out", str(out)]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2  # our run once (its own vllm_result.json is the same run), and the file
+    theirs = runs[runs["engine"] == "vllm"].iloc[0]
+    assert theirs["engine_label"] == "vllm:vllm-0.11-h100" and theirs["output_tok_s"] == 1234.5
+    assert theirs["ttft_p50"] == pytest.approx(0.042) and math.isnan(theirs["ttft_p95"])
+    assert "vllm:vllm-0.11-h100" in (out / "report.md").read_text()
+    folder = tmp_path / "folder_report"  # a folder of such files is searched like a sweep
+    assert cli.main(["report", str(elsewhere.parent), "--out", str(folder)]) == 0
+    assert len(pd.read_csv(folder / "runs.csv")) == 1
