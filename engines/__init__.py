@@ -12,7 +12,7 @@ from engines.request import FinishReason, Request, RequestError, RequestOutput, 
 # engine name -> (module, class)
 ENGINE_CLASSES = {
     "hf": ("engines.hf", "HFEngine"),
-    "hf_paged": ("engines.hf", "HFPagedEngine"),
+    "hf_paged": ("engines.hf_paged", "HFPagedEngine"),
     "contiguous": ("engines.contiguous", "ContiguousEngine"),
     "paged": ("engines.paged", "PagedEngine"),
 }

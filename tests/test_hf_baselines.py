@@ -23,7 +23,9 @@ from engines import create_engine
 from engines.base import Engine
 from engines.config import HFConfig, HFPagedConfig, PagedConfig
 from engines.detokenizer import SampleStream, load_tokenizer
-from engines.hf import _Batch, _Row, _StreamRows, cb_attn_implementation
+from engines.hf import _Batch, _StreamRows
+from engines.hf_common import Row as _Row
+from engines.hf_paged import cb_attn_implementation
 from engines.request import FinishReason, Request, SamplingParams
 
 MAX_TOKENS = [12, 8, 12, 10]  # per request: exact lengths differ within one padded batch
