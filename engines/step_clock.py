@@ -130,16 +130,13 @@ class StepClock:
         self._span = [self._mark(), None] if self.cuda else time.perf_counter()
 
     def end(self) -> None:
-        """The step's device work queued so far ends here (after its last sampler, or forward if none)."""
+        """The step's device work ends here (after its last sampler, or its forward if it samples nothing)."""
         if not self.on:
             return
         if self.cuda:
-            if self._span[1] is not None:
-                self._free_events.append(self._span[1])
             self._span[1] = self._mark()
         else:
-            self._cpu_gpu += time.perf_counter() - self._span
-            self._span = time.perf_counter()
+            self._cpu_gpu = time.perf_counter() - self._span
 
     def finish(self, step: int) -> list[StepTimes]:
         """Close the step and return the times of every step whose device work has completed: this one after

@@ -81,8 +81,8 @@ def _close(engine: Engine) -> None:
     engine.close()
     del engine
     gc.unfreeze()  # its objects, cycles included, can be collected again
-    if torch.cuda.is_available():  # its device memory goes back before the next engine is built (cycles too)
-        gc.collect()
+    gc.collect()  # the device memory of its tensors goes back before the next engine is built
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
