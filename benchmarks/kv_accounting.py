@@ -34,7 +34,9 @@ from harness.stats import ratio_ci
 
 
 def build_engine(kind: str, model_dir: Path, args: argparse.Namespace):
-    common = dict(max_num_seqs=args.running, max_num_batched_tokens=max(8192, args.running), max_model_len=args.max_model_len)
+    """Synchronous scheduling: a timed ``step()`` then holds its own device work, not the host part of the next."""
+    common = dict(max_num_seqs=args.running, max_num_batched_tokens=max(8192, args.running),
+                  max_model_len=args.max_model_len, async_scheduling=False)
     if torch.cuda.is_available():
         common.update(gpu_memory_utilization=0.85)
     else:

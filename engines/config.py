@@ -39,6 +39,10 @@ class SchedulerConfig:
     # Decode steps a decode-only batch runs on the device between host syncs (vLLM's
     # --num-scheduler-steps): more amortizes host overhead, tokens then arrive in bursts.
     num_scheduler_steps: int = 1
+    # Schedule and launch step N+1 before reading step N's tokens (vLLM's --async-scheduling),
+    # so the host's work overlaps the device's. A sample that stops on a token it has not read
+    # yet runs one step more, discarded; n > 1 prompts and penalties wait for their tokens.
+    async_scheduling: bool = True
 
 
 @dataclass

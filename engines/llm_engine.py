@@ -18,11 +18,11 @@ from engines.config import ContiguousConfig, PagedConfig
 from engines.kv.manager import KVManager
 from engines.kv.metadata import StepSequence, build_metadata
 from engines.model.loader import load_model, resolve_device
-from engines.model_runner import ModelRunner, SampleRow
+from engines.model_runner import LaunchedStep, ModelRunner, SampleRow
 from engines.request import Request, RequestError, RequestOutput, SamplingParams
-from engines.sampling import sample_seed
+from engines.sampling import sample_seed, uses_history
 from engines.scheduler import ScheduledBatch, Scheduler
-from engines.sequence import Sequence
+from engines.sequence import Sequence, SeqStatus
 from engines.step_clock import StepClock
 
 
@@ -39,6 +39,7 @@ class LLMEngine(Engine):
         self.slot_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * self.model.dtype.itemsize
         num_slots = self._kv_slots()
         self.clock = StepClock(self.device, enabled=cfg.step_anatomy)
+        self._in_flight: LaunchedStep | None = None  # launched, its tokens not read yet (asynchronous scheduling)
         self.kv = self.clock.wrap(self.make_kv_manager(num_slots))  # its calls during a step time as `kv`
         self.ledger = self.kv.ledger
         self.ledger.record = cfg.record_kv_steps
@@ -195,6 +196,8 @@ class LLMEngine(Engine):
         return torch.Generator(self.device).manual_seed(sample_seed(seed, index))
 
     def has_unfinished(self) -> bool:
+        """A step in flight holds only samples still in the scheduler (a finishing one stays running until its
+        last token is read), unless they were aborted: then nothing is left to return."""
         return self.scheduler.has_unfinished()
 
     def abort(self, request_id: str) -> None:
@@ -214,6 +217,7 @@ class LLMEngine(Engine):
         return stats
 
     def close(self) -> None:
+        self._in_flight = None
         self.runner = None
         self.model = None
         if self.device.type == "cuda":
@@ -221,13 +225,20 @@ class LLMEngine(Engine):
 
     # -- one step: schedule -> run -> postprocess --------------------------------------------
     def _step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, then postprocess the one before it (asynchronous scheduling: the host's
+        work for step N+1 overlaps the device's step N) or, when synchronous, this one."""
         self.clock.start()
         batch = self.scheduler.schedule()
         self.clock.lap("schedule")
+        previous, self._in_flight = self._in_flight, None
         if not batch:
-            if self.scheduler.has_unfinished() and not self.scheduler.running:
+            if previous is None and self.scheduler.has_unfinished() and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress with requests waiting (a bug: please report)")
-            return []
+            if previous is None:
+                return []
+            outputs = self._postprocess(previous)
+            self.ledger.timed(self.clock.collect())  # its device work is done: the last step's times
+            return outputs
         now = time.perf_counter()
         for seq, _ in batch.prefills:
             if seq.first_scheduled_time is None:
@@ -237,10 +248,39 @@ class LLMEngine(Engine):
         self.runner.apply(self.kv.take_ops())
         self.clock.lap("kv")
         rows = self._sample_rows(batch)
-        tokens = self.runner.run(batch, rows)
-        outputs = self._postprocess(batch, rows, tokens, time.perf_counter())
+        launched = self.runner.launch(batch, rows)
+        self._advance(batch, rows)
+        self.clock.lap("postprocess")
+        outputs = self._postprocess(previous) if previous is not None else []
+        if self.cfg.async_scheduling and not self._must_wait(rows):
+            self._in_flight = launched
+        else:
+            outputs += self._postprocess(launched)
         self.ledger.timed(self.clock.finish(self.ledger.step - 1))
         return outputs
+
+    @staticmethod
+    def _must_wait(rows: list[SampleRow]) -> bool:
+        """Whether the next step needs this one's tokens on the host before it is scheduled: a prompt forking
+        its n > 1 samples (they are built from the sampled tokens), or penalties (they read every token)."""
+        return any(r.seq is not r.source for r in rows) or uses_history([r.seq.request.sampling_params for r in rows])
+
+    def _advance(self, batch: ScheduledBatch, rows: list[SampleRow]) -> None:
+        """What a launched step changes that is known before its tokens are: the K/V it computes, the tokens it
+        samples (pending until read), and the prefix blocks its prompt chunks complete."""
+        computed = 0
+        for seq, n in batch.prefills:
+            seq.num_computed += n
+            computed += n
+            self.kv.commit(seq)
+        for seq, k in zip(batch.decodes, batch.decode_steps):
+            seq.num_computed += k  # the step caches the K/V of the token before each one it samples
+            seq.num_pending += k
+            computed += k
+        for row in rows:
+            if row.seq is row.source and row.seq.num_computed == row.seq.num_tokens:  # a prompt's first sample
+                row.seq.num_pending += 1
+        self.ledger.computed(computed)
 
     def _sample_rows(self, batch: ScheduledBatch) -> list[SampleRow]:
         """Who samples this step: every sequence whose last token is computed now, and for a
@@ -258,28 +298,25 @@ class LLMEngine(Engine):
                     rows.append(SampleRow(child, seq))
         return rows
 
-    def _postprocess(
-        self, batch: ScheduledBatch, rows: list[SampleRow], tokens: list[list[int]], now: float
-    ) -> list[RequestOutput]:
-        computed = 0
-        for seq, n in batch.prefills:
-            seq.num_computed += n
-            computed += n
-            self.kv.commit(seq)
-        decoding = {id(s) for s in batch.decodes}
+    def _postprocess(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's tokens and hand them to their samples. A sample that finished or was aborted
+        while the step was in flight drops them; one preempted meanwhile keeps them for its recompute."""
+        tokens = self.runner.wait(step)
+        now = time.perf_counter()
         outputs = []
-        for row, sampled in zip(rows, tokens):
+        for row, sampled in zip(step.rows, tokens):
             seq = row.seq
+            if seq is row.source:
+                seq.num_pending -= len(sampled)
+            if seq.status is SeqStatus.FINISHED:
+                continue
             if seq is not row.source:  # a new sample: share (or copy) the prompt's cache, then run beside it
                 seq.num_computed = row.source.num_computed
                 self.kv.fork(row.source, seq)
                 self.scheduler.forked(seq)
-            first = seq.num_output == 0
+            first = len(seq.token_ids) == seq.num_prompt
             new, text = [], ""
             for token in sampled:  # a decode that ran several steps brings several tokens
-                if id(seq) in decoding:
-                    seq.num_computed += 1  # the step cached the K/V of the token before this one
-                    computed += 1
                 seq.token_ids.append(token)
                 text += seq.stream.append(token)
                 new.append(token)
@@ -292,11 +329,12 @@ class LLMEngine(Engine):
                 num_cached_tokens=seq.num_cached_prompt if first else 0,
                 first_scheduled_time=seq.first_scheduled_time if first else None,
             ))
-        self.kv.commit_many(batch.decodes)  # after their tokens: nothing above reads a decode's commit
-        self.ledger.computed(computed)
-        for row in rows:
+        # after their tokens: nothing above reads a decode's commit
+        self.kv.commit_many([s for s in step.batch.decodes if s.status is SeqStatus.RUNNING])
+        for row in step.rows:
             row.source.num_forks = 0  # its samples are running: scheduler.forked took their seats
-        for row in rows:
-            if row.seq.stream.finished:
+        for row in step.rows:
+            if row.seq.stream.finished and row.seq.status is not SeqStatus.FINISHED:
                 self.scheduler.finish(row.seq)
+        self.clock.lap("postprocess")
         return outputs

@@ -23,6 +23,18 @@ from engines.transfer import to_device
 
 
 @dataclass
+class LaunchedStep:
+    """A step whose device work is queued: ``ModelRunner.wait`` reads its tokens."""
+
+    batch: ScheduledBatch
+    rows: list[SampleRow]
+    steps: list[int]  # tokens each row samples
+    sampled: torch.Tensor | None  # [steps, rows] on the device (None: the step samples nothing)
+    host: torch.Tensor | None = None  # the same, being copied to host memory
+    ready: torch.cuda.Event | None = None  # recorded after that copy (CUDA)
+
+
+@dataclass
 class SampleRow:
     """One token to sample: ``seq`` draws it from the logits of ``source``'s last computed token."""
 
@@ -127,6 +139,10 @@ class ModelRunner:
             if self.device.type == "cuda":
                 self.host_cache = self.host_cache.pin_memory()
         self.sampler = Sampler()
+        # The last launched step's samples on the device, and the index of each sequence's last one in them:
+        # the next step reads tokens the host has not (asynchronous scheduling).
+        self._last_sampled = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._last_index: dict[int, int] = {}
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, cuda_graph_max_batch, kv.max_blocks_per_seq(max_model_len), max_model_len)
@@ -160,11 +176,61 @@ class ModelRunner:
         )
 
     @torch.no_grad()
-    def run(self, batch: ScheduledBatch, rows: list[SampleRow]) -> list[list[int]]:
-        """Forward the batch; return the tokens each row sampled (one per decode step it ran)."""
-        if not batch.prefills:
-            return self._run_decodes(batch.decodes, batch.decode_steps, rows)
+    def launch(self, batch: ScheduledBatch, rows: list[SampleRow]) -> LaunchedStep:
+        """Queue the batch's forward and sampling on the device; the host does not wait for them. Decodes
+        whose last token is still on the device (``num_pending``) read it from the last step's samples."""
         clock = self.clock
+        if not batch.prefills:
+            sampled, index = self._run_decodes(batch.decodes, batch.decode_steps, rows)
+            steps = batch.decode_steps
+        else:
+            sampled, index = self._run_mixed(batch, rows)
+            steps = [1] * len(rows)
+        clock.end()
+        step = LaunchedStep(batch, rows, steps, sampled)
+        if sampled is not None:
+            if self.device.type == "cuda":  # copied behind the step; the host waits for this copy alone
+                step.host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+                step.host.copy_(sampled, non_blocking=True)
+                step.ready = torch.cuda.Event()
+                step.ready.record()
+            else:
+                step.host = sampled
+            self._last_sampled = sampled.view(-1)
+            self._last_index = index
+        clock.lap("launch")
+        return step
+
+    def wait(self, step: LaunchedStep) -> list[list[int]]:
+        """The tokens each row of a launched step sampled (one per decode step it ran): the one host sync."""
+        if step.host is None:
+            return []
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.host.tolist()
+        self.clock.lap("sync")
+        if step.batch.prefills:
+            return [[t] for t in tokens]
+        return [[tokens[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
+
+    def _pending_ids(self, ids: np.ndarray, where: list[int], seqs: list[Sequence]) -> np.ndarray | None:
+        """Gather indices that put the device-held last token of each of ``seqs`` at ``ids[where]``: index
+        ``i < P`` reads the last step's i-th sample, ``P + j`` reads ``ids[j]``; None if nothing is pending."""
+        if not where:
+            return None
+        p = self._last_sampled.numel()
+        index = np.arange(p, p + len(ids), dtype=np.int64)
+        index[where] = [self._last_index[s.seq_id] for s in seqs]
+        return index
+
+    def _ids_on_device(self, packed: torch.Tensor, gather: bool) -> torch.Tensor:
+        """Row 0 of ``packed`` holds host-known ids, row 1 (if ``gather``) the gather indices of ``_pending_ids``."""
+        if not gather:
+            return packed[0]
+        return torch.cat([self._last_sampled, packed[0]])[packed[1]]
+
+    def _run_mixed(self, batch: ScheduledBatch, rows: list[SampleRow]) -> tuple[torch.Tensor | None, dict[int, int]]:
+        """A step with prompt chunks (decodes first): one varlen forward without graphs, then sampling."""
         scheduled = [(s, 1) for s in batch.decodes] + batch.prefills
         if rows:  # which rows of the forward's output the samples read: known before it runs
             last = {}  # sequence -> row of its last token in the forward's output
@@ -179,20 +245,16 @@ class ModelRunner:
             sampling = self._sampling_batch(rows)
         hidden = self._forward_eager(scheduled)
         if not rows:
-            clock.end()
-            clock.lap("launch")
-            return []
+            return None, {}
         logits = self.model.compute_logits(hidden[gather])[order]
         sampled = self.sampler(logits, sampling)
-        clock.end()
-        clock.lap("launch")
-        tokens = sampled.tolist()
-        clock.lap("sync")
-        return [[t] for t in tokens]
+        return sampled, {r.seq.seq_id: i for i, r in enumerate(rows) if r.seq is r.source}
 
-    def _run_decodes(self, seqs: list[Sequence], steps: list[int], rows: list[SampleRow]) -> list[list[int]]:
+    def _run_decodes(self, seqs: list[Sequence], steps: list[int], rows: list[SampleRow]
+                     ) -> tuple[torch.Tensor, dict[int, int]]:
         """Decode ``steps[i]`` tokens of each sequence, feeding each step's samples to the next on the
-        device; the host waits once, at the end (several steps: vLLM's multi-step scheduling)."""
+        device (several steps: vLLM's multi-step scheduling). Returns the samples [steps, B] and where each
+        sequence's last one is in them, flattened."""
         clock = self.clock
         n, k = len(seqs), max(steps)
         # A sequence with fewer steps than the batch repeats its last position without writing
@@ -203,11 +265,19 @@ class ModelRunner:
         slots = np.where(active, self.kv.decode_slots(seqs, positions), -1)
         tables, starts = self.kv.addressing(seqs)
         sampling = self._sampling_batch(rows)
-        ids = to_device(np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n), self.device)
+        where = [i for i, s in enumerate(seqs) if s.num_pending]
+        host_ids = np.fromiter((0 if s.num_pending else s.token_ids[-1] for s in seqs), dtype=np.int64, count=n)
+        index = self._pending_ids(host_ids, where, [seqs[i] for i in where])
         graphs = self.graphs if self.graphs is not None and self.graphs.padded_size(n) is not None else None
         if graphs is not None:
             b = graphs.load(n, tables, starts)
-            dev = to_device(np.stack([positions, slots, positions + 1]), self.device)
+            lead = [host_ids] if index is None else [host_ids, index]
+            dev = to_device(np.concatenate([np.stack(lead), positions, slots, positions + 1]), self.device)
+            ids = self._ids_on_device(dev, index is not None)
+            dev = dev[len(lead):].view(3, k, n)
+        else:
+            packed = to_device(np.stack([host_ids] if index is None else [host_ids, index]), self.device)
+            ids = self._ids_on_device(packed, index is not None)
         sampled = []
         clock.lap("prepare")
         for j in range(k):
@@ -227,16 +297,16 @@ class ModelRunner:
             ids = self.sampler(self.model.compute_logits(hidden), sampling)
             clock.lap("launch")
             sampled.append(ids)
-        clock.end()
-        tokens = torch.stack(sampled).tolist()  # the one host sync
-        clock.lap("sync")
-        return [[tokens[j][i] for j in range(steps[i])] for i in range(n)]
+        last = {s.seq_id: (steps[i] - 1) * n + i for i, s in enumerate(seqs)}
+        return torch.stack(sampled), last
 
     def _forward_eager(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """A step with prompt chunks (decodes first): one varlen forward without graphs."""
+        """One varlen forward of a step's decodes and prompt chunks; a decode's token may still be on the device."""
         seqs = [s for s, _ in scheduled]
-        ids = np.concatenate([np.asarray(s.token_ids[s.num_computed : s.num_computed + n], dtype=np.int64)
-                              for s, n in scheduled])
+        ids = np.concatenate([np.asarray(s.token_ids[s.num_computed : s.num_computed + n] if not s.num_pending
+                                         else [0], dtype=np.int64) for s, n in scheduled])
+        where = [i for i, s in enumerate(seqs) if s.num_pending]  # pending ones are decodes: row i is token i
+        index = self._pending_ids(ids, where, [seqs[i] for i in where])
         positions = np.concatenate([np.arange(s.num_computed, s.num_computed + n) for s, n in scheduled])
         slots = np.concatenate([self.kv.slot_mapping(s, s.num_computed, s.num_computed + n) for s, n in scheduled])
         tables, starts = self.kv.addressing(seqs)
@@ -244,7 +314,8 @@ class ModelRunner:
             [StepSequence(s.num_computed, n) for s, n in scheduled], slots,
             block_tables=tables, seq_starts=starts, block_size=self.kv.block_size, device=self.device,
         )
-        ids_d, positions_d = to_device(ids, self.device), to_device(positions, self.device)
+        packed = to_device(np.stack([ids, positions] if index is None else [ids, index, positions]), self.device)
+        ids_d = self._ids_on_device(packed, index is not None)
         self.clock.lap("prepare")
         self.clock.begin()
-        return self.model(ids_d, positions_d, self.kv_cache, meta)
+        return self.model(ids_d, packed[-1], self.kv_cache, meta)

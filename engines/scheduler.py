@@ -114,7 +114,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.token_budget
         for seq in [s for s in self.running if s.is_decoding]:
-            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not SeqStatus.RUNNING or seq.is_done_pending:  # preempted in this loop, or finishing
                 continue
             if self._make_room(seq, 1, batch):
                 batch.decodes.append(seq)
@@ -189,20 +189,20 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
+        """Free ``seq``'s memory and take it out of whichever queue holds it: usually running; waiting or swapped
+        if it was preempted while its last token was in flight (asynchronous scheduling), or aborted there."""
         self.kv.free(seq)
+        if seq.status is SeqStatus.RUNNING:
+            self._stop_running(seq)
+        elif seq.status is SeqStatus.SWAPPED:
+            self.swapped.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
-        self._stop_running(seq)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Drop every sample of a request wherever it is; its memory is free on return."""
         dropped = [s for s in self.live if s.request.request_id == request_id]
         for seq in dropped:
-            self.kv.free(seq)
-            if seq.status is SeqStatus.RUNNING:
-                self._stop_running(seq)
-            elif seq.status is SeqStatus.SWAPPED:
-                self.swapped.remove(seq)
-            else:
-                self.waiting.remove(seq)
-            seq.status = SeqStatus.FINISHED
+            self.finish(seq)
         return dropped

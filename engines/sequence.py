@@ -27,8 +27,12 @@ class Sequence:
     index: int  # which of the request's n samples
     stream: SampleStream
     generator: torch.Generator | None
-    token_ids: list[int] = field(default_factory=list)  # prompt + generated
-    num_computed: int = 0  # tokens whose K/V is in the cache
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated, as far as the host has read them
+    num_computed: int = 0  # tokens whose K/V is in the cache (or queued on the device to be)
+    # Tokens sampled on the device that the host has not read yet (asynchronous scheduling:
+    # the next step is scheduled before this one's tokens come back). They count in every
+    # length below; the runner feeds them to the model from the device.
+    num_pending: int = 0
     status: SeqStatus = SeqStatus.WAITING
     num_forks: int = 0  # samples to fork from this one once its prompt is done (n > 1)
     first_scheduled_time: float | None = None
@@ -46,21 +50,26 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output(self) -> int:
-        return len(self.token_ids) - self.num_prompt
+        return self.num_tokens - self.num_prompt
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return self.num_tokens - self.num_computed
 
     @property
     def is_decoding(self) -> bool:
         """Only the last sampled token is missing from the cache: a one-token step."""
-        n = len(self.token_ids)
+        n = self.num_tokens
         return self.num_computed > 0 and n - self.num_computed == 1 and n > self.num_prompt
+
+    @property
+    def is_done_pending(self) -> bool:
+        """Its last possible token is sampled but not read yet: it finishes when that token arrives."""
+        return self.num_pending > 0 and self.num_tokens >= self.final_len_bound
 
     @property
     def final_len_bound(self) -> int:

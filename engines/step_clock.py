@@ -140,7 +140,8 @@ class StepClock:
 
     def finish(self, step: int) -> list[StepTimes]:
         """Close the step and return the times of every step whose device work has completed: this one after
-        its host sync, and any earlier one that had none (a prompt chunk that samples nothing), read now."""
+        its host sync, and any earlier one read now (a prompt chunk that samples nothing, or the step before
+        under asynchronous scheduling)."""
         if not self.on:
             return []
         self.lap("postprocess")
@@ -149,6 +150,10 @@ class StepClock:
             times.gpu = self._cpu_gpu
             return [times]
         self._pending.append((times, self._span))
+        return self.collect()
+
+    def collect(self) -> list[StepTimes]:
+        """The times of earlier steps whose device work has completed since (read in step order)."""
         done = []
         while self._pending and (self._pending[0][1] is None or self._pending[0][1][1].query()):
             t, span = self._pending.pop(0)
