@@ -7,8 +7,11 @@ paged at several block sizes and contiguous over the same cache memory, so their
 the price of paging; torch SDPA over contiguous tensors is the outside reference, and for
 prefill its flash backend. The ``layers`` section times the decoder's elementwise layers
 (RMSNorm, the residual add with its norm, SwiGLU's activation, rotary embedding) at decode and
-prefill token counts of two presets, fused Triton against the eager torch reference. Writes CSV
-under ``--out`` and prints a short summary last.
+prefill token counts of two presets, fused Triton against the eager torch reference. The ``peers``
+section times other libraries' attention (``kernels.peers``: FlashInfer, FlexAttention, SDPA flash
+and cuDNN) beside ours over the decode and prefill grids, after checking each one's output against
+ours; ``--peers`` adds them to the decode and prefill sections too. Writes CSV under ``--out`` and
+prints a short summary last.
 
 Decode times every variant of a case in turn, ``--passes`` times over (default 3), and reports
 each variant's median over the passes, so that paged / contiguous ratios of 10-20 µs kernels,
@@ -20,22 +23,24 @@ times in ``time_us_passes`` (``;``-separated, in pass order) and their count in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import importlib.metadata
 import math
 import platform
 import statistics
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import reference, triton_cache, triton_ops
+from kernels import peers, reference, triton_cache, triton_ops
 from kernels.device_peaks import DevicePeaks, device_peaks
 from kernels.triton_decode import DecodeConfig, decode, decode_config, num_kv_splits
 from kernels.triton_prefill import PrefillConfig, prefill
@@ -62,6 +67,16 @@ class Row:
     config: str = ""
     # Decode: each pass's time (µs, ';'-separated, in pass order); time_us is their median.
     time_us_passes: str = ""
+    # Peers (kernels.peers): "ok", "mismatch: ..." or why it did not run (then time_us is NaN); ours: "".
+    peer_status: str = ""
+    # Decode with --peers: per call of Plan.graph_calls calls captured in one CUDA graph (median of replays).
+    graph_us: float = math.nan
+    # Eager wall time per call at Plan.host_cases: at small batch, the host's launch cost.
+    host_us: float = math.nan
+    # Peers: time_us over our best (fastest of our paged and contiguous) in the same case; > 1: ours is faster.
+    ratio_to_ours: float = math.nan
+    # Prefill: achieved share of the measured bf16 matmul peak F.
+    flops_frac: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,14 @@ class Plan:
     decode_cases: tuple[tuple[int, int], ...] = ()
     # Interleaved passes over each decode case's variants; rows report the median.
     decode_passes: int = 3
+    # Peers (kernels.peers.PEERS) timed beside ours in the decode and prefill cases.
+    peers: tuple[str, ...] = ()
+    # With peers: each decode variant also as this many calls in one CUDA graph (graph_us); 0: not.
+    graph_calls: int = 0
+    # Decode cases (added to the grid) whose variants' eager host cost per call is measured (host_us).
+    host_cases: tuple[tuple[int, int], ...] = ()
+    # Interleaved passes over each prefill case's variants.
+    prefill_passes: int = 1
 
 
 FULL = Plan((1, 4, 16, 64, 256), (512, 2048, 4096, 16384), (1, 16, 256), 32768,
@@ -87,11 +110,17 @@ TUNE_PREFILL_LENGTH = 8192
 QUICK = Plan((1, 64), (512, 4096), (1, 16), 32768, ((1, 4096),), ((4, 4096, 512),), 50)
 
 
-def time_us(fn: Callable[[], object], rep_ms: int) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph, L2 flushed before each run: the kernels'
-    cost as the engine pays it (decode runs under graphs), without Python launch overhead,
-    which would otherwise dominate small problems."""
-    fn()  # compile outside the capture
+# The peers section: calls per CUDA graph in decode's graph timing, the decode cases where eager
+# host costs are taken, and the block size of the paged peers (and of our paged kernel they face).
+GRAPH_CALLS = 20
+HOST_CASES = ((1, 4096), (8, 4096))
+PEER_BLOCK_SIZE = 16
+
+
+def capture(fn: Callable[[], object], calls: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` calls of ``fn``, after one call on the current stream (compiles,
+    JIT builds) and one on a side stream (lazy initialisation stays out of the capture)."""
+    fn()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -99,8 +128,35 @@ def time_us(fn: Callable[[], object], rep_ms: int) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
+    return graph
+
+
+def time_us(fn: Callable[[], object], rep_ms: int) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph, L2 flushed before each run: the kernels'
+    cost as the engine pays it (decode runs under graphs), without Python launch overhead,
+    which would otherwise dominate small problems."""
+    graph = capture(fn)
     return triton.testing.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def graph_us(fn: Callable[[], object], calls: int, replays: int = 10) -> float:
+    """Time per call of ``calls`` back-to-back calls captured in one CUDA graph, from CUDA events
+    around each replay (median of ``replays``): decode as a captured step runs it, call after
+    call with nothing between. Unlike ``time_us`` nothing flushes L2, so a cache that fits in L2
+    is read from it after the first call; every variant of a case is timed the same way."""
+    graph = capture(fn, calls)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
 
 
 def interleaved(timers: dict[object, Callable[[], float]], passes: int) -> dict[object, list[float]]:
@@ -171,32 +227,118 @@ class Cache:
         return {"block_tables": self.block_table(block_size), "block_size": block_size}
 
 
+Key = tuple[str, str, int, int]  # (kernel, addressing, block size, splits): one row of a case
+
+
+@dataclass
+class Variant:
+    """One attention call that a case times, ours or a peer's, and the context its calls run in."""
+
+    fn: Callable[[], object] | None  # None: a peer that is not timed (``status`` says why)
+    context: Callable[[], ContextManager] = contextlib.nullcontext
+    status: str = ""  # peers: "ok", or why not; ours: ""
+    config: str = ""
+
+
+def measured(variant: Variant, measure: Callable[[Callable[[], object]], float], what: str) -> Callable[[], float]:
+    """A timer: ``measure(variant.fn)`` inside the variant's context. A peer that fails there (it
+    cannot be captured in a CUDA graph, it runs out of memory) gets NaN, and the reason joins its
+    status; ours raises."""
+    def timer() -> float:
+        with variant.context():
+            if not variant.status:
+                return measure(variant.fn)
+            try:
+                return measure(variant.fn)
+            except Exception as exc:
+                note = f"{what}: {peers.reason(exc)}"
+                if note not in variant.status:
+                    variant.status += f"; {note}"
+                return math.nan
+    return timer
+
+
+def peer_variants(plan: Plan, cache: Cache, q: torch.Tensor, q_len: int, table: torch.Tensor,
+                  ours: dict[bool, torch.Tensor], kernel: str) -> dict[Key, Variant]:
+    """The plan's peers set up for this case, each checked against our output on the same inputs
+    (``ours[paged]``: paged peers against our paged kernel over the same block table, dense ones
+    against our contiguous kernel). One that is unavailable, fails or disagrees is not timed."""
+    found: dict[Key, Variant] = {}
+    for name in plan.peers:
+        key = (kernel, name, PEER_BLOCK_SIZE if name in peers.PAGED_PEERS else 0, 0)
+        try:
+            peer = peers.build(name, cache, q, q_len, table, PEER_BLOCK_SIZE)
+            err = peers.max_error(peer.output(), ours[peer.paged])
+        except peers.PeerUnavailable as exc:
+            found[key] = Variant(None, status=f"unavailable: {exc}")
+        except Exception as exc:  # a peer's failure is its row's, not the run's
+            found[key] = Variant(None, status=f"failed: {peers.reason(exc)}")
+        else:
+            ok = err <= peers.TOLERANCE[q.dtype]
+            found[key] = Variant(peer.call if ok else None, peer.context,
+                                 "ok" if ok else f"mismatch: max error {err:.3g} of max |ours|", peer.config)
+        if found[key].fn is None and q.is_cuda:
+            torch.cuda.empty_cache()
+    return found
+
+
+def _ours_best(times: dict[object, float], kernel: str) -> float:
+    """Our fastest time in a case (paged at any block size or contiguous), NaN if none ran."""
+    ours = [t for key, t in times.items() if len(key) == 4 and key[0] == kernel
+            and key[1] in ("paged", "contiguous") and not math.isnan(t)]
+    return min(ours, default=math.nan)
+
+
 def decode_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
     """Paged (each block size) and contiguous decode over one cache per (batch, context), plus SDPA
     (and, at the long context, paged decode without split-KV). A case's variants are timed in turn,
-    ``plan.decode_passes`` times over; each row holds its variant's median and every pass's time."""
+    ``plan.decode_passes`` times over; each row holds its variant's median and every pass's time.
+    With ``plan.peers``, each peer joins the passes once its output matched ours, and every
+    variant of ours and theirs is also timed as ``plan.graph_calls`` calls in one CUDA graph;
+    at ``plan.host_cases`` (added to the cases) each one's eager host cost per call is measured."""
     cases = list(plan.decode_cases) or [(b, c) for b in plan.batches for c in plan.contexts] + [(1, plan.long_context)]
+    cases += [case for case in plan.host_cases if case not in cases]
     for batch, context in cases:
         cache = Cache(batch, context, dtype, device)
         q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
         nbytes = kv_bytes(batch * context, dtype)
         splits = num_kv_splits(batch, KV_HEADS, context, sm_count(device), decode_config(HEAD_DIM, dtype, device))
-        # (kernel, addressing, block size, splits) -> timer; the order of the rows.
-        timers: dict[tuple[str, str, int, int], Callable[[], float]] = {}
-        for block_size in (0, *plan.block_sizes):
-            addr = cache.addressing(block_size)
-            fn = lambda addr=addr: triton_ops.decode_attention(  # noqa: E731
-                q, cache.k, cache.v, cache.seq_lens, max_seq_len=context, validate=False, **addr)
-            timers[("decode", "paged" if block_size else "contiguous", block_size, splits)] = \
-                lambda fn=fn: time_us(fn, plan.rep_ms)
+        addrs = {block_size: cache.addressing(block_size) for block_size in (0, *plan.block_sizes)}
+        ours = lambda addr: triton_ops.decode_attention(  # noqa: E731
+            q, cache.k, cache.v, cache.seq_lens, max_seq_len=context, validate=False, **addr)
+        # (kernel, addressing, block size, splits) -> our variants.
+        variants: dict[Key, Variant] = {("decode", "paged" if bs else "contiguous", bs, splits):
+                                        Variant(lambda addr=addr: ours(addr)) for bs, addr in addrs.items()}
+        timers: dict[object, Callable[[], float]] = {
+            key: measured(v, lambda fn: time_us(fn, plan.rep_ms), "time") for key, v in variants.items()}
         if context == plan.long_context:
             timers[("decode_nosplit", "paged", 16, 1)] = _unsplit_timer(cache, q, context, plan)
         timers[("decode", "sdpa", 0, 0)] = _sdpa_decode_timer(cache, q, plan)
-        for (kernel, addressing, block_size, n_splits), times in interleaved(timers, plan.decode_passes).items():
-            t = median_us(times)
+        order = list(timers)  # ours, then the no-split and SDPA rows, then the peers
+        if plan.peers:
+            paged = addrs.get(PEER_BLOCK_SIZE) or cache.addressing(PEER_BLOCK_SIZE)
+            found = peer_variants(plan, cache, q, 1, paged["block_tables"],
+                                  {False: ours(addrs[0]), True: ours(paged)}, "decode")
+            timers |= {key: measured(v, lambda fn: time_us(fn, plan.rep_ms), "time") for key, v in found.items() if v.fn}
+            variants |= found
+            order += list(found)
+            if plan.graph_calls:
+                timers |= {(*key, "graph"): measured(v, lambda fn: graph_us(fn, plan.graph_calls), "graph")
+                           for key, v in variants.items() if v.fn}
+        times = interleaved(timers, plan.decode_passes)
+        host = ({key: measured(v, eager_us, "host")() for key, v in variants.items() if v.fn}
+                if (batch, context) in plan.host_cases else {})
+        medians = {key: median_us(t) for key, t in times.items()}
+        best = _ours_best(medians, "decode")
+        for key in order:
+            kernel, addressing, block_size, n_splits = key
+            t, v = medians.get(key, math.nan), variants.get(key, Variant(None))
             yield Row(kernel, addressing, block_size, batch, context, 1, n_splits, t, nbytes, nbytes / t / 1e3,
-                      nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0, time_us_passes=format_passes(times))
-        del cache, timers
+                      nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0, v.config,
+                      time_us_passes=format_passes(times.get(key, [])), peer_status=v.status,
+                      graph_us=medians.get((*key, "graph"), math.nan), host_us=host.get(key, math.nan),
+                      ratio_to_ours=t / best if v.status else math.nan)
+        del cache, timers, variants
 
 
 def _unsplit_timer(cache: Cache, q: torch.Tensor, context: int, plan: Plan) -> Callable[[], float]:
@@ -223,7 +365,9 @@ def _sdpa_decode_timer(cache: Cache, q: torch.Tensor, plan: Plan) -> Callable[[]
 
 
 def prefill_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
-    """Causal prefill over the cache (paged 16 and contiguous) against SDPA flash on the same problem."""
+    """Causal prefill over the cache (paged 16 and contiguous) against SDPA flash on the same problem
+    (context 0), and ``plan.peers`` after a check against our output, ``plan.prefill_passes``
+    interleaved passes over the variants."""
     cases = [(b, 0, n) for b, n in plan.prefills] + list(plan.chunked)
     for batch, context, chunk in cases:
         total = context + chunk
@@ -232,29 +376,51 @@ def prefill_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: tor
         qsl = torch.arange(batch + 1, dtype=torch.int32, device=device) * chunk
         flops = causal_flops(batch, context, chunk)
         nbytes = kv_bytes(batch * total, dtype)
-        for block_size in (0, 16):
-            addr = cache.addressing(block_size)
-            fn = lambda addr=addr: triton_ops.prefill_attention(  # noqa: E731
-                q, cache.k, cache.v, qsl, cache.seq_lens, max_query_len=chunk, validate=False, **addr)
-            t = time_us(fn, plan.rep_ms)
-            yield Row("prefill", "paged" if block_size else "contiguous", block_size, batch, context, chunk, 0, t,
-                      nbytes, nbytes / t / 1e3, nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, flops / t / 1e6)
-        if context == 0:
-            t = _sdpa_prefill_us(cache, q, plan)
-            yield Row("prefill", "sdpa_flash", 0, batch, 0, chunk, 0, t, nbytes, nbytes / t / 1e3,
-                      nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, flops / t / 1e6)
-        del cache
+        addrs = {block_size: cache.addressing(block_size) for block_size in (0, PEER_BLOCK_SIZE)}
+        ours = lambda addr: triton_ops.prefill_attention(  # noqa: E731
+            q, cache.k, cache.v, qsl, cache.seq_lens, max_query_len=chunk, validate=False, **addr)
+        variants: dict[Key, Variant] = {("prefill", "paged" if bs else "contiguous", bs, 0):
+                                        Variant(lambda addr=addr: ours(addr)) for bs, addr in addrs.items()}
+        if context == 0 and "sdpa_flash" not in plan.peers:  # the peer replaces it
+            variants[("prefill", "sdpa_flash", 0, 0)] = _sdpa_prefill_variant(cache, q)
+        if plan.peers:
+            variants |= peer_variants(plan, cache, q, chunk, addrs[PEER_BLOCK_SIZE]["block_tables"],
+                                      {False: ours(addrs[0]), True: ours(addrs[PEER_BLOCK_SIZE])}, "prefill")
+        timers = {key: measured(v, lambda fn: time_us(fn, plan.rep_ms), "time") for key, v in variants.items() if v.fn}
+        times = interleaved(timers, plan.prefill_passes)
+        medians = {key: median_us(t) for key, t in times.items()}
+        best = _ours_best(medians, "prefill")
+        for key, v in variants.items():
+            _, addressing, block_size, _ = key
+            t = medians.get(key, math.nan)
+            yield Row("prefill", addressing, block_size, batch, context, chunk, 0, t, nbytes, nbytes / t / 1e3,
+                      nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, flops / t / 1e6, v.config,
+                      time_us_passes=format_passes(times.get(key, [])) if plan.prefill_passes > 1 else "",
+                      peer_status=v.status, ratio_to_ours=t / best if v.status else math.nan,
+                      flops_frac=flops / (t * 1e-6) / peaks.bf16_flops_per_s)
+        del cache, timers, variants
 
 
-def _sdpa_prefill_us(cache: Cache, q: torch.Tensor, plan: Plan) -> float:
+def _sdpa_prefill_variant(cache: Cache, q: torch.Tensor) -> Variant:
     """SDPA's flash backend on [B, L, H, D] tensors (its native layout), K/V expanded to every query head."""
     b, n = cache.batch, cache.length
     group = HEADS // KV_HEADS
     k = cache.k.view(b, n, KV_HEADS, HEAD_DIM).repeat_interleave(group, dim=2).transpose(1, 2)
     v = cache.v.view(b, n, KV_HEADS, HEAD_DIM).repeat_interleave(group, dim=2).transpose(1, 2)
     q4 = q.view(b, n, HEADS, HEAD_DIM).transpose(1, 2)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return time_us(lambda: F.scaled_dot_product_attention(q4, k, v, is_causal=True), plan.rep_ms)
+    return Variant(lambda: F.scaled_dot_product_attention(q4, k, v, is_causal=True),
+                   lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+
+
+def peer_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
+    """Ours (paged at block size 16, contiguous) beside the peers (all of ``kernels.peers.PEERS``
+    unless ``--peers`` names some) over the decode and prefill grids, in the same interleaved
+    passes; decode also as CUDA-graph replay and, at ``HOST_CASES``, as eager host cost per call."""
+    plan = dataclasses.replace(plan, block_sizes=(PEER_BLOCK_SIZE,), peers=plan.peers or peers.PEERS,
+                               host_cases=plan.host_cases or HOST_CASES,
+                               prefill_passes=max(plan.prefill_passes, plan.decode_passes))
+    yield from decode_rows(plan, peaks, dtype, device)
+    yield from prefill_rows(plan, peaks, dtype, device)
 
 
 def cache_op_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
@@ -427,6 +593,86 @@ def _describe(cfg: object) -> str:
     return " ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg))
 
 
+def _fastest(candidates: list[Row], field: str) -> Row | None:
+    """The row with the smallest ``field`` that was measured, if any."""
+    timed = [r for r in candidates if not math.isnan(getattr(r, field))]
+    return min(timed, key=lambda r: getattr(r, field), default=None)
+
+
+def peer_summary(rows: list[Row]) -> list[str]:
+    """The issue's peer targets: per decode shape, ours (paged 16, contiguous) against the fastest
+    peer whose output matched ours, as ``time_us`` and as graph replay (x = peer / our best: >= 1
+    wanted everywhere); per prefill shape the same (x >= 0.90 wanted); eager host costs per
+    call; and why any peer did not run."""
+    theirs = [r for r in rows if r.peer_status]
+    if not theirs:
+        return []
+    ours = {(r.kernel, r.batch, r.context, r.q_len, r.addressing): r for r in rows
+            if not r.peer_status and r.kernel in ("decode", "prefill") and r.block_size in (0, PEER_BLOCK_SIZE)
+            and r.addressing in ("paged", "contiguous")}
+    lines: list[str] = []
+    for kernel in ("decode", "prefill"):
+        cases = sorted({(r.batch, r.context, r.q_len) for r in theirs if r.kernel == kernel})
+        if not cases:
+            continue
+        if kernel == "decode":
+            lines.append("peers, decode: us (g = per call in one CUDA graph of --graph-calls calls); x = fastest matching peer / our best")
+            lines.append(f"{'batch':>5} {'ctx':>6} {'paged16':>8} {'contig':>8} {'g.p16':>8} {'g.contig':>8} "
+                         f"{'fastest peer':>15} {'us':>8} {'x':>6} {'fastest graph':>15} {'g.us':>8} {'g.x':>6}")
+        else:
+            lines.append("peers, prefill: us; %F = share of the bf16 matmul peak; x = fastest matching peer / our best")
+            lines.append(f"{'batch':>5} {'ctx':>6} {'chunk':>6} {'paged16':>8} {'contig':>8} {'%F':>5} "
+                         f"{'fastest peer':>15} {'us':>8} {'%F':>5} {'x':>6}")
+        worst: list[tuple[float, str]] = []
+        for batch, context, q_len in cases:
+            p16 = ours.get((kernel, batch, context, q_len, "paged"))
+            contig = ours.get((kernel, batch, context, q_len, "contiguous"))
+            mine = [r for r in (p16, contig) if r is not None]
+            ok = [r for r in theirs if (r.kernel, r.batch, r.context, r.q_len) == (kernel, batch, context, q_len)
+                  and r.peer_status.startswith("ok")]
+            get = lambda r, field: getattr(r, field) if r is not None else math.nan  # noqa: E731
+            best = min((r.time_us for r in mine if not math.isnan(r.time_us)), default=math.nan)
+            peer = _fastest(ok, "time_us")
+            x = get(peer, "time_us") / best
+            name = peer.addressing if peer else "-"
+            if kernel == "decode":
+                g_best = min((r.graph_us for r in mine if not math.isnan(r.graph_us)), default=math.nan)
+                g_peer = _fastest(ok, "graph_us")
+                gx = get(g_peer, "graph_us") / g_best
+                lines.append(f"{batch:5d} {context:6d} {get(p16, 'time_us'):8.1f} {get(contig, 'time_us'):8.1f} "
+                             f"{get(p16, 'graph_us'):8.1f} {get(contig, 'graph_us'):8.1f} {name:>15} "
+                             f"{get(peer, 'time_us'):8.1f} {x:6.2f} {g_peer.addressing if g_peer else '-':>15} "
+                             f"{get(g_peer, 'graph_us'):8.1f} {gx:6.2f}")
+                worst += [(gx, f"b{batch} ctx{context} ({g_peer.addressing}, graph)")] if g_peer else []
+            else:
+                top = min(mine, key=lambda r: r.time_us if not math.isnan(r.time_us) else math.inf, default=None)
+                lines.append(f"{batch:5d} {context:6d} {q_len:6d} {get(p16, 'time_us'):8.1f} {get(contig, 'time_us'):8.1f} "
+                             f"{100 * get(top, 'flops_frac'):5.1f} {name:>15} {get(peer, 'time_us'):8.1f} "
+                             f"{100 * get(peer, 'flops_frac'):5.1f} {x:6.2f}")
+                worst += [(x, f"b{batch} ctx{context}+{q_len} ({peer.addressing})")] if peer else []
+        measured_worst = [w for w in worst if not math.isnan(w[0])]
+        if measured_worst:
+            x, where = min(measured_worst)
+            goal = ">= 1.00, graph replay" if kernel == "decode" else ">= 0.90"
+            lines.append(f"{kernel} vs fastest peer: worst x {x:.2f} at {where} ({goal})")
+    for batch, context in sorted({(r.batch, r.context) for r in rows if r.kernel == "decode" and not math.isnan(r.host_us)}):
+        host = {r.addressing: r.host_us for r in rows if (r.kernel, r.batch, r.context) == ("decode", batch, context)
+                and not math.isnan(r.host_us) and r.block_size in (0, PEER_BLOCK_SIZE)}
+        sdpa = min((t for name, t in host.items() if name.startswith("sdpa_")), default=math.nan)
+        ours_host = max(host.get("paged", math.nan), host.get("contiguous", math.nan))
+        lines.append(f"eager host us/call b{batch} ctx{context}: " + ", ".join(f"{name} {t:.1f}" for name, t in host.items())
+                     + f"; paged/contiguous {host.get('paged', math.nan) / host.get('contiguous', math.nan):.2f}"
+                     + f", ours (slower addressing) / fastest SDPA {ours_host / sdpa:.2f} (<= 1)")
+    notes: dict[tuple[str, str], list[str]] = {}
+    for r in theirs:
+        if r.peer_status != "ok":
+            where = f"b{r.batch} ctx{r.context}" + (f"+{r.q_len}" if r.kernel == "prefill" else "")
+            notes.setdefault((f"{r.kernel} {r.addressing}", r.peer_status), []).append(where)
+    for (what, status), where in notes.items():
+        lines.append(f"{what}: {status} [{', '.join(where[:4])}{', ...' if len(where) > 4 else ''}]")
+    return lines
+
+
 def summary(rows: list[Row], peaks: DevicePeaks) -> str:
     """The figures the targets name, worst cases first."""
     def pick(**want) -> list[Row]:
@@ -462,12 +708,12 @@ def summary(rows: list[Row], peaks: DevicePeaks) -> str:
         r = longest[0]
         extra = f"; without split-KV {100 * nosplit[0].bw_frac:.1f}%" if nosplit else ""
         lines.append(f"target batch 1 ctx {r.context} ({r.splits} splits): {100 * r.bw_frac:.1f}% of B (>= 60%){extra}")
-    for s in pick(kernel="prefill", addressing="sdpa_flash"):
-        for r in pick(kernel="prefill", batch=s.batch, q_len=s.q_len, context=0):
+    for s in pick(kernel="prefill", addressing="sdpa_flash", context=0):
+        for r in pick(kernel="prefill", batch=s.batch, q_len=s.q_len, context=0, peer_status=""):
             if r.addressing != "sdpa_flash":
                 lines.append(f"prefill b{r.batch} L{r.q_len} {r.addressing}: {r.tflops:.0f} TFLOP/s = "
                              f"{s.time_us / r.time_us:.2f} x SDPA flash ({s.tflops:.0f}) (>= 0.50)")
-    for r in pick(kernel="prefill"):
+    for r in pick(kernel="prefill", peer_status=""):
         if r.context:
             lines.append(f"chunked prefill b{r.batch} ctx{r.context}+{r.q_len} {r.addressing}: {r.time_us:.0f} us, {r.tflops:.0f} TFLOP/s")
     for r in rows:
@@ -481,6 +727,7 @@ def summary(rows: list[Row], peaks: DevicePeaks) -> str:
                 best[key] = r
     for (kernel, addressing, batch, context), r in sorted(best.items()):
         lines.append(f"best {kernel} {addressing} b{batch} ctx{context or r.q_len}: {r.time_us:.1f} us ({r.config})")
+    lines += peer_summary(rows)
     lines += layer_summary(rows)
     return "\n".join(lines)
 
@@ -504,7 +751,8 @@ class CsvLog:
             self.fh.flush()
 
 
-SECTIONS = {"decode": decode_rows, "prefill": prefill_rows, "cache": cache_op_rows, "layers": layer_rows, "tune": tune_rows}
+SECTIONS = {"decode": decode_rows, "prefill": prefill_rows, "cache": cache_op_rows, "layers": layer_rows, "tune": tune_rows,
+            "peers": peer_rows}
 
 
 def _decode_cases(text: str) -> tuple[tuple[int, int], ...]:
@@ -513,6 +761,17 @@ def _decode_cases(text: str) -> tuple[tuple[int, int], ...]:
         return tuple((int(b), int(c)) for b, c in (item.lower().split("x") for item in text.split(",") if item))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected BxCTX[,BxCTX...], got {text!r}") from None
+
+
+def _peer_names(text: str) -> tuple[str, ...]:
+    """``"all"`` -> every peer; ``"none"`` or ``""`` -> none; else comma-separated names."""
+    if text.strip().lower() == "all":
+        return peers.PEERS
+    names = tuple(name.strip() for name in text.split(",") if name.strip() and name.strip().lower() != "none")
+    unknown = [name for name in names if name not in peers.PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer(s) {', '.join(unknown)}; choose from all, none, {', '.join(peers.PEERS)}")
+    return names
 
 
 def _positive_int(text: str) -> int:
@@ -530,14 +789,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="folder for kernels_bench.csv")
     parser.add_argument("--quick", action="store_true", help="a few shapes, short repetitions")
     parser.add_argument("--sections", default="decode,prefill,cache,layers",
-                        help=f"comma-separated, from {','.join(SECTIONS)} (tune sweeps tile configs)")
+                        help=f"comma-separated, from {','.join(SECTIONS)} (tune sweeps tile configs; peers times "
+                             "other libraries' kernels beside ours)")
     parser.add_argument("--refresh-peaks", action="store_true", help="measure B and F again")
     parser.add_argument("--decode-cases", type=_decode_cases, default=(),
                         help="decode cases BxCTX, comma-separated (e.g. 1x512,64x4096), instead of the full grid")
     parser.add_argument("--passes", type=_positive_int, default=Plan.decode_passes,
                         help="decode: interleaved passes over each case's variants; rows report the median "
                              f"(default {Plan.decode_passes})")
+    parser.add_argument("--peers", type=_peer_names, default=(),
+                        help=f"other libraries' kernels timed beside ours: all, none or some of {','.join(peers.PEERS)}; "
+                             "in the decode and prefill sections none by default, in the peers section all")
+    parser.add_argument("--graph-calls", type=_positive_int, default=GRAPH_CALLS,
+                        help=f"with peers, decode is also timed as this many calls in one CUDA graph (default {GRAPH_CALLS})")
     return parser.parse_args(argv)
+
+
+def _installed(distribution: str) -> str:
+    """A package's installed version, "" if it is not installed (read without importing it)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -547,19 +820,23 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.bfloat16
     plan = dataclasses.replace(QUICK if args.quick else FULL, decode_cases=args.decode_cases,
-                               decode_passes=args.passes)
+                               decode_passes=args.passes, peers=args.peers, graph_calls=args.graph_calls)
     peaks = device_peaks(device, refresh=args.refresh_peaks)
     meta = {"gpu": peaks.device_name, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "dtype": str(dtype).removeprefix("torch."),
             "read_bw_gbps": round(peaks.read_bw_bytes_per_s / 1e9, 1),
-            "bf16_tflops": round(peaks.bf16_flops_per_s / 1e12, 1), "decode_passes": plan.decode_passes}
+            "bf16_tflops": round(peaks.bf16_flops_per_s / 1e12, 1), "decode_passes": plan.decode_passes,
+            "flashinfer": _installed("flashinfer-python")}
     log = CsvLog(None if args.out is None else args.out / "kernels_bench.csv", meta)
     rows: list[Row] = []
     for name in args.sections.split(","):
         for row in SECTIONS[name](plan, peaks, dtype, device):
             print(f"{row.kernel:>14} {row.addressing:>10} bs={row.block_size:<3} b={row.batch:<4} ctx={row.context:<6} "
                   f"q={row.q_len:<5} {row.time_us:10.1f} us {row.gbps:8.0f} GB/s {row.tflops:6.0f} TF {row.config}"
-                  + (f" passes {row.time_us_passes}" if row.time_us_passes else ""), flush=True)
+                  + (f" passes {row.time_us_passes}" if row.time_us_passes else "")
+                  + (f" graph {row.graph_us:.1f} us" if not math.isnan(row.graph_us) else "")
+                  + (f" host {row.host_us:.1f} us" if not math.isnan(row.host_us) else "")
+                  + (f" [{row.peer_status}]" if row.peer_status else ""), flush=True)
             rows.append(row)
             log.add(row)
         torch.cuda.empty_cache()
