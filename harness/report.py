@@ -172,7 +172,7 @@ def fold_params(table: pd.DataFrame, x: str | None) -> pd.DataFrame:
             continue
         several = table.groupby("engine_label")[c].transform("nunique") > 1
         table.loc[several, "engine_label"] = (table.loc[several, "engine_label"] + f" · {_key(c)}="
-                                              + table.loc[several, c].map(_fmt))
+                                              + table.loc[several, c].astype(object).map(_fmt))
     return table
 
 

@@ -72,13 +72,14 @@ def run(model_dir, cfg, requests, check=True):
 
 
 # float32: on a GPU too, where a different batch (async runs a finishing sample one step more) must not
-# flip a bf16 near-tie between two engines that agree.
+# flip a bf16 near-tie between two engines that agree. KV memory sized here: two engines live at once.
 CONFIGS = {
-    "paged": PagedConfig(dtype="float32", block_size=4, max_num_seqs=8, max_num_batched_tokens=32),
+    "paged": PagedConfig(dtype="float32", block_size=4, num_blocks=400, max_num_seqs=8, max_num_batched_tokens=32),
     "paged-preempting": PagedConfig(dtype="float32", block_size=4, num_blocks=30, max_num_seqs=8, max_num_batched_tokens=32),
     "paged-swapping": PagedConfig(dtype="float32", block_size=2, num_blocks=60, max_num_seqs=8, max_num_batched_tokens=24,
                                   preemption_mode="swap", swap_space=0.001),
-    "paged-multistep": PagedConfig(dtype="float32", block_size=4, max_num_seqs=8, num_scheduler_steps=4),
+    "paged-multistep": PagedConfig(dtype="float32", block_size=4, num_blocks=400, max_num_seqs=8,
+                                   num_scheduler_steps=4),
     "contiguous-oracle": ContiguousConfig(dtype="float32", reservation="oracle", num_kv_slots=400, max_num_seqs=8,
                                           max_num_batched_tokens=32),
     "contiguous-max": ContiguousConfig(dtype="float32", reservation="max", max_model_len=96, num_kv_slots=400, max_num_seqs=8),
@@ -106,10 +107,11 @@ def test_tokens_arrive_one_step_late_and_length_limits_cost_nothing(model_dir):
     previous step's tokens; a sample that ends on max_tokens launches no step past it."""
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     for async_on, first_outputs in ((False, 1), (True, 0)):
-        engine = create_engine(model_dir, PagedConfig(block_size=4, async_scheduling=async_on))
+        engine = create_engine(model_dir, PagedConfig(block_size=4, num_blocks=64, async_scheduling=async_on))
         engine.add_request(Request("a", list(range(10)), params))
         assert len(engine.step()) == first_outputs
-    tokens, reasons, launches, _ = run(model_dir, PagedConfig(block_size=4), [Request("a", list(range(10)), params)])
+    tokens, reasons, launches, _ = run(model_dir, PagedConfig(block_size=4, num_blocks=64),
+                                       [Request("a", list(range(10)), params)])
     assert len(tokens[("a", 0)]) == 5 and reasons[("a", 0)] is FinishReason.LENGTH and launches == 5
 
 

@@ -279,3 +279,14 @@ def test_runs_skipped_as_saturated_are_named_in_one_line_and_other_misses_each()
     assert missing_runs(table, "param.arrival.rate") == [
         "2 runs skipped as saturated: a lower arrival rate of their series and repeat had already exploded",
         "failed: contiguous at arrival rate 2, repeat 0 (RuntimeError: CUDA out of memory)"]
+
+
+def test_a_boolean_override_varying_within_a_series_joins_its_label():
+    """``engine.async_scheduling=true,false`` under one engine: two series, named by the setting (a boolean
+    column, arrow-backed as the run table reads it, must not be added to a string as a boolean)."""
+    from harness.report import fold_params
+
+    table = pd.DataFrame({"engine_label": ["paged", "paged", "contiguous"],
+                          "param.engine.async_scheduling": pd.array([True, False, True], dtype="bool[pyarrow]")})
+    got = fold_params(table, None)["engine_label"].tolist()
+    assert got == ["paged · engine.async_scheduling=True", "paged · engine.async_scheduling=False", "contiguous"]
