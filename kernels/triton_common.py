@@ -109,7 +109,7 @@ def attend_tile(
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
     BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One online-softmax step over the keys ``start .. start+BLOCK_N`` (scores in log2 units).
+    """One online-softmax step over the keys ``start .. start+BLOCK_N`` (``m_i`` in log2 units).
 
     ``BOUNDED`` masks keys at or past ``limit``; ``CAUSAL`` also masks keys after each
     query's position ``q_pos``. Full interior tiles skip both masks.
@@ -139,14 +139,14 @@ def attend_slots(
         k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    s = mma(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+    s = mma(q, tl.trans(k), UPCAST, PRECISION)  # unscaled: the scale joins the exponent's FMA below
     if CAUSAL:
         s = tl.where((pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
     elif BOUNDED:
         s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA a score, not a multiply and a subtract
     l_i = l_i * alpha + tl.sum(p, 1)
     if BOUNDED:
         v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
