@@ -163,7 +163,8 @@ class LLMEngine(Engine):
         hidden = torch.zeros(self.cfg.max_num_seqs, self.model_config.hidden_size, dtype=self.model.dtype,
                              device=self.device)
         for rows in range(1, self.cfg.max_num_seqs + 1):
-            self.model.compute_logits(hidden[:rows]).argmax(-1)
+            for upcast in (False, True):  # greedy batches pick from the model's dtype, sampled ones from float32
+                self.model.compute_logits(hidden[:rows], upcast=upcast).argmax(-1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

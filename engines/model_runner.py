@@ -246,7 +246,7 @@ class ModelRunner:
         hidden = self._forward_eager(scheduled)
         if not rows:
             return None, {}
-        logits = self.model.compute_logits(hidden[gather])[order]
+        logits = self.model.compute_logits(hidden[gather], upcast=sampling.needs_float)[order]
         sampled = self.sampler(logits, sampling)
         return sampled, {r.seq.seq_id: i for i, r in enumerate(rows) if r.seq is r.source}
 
@@ -294,7 +294,7 @@ class ModelRunner:
                 if not j:  # the device span starts with the first forward, after its inputs are built
                     clock.begin()
                 hidden = self.model(ids, position, self.kv_cache, meta)
-            ids = self.sampler(self.model.compute_logits(hidden), sampling)
+            ids = self.sampler(self.model.compute_logits(hidden, upcast=sampling.needs_float), sampling)
             clock.lap("launch")
             sampled.append(ids)
         last = {s.seq_id: (steps[i] - 1) * n + i for i, s in enumerate(seqs)}

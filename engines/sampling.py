@@ -52,6 +52,11 @@ class SamplingBatch:
     use_repetition: bool
     max_top_k: int = 0  # the most logits any row keeps under top-k, 0: all (known on the host: no sync to find it)
 
+    @property
+    def needs_float(self) -> bool:
+        """Whether the logits must be float32: anything but a plain argmax (temperature, cuts, penalties)."""
+        return not self.all_greedy or self.use_penalties
+
     @classmethod
     def build(
         cls,
@@ -148,7 +153,7 @@ class Sampler:
     """Stateless; the per-request state (generators, token history) travels in ``SamplingBatch``."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """logits [B, V] float32 -> token ids [B] int64."""
+        """logits [B, V] (float32 where ``batch.needs_float``; else any dtype: an argmax) -> token ids [B] int64."""
         if batch.use_penalties:
             logits = apply_penalties(logits, batch)
         greedy = logits.argmax(dim=-1)

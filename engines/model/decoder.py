@@ -68,10 +68,12 @@ class CausalLM(nn.Module):
             x, residual = layer(x, residual, positions, kv_cache[i, 0], kv_cache[i, 1], meta, self.ops)
         return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [N, vocab] for the rows that sample a token."""
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits [N, vocab] for the rows that sample a token: float32, or in the model's dtype without ``upcast``
+        (enough for an argmax, which picks the same token; the upcast costs a pass over [N, vocab] a step)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        logits = torch.nn.functional.linear(hidden, weight)
+        return logits.float() if upcast else logits
 
     def allocate_kv_cache(self, num_slots: int, device: torch.device | None = None) -> torch.Tensor:
         """One tensor for every layer's K and V: [num_layers, 2, num_slots, Hkv, D]."""
