@@ -26,6 +26,9 @@ class RuntimeConfig:
     # Time every step by phase on the host and by CUDA events on the device (the step anatomy:
     # docs/methodology.md); false only to measure what that costs (benchmarks/step_anatomy.py).
     step_anatomy: bool = True
+    # Which logits a request's logprobs describe: raw (the model's, as vLLM's default raw_logprobs) or
+    # processed (after penalties and temperature, before top-k/top-p/min-p; vLLM's processed_logprobs).
+    logprobs_mode: str = "raw"
 
 
 @dataclass

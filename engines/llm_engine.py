@@ -19,7 +19,7 @@ from engines.kv.manager import KVManager
 from engines.kv.metadata import StepSequence, build_metadata
 from engines.model.loader import load_model, resolve_device
 from engines.model_runner import LaunchedStep, ModelRunner, SampleRow
-from engines.request import Request, RequestError, RequestOutput, SamplingParams
+from engines.request import Request, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from engines.sampling import sample_seed, uses_history
 from engines.scheduler import ScheduledBatch, Scheduler
 from engines.sequence import Sequence, SeqStatus
@@ -52,6 +52,7 @@ class LLMEngine(Engine):
             self.model, self.kv, num_slots=self.kv.capacity, num_host_slots=self.host_slots(self.kv.block_size),
             max_model_len=self.max_model_len, use_cuda_graphs=not cfg.enforce_eager,
             cuda_graph_max_batch=min(cfg.cuda_graph_max_batch, cfg.max_num_seqs), clock=self.clock,
+            logprobs_mode=cfg.logprobs_mode,
         )
         if self.device.type == "cuda":
             self._warm_up()
@@ -78,6 +79,7 @@ class LLMEngine(Engine):
             (c.num_kv_slots is None or c.num_kv_slots > 0, f"num_kv_slots must be > 0, got {c.num_kv_slots}"),
             (c.swap_space >= 0, f"swap_space must be >= 0, got {c.swap_space}"),
             (c.num_scheduler_steps >= 1, f"num_scheduler_steps must be >= 1, got {c.num_scheduler_steps}"),
+            (c.logprobs_mode in ("raw", "processed"), f"logprobs_mode must be raw or processed, got {c.logprobs_mode!r}"),
         ]
         for ok, message in problems:
             if not ok:
@@ -302,10 +304,10 @@ class LLMEngine(Engine):
     def _postprocess(self, step: LaunchedStep) -> list[RequestOutput]:
         """Read a launched step's tokens and hand them to their samples. A sample that finished or was aborted
         while the step was in flight drops them; one preempted meanwhile keeps them for its recompute."""
-        tokens = self.runner.wait(step)
+        tokens, logprobs = self.runner.wait(step)
         now = time.perf_counter()
         outputs = []
-        for row, sampled in zip(step.rows, tokens):
+        for i, (row, sampled) in enumerate(zip(step.rows, tokens)):
             seq = row.seq
             if seq is row.source:
                 seq.num_pending -= len(sampled)
@@ -329,6 +331,8 @@ class LLMEngine(Engine):
                 stop_reason=seq.stream.stop_reason, num_prompt_tokens=seq.num_prompt,
                 num_cached_tokens=seq.num_cached_prompt if first else 0,
                 first_scheduled_time=seq.first_scheduled_time if first else None,
+                logprobs=_token_logprobs(new, logprobs[i], seq.request.sampling_params.logprobs)
+                if logprobs is not None and seq.request.sampling_params.logprobs is not None else None,
             ))
         # after their tokens: nothing above reads a decode's commit
         self.kv.commit_many([s for s in step.batch.decodes if s.status is SeqStatus.RUNNING])
@@ -339,3 +343,8 @@ class LLMEngine(Engine):
                 self.scheduler.finish(row.seq)
         self.clock.lap("postprocess")
         return outputs
+
+
+def _token_logprobs(tokens: list[int], values: list[tuple], k: int) -> list[TokenLogprob]:
+    """Each token's log-probability and its position's top ``k`` (the step computed the most any row asked for)."""
+    return [TokenLogprob(t, lp, tuple(zip(ids[:k], top[:k]))) for t, (lp, ids, top) in zip(tokens, values)]

@@ -15,7 +15,7 @@ import torch
 from engines.kv.manager import CacheOps, KVManager
 from engines.kv.metadata import Addressing, AttentionMetadata, DecodeBatch, StepSequence, build_metadata
 from engines.model.decoder import CausalLM
-from engines.sampling import Sampler, SamplingBatch, uses_history
+from engines.sampling import Logprobs, Sampler, SamplingBatch, uses_history
 from engines.scheduler import ScheduledBatch
 from engines.sequence import Sequence
 from engines.step_clock import StepClock
@@ -30,8 +30,10 @@ class LaunchedStep:
     rows: list[SampleRow]
     steps: list[int]  # tokens each row samples
     sampled: torch.Tensor | None  # [steps, rows] on the device (None: the step samples nothing)
-    host: torch.Tensor | None = None  # the same, being copied to host memory
-    ready: torch.cuda.Event | None = None  # recorded after that copy (CUDA)
+    logprobs: Logprobs | None = None  # of the samples, [steps, rows, ...], when a row asked for them
+    host: torch.Tensor | None = None  # ``sampled``, being copied to host memory
+    host_logprobs: Logprobs | None = None  # ``logprobs``, likewise
+    ready: torch.cuda.Event | None = None  # recorded after those copies (CUDA)
 
 
 @dataclass
@@ -114,6 +116,12 @@ class _DecodeGraphs:
         return self.outputs[b][:n]
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of ``t``, queued behind the stream's work (read it after the step's event)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -126,8 +134,10 @@ class ModelRunner:
         use_cuda_graphs: bool,
         cuda_graph_max_batch: int,
         clock: StepClock | None = None,
+        logprobs_mode: str = "raw",
     ) -> None:
         self.model = model
+        self.logprobs_mode = logprobs_mode
         self.clock = clock or StepClock(model.device, enabled=False)
         self.kv = kv
         self.device = model.device
@@ -181,37 +191,47 @@ class ModelRunner:
         whose last token is still on the device (``num_pending``) read it from the last step's samples."""
         clock = self.clock
         if not batch.prefills:
-            sampled, index = self._run_decodes(batch.decodes, batch.decode_steps, rows)
+            sampled, logprobs, index = self._run_decodes(batch.decodes, batch.decode_steps, rows)
             steps = batch.decode_steps
         else:
-            sampled, index = self._run_mixed(batch, rows)
+            sampled, logprobs, index = self._run_mixed(batch, rows)
             steps = [1] * len(rows)
         clock.end()
-        step = LaunchedStep(batch, rows, steps, sampled)
+        step = LaunchedStep(batch, rows, steps, sampled, logprobs)
         if sampled is not None:
-            if self.device.type == "cuda":  # copied behind the step; the host waits for this copy alone
-                step.host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-                step.host.copy_(sampled, non_blocking=True)
+            if self.device.type == "cuda":  # copied behind the step; the host waits for these copies alone
+                step.host = _to_host(sampled)
+                if logprobs is not None:
+                    step.host_logprobs = Logprobs(*(_to_host(t) for t in (logprobs.sampled, logprobs.top_ids,
+                                                                          logprobs.top_values)))
                 step.ready = torch.cuda.Event()
                 step.ready.record()
             else:
-                step.host = sampled
+                step.host, step.host_logprobs = sampled, logprobs
             self._last_sampled = sampled.view(-1)
             self._last_index = index
         clock.lap("launch")
         return step
 
-    def wait(self, step: LaunchedStep) -> list[list[int]]:
-        """The tokens each row of a launched step sampled (one per decode step it ran): the one host sync."""
+    def wait(self, step: LaunchedStep) -> tuple[list[list[int]], list[list[tuple]] | None]:
+        """The tokens each row of a launched step sampled (one per decode step it ran), and where asked for, each
+        token's (log-probability, top ids, top log-probabilities): the one host sync."""
         if step.host is None:
-            return []
+            return [], None
         if step.ready is not None:
             step.ready.synchronize()
-        tokens = step.host.tolist()
+        tokens = step.host.view(-1, len(step.rows)).tolist()  # [steps, rows]
+        lp = step.host_logprobs
+        if lp is not None:
+            shape = (len(tokens), len(step.rows), lp.top_ids.shape[-1])
+            values = zip(lp.sampled.view(shape[:2]).tolist(), lp.top_ids.view(shape).tolist(),
+                         lp.top_values.view(shape).tolist())
+            per_step = [list(zip(*v)) for v in values]  # [steps][rows] -> (logprob, ids, values)
         self.clock.lap("sync")
-        if step.batch.prefills:
-            return [[t] for t in tokens]
-        return [[tokens[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
+        rows = [[tokens[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
+        if lp is None:
+            return rows, None
+        return rows, [[per_step[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
 
     def _pending_ids(self, ids: np.ndarray, where: list[int], seqs: list[Sequence]) -> np.ndarray | None:
         """Gather indices that put the device-held last token of each of ``seqs`` at ``ids[where]``: index
@@ -229,7 +249,8 @@ class ModelRunner:
             return packed[0]
         return torch.cat([self._last_sampled, packed[0]])[packed[1]]
 
-    def _run_mixed(self, batch: ScheduledBatch, rows: list[SampleRow]) -> tuple[torch.Tensor | None, dict[int, int]]:
+    def _run_mixed(self, batch: ScheduledBatch, rows: list[SampleRow]
+                   ) -> tuple[torch.Tensor | None, Logprobs | None, dict[int, int]]:
         """A step with prompt chunks (decodes first): one varlen forward without graphs, then sampling."""
         scheduled = [(s, 1) for s in batch.decodes] + batch.prefills
         if rows:  # which rows of the forward's output the samples read: known before it runs
@@ -245,13 +266,19 @@ class ModelRunner:
             sampling = self._sampling_batch(rows)
         hidden = self._forward_eager(scheduled)
         if not rows:
-            return None, {}
+            return None, None, {}
         logits = self.model.compute_logits(hidden[gather], upcast=sampling.needs_float)[order]
         sampled = self.sampler(logits, sampling)
-        return sampled, {r.seq.seq_id: i for i, r in enumerate(rows) if r.seq is r.source}
+        logprobs = self._logprobs(logits, sampled, sampling)
+        return sampled, logprobs, {r.seq.seq_id: i for i, r in enumerate(rows) if r.seq is r.source}
+
+    def _logprobs(self, logits: torch.Tensor, sampled: torch.Tensor, sampling: SamplingBatch) -> Logprobs | None:
+        if sampling.num_logprobs < 0:  # nobody asked: nothing computed
+            return None
+        return self.sampler.logprobs(logits, sampled, sampling, self.logprobs_mode)
 
     def _run_decodes(self, seqs: list[Sequence], steps: list[int], rows: list[SampleRow]
-                     ) -> tuple[torch.Tensor, dict[int, int]]:
+                     ) -> tuple[torch.Tensor, Logprobs | None, dict[int, int]]:
         """Decode ``steps[i]`` tokens of each sequence, feeding each step's samples to the next on the
         device (several steps: vLLM's multi-step scheduling). Returns the samples [steps, B] and where each
         sequence's last one is in them, flattened."""
@@ -278,7 +305,7 @@ class ModelRunner:
         else:
             packed = to_device(np.stack([host_ids] if index is None else [host_ids, index]), self.device)
             ids = self._ids_on_device(packed, index is not None)
-        sampled = []
+        sampled, logprobs = [], []
         clock.lap("prepare")
         for j in range(k):
             if graphs is not None:
@@ -294,11 +321,16 @@ class ModelRunner:
                 if not j:  # the device span starts with the first forward, after its inputs are built
                     clock.begin()
                 hidden = self.model(ids, position, self.kv_cache, meta)
-            ids = self.sampler(self.model.compute_logits(hidden, upcast=sampling.needs_float), sampling)
+            logits = self.model.compute_logits(hidden, upcast=sampling.needs_float)
+            ids = self.sampler(logits, sampling)
+            logprobs.append(self._logprobs(logits, ids, sampling))
             clock.lap("launch")
             sampled.append(ids)
         last = {s.seq_id: (steps[i] - 1) * n + i for i, s in enumerate(seqs)}
-        return torch.stack(sampled), last
+        if logprobs[0] is None:
+            return torch.stack(sampled), None, last
+        return torch.stack(sampled), Logprobs(*(torch.stack(t) for t in zip(
+            *((lp.sampled, lp.top_ids, lp.top_values) for lp in logprobs)))), last
 
     def _forward_eager(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One varlen forward of a step's decodes and prompt chunks; a decode's token may still be on the device."""

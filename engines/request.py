@@ -19,6 +19,19 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # the engine could not serve it (e.g. it can never fit in KV memory)
 
 
+MAX_LOGPROBS = 20  # the most top log-probabilities a token may ask for (OpenAI's and vLLM's default limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability, and the most likely tokens at its position (id, log-probability), best
+    first, as many as the request asked for."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling, with vLLM's names and defaults (temperature 0 is greedy)."""
@@ -38,6 +51,9 @@ class SamplingParams:
     seed: int | None = None
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False: token ids only (benchmarks skip the text); stop strings still work
+    # Log-probabilities of each sampled token and of the ``logprobs`` most likely tokens at its position
+    # (0: the sampled token's alone; None: none, at no cost). engine.logprobs_mode says of which logits.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (JSON, Hydra) and a single stop string, store tuples so params stay hashable.
@@ -63,6 +79,9 @@ class SamplingParams:
             (all(0 <= t < 2**63 for t in self.stop_token_ids), "stop_token_ids must be non-negative 64-bit integers"),
             (self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63),
              f"seed must be a 64-bit integer, got {self.seed!r}"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                       and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -130,6 +149,7 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     error: str | None = None
     stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
 
     def followed_by(self, later: "RequestOutput") -> "RequestOutput":
         """This output and the next one of the same sample as one (a consumer that fell behind reads both at once)."""
@@ -141,4 +161,6 @@ class RequestOutput:
             first_scheduled_time=self.first_scheduled_time if self.first_scheduled_time is not None
             else later.first_scheduled_time,
             error=later.error, stop_reason=later.stop_reason,
+            logprobs=None if self.logprobs is None and later.logprobs is None
+            else (self.logprobs or []) + (later.logprobs or []),
         )

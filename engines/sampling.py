@@ -51,11 +51,12 @@ class SamplingBatch:
     use_penalties: bool
     use_repetition: bool
     max_top_k: int = 0  # the most logits any row keeps under top-k, 0: all (known on the host: no sync to find it)
+    num_logprobs: int = -1  # the most top log-probabilities a row asked for; -1: no row asked for logprobs
 
     @property
     def needs_float(self) -> bool:
-        """Whether the logits must be float32: anything but a plain argmax (temperature, cuts, penalties)."""
-        return not self.all_greedy or self.use_penalties
+        """Whether the logits must be float32: anything but a plain argmax (temperature, cuts, penalties, logprobs)."""
+        return not self.all_greedy or self.use_penalties or self.num_logprobs >= 0
 
     @classmethod
     def build(
@@ -92,6 +93,7 @@ class SamplingBatch:
             use_penalties=use_penalties,
             use_repetition=use_repetition,
             max_top_k=0 if any(p.top_k <= 0 for p in params) else max(p.top_k for p in params),
+            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
         )
 
 
@@ -149,8 +151,37 @@ def _exponential_noise(shape: torch.Size, generators: list[torch.Generator | Non
     return q
 
 
+def _scaled(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Logits divided by each row's temperature (greedy rows as they are)."""
+    return logits / torch.where(batch.temperature == 0, 1.0, batch.temperature).unsqueeze(1)
+
+
+@dataclass
+class Logprobs:
+    """Per row of a step's samples, on the device: the sampled token's log-probability [B] and the ``k`` most
+    likely tokens' ids and log-probabilities [B, k] (k: the most any row asked for)."""
+
+    sampled: torch.Tensor
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+
+
 class Sampler:
     """Stateless; the per-request state (generators, token history) travels in ``SamplingBatch``."""
+
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch, mode: str) -> Logprobs:
+        """Log-probabilities of ``tokens`` and the top ``batch.num_logprobs`` under ``logits`` [B, V] float32: as
+        they are (``raw``), or after penalties and temperature (``processed``). Computed only when a row asks."""
+        if mode == "processed":
+            if batch.use_penalties:
+                logits = apply_penalties(logits, batch)
+            if not batch.all_greedy:
+                logits = _scaled(logits, batch)
+        lp = torch.log_softmax(logits, dim=-1)
+        top = lp.topk(batch.num_logprobs, dim=-1) if batch.num_logprobs else None
+        empty = lp[:, :0]
+        return Logprobs(lp.gather(1, tokens.unsqueeze(1)).squeeze(1),
+                        top.indices if top is not None else empty.long(), top.values if top is not None else empty)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [B, V] (float32 where ``batch.needs_float``; else any dtype: an argmax) -> token ids [B] int64."""
@@ -160,7 +191,7 @@ class Sampler:
         if batch.all_greedy:
             return greedy
         is_greedy = batch.temperature == 0
-        logits = logits / torch.where(is_greedy, 1.0, batch.temperature).unsqueeze(1)
+        logits = _scaled(logits, batch)
         if batch.use_top_k:
             logits = _mask_top_k(logits, batch.top_k, batch.max_top_k)
         if batch.use_top_p:
