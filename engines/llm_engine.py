@@ -304,8 +304,13 @@ class LLMEngine(Engine):
     def _postprocess(self, step: LaunchedStep) -> list[RequestOutput]:
         """Read a launched step's tokens and hand them to their samples. A sample that finished or was aborted
         while the step was in flight drops them; one preempted meanwhile keeps them for its recompute."""
-        tokens, logprobs = self.runner.wait(step)
+        result = self.runner.wait(step)
         now = time.perf_counter()
+        for (seq, lo, count), values in zip(step.prompt_spans, _chunks(result.prompt_logprobs, step.prompt_spans)):
+            if len(seq.prompt_logprobs) == lo:  # else scored already, before a preemption
+                k = seq.request.sampling_params.prompt_logprobs
+                seq.prompt_logprobs += _token_logprobs(seq.token_ids[lo + 1 : lo + 1 + count], values, k)
+        tokens, logprobs = result.tokens, result.logprobs
         outputs = []
         for i, (row, sampled) in enumerate(zip(step.rows, tokens)):
             seq = row.seq
@@ -333,6 +338,8 @@ class LLMEngine(Engine):
                 first_scheduled_time=seq.first_scheduled_time if first else None,
                 logprobs=_token_logprobs(new, logprobs[i], seq.request.sampling_params.logprobs)
                 if logprobs is not None and seq.request.sampling_params.logprobs is not None else None,
+                prompt_logprobs=[None, *row.source.prompt_logprobs]
+                if first and seq.request.sampling_params.prompt_logprobs is not None else None,
             ))
         # after their tokens: nothing above reads a decode's commit
         self.kv.commit_many([s for s in step.batch.decodes if s.status is SeqStatus.RUNNING])
@@ -348,3 +355,12 @@ class LLMEngine(Engine):
 def _token_logprobs(tokens: list[int], values: list[tuple], k: int) -> list[TokenLogprob]:
     """Each token's log-probability and its position's top ``k`` (the step computed the most any row asked for)."""
     return [TokenLogprob(t, lp, tuple(zip(ids[:k], top[:k]))) for t, (lp, ids, top) in zip(tokens, values)]
+
+
+def _chunks(values: list | None, spans: list[tuple]) -> list[list]:
+    """``values`` cut into the spans' counts, in order."""
+    out, i = [], 0
+    for _, _, count in spans:
+        out.append(values[i : i + count])
+        i += count
+    return out

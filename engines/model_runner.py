@@ -7,7 +7,7 @@ forward with the KV cache and static input buffers); everything else runs eagerl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,7 +33,20 @@ class LaunchedStep:
     logprobs: Logprobs | None = None  # of the samples, [steps, rows, ...], when a row asked for them
     host: torch.Tensor | None = None  # ``sampled``, being copied to host memory
     host_logprobs: Logprobs | None = None  # ``logprobs``, likewise
+    # Prompt tokens' log-probabilities the step computed, and whose: (sequence, first position, count) in order
+    prompt_logprobs: Logprobs | None = None
+    prompt_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
     ready: torch.cuda.Event | None = None  # recorded after those copies (CUDA)
+
+
+@dataclass
+class StepResult:
+    """What the host reads of a launched step: each row's tokens (one per decode step it ran) and, where asked,
+    each token's (log-probability, top ids, top log-probabilities); the prompt spans' likewise, in span order."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[tuple]] | None = None
+    prompt_logprobs: list[tuple] | None = None
 
 
 @dataclass
@@ -116,6 +129,20 @@ class _DecodeGraphs:
         return self.outputs[b][:n]
 
 
+PROMPT_ROWS = 256  # prompt positions scored at once: 256 x a 152k vocabulary is 156 MB of float32 logits
+
+
+def _rows(lp: Logprobs, steps: int, rows: int) -> list[list[tuple]]:
+    """[steps][rows] of (log-probability, top ids, top log-probabilities) from host tensors."""
+    shape = (steps, rows, lp.top_ids.shape[-1])
+    values = zip(lp.sampled.view(shape[:2]).tolist(), lp.top_ids.view(shape).tolist(), lp.top_values.view(shape).tolist())
+    return [list(zip(*v)) for v in values]
+
+
+def _logprobs_to_host(lp: Logprobs | None) -> Logprobs | None:
+    return None if lp is None else Logprobs(_to_host(lp.sampled), _to_host(lp.top_ids), _to_host(lp.top_values))
+
+
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """A pinned host copy of ``t``, queued behind the stream's work (read it after the step's event)."""
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -190,48 +217,45 @@ class ModelRunner:
         """Queue the batch's forward and sampling on the device; the host does not wait for them. Decodes
         whose last token is still on the device (``num_pending``) read it from the last step's samples."""
         clock = self.clock
+        prompt: tuple[Logprobs | None, list] = (None, [])
         if not batch.prefills:
             sampled, logprobs, index = self._run_decodes(batch.decodes, batch.decode_steps, rows)
             steps = batch.decode_steps
         else:
-            sampled, logprobs, index = self._run_mixed(batch, rows)
+            sampled, logprobs, index, prompt = self._run_mixed(batch, rows)
             steps = [1] * len(rows)
         clock.end()
-        step = LaunchedStep(batch, rows, steps, sampled, logprobs)
-        if sampled is not None:
+        step = LaunchedStep(batch, rows, steps, sampled, logprobs, prompt_logprobs=prompt[0], prompt_spans=prompt[1])
+        if sampled is not None or step.prompt_logprobs is not None:
             if self.device.type == "cuda":  # copied behind the step; the host waits for these copies alone
-                step.host = _to_host(sampled)
-                if logprobs is not None:
-                    step.host_logprobs = Logprobs(*(_to_host(t) for t in (logprobs.sampled, logprobs.top_ids,
-                                                                          logprobs.top_values)))
+                step.host = None if sampled is None else _to_host(sampled)
+                step.host_logprobs = _logprobs_to_host(logprobs)
+                step.prompt_logprobs = _logprobs_to_host(step.prompt_logprobs)
                 step.ready = torch.cuda.Event()
                 step.ready.record()
             else:
                 step.host, step.host_logprobs = sampled, logprobs
+        if sampled is not None:
             self._last_sampled = sampled.view(-1)
             self._last_index = index
         clock.lap("launch")
         return step
 
-    def wait(self, step: LaunchedStep) -> tuple[list[list[int]], list[list[tuple]] | None]:
-        """The tokens each row of a launched step sampled (one per decode step it ran), and where asked for, each
-        token's (log-probability, top ids, top log-probabilities): the one host sync."""
-        if step.host is None:
-            return [], None
+    def wait(self, step: LaunchedStep) -> StepResult:
+        """Read a launched step's tokens and log-probabilities: the one host sync."""
         if step.ready is not None:
             step.ready.synchronize()
-        tokens = step.host.view(-1, len(step.rows)).tolist()  # [steps, rows]
-        lp = step.host_logprobs
-        if lp is not None:
-            shape = (len(tokens), len(step.rows), lp.top_ids.shape[-1])
-            values = zip(lp.sampled.view(shape[:2]).tolist(), lp.top_ids.view(shape).tolist(),
-                         lp.top_values.view(shape).tolist())
-            per_step = [list(zip(*v)) for v in values]  # [steps][rows] -> (logprob, ids, values)
+        result = StepResult([])
+        if step.prompt_logprobs is not None:
+            result.prompt_logprobs = _rows(step.prompt_logprobs, 1, len(step.prompt_logprobs.sampled))[0]
+        if step.host is not None:
+            tokens = step.host.view(-1, len(step.rows)).tolist()  # [steps, rows]
+            result.tokens = [[tokens[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
+            if step.host_logprobs is not None:
+                per_step = _rows(step.host_logprobs, len(tokens), len(step.rows))
+                result.logprobs = [[per_step[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
         self.clock.lap("sync")
-        rows = [[tokens[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
-        if lp is None:
-            return rows, None
-        return rows, [[per_step[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
+        return result
 
     def _pending_ids(self, ids: np.ndarray, where: list[int], seqs: list[Sequence]) -> np.ndarray | None:
         """Gather indices that put the device-held last token of each of ``seqs`` at ``ids[where]``: index
@@ -250,7 +274,7 @@ class ModelRunner:
         return torch.cat([self._last_sampled, packed[0]])[packed[1]]
 
     def _run_mixed(self, batch: ScheduledBatch, rows: list[SampleRow]
-                   ) -> tuple[torch.Tensor | None, Logprobs | None, dict[int, int]]:
+                   ) -> tuple[torch.Tensor | None, Logprobs | None, dict[int, int], tuple[Logprobs | None, list]]:
         """A step with prompt chunks (decodes first): one varlen forward without graphs, then sampling."""
         scheduled = [(s, 1) for s in batch.decodes] + batch.prefills
         if rows:  # which rows of the forward's output the samples read: known before it runs
@@ -265,12 +289,39 @@ class ModelRunner:
             order = to_device(np.asarray([pick[last[id(r.source)]] for r in rows], dtype=np.int64), self.device)
             sampling = self._sampling_batch(rows)
         hidden = self._forward_eager(scheduled)
+        prompt = self._score_prompts(hidden, scheduled)
         if not rows:
-            return None, None, {}
+            return None, None, {}, prompt
         logits = self.model.compute_logits(hidden[gather], upcast=sampling.needs_float)[order]
         sampled = self.sampler(logits, sampling)
         logprobs = self._logprobs(logits, sampled, sampling)
-        return sampled, logprobs, {r.seq.seq_id: i for i, r in enumerate(rows) if r.seq is r.source}
+        return sampled, logprobs, {r.seq.seq_id: i for i, r in enumerate(rows) if r.seq is r.source}, prompt
+
+    def _score_prompts(self, hidden: torch.Tensor, scheduled: list[tuple[Sequence, int]]
+                       ) -> tuple[Logprobs | None, list[tuple[Sequence, int, int]]]:
+        """Log-probabilities of the prompt tokens this step's chunks predict, for the sequences that asked: the row
+        of position p scores token p + 1 (the last prompt position's row samples instead). Raw logits, in slices of
+        ``PROMPT_ROWS`` rows (a row of logits is a vocabulary of floats)."""
+        spans, rows, offset = [], [], 0
+        for seq, n in scheduled:
+            if seq.request.sampling_params.prompt_logprobs is not None:
+                lo = max(seq.num_computed, len(seq.prompt_logprobs))  # a recompute scores nothing twice
+                hi = min(seq.num_computed + n, seq.num_prompt - 1)
+                if hi > lo:
+                    spans.append((seq, lo, hi - lo))
+                    rows.append(np.arange(offset + lo - seq.num_computed, offset + hi - seq.num_computed))
+            offset += n
+        if not spans:
+            return None, []
+        k = max(s.request.sampling_params.prompt_logprobs for s, _, _ in spans)
+        targets = np.concatenate([s.token_ids[lo + 1 : lo + 1 + c] for s, lo, c in spans]).astype(np.int64)
+        index = to_device(np.stack([np.concatenate(rows), targets]), self.device)
+        parts = []
+        for i in range(0, index.shape[1], PROMPT_ROWS):
+            lp = torch.log_softmax(self.model.compute_logits(hidden[index[0, i : i + PROMPT_ROWS]]), dim=-1)
+            top = lp.topk(k, dim=-1)
+            parts.append((lp.gather(1, index[1, i : i + PROMPT_ROWS, None]).squeeze(1), top.indices, top.values))
+        return Logprobs(*(torch.cat(t) for t in zip(*parts))), spans
 
     def _logprobs(self, logits: torch.Tensor, sampled: torch.Tensor, sampling: SamplingBatch) -> Logprobs | None:
         if sampling.num_logprobs < 0:  # nobody asked: nothing computed

@@ -54,6 +54,9 @@ class SamplingParams:
     # Log-probabilities of each sampled token and of the ``logprobs`` most likely tokens at its position
     # (0: the sampled token's alone; None: none, at no cost). engine.logprobs_mode says of which logits.
     logprobs: int | None = None
+    # Likewise for every prompt token after the first (an evaluation's score of a text; OpenAI's echo). A request
+    # asking for them bypasses the prefix cache: a cached position computes no logits.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (JSON, Hydra) and a single stop string, store tuples so params stay hashable.
@@ -79,9 +82,9 @@ class SamplingParams:
             (all(0 <= t < 2**63 for t in self.stop_token_ids), "stop_token_ids must be non-negative 64-bit integers"),
             (self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63),
              f"seed must be a 64-bit integer, got {self.seed!r}"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
-                                       and 0 <= self.logprobs <= MAX_LOGPROBS),
-             f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
+            (_top_count(self.logprobs), f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
+            (_top_count(self.prompt_logprobs),
+             f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,6 +93,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _top_count(k: object) -> bool:
+    return k is None or (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_LOGPROBS)
 
 
 def _finite(x: object) -> bool:
@@ -150,6 +157,8 @@ class RequestOutput:
     error: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
+    # With a sample's first tokens, when asked: one per prompt token, None for the first (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def followed_by(self, later: "RequestOutput") -> "RequestOutput":
         """This output and the next one of the same sample as one (a consumer that fell behind reads both at once)."""
@@ -163,4 +172,5 @@ class RequestOutput:
             error=later.error, stop_reason=later.stop_reason,
             logprobs=None if self.logprobs is None and later.logprobs is None
             else (self.logprobs or []) + (later.logprobs or []),
+            prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
         )

@@ -124,3 +124,54 @@ def test_logprobs_out_of_range_are_refused(k):
 def test_a_bad_logprobs_mode_is_refused_at_start(model_dir):
     with pytest.raises(ValueError, match="logprobs_mode must be raw or processed"):
         create_engine(model_dir, PagedConfig(logprobs_mode="softmax"))
+
+
+def hf_prompt_logprobs(hf, prompt: list[int]) -> torch.Tensor:
+    """log_softmax at positions 0..P-2, which score prompt tokens 1..P-1 [P-1, V]."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def check_prompt(hf, request: Request, first) -> None:
+    prompt, k = request.prompt_token_ids, request.sampling_params.prompt_logprobs
+    got = first.prompt_logprobs
+    assert got is not None and len(got) == len(prompt) and got[0] is None
+    expected = hf_prompt_logprobs(hf, prompt)
+    for pos, lp in enumerate(got[1:]):
+        assert lp.token_id == prompt[pos + 1]
+        assert abs(lp.logprob - expected[pos, prompt[pos + 1]].item()) < TOL, (request.request_id, pos)
+        values, ids = expected[pos].topk(k)
+        assert [i for i, _ in lp.top] == ids.tolist()
+        assert all(abs(v - e) < TOL for (_, v), e in zip(lp.top, values.tolist()))
+
+
+@pytest.mark.parametrize("cfg, preempts", [
+    (PagedConfig(block_size=4, max_num_batched_tokens=64, max_num_seqs=8), False),  # chunks; the prefix cache on
+    (PagedConfig(block_size=4, num_blocks=90, max_num_batched_tokens=48, max_num_seqs=8), True),  # recomputes
+    (ContiguousConfig(reservation="oracle", num_kv_slots=2000), False),  # a 300-token prompt: two slices of rows
+], ids=["paged-chunked", "paged-preempted", "contiguous"])
+def test_prompt_logprobs_equal_transformers_log_softmax(model_dir, hf, cfg, preempts):
+    shared = [(7 * j) % 900 + 3 for j in range(24)]  # a prefix the second request would find cached
+    prompts = [shared + [5, 6, 7], shared + [8, 9] * 20, [11], [(3 * j) % 800 + 2 for j in range(300)]]
+    reqs = [Request(f"e{i}", p, SamplingParams(max_tokens=12 + 2 * i, temperature=0, ignore_eos=True,
+                                               prompt_logprobs=i % 3, logprobs=1, n=2 if i == 1 else 1))
+            for i, p in enumerate(prompts)]
+    engine = create_engine(model_dir, cfg)
+    outs: dict[tuple[str, int], list] = {}
+
+    def step() -> None:
+        for out in engine.step():
+            outs.setdefault((out.request_id, out.index), []).append(out)
+    for r in reqs:
+        engine.add_request(r)
+        step()  # one at a time into the batch: the first publishes the shared prefix before the second
+    while engine.has_unfinished():
+        step()
+    for r in reqs:
+        for i in range(r.sampling_params.n):
+            firsts = [o for o in outs[(r.request_id, i)] if o.prompt_logprobs is not None]
+            assert len(firsts) == 1 and firsts[0] is outs[(r.request_id, i)][0]
+            check_prompt(hf, r, firsts[0])
+            check(hf, r, outs[(r.request_id, i)], 1.0)
+    assert (engine.scheduler.num_preemptions > 0) == preempts

@@ -153,7 +153,7 @@ class PagedKVManager(KVManager):
 
     def admit(self, seq: Sequence) -> None:
         table: list[Block] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and seq.request.sampling_params.prompt_logprobs is None:
             bs = self.block_size
             parent = None
             # at least one token must be computed, to give the step logits to sample from
