@@ -27,11 +27,12 @@ from fastapi.responses import StreamingResponse
 from tokenizers import Tokenizer
 
 from engines.detokenizer import SampleStream
-from engines.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams
+from engines.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harness.server.chat import ChatTemplate
 from harness.server.config import ServerConfig
 from harness.server.engine_loop import EngineDead, EngineLoop, QueueFull
 from harness.server.errors import APIError, bad_request, error_body
+from harness.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from harness.server.metrics import ServerMetrics
 from harness.server.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice, CompletionRequest,
@@ -70,13 +71,19 @@ class _Choice:
     stop_reason: str | int | None = None
     error: str | None = None
     text_stream: SampleStream | None = None  # set when this server detokenizes the choice, not the engine
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of its tokens, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # of its prompt (echo), when asked for
+    offset: int = 0  # characters of the choice's logprob tokens streamed so far (their text_offset)
 
 
 class _Generation:
     """The engine requests of one HTTP request and what has come back for them."""
 
-    def __init__(self, serving: "Serving", base_id: str, prompts: list[list[int]], n: int) -> None:
+    def __init__(self, serving: "Serving", base_id: str, prompts: list[list[int]], n: int,
+                 score_only: bool = False) -> None:
         self.serving, self.base_id, self.prompts, self.n = serving, base_id, prompts, n
+        # echo with max_tokens 0: the engine samples one token that nobody sees (it scores the prompt only)
+        self.score_only = score_only
         self.ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         self.prompt_of = {rid: i for i, rid in enumerate(self.ids)}
         self.queue: asyncio.Queue[tuple[str, list[RequestOutput]]] = asyncio.Queue()
@@ -94,6 +101,12 @@ class _Generation:
         c = self.choice_of(out)
         if out.index == 0 and out.num_cached_tokens:
             self.cached_tokens += out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
+        if self.score_only:
+            out.new_token_ids, out.text, out.logprobs = [], "", None
+        if out.logprobs:
+            c.logprobs += out.logprobs
         c.tokens += len(out.new_token_ids)
         if c.text_stream is not None and out.new_token_ids:
             out.text = "".join(c.text_stream.append(t) for t in out.new_token_ids)
@@ -154,6 +167,7 @@ class Serving:
         self.loop, self.tokenizer, self.template, self.info, self.cfg, self.metrics = loop, tokenizer, template, info, cfg, metrics
         self.queues: dict[str, asyncio.Queue] = {}
         self.aio_loop: asyncio.AbstractEventLoop | None = None
+        self.token_text = TokenText(tokenizer)
 
     # -- engine thread -> event loop ----------------------------------------------------------------
     def deliver(self, grouped: dict[str, list[RequestOutput]]) -> None:
@@ -234,8 +248,10 @@ class Serving:
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options can only be set when stream is true", "stream_options")
 
-    def _params(self, body: _Sampling, max_tokens: int) -> SamplingParams:
-        fields = {"max_tokens": max_tokens, "n": body.n, "stop": body.stop or (),
+    def _params(self, body: _Sampling, max_tokens: int, logprobs: int | None = None,
+                prompt_logprobs: int | None = None) -> SamplingParams:
+        fields = {"max_tokens": max_tokens, "n": body.n, "stop": body.stop or (), "logprobs": logprobs,
+                  "prompt_logprobs": prompt_logprobs,
                   "stop_token_ids": body.stop_token_ids or (), "ignore_eos": body.ignore_eos, "seed": body.seed,
                   "include_stop_str_in_output": body.include_stop_str_in_output,
                   "detokenize": bool(body.stop)}  # without stop strings, this server makes the text
@@ -315,24 +331,42 @@ class Serving:
     async def completions(self, body: CompletionRequest, http: HTTPRequest, arrival: float, request_id: str | None) -> Any:
         model = self.check_model(body.model)
         self._check_common(body)
-        if body.logprobs is not None:
-            raise bad_request("logprobs are not supported: the engine does not return them", "logprobs")
         if body.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
         prompts = self._completion_prompts(body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        params = self._params(body, max_tokens)
+        score_only = body.echo and max_tokens == 0  # score the prompt (an evaluation harness's loglikelihood)
+        params = self._params(body, max(max_tokens, 1) if score_only else max_tokens, body.logprobs,
+                              body.logprobs if body.echo else None)
         for i, ids in enumerate(prompts):
-            self._check_prompt(ids, max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-        gen = _Generation(self, request_id or f"cmpl-{uuid.uuid4().hex}", prompts, body.n)
+            self._check_prompt(ids, params.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        gen = _Generation(self, request_id or f"cmpl-{uuid.uuid4().hex}", prompts, body.n, score_only)
         await self._start(gen, [params] * len(prompts), arrival)
         echo = [self._echo_text(body.prompt, i) for i in range(len(prompts))] if body.echo else None
         if body.stream:
             return self._sse(self._completion_stream(gen, model, body, echo), gen)
         await self._collect(gen, http)
         choices = [CompletionChoice(index=c.index, text=(echo[c.index // gen.n] if echo else "") + "".join(c.text),
+                                    logprobs=self._completion_logprobs(gen, c, body, c.logprobs, echo is not None),
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in gen.choices]
         return CompletionResponse(id=gen.base_id, created=int(time.time()), model=model, choices=choices, usage=gen.usage())
+
+    def _completion_logprobs(self, gen: _Generation, c: _Choice, body: CompletionRequest, entries: list[TokenLogprob],
+                             echo: bool) -> dict[str, list] | None:
+        """The legacy logprobs of ``entries`` (a chunk's, or the whole choice's), after the prompt's when ``echo``
+        and not yet sent; None when the request did not ask."""
+        if body.logprobs is None:
+            return None
+        items: list[tuple[int, TokenLogprob | None]] = []
+        if echo and c.prompt_logprobs is not None:
+            prompt = gen.prompts[c.index // gen.n]
+            items += [(t, lp) for t, lp in zip(prompt, c.prompt_logprobs)]
+            c.prompt_logprobs = None  # sent
+        items += [(e.token_id, e) for e in entries]
+        out = completion_logprobs(items, self.token_text, c.offset, body.return_tokens_as_token_ids)
+        if items:
+            c.offset = out["text_offset"][-1] + len(out["tokens"][-1])
+        return out
 
     def _completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -377,11 +411,13 @@ class Serving:
                 continue
             out, c = update
             text = out.text
-            if echo and c.index not in echoed:
+            first = echo is not None and c.index not in echoed
+            if first:
                 echoed.add(c.index)
                 text = echo[c.index // gen.n] + text
+            logprobs = self._completion_logprobs(gen, c, body, out.logprobs or [], first)
             chunk = {"id": gen.base_id, "object": "text_completion", "created": created, "model": model,
-                     "choices": [{"index": c.index, "text": text, "logprobs": None,
+                     "choices": [{"index": c.index, "text": text, "logprobs": logprobs,
                                   "finish_reason": c.finish_reason if out.finished else None,
                                   "stop_reason": c.stop_reason if out.finished else None}]}
             if continuous:
@@ -395,8 +431,8 @@ class Serving:
     async def chat(self, body: ChatCompletionRequest, http: HTTPRequest, arrival: float, request_id: str | None) -> Any:
         model = self.check_model(body.model)
         self._check_common(body)
-        if body.logprobs or body.top_logprobs:
-            raise bad_request("logprobs are not supported: the engine does not return them", "logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         if body.tools:
             raise bad_request("tools are not supported", "tools")
         if body.tool_choice not in (None, "none"):
@@ -413,13 +449,14 @@ class Serving:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         self._check_prompt(ids, requested, "messages")
         max_tokens = requested if requested is not None else self.info.max_model_len - len(ids)
-        params = self._params(body, max_tokens)
+        params = self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         gen = _Generation(self, request_id or f"chatcmpl-{uuid.uuid4().hex}", [ids], body.n)
         await self._start(gen, [params], arrival)
         if body.stream:
             return self._sse(self._chat_stream(gen, model, body), gen)
         await self._collect(gen, http)
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)), finish_reason=c.finish_reason,
+        choices = [ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)),
+                              logprobs=self._chat_logprobs(body, c.logprobs), finish_reason=c.finish_reason,
                               stop_reason=c.stop_reason) for c in gen.choices]
         return ChatCompletionResponse(id=gen.base_id, created=int(time.time()), model=model, choices=choices, usage=gen.usage())
 
@@ -427,9 +464,10 @@ class Serving:
         created = int(time.time())
         continuous = bool(body.stream_options and body.stream_options.include_usage and body.stream_options.continuous_usage_stats)
 
-        def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, stop_reason: Any = None) -> str:
+        def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, stop_reason: Any = None,
+                  logprobs: dict | None = None) -> str:
             payload = {"id": gen.base_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason,
+                       "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
                                     "stop_reason": stop_reason}]}
             if continuous:
                 payload["usage"] = gen.usage_json()
@@ -443,10 +481,13 @@ class Serving:
                 continue
             out, c = update
             yield chunk(c.index, {"content": out.text}, c.finish_reason if out.finished else None,
-                        c.stop_reason if out.finished else None)
+                        c.stop_reason if out.finished else None, self._chat_logprobs(body, out.logprobs or []))
         if body.stream_options and body.stream_options.include_usage:
             yield _event({"id": gen.base_id, "object": "chat.completion.chunk", "created": created, "model": model,
                           "choices": [], "usage": gen.usage_json()})
+
+    def _chat_logprobs(self, body: ChatCompletionRequest, entries: list[TokenLogprob]) -> dict | None:
+        return chat_logprobs(entries, self.token_text, body.return_tokens_as_token_ids) if body.logprobs else None
 
     # -- delivery -------------------------------------------------------------------------------------
     def _sse(self, events: AsyncIterator[str], gen: _Generation) -> StreamingResponse:
