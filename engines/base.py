@@ -52,6 +52,7 @@ class Engine(abc.ABC):
     # are sampled by ``step`` once ``_step`` returns (their admissions happen out of sight).
     samples_kv_itself: ClassVar[bool] = False
     kv_breakdown: ClassVar[bool] = True  # False: it cannot say which of its slots hold token states
+    supports_logprobs: ClassVar[bool] = False  # computes SamplingParams.logprobs and prompt_logprobs
 
     def __init__(self, model_dir: str | Path, max_model_len: int | None = None) -> None:
         self.model_dir = Path(model_dir)
@@ -107,6 +108,10 @@ class Engine(abc.ABC):
     # -- shared helpers -----------------------------------------------------------------------
     def check_request(self, request: Request) -> None:
         request.check_fits(self.max_model_len, self.model_config.vocab_size)
+        p = request.sampling_params
+        if not self.supports_logprobs and (p.logprobs is not None or p.prompt_logprobs is not None):
+            raise RequestError(f"request {request.request_id!r} asks for logprobs, which engine {self.name} does not "
+                               "compute (ours do: contiguous, paged)")
 
     def new_stream(self, request: Request) -> SampleStream:
         return SampleStream(

@@ -28,6 +28,7 @@ from engines.step_clock import StepClock
 
 class LLMEngine(Engine):
     samples_kv_itself = True
+    supports_logprobs = True
 
     def __init__(self, model_dir: str | Path, cfg: PagedConfig | ContiguousConfig) -> None:
         super().__init__(model_dir, cfg.max_model_len)

@@ -175,3 +175,13 @@ def test_prompt_logprobs_equal_transformers_log_softmax(model_dir, hf, cfg, pree
             check_prompt(hf, r, firsts[0])
             check(hf, r, outs[(r.request_id, i)], 1.0)
     assert (engine.scheduler.num_preemptions > 0) == preempts
+
+
+@pytest.mark.parametrize("name", ["hf", "hf_paged"])
+def test_the_transformers_baselines_refuse_logprobs_rather_than_drop_them(model_dir, name):
+    from engines.config import ENGINE_CONFIGS
+
+    engine = create_engine(model_dir, ENGINE_CONFIGS[name]())
+    for params in (SamplingParams(logprobs=1), SamplingParams(prompt_logprobs=0)):
+        with pytest.raises(RequestError, match=f"engine {name} does not compute"):
+            engine.add_request(Request("x", [5, 6, 7], params))
