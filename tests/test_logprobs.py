@@ -72,9 +72,9 @@ def requests(n_greedy: int = 3, n_sampled: int = 3, k: int = 5, temperature: flo
 
 
 @pytest.mark.parametrize("cfg", [
-    PagedConfig(block_size=4),
-    PagedConfig(block_size=4, num_scheduler_steps=4, async_scheduling=False),  # several tokens per call
-    ContiguousConfig(reservation="oracle", num_kv_slots=600, max_num_batched_tokens=16, max_num_seqs=8),  # chunked
+    PagedConfig(dtype="float32", block_size=4, num_blocks=512),
+    PagedConfig(dtype="float32", block_size=4, num_blocks=512, num_scheduler_steps=4, async_scheduling=False),  # several tokens per call
+    ContiguousConfig(dtype="float32", reservation="oracle", num_kv_slots=600, max_num_batched_tokens=16, max_num_seqs=8),  # chunked
 ], ids=["paged", "paged-multistep-sync", "contiguous-chunked"])
 @pytest.mark.parametrize("mode", ["raw", "processed"])
 def test_logprobs_equal_transformers_log_softmax(model_dir, hf, cfg, mode):
@@ -88,7 +88,7 @@ def test_logprobs_equal_transformers_log_softmax(model_dir, hf, cfg, mode):
 def test_parallel_samples_each_get_their_logprobs(model_dir, hf):
     r = Request("p", list(range(3, 40)), SamplingParams(max_tokens=5, temperature=0.8, seed=3, n=3, logprobs=2,
                                                          ignore_eos=True))
-    outs = run(model_dir, PagedConfig(block_size=4), [r])
+    outs = run(model_dir, PagedConfig(dtype="float32", block_size=4, num_blocks=512), [r])
     assert len(outs) == 3
     for i in range(3):
         check(hf, r, outs[("p", i)], 1.0)
@@ -101,7 +101,7 @@ def test_no_logprobs_asked_costs_nothing(model_dir, monkeypatch):
     monkeypatch.setattr(Sampler, "logprobs", refuse)
     reqs = [dataclasses.replace(r, sampling_params=dataclasses.replace(r.sampling_params, logprobs=None))
             for r in requests()]
-    outs = run(model_dir, PagedConfig(block_size=4), reqs)
+    outs = run(model_dir, PagedConfig(dtype="float32", block_size=4, num_blocks=512), reqs)
     assert all(o.logprobs is None for outputs in outs.values() for o in outputs)
 
 
@@ -109,7 +109,7 @@ def test_a_batch_mixing_requests_with_and_without_logprobs(model_dir, hf):
     reqs = requests(2, 2)
     plain = [dataclasses.replace(r, request_id=f"plain{i}", sampling_params=dataclasses.replace(
         r.sampling_params, logprobs=None)) for i, r in enumerate(requests(2, 1))]
-    outs = run(model_dir, PagedConfig(block_size=4), reqs + plain)
+    outs = run(model_dir, PagedConfig(dtype="float32", block_size=4, num_blocks=512), reqs + plain)
     for r in reqs:
         check(hf, r, outs[(r.request_id, 0)], 1.0)
     assert all(o.logprobs is None for r in plain for o in outs[(r.request_id, 0)])
@@ -147,9 +147,9 @@ def check_prompt(hf, request: Request, first) -> None:
 
 
 @pytest.mark.parametrize("cfg, preempts", [
-    (PagedConfig(block_size=4, max_num_batched_tokens=64, max_num_seqs=8), False),  # chunks; the prefix cache on
-    (PagedConfig(block_size=4, num_blocks=90, max_num_batched_tokens=48, max_num_seqs=8), True),  # recomputes
-    (ContiguousConfig(reservation="oracle", num_kv_slots=2000), False),  # a 300-token prompt: two slices of rows
+    (PagedConfig(dtype="float32", block_size=4, num_blocks=512, max_num_batched_tokens=64, max_num_seqs=8), False),  # chunks; the prefix cache on
+    (PagedConfig(dtype="float32", block_size=4, num_blocks=90, max_num_batched_tokens=48, max_num_seqs=8), True),  # recomputes
+    (ContiguousConfig(dtype="float32", reservation="oracle", num_kv_slots=2000), False),  # a 300-token prompt: two slices of rows
 ], ids=["paged-chunked", "paged-preempted", "contiguous"])
 def test_prompt_logprobs_equal_transformers_log_softmax(model_dir, hf, cfg, preempts):
     shared = [(7 * j) % 900 + 3 for j in range(24)]  # a prefix the second request would find cached
