@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 OutputsCallback = Callable[[dict[str, list[RequestOutput]]], None]
 
+# Where the loop's wall time goes (cumulative seconds, ``EngineLoop.loop_seconds``): inside ``engine.step()``, grouping
+# its outputs, reading the KV snapshot and log, pickling and writing to the pipe (engine process only), applying
+# commands, and waiting for work. ``wall`` is the loop's whole life, so what none of them holds is the rest.
+LOOP_PHASES = ("wall", "step", "outputs", "kv", "pickle", "send", "drain", "idle")
+
 
 class QueueFull(Exception):
     """More requests are waiting than the server accepts."""
@@ -126,6 +131,7 @@ class EngineLoop:
         self.num_steps = 0
         self.max_batch_size = 0
         self.last_batch_size = 0
+        self.loop_seconds = dict.fromkeys(LOOP_PHASES, 0.0)
 
     # -- any thread --------------------------------------------------------------------------
     @property
@@ -183,14 +189,21 @@ class EngineLoop:
         try:
             self._name_os_thread()
             self._bind_device()
+            started = time.perf_counter()
+            seconds = self.loop_seconds
             while not self._stopping.is_set():
                 self._wake.clear()  # before draining, so a command queued from now on wakes the wait below
+                t0 = time.perf_counter()
                 self._drain_inbox()
+                seconds["drain"] += time.perf_counter() - t0
                 if self.engine.has_unfinished():
                     self._step()
                 else:
                     self._publish()
+                    t0 = time.perf_counter()
                     self._idle()
+                    seconds["idle"] += time.perf_counter() - t0
+                seconds["wall"] = time.perf_counter() - started
             self._drain_inbox()
         except BaseException as e:  # the engine failed: fail everything open, refuse the rest
             self.error = f"engine loop died: {type(e).__name__}: {e}"
@@ -273,7 +286,8 @@ class EngineLoop:
     def _step(self) -> None:
         start = time.perf_counter()
         outputs = self.engine.step()
-        seconds = time.perf_counter() - start
+        stepped = time.perf_counter()
+        seconds = stepped - start
         grouped: dict[str, list[RequestOutput]] = {}
         advanced = set()
         new_tokens = 0
@@ -294,6 +308,8 @@ class EngineLoop:
         for rid in grouped:
             if not self._open[rid].open_samples:
                 del self._open[rid]
+        self.loop_seconds["step"] += seconds
+        self.loop_seconds["outputs"] += time.perf_counter() - stepped
         self._deliver_step(StepInfo(len(advanced), new_tokens, seconds), grouped, requests)
 
     def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
@@ -304,8 +320,10 @@ class EngineLoop:
 
     def _publish(self) -> None:
         """The KV snapshot (O(1): the engine's counters) and what the engine logged since the last call."""
+        t0 = time.perf_counter()
         self.snapshot = self.engine.kv_stats()
         self.kv_feed.add(self.engine.kv_log())
+        self.loop_seconds["kv"] += time.perf_counter() - t0
 
     def _final(self, reason: FinishReason, error: str | None) -> dict[str, list[RequestOutput]]:
         grouped = {}

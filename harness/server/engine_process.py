@@ -16,6 +16,16 @@ engine core runs in its own process for the same reason. ``EngineProcess`` does 
   to read a message (a reader thread did, up to a switch interval per message, and the
   child's sends then blocked on a full pipe, stalling the engine).
 
+Neither side waits on the other's reading (harness.server.pipe). The child writes only when
+the pipe has room; what the parent has not read yet waits in its outbox and goes later, with
+what came since, as one batch (when idle, it writes everything). The parent writes a command
+at once when it fits, and hands it to a writer thread otherwise (and while that one holds
+others, to keep their order); a burst of adds then reaches the engine at its next step, instead
+of one writer-thread wake-up at a time (each waits for the interpreter lock from the busy
+event loop). Step outputs cross as tuples (``pack_outputs``): half the pickling of dataclasses.
+The child's loop times itself (``loop_seconds``, harness.server.engine_loop.LOOP_PHASES) and
+sends the totals with every step; ``/kvbench/info`` shows them.
+
 If the child dies (a crash, the OOM killer), every open request gets a final ERROR output
 and the server answers 503, as when ``step()`` raises. The child ignores SIGINT and SIGTERM
 (a Ctrl-C reaches the whole process group): the parent decides when it stops, and a child
@@ -26,22 +36,27 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import multiprocessing
+import operator
 import os
 import queue
 import signal
 import threading
 import time
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 from engines.base import Engine, KVStats
 from engines.request import FinishReason, Request, RequestError, RequestOutput
 from engines.kv.accounting import KVLog
 from harness.server.engine_loop import (
-    EngineDead, EngineInfo, EngineLoop, LoopObserver, OpenRequest, OutputsCallback, QueueFull, StepInfo, notify,
+    LOOP_PHASES, EngineDead, EngineInfo, EngineLoop, LoopObserver, OpenRequest, OutputsCallback, QueueFull, StepInfo,
+    notify,
 )
 from harness.server.kv_feed import KVFeed
+from harness.server.pipe import HEADER, Outbox, enlarge, room, unbatch
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +88,16 @@ class EngineProcess:
         self.num_steps = 0
         self.max_batch_size = 0
         self.last_batch_size = 0
+        self.loop_seconds = dict.fromkeys(LOOP_PHASES, 0.0)  # the child's, as of its last step message
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         # two one-way pipes: the parent's end of each can block or not on its own (the event loop's poller
         # makes the fd it watches non-blocking), and neither side's writes wait on the other's
         self._events, self._child_events = self._context.Pipe(duplex=False)  # child -> parent
         self._child_commands, self._commands = self._context.Pipe(duplex=False)  # parent -> child
-        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()  # commands, for the writer thread
+        self._command_capacity = enlarge(self._commands)
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # pickled commands, for the writer thread
+        self._queued = 0  # commands handed to the writer thread and not yet written (guarded by _send_lock)
+        self._send_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._aio: asyncio.AbstractEventLoop | None = None  # the event loop reading the pipe, once attached
@@ -184,8 +203,20 @@ class EngineProcess:
         self._send(("abort_all",))
 
     def _send(self, message: tuple) -> None:
-        """Hand a command to the writer thread: a full pipe (the child is mid-step) never blocks the caller."""
-        self._outbox.put(message)
+        """Write a command now if the pipe has room for it, else hand it to the writer thread (behind the others it
+        holds): a full pipe (the child is mid-step) never blocks the caller, and no command waits for the writer
+        thread to get the interpreter lock from a busy event loop."""
+        payload = bytes(ForkingPickler.dumps(message))  # a memoryview, which a batch could not pickle
+        with self._send_lock:
+            if not self._queued and self._command_capacity:
+                try:
+                    if len(payload) + HEADER <= room(self._commands, self._command_capacity):
+                        self._commands.send_bytes(payload)
+                        return
+                except (OSError, EOFError):  # the child is gone: the event loop sees its pipe close
+                    return
+            self._queued += 1
+        self._outbox.put(payload)
 
     def _write(self) -> None:
         """The writer thread: sends what is queued, all of it as one batch, until the ``None`` after "stop"."""
@@ -200,9 +231,11 @@ class EngineProcess:
             batch = batch[:batch.index(None)] if last else batch
             try:
                 if batch:
-                    self._commands.send(batch)
+                    self._commands.send_bytes(batch[0] if len(batch) == 1 else ForkingPickler.dumps(("batch", batch)))
             except (OSError, EOFError):  # the child is gone: the event loop sees its pipe close
                 return
+            with self._send_lock:
+                self._queued -= len(batch)
             if last:
                 return
 
@@ -211,7 +244,8 @@ class EngineProcess:
         """Handle every message waiting in the pipe (on the event loop)."""
         try:
             while not self._stopped.is_set() and self._events.poll(0):
-                self._receive(self._events.recv())
+                for message in unbatch(self._events.recv()):
+                    self._receive(message)
         except (EOFError, OSError):
             self._child_gone()
 
@@ -225,7 +259,8 @@ class EngineProcess:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0 or not self._events.poll(left):
                     return
-                self._receive(self._events.recv())
+                for message in unbatch(self._events.recv()):
+                    self._receive(message)
         except (EOFError, OSError):
             self._child_gone()
 
@@ -260,10 +295,12 @@ class EngineProcess:
             if message[3] is not None:
                 self.snapshot = message[3]
             self.kv_feed.add(message[4])
-            self._step(message[1], message[2])
+            self.loop_seconds = dict(zip(LOOP_PHASES, message[5]))
+            self._step(message[1], unpack_outputs(message[2]))
         elif kind == "outputs":
-            self._track(message[1])
-            self.on_outputs(message[1])
+            grouped = unpack_outputs(message[1])
+            self._track(grouped)
+            self.on_outputs(grouped)
         elif kind == "ended":
             with self._lock:
                 entry = self._open.pop(message[1], None)
@@ -351,26 +388,40 @@ class _ForwardingLoop(EngineLoop):
 
     def __init__(self, engine: Engine, commands, events) -> None:
         self._commands, self._events = commands, events
+        self._outbox = Outbox(events)
         self._sent: KVStats | None = None
-        super().__init__(engine, lambda grouped: self._send(("outputs", grouped)), max_queue=2**62,
+        super().__init__(engine, lambda grouped: self._send(("outputs", pack_outputs(grouped))), max_queue=2**62,
                          observer=_EndForwarder(self._send))
 
     def _send(self, message: tuple) -> None:
+        """Queue a message for the parent (pickled now); ``flush`` writes it."""
+        t0 = time.perf_counter()
+        self._outbox.put(message)
+        self.loop_seconds["pickle"] += time.perf_counter() - t0
+
+    def flush(self, block: bool = False) -> None:
+        """Write what is queued if the pipe has room (or ``block``): a parent busy with its streams never stalls the
+        engine; what it has not read yet goes later, with what came since, as one message."""
+        t0 = time.perf_counter()
         try:
-            self._events.send(message)
+            self._outbox.flush(block)
         except (OSError, EOFError):  # the parent is gone: stop
             self._stopping.set()
+        self.loop_seconds["send"] += time.perf_counter() - t0
 
     def _drain_inbox(self) -> None:
-        """Apply every command waiting in the pipe."""
+        """Apply every command waiting in the pipe (answers to adds go out at once, if the pipe has room)."""
         try:
             while self._commands.poll(0):
-                for command in self._commands.recv():
+                for command in unbatch(self._commands.recv()):
                     self._command(command)
         except (OSError, EOFError):  # the parent is gone: stop
             self._stopping.set()
+        if self._outbox.pending:
+            self.flush()
 
     def _idle(self) -> None:
+        self.flush(block=True)  # nothing to run: no reason to hold anything back
         try:
             self._commands.poll(self.idle_wait_s)
         except (OSError, EOFError):
@@ -392,10 +443,12 @@ class _ForwardingLoop(EngineLoop):
 
     def _kv_update(self) -> tuple[KVStats | None, KVLog | None]:
         """The KV snapshot when it changed since the last message, and the engine's log since then (None: empty)."""
+        t0 = time.perf_counter()
         self.snapshot = self.engine.kv_stats()
         log = self.engine.kv_log()
         changed = self.snapshot != self._sent
         self._sent = self.snapshot
+        self.loop_seconds["kv"] += time.perf_counter() - t0
         return (self.snapshot if changed else None), (log if log.samples or log.allocations else None)
 
     def _publish(self) -> None:
@@ -406,7 +459,8 @@ class _ForwardingLoop(EngineLoop):
     def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
         """One message per step: its outputs, the KV snapshot after it when that changed, and the KV log."""
         snapshot, log = self._kv_update()
-        self._send(("step", info, grouped, snapshot, log))
+        self._send(("step", info, pack_outputs(grouped), snapshot, log, tuple(self.loop_seconds.values())))
+        self.flush()
 
     def _fail_all(self, error: str) -> None:
         self._send(("dead", error))  # first, so the server refuses new requests before it sees the failures
@@ -416,7 +470,7 @@ class _ForwardingLoop(EngineLoop):
         """Commands still in the pipe after the engine died: refuse the adds."""
         try:
             while self._commands.poll(0):
-                for message in self._commands.recv():
+                for message in unbatch(self._commands.recv()):
                     if message[0] == "add":
                         self._send(("added", message[1].request_id, ("dead", error)))
         except (OSError, EOFError):
@@ -452,10 +506,28 @@ def _child_main(setup: EngineSetup, commands, events) -> None:
     events.send(("ready", loop.info, extra, loop.snapshot))
     loop.run()
     try:
+        loop.flush(block=True)
         events.send(("stopped", loop.error))
         events.close()
     except (OSError, EOFError):
         pass
+
+
+_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(RequestOutput))
+_output_values = operator.attrgetter(*_OUTPUT_FIELDS)
+
+
+def pack_outputs(grouped: dict[str, list[RequestOutput]]) -> list[tuple]:
+    """Outputs as tuples of their fields, in order: pickling them costs half what dataclasses cost, on both sides."""
+    return [_output_values(out) for outs in grouped.values() for out in outs]
+
+
+def unpack_outputs(packed: list[tuple]) -> dict[str, list[RequestOutput]]:
+    """``pack_outputs`` undone: the outputs grouped by request, in their order."""
+    grouped: dict[str, list[RequestOutput]] = {}
+    for values in packed:
+        grouped.setdefault(values[0], []).append(RequestOutput(*values))
+    return grouped
 
 
 def _error_of(e: BaseException) -> tuple[str, str]:
