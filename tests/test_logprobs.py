@@ -182,6 +182,9 @@ def test_the_transformers_baselines_refuse_logprobs_rather_than_drop_them(model_
     from engines.config import ENGINE_CONFIGS
 
     engine = create_engine(model_dir, ENGINE_CONFIGS[name]())
-    for params in (SamplingParams(logprobs=1), SamplingParams(prompt_logprobs=0)):
-        with pytest.raises(RequestError, match=f"engine {name} does not compute"):
-            engine.add_request(Request("x", [5, 6, 7], params))
+    try:
+        for params in (SamplingParams(logprobs=1), SamplingParams(prompt_logprobs=0)):
+            with pytest.raises(RequestError, match=f"engine {name} does not compute"):
+                engine.add_request(Request("x", [5, 6, 7], params))
+    finally:
+        engine.close()  # hf_paged runs transformers' generation thread, which would keep the process alive
