@@ -34,7 +34,7 @@ class Sequence:
     # length below; the runner feeds them to the model from the device.
     num_pending: int = 0
     # Log-probabilities of prompt tokens 1.. computed so far (SamplingParams.prompt_logprobs), kept across a
-    # recompute (its positions are not computed twice); samples forked from this one share the list.
+    # recompute (its positions are not scored twice); samples forked from this one report this list too.
     prompt_logprobs: list = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_forks: int = 0  # samples to fork from this one once its prompt is done (n > 1)
