@@ -45,7 +45,6 @@ import queue
 import signal
 import threading
 import time
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 from engines.base import Engine, KVStats
@@ -56,7 +55,7 @@ from harness.server.engine_loop import (
     notify,
 )
 from harness.server.kv_feed import KVFeed
-from harness.server.pipe import HEADER, Outbox, enlarge, room, unbatch
+from harness.server.pipe import HEADER, Outbox, batch, enlarge, pickled, room, unbatch
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +205,7 @@ class EngineProcess:
         """Write a command now if the pipe has room for it, else hand it to the writer thread (behind the others it
         holds): a full pipe (the child is mid-step) never blocks the caller, and no command waits for the writer
         thread to get the interpreter lock from a busy event loop."""
-        payload = bytes(ForkingPickler.dumps(message))  # a memoryview, which a batch could not pickle
+        payload = pickled(message)
         with self._send_lock:
             if not self._queued and self._command_capacity:
                 try:
@@ -221,21 +220,21 @@ class EngineProcess:
     def _write(self) -> None:
         """The writer thread: sends what is queued, all of it as one batch, until the ``None`` after "stop"."""
         while True:
-            batch = [self._outbox.get()]
+            payloads = [self._outbox.get()]
             while True:
                 try:
-                    batch.append(self._outbox.get_nowait())
+                    payloads.append(self._outbox.get_nowait())
                 except queue.Empty:
                     break
-            last = None in batch
-            batch = batch[:batch.index(None)] if last else batch
+            last = None in payloads
+            payloads = payloads[:payloads.index(None)] if last else payloads
             try:
-                if batch:
-                    self._commands.send_bytes(batch[0] if len(batch) == 1 else ForkingPickler.dumps(("batch", batch)))
+                if payloads:
+                    self._commands.send_bytes(batch(payloads))
             except (OSError, EOFError):  # the child is gone: the event loop sees its pipe close
                 return
             with self._send_lock:
-                self._queued -= len(batch)
+                self._queued -= len(payloads)
             if last:
                 return
 

@@ -34,6 +34,17 @@ def enlarge(conn: Connection, size: int = PIPE_SIZE) -> int:
             return 0
 
 
+def pickled(message: tuple) -> bytes:
+    """``message`` as the bytes a pipe carries (bytes, not the pickler's memoryview, which a batch could not pickle)."""
+    return bytes(ForkingPickler.dumps(message))
+
+
+def batch(payloads: list[bytes]) -> bytes:
+    """Pickled messages as one write: the message itself when alone, else a ``("batch", ...)`` that ``unbatch``
+    takes apart."""
+    return payloads[0] if len(payloads) == 1 else ForkingPickler.dumps(("batch", payloads))
+
+
 def room(conn: Connection, capacity: int) -> int:
     """Bytes a write to ``conn`` can surely put in the pipe now without blocking. The kernel counts the bytes still
     unread (FIONREAD), but a pipe holds pages, and a write that does not fill its last page wastes the rest of it:
@@ -56,7 +67,7 @@ class Outbox:
         self.batches = 0  # messages sent as part of a batch: how often the reader fell behind
 
     def put(self, message: tuple) -> None:
-        payload = bytes(ForkingPickler.dumps(message))  # a memoryview, which a batch could not pickle
+        payload = pickled(message)
         self._waiting.append(payload)
         self._bytes += len(payload)
 
@@ -89,7 +100,7 @@ class Outbox:
     def _send(self, count: int) -> None:
         head, self._waiting = self._waiting[:count], self._waiting[count:]
         self._bytes -= sum(len(p) for p in head)
-        self.conn.send_bytes(head[0] if count == 1 else ForkingPickler.dumps(("batch", head)))
+        self.conn.send_bytes(batch(head))
         if count > 1:
             self.batches += count
 
