@@ -19,24 +19,23 @@ from engines.sampling import Logprobs, Sampler, SamplingBatch, uses_history
 from engines.scheduler import ScheduledBatch
 from engines.sequence import Sequence
 from engines.step_clock import StepClock
-from engines.transfer import to_device
+from engines.transfer import to_device, to_host
 
 
 @dataclass
 class LaunchedStep:
-    """A step whose device work is queued: ``ModelRunner.wait`` reads its tokens."""
+    """A step whose device work is queued, and the host copies of what it samples, being made behind it:
+    ``ModelRunner.wait`` reads them."""
 
     batch: ScheduledBatch
     rows: list[SampleRow]
     steps: list[int]  # tokens each row samples
-    sampled: torch.Tensor | None  # [steps, rows] on the device (None: the step samples nothing)
-    logprobs: Logprobs | None = None  # of the samples, [steps, rows, ...], when a row asked for them
-    host: torch.Tensor | None = None  # ``sampled``, being copied to host memory
-    host_logprobs: Logprobs | None = None  # ``logprobs``, likewise
+    tokens: torch.Tensor | None = None  # [steps, rows] (None: the step samples nothing)
+    logprobs: Logprobs | None = None  # of those tokens, [steps, rows, ...], when a row asked for them
     # Prompt tokens' log-probabilities the step computed, and whose: (sequence, first position, count) in order
     prompt_logprobs: Logprobs | None = None
     prompt_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
-    ready: torch.cuda.Event | None = None  # recorded after those copies (CUDA)
+    ready: torch.cuda.Event | None = None  # recorded after the copies (CUDA)
 
 
 @dataclass
@@ -140,13 +139,7 @@ def _rows(lp: Logprobs, steps: int, rows: int) -> list[list[tuple]]:
 
 
 def _logprobs_to_host(lp: Logprobs | None) -> Logprobs | None:
-    return None if lp is None else Logprobs(_to_host(lp.sampled), _to_host(lp.top_ids), _to_host(lp.top_values))
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A pinned host copy of ``t``, queued behind the stream's work (read it after the step's event)."""
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
+    return None if lp is None else Logprobs(to_host(lp.sampled), to_host(lp.top_ids), to_host(lp.top_values))
 
 
 class ModelRunner:
@@ -225,16 +218,11 @@ class ModelRunner:
             sampled, logprobs, index, prompt = self._run_mixed(batch, rows)
             steps = [1] * len(rows)
         clock.end()
-        step = LaunchedStep(batch, rows, steps, sampled, logprobs, prompt_logprobs=prompt[0], prompt_spans=prompt[1])
-        if sampled is not None or step.prompt_logprobs is not None:
-            if self.device.type == "cuda":  # copied behind the step; the host waits for these copies alone
-                step.host = None if sampled is None else _to_host(sampled)
-                step.host_logprobs = _logprobs_to_host(logprobs)
-                step.prompt_logprobs = _logprobs_to_host(step.prompt_logprobs)
-                step.ready = torch.cuda.Event()
-                step.ready.record()
-            else:
-                step.host, step.host_logprobs = sampled, logprobs
+        step = LaunchedStep(batch, rows, steps, None if sampled is None else to_host(sampled),
+                            _logprobs_to_host(logprobs), _logprobs_to_host(prompt[0]), prompt[1])
+        if self.device.type == "cuda" and (sampled is not None or prompt[0] is not None):
+            step.ready = torch.cuda.Event()
+            step.ready.record()
         if sampled is not None:
             self._last_sampled = sampled.view(-1)
             self._last_index = index
@@ -248,11 +236,11 @@ class ModelRunner:
         result = StepResult([])
         if step.prompt_logprobs is not None:
             result.prompt_logprobs = _rows(step.prompt_logprobs, 1, len(step.prompt_logprobs.sampled))[0]
-        if step.host is not None:
-            tokens = step.host.view(-1, len(step.rows)).tolist()  # [steps, rows]
+        if step.tokens is not None:
+            tokens = step.tokens.view(-1, len(step.rows)).tolist()  # [steps, rows]
             result.tokens = [[tokens[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
-            if step.host_logprobs is not None:
-                per_step = _rows(step.host_logprobs, len(tokens), len(step.rows))
+            if step.logprobs is not None:
+                per_step = _rows(step.logprobs, len(tokens), len(step.rows))
                 result.logprobs = [[per_step[j][i] for j in range(k)] for i, k in enumerate(step.steps)]
         self.clock.lap("sync")
         return result

@@ -1,4 +1,4 @@
-"""Host-to-device copies that never make the host wait for the device.
+"""Copies between host and device that never make the host wait for the device.
 
 A copy from pageable host memory may synchronize with the stream (the driver stages it
 through pinned memory), and one made without ``non_blocking`` always does. Staging through
@@ -18,3 +18,12 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a device tensor, queued behind the stream's work: read it only once an event recorded
+    after this call has completed. A CPU tensor is its own copy."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
