@@ -9,10 +9,10 @@ KV log (a sample per step, an allocation per block crossed, a step anatomy per s
 real engines hand the server. It is never in the engine list: only this module builds it,
 through the ``setup`` callable of ``EngineProcess``.
 
-Each repeat runs, interleaved, the workload offline (``harness.runner.run_workload`` in this
+Each repeat runs, interleaved, the workload offline (``harness.bench.runner.run_workload`` in this
 process) and through each server checkout given (``--server-root``; this one by default): a
 real uvicorn server on loopback in a process of its own, the engine in its child, and
-bench-serve's own client (``harness.bench_serve.Client`` and ``run_http``, KV log reads
+bench-serve's own client (``harness.bench.bench_serve.Client`` and ``run_http``, KV log reads
 included) with ``--concurrency`` closed-loop streams. It prints output tokens/s and TTFT p95 of
 each (medians over the repeats), the HTTP/offline ratios, where the engine loop's time outside
 ``step()`` went (``/kvbench/info``'s ``loop_seconds``, per step), and the CPU seconds per
@@ -140,7 +140,7 @@ class SyntheticEngine(Engine):
 
 def model_dir(preset: str) -> Path:
     """A preset's directory without weights: the synthetic engine reads only its config and tokenizer."""
-    from harness.make_model import ensure_model
+    from harness.models.make_model import ensure_model
 
     return ensure_model(preset, weights=False)
 
@@ -154,10 +154,10 @@ def synthetic_setup(preset: str, device_s: float) -> tuple[Engine, dict[str, Any
 # -- the API process (``python -m benchmarks.http_path serve``) ---------------------------------------
 def serve(port: int, preset: str, device_s: float) -> None:
     """The server as ``harness serve`` runs it (an engine process, uvicorn), over the synthetic engine."""
-    from harness.server.app import create_app
-    from harness.server.config import ServerConfig
-    from harness.server.engine_process import EngineProcess
-    from harness.server.lifecycle import make_server
+    from harness.serve.app import create_app
+    from harness.serve.config import ServerConfig
+    from harness.serve.engine_process import EngineProcess
+    from harness.serve.lifecycle import make_server
 
     loop = EngineProcess(functools.partial(synthetic_setup, preset, device_s))
     loop.start()
@@ -171,7 +171,7 @@ def serve(port: int, preset: str, device_s: float) -> None:
 def plan(num_requests: int, prompt_len: int, output_len: int, vocab_size: int):
     """The workload: fixed lengths, distinct prompts, greedy, no EOS."""
     from engines.request import SamplingParams
-    from harness.workload import PlannedRequest
+    from harness.bench.workload import PlannedRequest
 
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False)
     return [PlannedRequest(f"r{i}", [(7 * i + 13 * j) % (vocab_size - 300) + 300 for j in range(prompt_len)], params)
@@ -180,7 +180,7 @@ def plan(num_requests: int, prompt_len: int, output_len: int, vocab_size: int):
 
 def figures(record) -> dict[str, float]:
     """Output tokens/s and TTFT p95 as the harness computes them."""
-    from harness.metrics import request_table, summarize
+    from harness.bench.metrics import request_table, summarize
 
     table = request_table(record)
     row = summarize(table, record.end - record.start, None, None)
@@ -189,7 +189,7 @@ def figures(record) -> dict[str, float]:
 
 
 def run_offline(args: argparse.Namespace) -> dict[str, float]:
-    from harness.runner import run_workload
+    from harness.bench.runner import run_workload
 
     engine = SyntheticEngine(model_dir(args.preset), args.device_ms / 1e3)
     requests = plan(args.num_requests, args.prompt_len, args.output_len, engine.model_config.vocab_size)
@@ -249,7 +249,7 @@ async def run_http(base: str, api_pid: int, args: argparse.Namespace) -> dict[st
 
     from engines.detokenizer import load_tokenizer
     from engines.model.config import ModelConfig
-    from harness import bench_serve
+    from harness.bench import bench_serve
 
     async with httpx.AsyncClient(timeout=60) as http, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as streams:

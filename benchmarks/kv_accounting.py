@@ -29,8 +29,8 @@ import torch
 from engines import create_engine
 from engines.config import ContiguousConfig, PagedConfig
 from engines.request import Request, SamplingParams
-from harness.make_model import ensure_model
-from harness.stats import ratio_ci
+from harness.bench.stats import ratio_ci
+from harness.models.make_model import ensure_model
 
 
 def build_engine(kind: str, model_dir: Path, args: argparse.Namespace):

@@ -29,10 +29,9 @@ import torch
 from benchmarks.kv_accounting import build_engine, change, fill, save_rows
 from engines.request import Request, SamplingParams
 from engines.step_clock import HOST_PHASES, StepClock
-from harness.engine_keeper import freeze_heap
-from harness.make_model import ensure_model
-from harness.stats import ratio_ci
-
+from harness.bench.stats import ratio_ci
+from harness.common.engine import freeze_heap
+from harness.models.make_model import ensure_model
 
 MODES = ("on", "off", "host")  # host: the anatomy without CUDA events (its device spans as host wall clocks)
 

@@ -6,7 +6,7 @@ import sys
 
 import pandas as pd
 
-from harness.results import find_runs, runs_table
+from harness.bench.results import find_runs, runs_table
 
 runs, unfinished = find_runs(sys.argv[1:])
 table = runs_table(runs)

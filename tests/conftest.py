@@ -27,7 +27,7 @@ def _model_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model():
     """``tiny_model(preset)`` -> directory of that tiny preset, built once per session."""
-    from harness.make_model import ensure_model
+    from harness.models.make_model import ensure_model
 
     return lambda preset="tiny-qwen3": ensure_model(preset)
 
@@ -38,12 +38,11 @@ def start_server(tiny_model):
     (``.base_url``, ``.state``) serving a tiny model on a free loopback port; stopped at session end."""
     from engines import create_engine
     from engines.detokenizer import load_tokenizer
-    from harness.runner import warm_up
-    from harness.server.app import create_app
-    from harness.server.engine_loop import EngineLoop
-    from harness.server.lifecycle import ServerThread
-    from harness.server.config import ServerConfig
-    from harness.workload import regular_token_ids
+    from harness.common.engine import regular_token_ids, warm_up
+    from harness.serve.app import create_app
+    from harness.serve.config import ServerConfig
+    from harness.serve.engine_loop import EngineLoop
+    from harness.serve.lifecycle import ServerThread
 
     started = []
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.app import CONF_DIR, run_app
+from harness.bench.app import CONF_DIR, run_app
 
 ENGINE_CONFIGS = sorted(p.stem for p in (CONF_DIR / "engine").glob("*.yaml"))
 

@@ -17,7 +17,7 @@ from engines.config import ContiguousConfig, PagedConfig
 from engines.model.loader import load_model
 from engines.model.reference import forward_once, greedy_generate
 from engines.request import Request, SamplingParams
-from harness.make_model import ensure_model
+from harness.models.make_model import ensure_model
 
 pytestmark = pytest.mark.gpu
 

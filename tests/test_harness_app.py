@@ -16,11 +16,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness import app, sweep
-from harness.app import CONF_DIR, engine_config, run_app
+from harness.bench import app, sweep
+from harness.bench.app import CONF_DIR, engine_config, run_app
+from harness.bench.results import find_runs, write_run
+from harness.bench.resume import job_number
 from harness.cli import main as cli_main
-from harness.resume import job_number
-from harness.results import find_runs, write_run
 
 SMOKE = ["+experiment=smoke", "workload.num_requests=4", "workload.output.value=4"]
 # prompt lengths drawn from the seed: equal for every engine within a repeat, different between repeats
@@ -231,8 +231,9 @@ def test_a_single_run_with_repeats_becomes_a_sweep_of_its_repeats(in_process):
 
 
 def test_resume_reruns_failed_runs_and_refuses_runs_of_another_config(in_process, monkeypatch, capsys):
-    import engines.hf
     from hydra.core.hydra_config import HydraConfig
+
+    import engines.hf
 
     step = engines.hf.HFEngine._step
 
@@ -265,16 +266,16 @@ def test_resume_reruns_failed_runs_and_refuses_runs_of_another_config(in_process
 # A stand-in for the killed sweeps: the second run (and any after it) waits while the file `hold` exists.
 HOLD_AFTER_THE_FIRST_RUN = (
     "import os, time\n"
-    "import harness.job\n"
+    "import harness.bench.job\n"
     "from hydra.core.hydra_config import HydraConfig\n"
-    "warm_up = harness.job.warm_up\n"
+    "warm_up = harness.bench.job.warm_up\n"
     "def held(*args, **kwargs):\n"
     "    if HydraConfig.get().job.num >= 1:\n"
     "        open('holding', 'w').close()\n"
     "    while os.path.exists('hold') and HydraConfig.get().job.num >= 1:\n"
     "        time.sleep(0.05)\n"
     "    return warm_up(*args, **kwargs)\n"
-    "harness.job.warm_up = held\n")
+    "harness.bench.job.warm_up = held\n")
 
 
 def _wait_for(condition, what: str, timeout: float = 240) -> None:

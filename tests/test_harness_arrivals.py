@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.arrivals import arrival_offsets
-from harness.schema import ArrivalSpec, UserError
+from harness.bench.arrivals import arrival_offsets
+from harness.bench.schema import ArrivalSpec
+from harness.common.errors import UserError
 
 N = 20_000
 

@@ -9,11 +9,18 @@ import pandas as pd
 import pytest
 
 from engines.kv.accounting import KVLog
-from harness.metrics import (
-    REQUEST_COLUMNS, delivery_times, goodput_requests, inter_token_latencies, latency_stats, request_outcomes, request_table,
-    summarize, tpot,
+from harness.bench.metrics import (
+    REQUEST_COLUMNS,
+    delivery_times,
+    goodput_requests,
+    inter_token_latencies,
+    latency_stats,
+    request_outcomes,
+    request_table,
+    summarize,
+    tpot,
 )
-from harness.runner import RunRecord, SampleRecord
+from harness.bench.runner import RunRecord, SampleRecord
 
 START = 10.0  # the run's clock does not start at 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 
-from harness.progress import CLEAR, Console, SweepProgress, duration
+from harness.bench.progress import CLEAR, Console, SweepProgress, duration
 
 
 class Terminal(io.StringIO):

@@ -1,5 +1,5 @@
 """The report: helpers on tables, and report.md of a synthetic sweep with 3 repeats per point, built on disk
-with harness.results.write_run (hand-computable medians, intervals and ratios)."""
+with harness.bench.results.write_run (hand-computable medians, intervals and ratios)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.report import (METHODOLOGY, REPO, methodology_link, name_series, normalize, paging_ratios,
-                            paging_statement, sweep_axis, write_report)
-from harness.results import write_run
+from harness.bench.report import (
+    METHODOLOGY,
+    REPO,
+    methodology_link,
+    name_series,
+    normalize,
+    paging_ratios,
+    paging_statement,
+    sweep_axis,
+    write_report,
+)
+from harness.bench.results import write_run
 
 CONCURRENCY = "param.arrival.concurrency"
 # output tokens/s per (engine label, concurrency), one value per repeat; None: that repeat failed
@@ -271,7 +280,7 @@ def test_runs_kept_without_their_request_and_step_tables_report_without_those_fi
 
 
 def test_runs_skipped_as_saturated_are_named_in_one_line_and_other_misses_each():
-    from harness.report import missing_runs
+    from harness.bench.report import missing_runs
 
     table = pd.DataFrame({"engine_label": ["paged", "paged", "contiguous"], "status": ["skipped", "skipped", "failed"],
                           "reason": ["saturated: at arrival.rate=2 ...", "saturated: at arrival.rate=4 ...", OOM],
@@ -284,7 +293,7 @@ def test_runs_skipped_as_saturated_are_named_in_one_line_and_other_misses_each()
 def test_a_boolean_override_varying_within_a_series_joins_its_label():
     """``engine.async_scheduling=true,false`` under one engine: two series, named by the setting (a boolean
     column, arrow-backed as the run table reads it, must not be added to a string as a boolean)."""
-    from harness.report import fold_params
+    from harness.bench.report import fold_params
 
     table = pd.DataFrame({"engine_label": ["paged", "paged", "contiguous"],
                           "param.engine.async_scheduling": pd.array([True, False, True], dtype="bool[pyarrow]")})

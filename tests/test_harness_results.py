@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from harness.results import METADATA, find_runs, write_run
+from harness.bench.results import METADATA, find_runs, write_run
 
 ROW = {"engine": "paged", "output_tok_s": 1.0}
 REQUESTS = pd.DataFrame({"request_id": ["a", "b"], "output_tokens": [4, 4], "token_times_s": [[0.1] * 4, [0.2] * 4]})

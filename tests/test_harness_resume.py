@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.resume import check_sweep, differences, output_dir, reusable
-from harness.results import write_run
-from harness.schema import UserError
+from harness.bench.results import write_run
+from harness.bench.resume import check_sweep, differences, output_dir, reusable
+from harness.common.errors import UserError
 
 CONFIG = {"seed": 0, "repeat": 1, "repeats": 3, "resume": False, "engine": {"name": "paged", "block_size": 16},
           "workload": {"num_requests": 8, "prompt": {"value": 128}}}

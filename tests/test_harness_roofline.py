@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from engines.model.config import ModelConfig
-from harness.presets import get_preset
-from harness.roofline import decode_kv_bytes, floor_time, min_decode_steps, prefill_flops, roofline
+from harness.bench.roofline import (
+    decode_kv_bytes,
+    floor_time,
+    min_decode_steps,
+    prefill_flops,
+    roofline,
+)
+from harness.models.presets import get_preset
 
 
 def test_floor_time_formula():

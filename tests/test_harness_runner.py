@@ -10,9 +10,9 @@ import pytest
 from engines.base import KVStats
 from engines.kv.accounting import KVLog
 from engines.request import FinishReason, Request, RequestOutput, SamplingParams
-from harness.metrics import request_table
-from harness.runner import run_workload
-from harness.workload import PlannedRequest
+from harness.bench.metrics import request_table
+from harness.bench.runner import run_workload
+from harness.bench.workload import PlannedRequest
 
 
 class Clock:

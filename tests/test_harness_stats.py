@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from harness.stats import Estimate, median_ci, ratio_ci
+from harness.bench.stats import Estimate, median_ci, ratio_ci
 
 
 def test_three_repeats_give_their_median_and_their_range():

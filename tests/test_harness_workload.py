@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from engines.detokenizer import load_tokenizer
-from harness.schema import DatasetSpec, LengthDist, PrefixSpec, UserError, WorkloadSpec
-from harness.workload import build_workload, clipped_lognormal_mean, draw_lengths, lognormal_mu, regular_token_ids
+from harness.bench.schema import DatasetSpec, LengthDist, PrefixSpec, WorkloadSpec
+from harness.bench.workload import (
+    build_workload,
+    clipped_lognormal_mean,
+    draw_lengths,
+    lognormal_mu,
+)
+from harness.common.engine import regular_token_ids
+from harness.common.errors import UserError
 
 
 @pytest.fixture(scope="module")

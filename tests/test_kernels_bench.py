@@ -6,20 +6,28 @@ The figures the targets name come from ``python -m kernels.bench``, not from the
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
+from kernels import bench, reference
 from kernels import device_peaks as peaks_mod
-from kernels import reference
-import csv
-import dataclasses
-import math
-
-from kernels import bench
-from kernels.bench import (CsvLog, LayerShape, Row, causal_flops, interleaved, kv_bytes, layer_problems, median_us,
-                           parse_args, summary)
+from kernels.bench import (
+    CsvLog,
+    LayerShape,
+    Row,
+    causal_flops,
+    interleaved,
+    kv_bytes,
+    layer_problems,
+    median_us,
+    parse_args,
+    summary,
+)
 from kernels.device_peaks import DevicePeaks
 
 
@@ -171,7 +179,7 @@ def test_csv_keeps_passes_and_their_count(tmp_path):
 
 @pytest.fixture
 def decode_problem():
-    from kernels.bench import Cache, HEAD_DIM, HEADS
+    from kernels.bench import HEAD_DIM, HEADS, Cache
 
     cache = Cache(64, 4096, torch.bfloat16, torch.device("cuda"))
     q = torch.randn(64, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
@@ -197,7 +205,7 @@ def test_bench_decode(benchmark, decode_problem, block_size):
 @pytest.mark.gpu
 def test_bench_prefill(benchmark):
     from kernels import triton_ops
-    from kernels.bench import Cache, HEAD_DIM, HEADS
+    from kernels.bench import HEAD_DIM, HEADS, Cache
 
     cache = Cache(1, 4096, torch.bfloat16, torch.device("cuda"))
     q = torch.randn(4096, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")

@@ -24,10 +24,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRETED:
     import numpy as np
     import triton.language as tl
+    from test_kernels_triton import assert_close_ulps, assert_rotary_close
     from triton.runtime import interpreter
 
     from kernels import reference, triton_decode, triton_ops
-    from test_kernels_triton import assert_close_ulps, assert_rotary_close
 
     _patch_lang_tensor = interpreter._patch_lang_tensor
 

@@ -196,9 +196,8 @@ def test_max_num_seqs_is_a_hard_cap_with_parallel_samples(tiny_model, preemption
 def test_the_server_feed_hands_out_what_came_after_a_cursor_and_says_what_it_dropped():
     from engines.base import KVStats
     from engines.kv.accounting import KVLog
-    from harness.server.kv_feed import KVFeed, log_from_reply
-
     from engines.step_clock import StepTimes
+    from harness.serve.kv_feed import KVFeed, log_from_reply
 
     feed = KVFeed(max_items=3)
     stats = KVStats(10, 1, 2, 8, 8)

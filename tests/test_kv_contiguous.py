@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kv_sim import compute, seq
 
 from engines.detokenizer import SampleStream
 from engines.kv.contiguous_manager import ContiguousKVManager
 from engines.sequence import Sequence
-from kv_sim import compute, seq
 
 
 def manager(capacity: int, reservation: str = "oracle", max_model_len: int = 1024, allocator: str = "first_fit"):

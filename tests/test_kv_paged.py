@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kv_sim import compute, seq
 
 from engines.detokenizer import SampleStream
 from engines.kv.block_manager import BlockTableArray, PagedKVManager
 from engines.sequence import Sequence
-from kv_sim import compute, seq
 
 A = list(range(100, 114))  # 14 tokens: blocks of 4 -> [100..103] [104..107] [108..111] [112 113]
 

@@ -11,9 +11,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from engines.model.config import ModelConfig
-from harness.make_model import ensure_model, make_model
-from harness.presets import PRESETS, get_preset
-from harness.tokenizer_builder import build_tokenizer
+from harness.models.make_model import ensure_model, make_model
+from harness.models.presets import PRESETS, get_preset
+from harness.models.tokenizer_builder import build_tokenizer
 
 # Parameter counts of the real models these presets copy.
 REAL_SIZES = {"qwen3-0.6b": 0.596e9, "llama-3.2-1b": 1.236e9, "llama-3.1-8b": 8.03e9, "mistral-7b": 7.248e9,

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from engines.model.config import ModelConfig
-from harness.app import run_app
-from harness.presets import get_preset
-from harness.roofline import roofline
+from harness.bench.app import run_app
+from harness.bench.roofline import roofline
+from harness.models.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "methodology.md"

@@ -15,7 +15,7 @@ from engines.kv.metadata import StepSequence, build_metadata
 from engines.model.config import ModelLoadError
 from engines.model.loader import load_model
 from engines.model.reference import greedy_generate
-from harness.make_model import make_model
+from harness.models.make_model import make_model
 
 FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 

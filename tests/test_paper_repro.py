@@ -15,16 +15,17 @@ import pytest
 
 from engines.base import KVStats
 from engines.kv.accounting import KVLog
-from harness.arrivals import timed_plan
-from harness.engine_keeper import EngineKeeper
-from harness.kv_breakdown import step_counts
-from harness.metrics import request_table, summarize
-from harness.paper import PAPER_FIG2, SYSTEMS, paper_runs, section, system_of
-from harness.results import write_run
-from harness.runner import RunRecord, SampleRecord
-from harness.saturation import saturated
-from harness.schema import ArrivalSpec, LengthDist, SaturationSpec, UserError, WorkloadSpec
-from harness.sustain import crossing, sustainable_rates, unloaded_latency
+from harness.bench.arrivals import timed_plan
+from harness.bench.engine_keeper import EngineKeeper
+from harness.bench.kv_breakdown import step_counts
+from harness.bench.metrics import request_table, summarize
+from harness.bench.paper import PAPER_FIG2, SYSTEMS, paper_runs, section, system_of
+from harness.bench.results import write_run
+from harness.bench.runner import RunRecord, SampleRecord
+from harness.bench.saturation import saturated
+from harness.bench.schema import ArrivalSpec, LengthDist, SaturationSpec, WorkloadSpec
+from harness.bench.sustain import crossing, sustainable_rates, unloaded_latency
+from harness.common.errors import UserError
 
 
 def curve(points: list[tuple[float, float | None]], repeat: int = 0, system: str = "vLLM") -> pd.DataFrame:

@@ -12,9 +12,10 @@ from engines import create_engine
 from engines.config import HFConfig, HFPagedConfig
 from engines.model.config import ModelLoadError
 from engines.model.loader import load_model
-from harness.app import run_app
-from harness.make_model import ensure_model, make_model
-from harness.schema import ModelSpec, UserError
+from harness.bench.app import run_app
+from harness.common.errors import UserError
+from harness.common.schema import ModelSpec
+from harness.models.make_model import ensure_model, make_model
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kv_sim import Sim, seq
 
 from engines.kv.block_manager import PagedKVManager
 from engines.kv.contiguous_manager import ContiguousKVManager
 from engines.scheduler import Scheduler
 from engines.sequence import SeqStatus
-from kv_sim import Sim, seq
 
 
 def paged(num_blocks: int = 64, block_size: int = 4, host: int = 0, caching: bool = False) -> PagedKVManager:

@@ -9,7 +9,7 @@ import pytest
 
 from engines.config import ContiguousConfig, PagedConfig
 from engines.detokenizer import load_tokenizer
-from harness.server.config import ServerConfig
+from harness.serve.config import ServerConfig
 
 MAX_LEN = 512
 PROMPT_IDS = [11, 250, 37, 801, 64, 5, 999, 123, 77, 42, 300, 19]

@@ -10,8 +10,12 @@ import pytest
 
 from engines.config import PagedConfig
 from harness import cli
-from harness.bench_serve import compose_bench_config, kv_from_metrics, override_params
-from harness.server.config import ServerConfig
+from harness.bench.bench_serve import (
+    compose_bench_config,
+    kv_from_metrics,
+    override_params,
+)
+from harness.serve.config import ServerConfig
 
 ENGINE = dict(num_kv_slots=16384, max_model_len=512)
 OVERRIDES = ["+experiment=smoke", "workload.num_requests=6", "arrival.concurrency=3"]
@@ -35,8 +39,8 @@ def http_run(server, tmp_path_factory):
 def offline_run(tiny_model, tmp_path_factory):
     from omegaconf import OmegaConf
 
-    from harness.job import JobSpec, execute
-    from harness.report import write_report
+    from harness.bench.job import JobSpec, execute
+    from harness.bench.report import write_report
 
     cfg = compose_bench_config(OVERRIDES)
     typed = {name: OmegaConf.to_object(cfg[name]) for name in ("model", "workload", "arrival", "slo")}
@@ -177,9 +181,9 @@ def stray_kvbench(tiny_model):
     from starlette.middleware.base import BaseHTTPMiddleware
 
     from engines import create_engine
-    from harness.server.app import create_app
-    from harness.server.engine_loop import EngineLoop
-    from harness.server.lifecycle import ServerThread
+    from harness.serve.app import create_app
+    from harness.serve.engine_loop import EngineLoop
+    from harness.serve.lifecycle import ServerThread
 
     servers = {}
     for mode in ("all", "log"):
@@ -244,9 +248,9 @@ def strings_only(tiny_model):
     from starlette.middleware.base import BaseHTTPMiddleware
 
     from engines import create_engine
-    from harness.server.app import create_app
-    from harness.server.engine_loop import EngineLoop
-    from harness.server.lifecycle import ServerThread
+    from harness.serve.app import create_app
+    from harness.serve.engine_loop import EngineLoop
+    from harness.serve.lifecycle import ServerThread
 
     model_dir = tiny_model("tiny-qwen3")
     app = create_app(EngineLoop(create_engine(model_dir, PagedConfig(**ENGINE))), model_dir=model_dir,

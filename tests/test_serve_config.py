@@ -6,7 +6,7 @@ import pytest
 
 from engines.config import ContiguousConfig, PagedConfig
 from harness import cli
-from harness.serve import load
+from harness.serve.cli import load
 
 
 def test_defaults_are_paged_on_loopback():

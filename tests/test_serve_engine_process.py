@@ -22,8 +22,8 @@ import pytest
 
 from engines.config import PagedConfig
 from engines.request import FinishReason, Request, RequestOutput, SamplingParams
-from harness.server.config import compose_serve_config, resolve
-from harness.server.lifecycle import ServerThread
+from harness.serve.config import compose_serve_config, resolve
+from harness.serve.lifecycle import ServerThread
 
 MAX_LEN = 512
 PROMPT = [11, 42, 7, 99, 5, 23, 64, 8]
@@ -55,7 +55,7 @@ def serve_config(*overrides: str):
 
 
 def start_process_server(*overrides: str) -> ServerThread:
-    from harness.serve import make_app, start_engine
+    from harness.serve.cli import make_app, start_engine
 
     resolved = serve_config(*overrides)
     assert resolved.server.engine_process  # the default
@@ -204,8 +204,8 @@ def test_a_server_killed_outright_takes_its_engine_process_along(tiny_model):
 def test_an_engine_process_stops_cleanly_without_a_server(tiny_model):
     import functools
 
-    from harness.serve import open_engine
-    from harness.server.engine_process import EngineProcess
+    from harness.serve.cli import open_engine
+    from harness.serve.engine_process import EngineProcess
 
     tiny_model("tiny-qwen3")
     loop = EngineProcess(functools.partial(open_engine, serve_config()))
@@ -220,7 +220,7 @@ def test_an_engine_process_stops_cleanly_without_a_server(tiny_model):
 
 def slow_engine(resolved, seconds: float):
     """``open_engine`` with a pause before every step (runs in the engine process)."""
-    from harness.serve import open_engine
+    from harness.serve.cli import open_engine
 
     engine, extra = open_engine(resolved)
     step = engine.step
@@ -239,7 +239,7 @@ def test_a_burst_of_adds_larger_than_the_pipe_waits_for_a_busy_engine(tiny_model
 
     import uvloop
 
-    from harness.server.engine_process import EngineProcess
+    from harness.serve.engine_process import EngineProcess
 
     tiny_model("tiny-qwen3")
     loop = EngineProcess(functools.partial(slow_engine, serve_config("engine.max_model_len=1024", "engine.num_kv_slots=65536"), 0.1))
@@ -317,7 +317,7 @@ def test_followed_by_joins_two_outputs_of_a_sample():
 
 
 def test_a_stream_that_fell_behind_reads_one_merged_output_per_sample():
-    from harness.server.serving import _Generation
+    from harness.serve.serving import _Generation
 
     async def run():
         gen = _Generation(serving=None, base_id="g", prompts=[[1, 2]], n=2)  # type: ignore[arg-type]
@@ -342,7 +342,7 @@ def test_a_stream_that_fell_behind_reads_one_merged_output_per_sample():
 
 
 def test_a_stream_that_keeps_up_reads_every_step():
-    from harness.server.serving import _Generation
+    from harness.serve.serving import _Generation
 
     async def run():
         gen = _Generation(serving=None, base_id="g", prompts=[[1]], n=1)  # type: ignore[arg-type]

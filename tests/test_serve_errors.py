@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from engines.config import ContiguousConfig, PagedConfig
-from harness.server.config import ServerConfig
+from harness.serve.config import ServerConfig
 
 MAX_LEN = 256
 OK = {"prompt": [5, 6, 7, 8], "max_tokens": 2}
@@ -272,7 +272,7 @@ def test_dead_engine_loop_gives_503_and_health_503(start_server):
 
 def test_the_port_is_loopback_only(server):
     """The default bind address is 127.0.0.1."""
-    from harness.server.config import ServerConfig
+    from harness.serve.config import ServerConfig
 
     assert ServerConfig().host == "127.0.0.1"
     assert server.host == "127.0.0.1"

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines.config import PagedConfig
-from harness.server.config import ServerConfig
+from harness.serve.config import ServerConfig
 
 
 def metrics(client: httpx.Client) -> dict[str, float]:

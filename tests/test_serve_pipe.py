@@ -14,8 +14,8 @@ import threading
 import time
 
 from engines.request import FinishReason, RequestOutput
-from harness.server.engine_process import EngineProcess, pack_outputs, unpack_outputs
-from harness.server.pipe import Outbox, enlarge, room, unbatch
+from harness.serve.engine_process import EngineProcess, pack_outputs, unpack_outputs
+from harness.serve.pipe import Outbox, enlarge, room, unbatch
 
 
 def read_all(conn, count: int, pause_s: float = 0.0) -> list:

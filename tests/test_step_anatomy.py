@@ -16,7 +16,7 @@ from engines.config import ContiguousConfig, PagedConfig
 from engines.kv.accounting import KVLog
 from engines.request import Request, SamplingParams
 from engines.step_clock import HOST_PHASES, StepClock, StepTimes
-from harness.step_anatomy import RUN_COLUMNS, TIME_COLUMNS, summarize, with_times
+from harness.bench.step_anatomy import RUN_COLUMNS, TIME_COLUMNS, summarize, with_times
 
 
 class _SlowKV:
@@ -125,7 +125,7 @@ def test_run_figures_by_hand():
 
 @pytest.mark.gpu
 def test_on_a_gpu_events_time_every_step_including_chunks_that_sync_nothing():
-    from harness.make_model import ensure_model
+    from harness.models.make_model import ensure_model
 
     cfg = PagedConfig(max_num_batched_tokens=256, max_num_seqs=8, gpu_memory_utilization=0.3)
     engine = create_engine(ensure_model("qwen3-0.6b"), cfg)
@@ -148,7 +148,7 @@ def test_on_a_gpu_a_step_syncs_the_host_once_to_return_its_tokens(kind):
     step is the one that brings the sampled tokens back (torch's sync debug mode reports every other)."""
     import warnings
 
-    from harness.make_model import ensure_model
+    from harness.models.make_model import ensure_model
 
     cfg = (PagedConfig if kind == "paged" else ContiguousConfig)(
         max_num_batched_tokens=512, max_num_seqs=16, cuda_graph_max_batch=8, gpu_memory_utilization=0.3)
@@ -176,7 +176,7 @@ def test_on_a_gpu_a_step_syncs_the_host_once_to_return_its_tokens(kind):
 def test_on_a_gpu_the_warm_up_leaves_the_allocator_ready_for_a_full_budget_step():
     """A first cudaMalloc mid-run syncs the host (and lands on whichever engine runs first in a process): the
     warm-up runs a step as large as the token budget, so a run's largest step allocates no new device memory."""
-    from harness.make_model import ensure_model
+    from harness.models.make_model import ensure_model
 
     cfg = PagedConfig(max_num_batched_tokens=4096, max_model_len=1024, max_num_seqs=32, gpu_memory_utilization=0.5)
     engine = create_engine(ensure_model("qwen3-0.6b"), cfg)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from harness.vllm_result import vllm_result
+from harness.bench.vllm_result import vllm_result
 
 REQUESTS = pd.DataFrame({
     "prompt_tokens": [10, 20, 30], "output_tokens": [3, 4, 0],

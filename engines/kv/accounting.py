@@ -7,7 +7,7 @@ so recording costs every engine the same few operations per step and per allocat
 whatever the number of running sequences or cached blocks (issue 11, point 5).
 
 What the log holds is raw data, turned into the vLLM paper's breakdown by
-``harness.kv_breakdown``: one ``KVStats`` per step, and one ``Allocation`` per change of
+``harness.bench.kv_breakdown``: one ``KVStats`` per step, and one ``Allocation`` per change of
 a sequence's allocation, which is what splits its unfilled slots into reservation and
 internal fragmentation once its final length is known.
 """
