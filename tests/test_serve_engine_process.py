@@ -317,10 +317,10 @@ def test_followed_by_joins_two_outputs_of_a_sample():
 
 
 def test_a_stream_that_fell_behind_reads_one_merged_output_per_sample():
-    from harness.serve.serving import _Generation
+    from harness.serve.serving import Generation
 
     async def run():
-        gen = _Generation(serving=None, base_id="g", prompts=[[1, 2]], n=2)  # type: ignore[arg-type]
+        gen = Generation(serving=None, base_id="g", prompts=[[1, 2]], n=2)  # type: ignore[arg-type]
         rid = gen.ids[0]
         for step in ([out(rid, 0, [5], "x"), out(rid, 1, [6], "y")],
                      [out(rid, 0, [7], "z")],
@@ -342,10 +342,10 @@ def test_a_stream_that_fell_behind_reads_one_merged_output_per_sample():
 
 
 def test_a_stream_that_keeps_up_reads_every_step():
-    from harness.serve.serving import _Generation
+    from harness.serve.serving import Generation
 
     async def run():
-        gen = _Generation(serving=None, base_id="g", prompts=[[1]], n=1)  # type: ignore[arg-type]
+        gen = Generation(serving=None, base_id="g", prompts=[[1]], n=1)  # type: ignore[arg-type]
         rid = gen.ids[0]
 
         async def produce():

@@ -13,8 +13,22 @@ import multiprocessing
 import threading
 import time
 
-from engines.request import FinishReason, RequestOutput
-from harness.serve.engine_process import EngineProcess, pack_outputs, unpack_outputs
+from engines.request import FinishReason, Request, RequestError, RequestOutput
+from harness.serve.engine_loop import EngineDead, StepInfo
+from harness.serve.engine_process import EngineProcess
+from harness.serve.messages import (
+    AbortAll,
+    AbortRequest,
+    Added,
+    AddRequest,
+    Dead,
+    Ended,
+    Step,
+    Stop,
+    Stopped,
+    pack_outputs,
+    unpack_outputs,
+)
 from harness.serve.pipe import Outbox, enlarge, room, unbatch
 
 
@@ -87,24 +101,39 @@ def test_outputs_cross_the_pipe_as_tuples_and_come_back_the_same():
     assert unpack_outputs(packed) == grouped and list(unpack_outputs(packed)) == ["a", "b"]
 
 
+def test_messages_survive_the_pipe_and_a_refused_add_comes_back_as_its_exception_class():
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    outbox = Outbox(writer)
+    sent = [AddRequest(Request("a", [1, 2])), AbortRequest("a"), AbortAll(), Stop(),
+            Step(StepInfo(1, 1, 0.01), pack_outputs({"a": [RequestOutput("a", 0, [5], [1.0])]}), None, None, (0.5,)),
+            Ended("a", FinishReason.ABORT), Dead("boom"), Stopped(None)]
+    for message in sent:
+        outbox.put(message)
+    outbox.flush(block=True)
+    assert read_all(reader, len(sent)) == sent  # one Batch, taken apart in order
+    refusals = [Added.refused("a", e) for e in (RequestError("bad"), EngineDead("gone"), KeyError("bug"))]
+    assert [type(a.exception()) for a in refusals] == [RequestError, EngineDead, RuntimeError]
+    assert str(refusals[0].exception()) == "bad" and Added("a").exception() is None
+
+
 def test_commands_go_at_once_when_they_fit_and_queue_in_order_when_not():
     proc = EngineProcess(setup=lambda: None)  # never started: its pipes and writer alone
     child_end = proc._child_commands
-    proc._send(("add", "first"))
-    assert proc._queued == 0 and list(unbatch(child_end.recv())) == [("add", "first")]  # written at once
-    big = ("add", "x" * (proc._command_capacity + 1))  # cannot fit: the writer thread's job
+    proc._send(AbortRequest("first"))
+    assert proc._queued == 0 and list(unbatch(child_end.recv())) == [AbortRequest("first")]  # written at once
+    big = AddRequest(Request("big", [1], prompt="x" * (proc._command_capacity + 1)))  # cannot fit: the writer thread's job
     proc._send(big)
-    proc._send(("abort", "second"))  # fits, but must not overtake the queued one
+    proc._send(AbortRequest("second"))  # fits, but must not overtake the queued one
     assert proc._queued == 2
     writer = threading.Thread(target=proc._write, daemon=True)
     writer.start()
     got = read_all(child_end, 2)
-    assert got == [big, ("abort", "second")]
+    assert got == [big, AbortRequest("second")]
     deadline = time.monotonic() + 5
     while proc._queued and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc._send(("abort", "third"))  # the backlog is gone: at once again
-    assert proc._queued == 0 and list(unbatch(child_end.recv())) == [("abort", "third")]
+    proc._send(AbortRequest("third"))  # the backlog is gone: at once again
+    assert proc._queued == 0 and list(unbatch(child_end.recv())) == [AbortRequest("third")]
     proc._outbox.put(None)
     writer.join(5)
 

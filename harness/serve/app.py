@@ -42,6 +42,8 @@ from engines.base import Engine
 from engines.detokenizer import load_tokenizer
 from engines.request import RequestError
 from harness.serve.chat import ChatTemplate
+from harness.serve.chat_completions import create_chat_completion
+from harness.serve.completions import create_completion
 from harness.serve.config import ServerConfig
 from harness.serve.engine_loop import EngineLoop
 from harness.serve.engine_process import EngineProcess
@@ -247,7 +249,7 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
             authorize(request)
             rid = request_id(request)
             body = await parse(request, model)
-            return answer(await handler(body, request, arrival, rid), rid)
+            return answer(await handler(serving, body, request, arrival, rid), rid)
         except (APIError, ClientGone):
             raise
         except RequestError as e:
@@ -258,11 +260,11 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Any:
-        return await generate(request, CompletionRequest, serving.completions)
+        return await generate(request, CompletionRequest, create_completion)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Any:
-        return await generate(request, ChatCompletionRequest, serving.chat)
+        return await generate(request, ChatCompletionRequest, create_chat_completion)
 
     async def utility(request: HTTPRequest, model: Any, handler: Callable[[Any], pydantic.BaseModel]) -> JSONResponse:
         authorize(request)

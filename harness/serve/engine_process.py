@@ -5,10 +5,10 @@ With the engine on a thread of the server process (``EngineLoop``), every step's
 take turns on one interpreter lock, and under load each slows the other down. vLLM's v1
 engine core runs in its own process for the same reason. ``EngineProcess`` does that here:
 
-- the child builds the engine (model load, KV sizing, warm-up) from a picklable ``setup``
-  callable, then runs the very same ``EngineLoop`` on it, and forwards what the loop says
-  (KV snapshots, each step's outputs with its ``StepInfo``, requests that ended early) to the
-  parent over a pipe, in order;
+- the child (harness.serve.engine_worker) builds the engine (model load, KV sizing, warm-up)
+  from a picklable ``setup`` callable, then runs the very same ``EngineLoop`` on it, and
+  forwards what the loop says (KV snapshots, each step's outputs with its ``StepInfo``,
+  requests that ended early) to the parent over a pipe, in order;
 - the parent keeps the ``EngineLoop`` interface (``add``, ``abort``, ``abort_all``, ``stop``,
   ``snapshot``, ``alive``, ...), so the app does not know which one it has. Once ``attach``ed
   to the server's event loop, it reads the pipe there, whenever it is readable, and calls
@@ -16,45 +16,39 @@ engine core runs in its own process for the same reason. ``EngineProcess`` does 
   to read a message (a reader thread did, up to a switch interval per message, and the
   child's sends then blocked on a full pipe, stalling the engine).
 
-Neither side waits on the other's reading (harness.serve.pipe). The child writes only when
+What crosses the pipes is one dataclass per message kind (harness.serve.messages), and
+neither side waits on the other's reading (harness.serve.pipe). The child writes only when
 the pipe has room; what the parent has not read yet waits in its outbox and goes later, with
 what came since, as one batch (when idle, it writes everything). The parent writes a command
 at once when it fits, and hands it to a writer thread otherwise (and while that one holds
 others, to keep their order); a burst of adds then reaches the engine at its next step, instead
 of one writer-thread wake-up at a time (each waits for the interpreter lock from the busy
-event loop). Step outputs cross as tuples (``pack_outputs``): half the pickling of dataclasses.
-The child's loop times itself (``loop_seconds``, harness.serve.engine_loop.LOOP_PHASES) and
-sends the totals with every step; ``/kvbench/info`` shows them.
+event loop). Every step message carries the child loop's own timings (``loop_seconds``,
+harness.serve.engine_loop.LOOP_PHASES); ``/kvbench/info`` shows them.
 
 If the child dies (a crash, the OOM killer), every open request gets a final ERROR output
-and the server answers 503, as when ``step()`` raises. The child ignores SIGINT and SIGTERM
-(a Ctrl-C reaches the whole process group): the parent decides when it stops, and a child
-whose parent is gone sees the pipe close and exits.
+and the server answers 503, as when ``step()`` raises. Only the parent stops the child: it
+ignores SIGINT and SIGTERM, and exits when the parent is gone (harness.serve.engine_worker).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import multiprocessing
-import operator
 import os
 import queue
-import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
-from engines.base import Engine, KVStats
-from engines.kv.accounting import KVLog
+from engines.base import KVStats
 from engines.request import FinishReason, Request, RequestError, RequestOutput
 from harness.serve.engine_loop import (
     LOOP_PHASES,
     EngineDead,
     EngineInfo,
-    EngineLoop,
     LoopObserver,
     OpenRequest,
     OutputsCallback,
@@ -62,13 +56,28 @@ from harness.serve.engine_loop import (
     StepInfo,
     notify,
 )
+from harness.serve.engine_worker import EngineSetup, worker_main
 from harness.serve.kv_feed import KVFeed
-from harness.serve.pipe import HEADER, Outbox, batch, enlarge, pickled, room, unbatch
+from harness.serve.messages import (
+    AbortAll,
+    AbortRequest,
+    Added,
+    AddRequest,
+    Command,
+    Dead,
+    Ended,
+    Event,
+    KVSnapshot,
+    Outputs,
+    StartFailed,
+    Step,
+    Stop,
+    Stopped,
+    unpack_outputs,
+)
+from harness.serve.pipe import HEADER, batch, enlarge, pickled, room, unbatch
 
 log = logging.getLogger(__name__)
-
-# setup() runs in the child: it returns the engine, ready to serve, and facts to hand the parent
-EngineSetup = Callable[[], tuple[Engine, dict[str, Any]]]
 
 
 class EngineStartError(RuntimeError):
@@ -80,6 +89,8 @@ class EngineStartError(RuntimeError):
 
 
 class EngineProcess:
+    """The ``EngineLoop`` interface, over an engine loop in a child process (see the module's docstring)."""
+
     def __init__(self, setup: EngineSetup, on_outputs: OutputsCallback | None = None, *, max_queue: int = 1024,
                  observer: LoopObserver | None = None, startup_timeout_s: float = 1800.0) -> None:
         self.setup = setup
@@ -119,7 +130,7 @@ class EngineProcess:
         """Start the child and wait until its engine is ready (once; later calls do nothing)."""
         if self._process is not None:
             return
-        self._process = self._context.Process(target=_child_main, name="kvbench-engine", daemon=True,
+        self._process = self._context.Process(target=worker_main, name="kvbench-engine", daemon=True,
                                               args=(self.setup, self._child_commands, self._child_events))
         self._process.start()
         self._child_commands.close()  # the child holds these ends now: EOF then means the other side is gone
@@ -133,10 +144,10 @@ class EngineProcess:
             self._process.join(5)
             raise EngineStartError(f"the engine process exited while starting (exit code {self._process.exitcode})",
                                    False) from None
-        if message[0] == "failed":
+        if isinstance(message, StartFailed):
             self._process.join(30)
-            raise EngineStartError(message[1], message[2])
-        _, self.info, self.extra, self.snapshot = message
+            raise EngineStartError(message.message, message.user_error)
+        self.info, self.extra, self.snapshot = message.info, message.extra, message.snapshot
         self._writer = threading.Thread(target=self._write, name="engine-process-writer", daemon=True)
         self._writer.start()
 
@@ -161,7 +172,7 @@ class EngineProcess:
         self._stopping.set()
         if self._process is None:
             return
-        self._send(("stop",))
+        self._send(Stop())
         self._outbox.put(None)  # the writer's last item
         wait = None if timeout is None else timeout + 10
         if self._aio is not None and self._aio.is_running() and not _on_loop(self._aio):
@@ -199,17 +210,17 @@ class EngineProcess:
                 return future
             self._pending[rid] = future
             self._open[rid] = OpenRequest(request, set(range(request.sampling_params.n)))
-        self._send(("add", request))  # if the child is gone, the reader fails this future
+        self._send(AddRequest(request))  # if the child is gone, the reader fails this future
         return future
 
     def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+        self._send(AbortRequest(request_id))
 
     def abort_all(self) -> None:
         """Abort every open request; each gets a final ABORT output (its stream ends cleanly)."""
-        self._send(("abort_all",))
+        self._send(AbortAll())
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: Command) -> None:
         """Write a command now if the pipe has room for it, else hand it to the writer thread (behind the others it
         holds): a full pipe (the child is mid-step) never blocks the caller, and no command waits for the writer
         thread to get the interpreter lock from a busy event loop."""
@@ -226,7 +237,7 @@ class EngineProcess:
         self._outbox.put(payload)
 
     def _write(self) -> None:
-        """The writer thread: sends what is queued, all of it as one batch, until the ``None`` after "stop"."""
+        """The writer thread: sends what is queued, all of it as one batch, until the ``None`` after ``Stop``."""
         while True:
             payloads = [self._outbox.get()]
             while True:
@@ -271,15 +282,15 @@ class EngineProcess:
         except (EOFError, OSError):
             self._child_gone()
 
-    def _receive(self, message: tuple) -> None:
-        if message[0] == "stopped":
-            self.error = self.error or message[1]
+    def _receive(self, message: Event) -> None:
+        if isinstance(message, Stopped):
+            self.error = self.error or message.error
             self._close(self.error or "the engine loop stopped")
             return
         try:
             self._handle(message)
         except Exception:  # noqa: BLE001 - one bad delivery must not stop the others
-            log.exception("handling the engine's %s message failed", message[0])
+            log.exception("handling the engine's %s message failed", type(message).__name__)
 
     def _close(self, error: str) -> None:
         """No more messages will come: stop reading and refuse the adds still waiting for an answer."""
@@ -291,46 +302,45 @@ class EngineProcess:
                 pass
         self._refuse_pending(error)
 
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "snapshot":
-            self.snapshot = message[1]
-            self.kv_feed.add(message[2])
-        elif kind == "added":
-            self._added(message[1], message[2])
-        elif kind == "step":
-            if message[3] is not None:
-                self.snapshot = message[3]
-            self.kv_feed.add(message[4])
-            self.loop_seconds = dict(zip(LOOP_PHASES, message[5]))
-            self._step(message[1], unpack_outputs(message[2]))
-        elif kind == "outputs":
-            grouped = unpack_outputs(message[1])
-            self._track(grouped)
-            self.on_outputs(grouped)
-        elif kind == "ended":
-            with self._lock:
-                entry = self._open.pop(message[1], None)
-            if entry is not None:
-                self._observe("on_end", entry.request, message[2])
-        elif kind == "dead":
-            self.error = message[1]
-        else:
-            log.warning("unknown message from the engine process: %r", kind)
+    def _handle(self, message: Event) -> None:
+        match message:
+            case KVSnapshot():
+                self.snapshot = message.snapshot
+                self.kv_feed.add(message.kv_log)
+            case Added():
+                self._added(message)
+            case Step():
+                if message.snapshot is not None:
+                    self.snapshot = message.snapshot
+                self.kv_feed.add(message.kv_log)
+                self.loop_seconds = dict(zip(LOOP_PHASES, message.loop_seconds))
+                self._step(message.info, unpack_outputs(message.outputs))
+            case Outputs():
+                grouped = unpack_outputs(message.outputs)
+                self._track(grouped)
+                self.on_outputs(grouped)
+            case Ended():
+                with self._lock:
+                    entry = self._open.pop(message.request_id, None)
+                if entry is not None:
+                    self._observe("on_end", entry.request, message.reason)
+            case Dead():
+                self.error = message.error
+            case _:
+                log.warning("unknown message from the engine process: %r", message)
 
-    def _added(self, rid: str, error: tuple[str, str] | None) -> None:
+    def _added(self, answer: Added) -> None:
+        error = answer.exception()
         with self._lock:
-            future = self._pending.pop(rid, None)
+            future = self._pending.pop(answer.request_id, None)
             if error is not None:
-                self._open.pop(rid, None)
+                self._open.pop(answer.request_id, None)
         if future is None:
             return
         if error is None:
             future.set_result(None)
         else:
-            kind, text = error
-            future.set_exception(RequestError(text) if kind == "request" else EngineDead(text) if kind == "dead"
-                                 else RuntimeError(text))
+            future.set_exception(error)
 
     def _step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]]) -> None:
         self.num_steps += 1
@@ -382,165 +392,6 @@ class EngineProcess:
         for future in pending.values():
             if not future.done():
                 future.set_exception(EngineDead(error))
-
-
-# -- the child process ----------------------------------------------------------------------------------
-class _ForwardingLoop(EngineLoop):
-    """The engine loop of the child, on its main thread: commands come from the pipe between steps, and
-    whatever the loop would tell the server goes down the pipe.
-
-    One thread only: a second one reading the pipe would wait for the interpreter lock behind every
-    step, and a burst of new requests would reach the engine one switch interval at a time.
-    """
-
-    def __init__(self, engine: Engine, commands, events) -> None:
-        self._commands, self._events = commands, events
-        self._outbox = Outbox(events)
-        self._sent: KVStats | None = None
-        super().__init__(engine, lambda grouped: self._send(("outputs", pack_outputs(grouped))), max_queue=2**62,
-                         observer=_EndForwarder(self._send))
-
-    def _send(self, message: tuple) -> None:
-        """Queue a message for the parent (pickled now); ``flush`` writes it."""
-        t0 = time.perf_counter()
-        self._outbox.put(message)
-        self.loop_seconds["pickle"] += time.perf_counter() - t0
-
-    def flush(self, block: bool = False) -> None:
-        """Write what is queued if the pipe has room (or ``block``): a parent busy with its streams never stalls the
-        engine; what it has not read yet goes later, with what came since, as one message."""
-        t0 = time.perf_counter()
-        try:
-            self._outbox.flush(block)
-        except (OSError, EOFError):  # the parent is gone: stop
-            self._stopping.set()
-        self.loop_seconds["send"] += time.perf_counter() - t0
-
-    def _drain_inbox(self) -> None:
-        """Apply every command waiting in the pipe (answers to adds go out at once, if the pipe has room)."""
-        try:
-            while self._commands.poll(0):
-                for command in unbatch(self._commands.recv()):
-                    self._command(command)
-        except (OSError, EOFError):  # the parent is gone: stop
-            self._stopping.set()
-        if self._outbox.pending:
-            self.flush()
-
-    def _idle(self) -> None:
-        self.flush(block=True)  # nothing to run: no reason to hold anything back
-        try:
-            self._commands.poll(self.idle_wait_s)
-        except (OSError, EOFError):
-            self._stopping.set()
-
-    def _command(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "add":
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            self._add(message[1], future)
-            e = future.exception()
-            self._send(("added", message[1].request_id, None if e is None else _error_of(e)))
-        elif kind == "abort":
-            self._abort(message[1])
-        elif kind == "abort_all":
-            self._abort_all("aborted: the server is shutting down")
-        elif kind == "stop":
-            self._stopping.set()
-
-    def _kv_update(self) -> tuple[KVStats | None, KVLog | None]:
-        """The KV snapshot when it changed since the last message, and the engine's log since then (None: empty)."""
-        t0 = time.perf_counter()
-        self.snapshot = self.engine.kv_stats()
-        log = self.engine.kv_log()
-        changed = self.snapshot != self._sent
-        self._sent = self.snapshot
-        self.loop_seconds["kv"] += time.perf_counter() - t0
-        return (self.snapshot if changed else None), (log if log.samples or log.allocations else None)
-
-    def _publish(self) -> None:
-        snapshot, log = self._kv_update()
-        if snapshot is not None or log is not None:
-            self._send(("snapshot", self.snapshot, log))
-
-    def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
-        """One message per step: its outputs, the KV snapshot after it when that changed, and the KV log."""
-        snapshot, log = self._kv_update()
-        self._send(("step", info, pack_outputs(grouped), snapshot, log, tuple(self.loop_seconds.values())))
-        self.flush()
-
-    def _fail_all(self, error: str) -> None:
-        self._send(("dead", error))  # first, so the server refuses new requests before it sees the failures
-        super()._fail_all(error)
-
-    def _refuse_inbox(self, error: str) -> None:
-        """Commands still in the pipe after the engine died: refuse the adds."""
-        try:
-            while self._commands.poll(0):
-                for message in unbatch(self._commands.recv()):
-                    if message[0] == "add":
-                        self._send(("added", message[1].request_id, ("dead", error)))
-        except (OSError, EOFError):
-            pass
-
-
-class _EndForwarder(LoopObserver):
-    def __init__(self, send: Callable[[tuple], None]) -> None:
-        self.send = send
-
-    def on_step(self, info, outputs, requests) -> None:  # steps go down the pipe whole, see _ForwardingLoop
-        pass
-
-    def on_end(self, request: Request, reason: FinishReason) -> None:
-        self.send(("ended", request.request_id, reason))
-
-
-def _child_main(setup: EngineSetup, commands, events) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
-    try:
-        engine, extra = setup()
-    except BaseException as e:  # noqa: BLE001 - the parent reports it and exits
-        from harness.common.errors import USER_ERRORS, describe_error
-
-        user = isinstance(e, USER_ERRORS) or isinstance(e, ValueError)
-        if not user:
-            log.exception("building the engine failed")
-        events.send(("failed", describe_error(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}", user))
-        return
-    loop = _ForwardingLoop(engine, commands, events)
-    events.send(("ready", loop.info, extra, loop.snapshot))
-    loop.run()
-    try:
-        loop.flush(block=True)
-        events.send(("stopped", loop.error))
-        events.close()
-    except (OSError, EOFError):
-        pass
-
-
-_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(RequestOutput))
-_output_values = operator.attrgetter(*_OUTPUT_FIELDS)
-
-
-def pack_outputs(grouped: dict[str, list[RequestOutput]]) -> list[tuple]:
-    """Outputs as tuples of their fields, in order: pickling them costs half what dataclasses cost, on both sides."""
-    return [_output_values(out) for outs in grouped.values() for out in outs]
-
-
-def unpack_outputs(packed: list[tuple]) -> dict[str, list[RequestOutput]]:
-    """``pack_outputs`` undone: the outputs grouped by request, in their order."""
-    grouped: dict[str, list[RequestOutput]] = {}
-    for values in packed:
-        grouped.setdefault(values[0], []).append(RequestOutput(*values))
-    return grouped
-
-
-def _error_of(e: BaseException) -> tuple[str, str]:
-    """An exception as (kind, text): exceptions of any class cross the pipe this way."""
-    kind = "request" if isinstance(e, RequestError) else "dead" if isinstance(e, EngineDead) else "internal"
-    return kind, str(e)
 
 
 def _on_loop(aio: asyncio.AbstractEventLoop) -> bool:

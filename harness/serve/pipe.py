@@ -4,9 +4,9 @@ A write to a full pipe blocks until the other side reads. The engine process mus
 (the GPU idles meanwhile), and neither may the API server's event loop. So each message is
 pickled when it is put, and written only when the pipe has room for it (the kernel's count of
 unread bytes says how much is free); until then messages pile up in order and go later as one
-``("batch", [pickled, ...])`` message, which ``unbatch`` takes apart. The pipes are also made as
-large as Linux lets an unprivileged process (``/proc/sys/fs/pipe-max-size``, 1 MiB by default),
-so a reader that falls behind for a few steps stalls nobody.
+``Batch``, which ``unbatch`` takes apart. The pipes are also made as large as Linux lets an
+unprivileged process (``/proc/sys/fs/pipe-max-size``, 1 MiB by default), so a reader that
+falls behind for a few steps stalls nobody.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import array
 import fcntl
 import termios
 from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
+from typing import Any
 
 PIPE_SIZE = 1 << 20  # the default pipe-max-size
 PAGE = 4096
@@ -34,15 +36,22 @@ def enlarge(conn: Connection, size: int = PIPE_SIZE) -> int:
             return 0
 
 
-def pickled(message: tuple) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Pickled messages written as one, in order: what waited for room in the pipe."""
+
+    payloads: list[bytes]
+
+
+def pickled(message: object) -> bytes:
     """``message`` as the bytes a pipe carries (bytes, not the pickler's memoryview, which a batch could not pickle)."""
     return bytes(ForkingPickler.dumps(message))
 
 
 def batch(payloads: list[bytes]) -> bytes:
-    """Pickled messages as one write: the message itself when alone, else a ``("batch", ...)`` that ``unbatch``
-    takes apart."""
-    return payloads[0] if len(payloads) == 1 else ForkingPickler.dumps(("batch", payloads))
+    """Pickled messages as one write: the message itself when alone, else a ``Batch`` that ``unbatch`` takes
+    apart."""
+    return payloads[0] if len(payloads) == 1 else ForkingPickler.dumps(Batch(payloads))
 
 
 def room(conn: Connection, capacity: int) -> int:
@@ -66,7 +75,7 @@ class Outbox:
         self._bytes = 0
         self.batches = 0  # messages sent as part of a batch: how often the reader fell behind
 
-    def put(self, message: tuple) -> None:
+    def put(self, message: object) -> None:
         payload = pickled(message)
         self._waiting.append(payload)
         self._bytes += len(payload)
@@ -105,10 +114,10 @@ class Outbox:
             self.batches += count
 
 
-def unbatch(message: tuple) -> Iterator[tuple]:
+def unbatch(message: object) -> Iterator[Any]:
     """The messages an ``Outbox`` sent as ``message``, in order."""
-    if message[0] != "batch":
+    if not isinstance(message, Batch):
         yield message
         return
-    for payload in message[1]:
+    for payload in message.payloads:
         yield ForkingPickler.loads(payload)

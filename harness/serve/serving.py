@@ -1,14 +1,15 @@
-"""The OpenAI endpoints' logic: requests in, engine requests out, tokens back as JSON or server-sent events.
+"""What the OpenAI endpoints share: engine requests in, outputs back, as JSON or server-sent events.
 
-A body becomes one engine request per prompt (``/v1/completions`` takes a string, a list
-of strings, a list of token ids or a list of them; chat renders the model's template),
-each with the body's sampling parameters; the engine runs the ``n`` samples. Outputs come
-back from the engine thread through one asyncio queue per HTTP request. A stream sends one
-``data:`` chunk per new token of a choice (text may be empty while a possible stop string
-is held back), the finish reason with the last one, then the usage chunk if asked
-(``stream_options.include_usage``), then ``data: [DONE]``. A client that goes away
-(a cancelled stream, or a disconnect while a non-streamed answer is computed) aborts its
-engine requests at once, which frees their KV memory.
+The generation endpoints (harness.serve.completions, harness.serve.chat_completions) check
+a body with ``Serving`` and turn it into one engine request per prompt, each with the body's
+sampling parameters; the engine runs the ``n`` samples (a ``Generation``). Outputs come back
+from the engine through one asyncio queue per HTTP request. A stream sends one ``data:``
+chunk per new token of a choice (text may be empty while a possible stop string is held
+back), the finish reason with the last one, then the usage chunk if asked
+(``stream_options.include_usage``), then ``data: [DONE]``. A client that goes away (a
+cancelled stream, or a disconnect while a non-streamed answer is computed) aborts its engine
+requests at once, which frees their KV memory. ``Serving`` also answers ``/v1/models``,
+``/tokenize`` and ``/detokenize``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import dataclasses
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable
 
@@ -39,16 +39,10 @@ from harness.serve.chat import ChatTemplate
 from harness.serve.config import ServerConfig
 from harness.serve.engine_loop import EngineDead, EngineLoop, QueueFull
 from harness.serve.errors import APIError, bad_request, error_body
-from harness.serve.logprobs import TokenText, chat_logprobs, completion_logprobs
+from harness.serve.logprobs import TokenText
 from harness.serve.metrics import ServerMetrics
 from harness.serve.protocol import (
-    AssistantMessage,
-    ChatChoice,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -83,7 +77,9 @@ class ModelInfo:
 
 
 @dataclass
-class _Choice:
+class Choice:
+    """One choice of a generation (a sample of one prompt), as it has come back so far."""
+
     index: int
     text: list[str] = field(default_factory=list)
     tokens: int = 0
@@ -96,7 +92,7 @@ class _Choice:
     offset: int = 0  # characters of the choice's logprob tokens streamed so far (their text_offset)
 
 
-class _Generation:
+class Generation:
     """The engine requests of one HTTP request and what has come back for them."""
 
     def __init__(self, serving: "Serving", base_id: str, prompts: list[list[int]], n: int,
@@ -107,17 +103,17 @@ class _Generation:
         self.ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         self.prompt_of = {rid: i for i, rid in enumerate(self.ids)}
         self.queue: asyncio.Queue[tuple[str, list[RequestOutput]]] = asyncio.Queue()
-        self.choices = [_Choice(i) for i in range(len(prompts) * n)]
+        self.choices = [Choice(i) for i in range(len(prompts) * n)]
         self.open = len(self.choices)
         self.cached_tokens = 0
         self.done = False
         self.added: list[str] = []
         self.prompt_tokens = sum(len(p) for p in prompts)
 
-    def choice_of(self, out: RequestOutput) -> _Choice:
+    def choice_of(self, out: RequestOutput) -> Choice:
         return self.choices[self.prompt_of[out.request_id] * self.n + out.index]
 
-    def apply(self, out: RequestOutput) -> _Choice:
+    def apply(self, out: RequestOutput) -> Choice:
         c = self.choice_of(out)
         if out.index == 0 and out.num_cached_tokens:
             self.cached_tokens += out.num_cached_tokens
@@ -182,6 +178,9 @@ def _merged(batches: Iterable[list[RequestOutput]]) -> list[RequestOutput]:
 
 
 class Serving:
+    """The engine loop, tokenizer, chat template and limits that every endpoint uses, and the checks and steps
+    the generation endpoints share."""
+
     def __init__(self, loop: EngineLoop, tokenizer: Tokenizer, template: ChatTemplate, info: ModelInfo,
                  cfg: ServerConfig, metrics: ServerMetrics) -> None:
         self.loop, self.tokenizer, self.template, self.info, self.cfg, self.metrics = loop, tokenizer, template, info, cfg, metrics
@@ -209,7 +208,7 @@ class Serving:
             if q is not None:
                 q.put_nowait((rid, outs))
 
-    # -- /v1/models ---------------------------------------------------------------------------------
+    # -- /v1/models, /tokenize, /detokenize ----------------------------------------------------------
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=self.info.created, root=self.info.root,
                                          max_model_len=self.info.max_model_len) for name in self.info.names])
@@ -218,14 +217,7 @@ class Serving:
         """The ids a completion of ``prompt`` (or a chat completion of ``messages``) would compute, as vLLM's
         ``/tokenize`` gives them: the same encoding and chat template as the generation routes."""
         self.check_model(body.model)
-        if isinstance(body, TokenizeChatRequest):
-            if not body.messages:
-                raise bad_request("messages must hold at least one message", "messages")
-            text = self.template.render(body.messages, add_generation_prompt=body.add_generation_prompt,
-                                        continue_final_message=body.continue_final_message,
-                                        template=body.chat_template, kwargs=body.chat_template_kwargs)
-        else:
-            text = body.prompt
+        text = self.render_chat(body) if isinstance(body, TokenizeChatRequest) else body.prompt
         encoding = self.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(encoding.ids), max_model_len=self.info.max_model_len, tokens=encoding.ids,
                                 token_strs=encoding.tokens if body.return_token_strs else None)
@@ -238,14 +230,24 @@ class Serving:
             raise bad_request(f"tokens: {bad} is outside the vocabulary [0, {self.info.vocab_size})", "tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
+    # -- shared checks --------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.info.names:
             return self.info.names[0]
         raise APIError(404, f"The model `{name}` does not exist. This server serves: {', '.join(self.info.names)}",
                        param="model", code="model_not_found")
 
-    # -- shared checks --------------------------------------------------------------------------------
-    def _check_common(self, body: _Sampling) -> None:
+    def render_chat(self, body: ChatCompletionRequest | TokenizeChatRequest) -> str:
+        """The prompt text of ``body.messages`` under the chat template: the same for a chat completion and for
+        ``/tokenize``."""
+        if not body.messages:
+            raise bad_request("messages must hold at least one message", "messages")
+        return self.template.render(body.messages, add_generation_prompt=body.add_generation_prompt,
+                                    continue_final_message=body.continue_final_message, template=body.chat_template,
+                                    kwargs=body.chat_template_kwargs)
+
+    def check_sampling(self, body: _Sampling) -> None:
+        """Refuse what neither generation endpoint supports among the sampling fields they share."""
         if body.model_extra:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(body.model_extra)))
         if not 1 <= body.n <= self.cfg.max_n:
@@ -268,8 +270,8 @@ class Serving:
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options can only be set when stream is true", "stream_options")
 
-    def _params(self, body: _Sampling, max_tokens: int, logprobs: int | None = None,
-                prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(self, body: _Sampling, max_tokens: int, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         fields = {"max_tokens": max_tokens, "n": body.n, "stop": body.stop or (), "logprobs": logprobs,
                   "prompt_logprobs": prompt_logprobs,
                   "stop_token_ids": body.stop_token_ids or (), "ignore_eos": body.ignore_eos, "seed": body.seed,
@@ -286,7 +288,7 @@ class Serving:
         except RequestError as e:
             raise bad_request(str(e), _param_named(str(e), fields)) from e
 
-    def _detokenize_here(self, gen: _Generation, params: list[SamplingParams]) -> None:
+    def _detokenize_here(self, gen: Generation, params: list[SamplingParams]) -> None:
         """Text for the choices whose requests have no stop strings is made here, as the tokens arrive: the
         engine then only makes tokens (``detokenize=False``), and its process spends no time on text. With stop
         strings the engine detokenizes, since it must stop there. The same incremental decoder either way."""
@@ -298,7 +300,7 @@ class Serving:
                     self.tokenizer, dataclasses.replace(p, detokenize=True), len(ids), self.info.eos_token_ids,
                     self.info.max_model_len)
 
-    def _check_prompt(self, ids: list[int], max_tokens: int | None, where: str) -> None:
+    def check_prompt(self, ids: list[int], max_tokens: int | None, where: str) -> None:
         limit = self.info.max_model_len
         if not ids:
             raise bad_request(f"{where} is empty", where)
@@ -314,7 +316,8 @@ class Serving:
                               "Please reduce the prompt or max_tokens.", "max_tokens", code="context_length_exceeded")
 
     # -- submitting -----------------------------------------------------------------------------------
-    async def _start(self, gen: _Generation, params: list[SamplingParams], arrival: float) -> None:
+    async def start(self, gen: Generation, params: list[SamplingParams], arrival: float) -> None:
+        """Hand ``gen``'s requests to the engine and wait until it took them all (a refusal aborts the others)."""
         self._detokenize_here(gen, params)
         if self.loop.error is not None or not self.loop.alive:
             self.metrics.reject("engine_dead")
@@ -347,183 +350,8 @@ class Serving:
             gen.close()
             raise
 
-    # -- /v1/completions ------------------------------------------------------------------------------
-    async def completions(self, body: CompletionRequest, http: HTTPRequest, arrival: float, request_id: str | None) -> Any:
-        model = self.check_model(body.model)
-        self._check_common(body)
-        if body.suffix is not None:
-            raise bad_request("suffix is not supported", "suffix")
-        prompts = self._completion_prompts(body.prompt)
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        score_only = body.echo and max_tokens == 0  # score the prompt (an evaluation harness's loglikelihood)
-        params = self._params(body, max(max_tokens, 1) if score_only else max_tokens, body.logprobs,
-                              body.logprobs if body.echo else None)
-        for i, ids in enumerate(prompts):
-            self._check_prompt(ids, params.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-        gen = _Generation(self, request_id or f"cmpl-{uuid.uuid4().hex}", prompts, body.n, score_only)
-        await self._start(gen, [params] * len(prompts), arrival)
-        echo = [self._echo_text(body.prompt, i) for i in range(len(prompts))] if body.echo else None
-        if body.stream:
-            return self._sse(self._completion_stream(gen, model, body, echo), gen)
-        await self._collect(gen, http)
-        choices = [CompletionChoice(index=c.index, text=(echo[c.index // gen.n] if echo else "") + "".join(c.text),
-                                    logprobs=self._completion_logprobs(gen, c, body, c.logprobs, echo is not None),
-                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in gen.choices]
-        return CompletionResponse(id=gen.base_id, created=int(time.time()), model=model, choices=choices, usage=gen.usage())
-
-    def _completion_logprobs(self, gen: _Generation, c: _Choice, body: CompletionRequest, entries: list[TokenLogprob],
-                             echo: bool) -> dict[str, list] | None:
-        """The legacy logprobs of ``entries`` (a chunk's, or the whole choice's), after the prompt's when ``echo``
-        and not yet sent; None when the request did not ask."""
-        if body.logprobs is None:
-            return None
-        items: list[tuple[int, TokenLogprob | None]] = []
-        if echo and c.prompt_logprobs is not None:
-            prompt = gen.prompts[c.index // gen.n]
-            items += [(t, lp) for t, lp in zip(prompt, c.prompt_logprobs)]
-            c.prompt_logprobs = None  # sent
-        items += [(e.token_id, e) for e in entries]
-        out = completion_logprobs(items, self.token_text, c.offset, body.return_tokens_as_token_ids)
-        if items:
-            c.offset = out["text_offset"][-1] + len(out["tokens"][-1])
-        return out
-
-    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
-        if isinstance(prompt, str):
-            items: list[Any] = [prompt]
-        elif prompt and all(isinstance(t, int) for t in prompt):
-            items = [prompt]
-        else:
-            items = list(prompt)
-        if not items:
-            raise bad_request("prompt must not be empty", "prompt")
-        if len(items) > self.cfg.max_prompts:
-            raise bad_request(f"at most {self.cfg.max_prompts} prompts per request, got {len(items)}", "prompt")
-        return [self.tokenizer.encode(p, add_special_tokens=True).ids if isinstance(p, str) else list(p) for p in items]
-
-    def _echo_text(self, prompt: Any, i: int) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        if prompt and all(isinstance(t, int) for t in prompt):
-            return self.tokenizer.decode(prompt, skip_special_tokens=True)
-        item = prompt[i]
-        return item if isinstance(item, str) else self.tokenizer.decode(item, skip_special_tokens=True)
-
-    async def _updates(self, gen: _Generation) -> AsyncIterator[tuple[Any, Any] | str]:
-        """Each engine output that shows something, with its choice's state; a failed generation
-        as a ready error event instead (streams end in-band, never with a 500)."""
-        async for outs in gen.outputs():
-            for out in outs:
-                c = gen.apply(out)
-                if c.error and out.finish_reason == FinishReason.ERROR:
-                    yield _event(error_body(500, f"generation failed: {c.error}"))
-                elif out.new_token_ids or out.finished:
-                    yield out, c
-
-    async def _completion_stream(self, gen: _Generation, model: str, body: CompletionRequest,
-                                 echo: list[str] | None) -> AsyncIterator[str]:
-        created = int(time.time())
-        continuous = bool(body.stream_options and body.stream_options.include_usage and body.stream_options.continuous_usage_stats)
-        echoed: set[int] = set()
-        async for update in self._updates(gen):
-            if isinstance(update, str):
-                yield update
-                continue
-            out, c = update
-            text = out.text
-            first = echo is not None and c.index not in echoed
-            if first:
-                echoed.add(c.index)
-                text = echo[c.index // gen.n] + text
-            logprobs = self._completion_logprobs(gen, c, body, out.logprobs or [], first)
-            chunk = {"id": gen.base_id, "object": "text_completion", "created": created, "model": model,
-                     "choices": [{"index": c.index, "text": text, "logprobs": logprobs,
-                                  "finish_reason": c.finish_reason if out.finished else None,
-                                  "stop_reason": c.stop_reason if out.finished else None}]}
-            if continuous:
-                chunk["usage"] = gen.usage_json()
-            yield _event(chunk)
-        if body.stream_options and body.stream_options.include_usage:
-            yield _event({"id": gen.base_id, "object": "text_completion", "created": created, "model": model, "choices": [],
-                          "usage": gen.usage_json()})
-
-    # -- /v1/chat/completions -------------------------------------------------------------------------
-    async def chat(self, body: ChatCompletionRequest, http: HTTPRequest, arrival: float, request_id: str | None) -> Any:
-        model = self.check_model(body.model)
-        self._check_common(body)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        if body.tools:
-            raise bad_request("tools are not supported", "tools")
-        if body.tool_choice not in (None, "none"):
-            raise bad_request("tool_choice is not supported", "tool_choice")
-        if body.response_format is not None and body.response_format.get("type", "text") != "text":
-            raise bad_request(f"response_format {body.response_format.get('type')!r} is not supported (only text)",
-                              "response_format")
-        if not body.messages:
-            raise bad_request("messages must hold at least one message", "messages")
-        text = self.template.render(body.messages, add_generation_prompt=body.add_generation_prompt,
-                                    continue_final_message=body.continue_final_message, template=body.chat_template,
-                                    kwargs=body.chat_template_kwargs)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        self._check_prompt(ids, requested, "messages")
-        max_tokens = requested if requested is not None else self.info.max_model_len - len(ids)
-        params = self._params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-        gen = _Generation(self, request_id or f"chatcmpl-{uuid.uuid4().hex}", [ids], body.n)
-        await self._start(gen, [params], arrival)
-        if body.stream:
-            return self._sse(self._chat_stream(gen, model, body), gen)
-        await self._collect(gen, http)
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)),
-                              logprobs=self._chat_logprobs(body, c.logprobs), finish_reason=c.finish_reason,
-                              stop_reason=c.stop_reason) for c in gen.choices]
-        return ChatCompletionResponse(id=gen.base_id, created=int(time.time()), model=model, choices=choices, usage=gen.usage())
-
-    async def _chat_stream(self, gen: _Generation, model: str, body: ChatCompletionRequest) -> AsyncIterator[str]:
-        created = int(time.time())
-        continuous = bool(body.stream_options and body.stream_options.include_usage and body.stream_options.continuous_usage_stats)
-
-        def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, stop_reason: Any = None,
-                  logprobs: dict | None = None) -> str:
-            payload = {"id": gen.base_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
-                                    "stop_reason": stop_reason}]}
-            if continuous:
-                payload["usage"] = gen.usage_json()
-            return _event(payload)
-
-        for c in gen.choices:
-            yield chunk(c.index, {"role": "assistant", "content": ""})
-        async for update in self._updates(gen):
-            if isinstance(update, str):
-                yield update
-                continue
-            out, c = update
-            yield chunk(c.index, {"content": out.text}, c.finish_reason if out.finished else None,
-                        c.stop_reason if out.finished else None, self._chat_logprobs(body, out.logprobs or []))
-        if body.stream_options and body.stream_options.include_usage:
-            yield _event({"id": gen.base_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                          "choices": [], "usage": gen.usage_json()})
-
-    def _chat_logprobs(self, body: ChatCompletionRequest, entries: list[TokenLogprob]) -> dict | None:
-        return chat_logprobs(entries, self.token_text, body.return_tokens_as_token_ids) if body.logprobs else None
-
-    # -- delivery -------------------------------------------------------------------------------------
-    def _sse(self, events: AsyncIterator[str], gen: _Generation) -> StreamingResponse:
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for event in events:
-                    yield event
-                yield "data: [DONE]\n\n"
-                gen.done = not gen.open
-            finally:  # a cancelled stream (the client left) lands here too
-                gen.close()
-
-        return _EventStream(gen, body(), media_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": gen.base_id})
-
-    async def _collect(self, gen: _Generation, http: HTTPRequest) -> None:
+    # -- answering ------------------------------------------------------------------------------------
+    async def collect(self, gen: Generation, http: HTTPRequest) -> None:
         """All outputs of a non-streamed request; a client that disconnects meanwhile aborts it."""
 
         async def consume() -> None:
@@ -557,11 +385,40 @@ class Serving:
             raise APIError(status, f"generation failed: {failed[0].error}")
 
 
+# -- server-sent events --------------------------------------------------------------------------------------
+async def stream_updates(gen: Generation) -> AsyncIterator[tuple[RequestOutput, Choice] | str]:
+    """Each engine output that shows something, with its choice's state; a failed generation
+    as a ready error event instead (streams end in-band, never with a 500)."""
+    async for outs in gen.outputs():
+        for out in outs:
+            c = gen.apply(out)
+            if c.error and out.finish_reason == FinishReason.ERROR:
+                yield sse_event(error_body(500, f"generation failed: {c.error}"))
+            elif out.new_token_ids or out.finished:
+                yield out, c
+
+
+def sse_response(events: AsyncIterator[str], gen: Generation) -> StreamingResponse:
+    """``events`` as a server-sent event stream, ended by ``data: [DONE]``; ``gen`` is closed however it ends."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+            yield "data: [DONE]\n\n"
+            gen.done = not gen.open
+        finally:  # a cancelled stream (the client left) lands here too
+            gen.close()
+
+    return _EventStream(gen, body(), media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": gen.base_id})
+
+
 class _EventStream(StreamingResponse):
     """A stream that aborts its requests however it ends, even if the client left before the first chunk
     (the body generator then never starts, so its own ``finally`` cannot run)."""
 
-    def __init__(self, gen: _Generation, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, gen: Generation, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gen = gen
 
@@ -572,7 +429,7 @@ class _EventStream(StreamingResponse):
             self.gen.close()
 
 
-def _event(payload: dict[str, Any]) -> str:
+def sse_event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
