@@ -12,8 +12,8 @@ through the ``setup`` callable of ``EngineProcess``.
 Each repeat runs, interleaved, the workload offline (``harness.bench.runner.run_workload`` in this
 process) and through each server checkout given (``--server-root``; this one by default): a
 real uvicorn server on loopback in a process of its own, the engine in its child, and
-bench-serve's own client (``harness.bench.bench_serve.Client`` and ``run_http``, KV log reads
-included) with ``--concurrency`` closed-loop streams. It prints output tokens/s and TTFT p95 of
+bench-serve's own client (``harness.bench.http.client.StreamClient`` driven by
+``harness.bench.runner.run_streams``, KV log reads included) with ``--concurrency`` closed-loop streams. It prints output tokens/s and TTFT p95 of
 each (medians over the repeats), the HTTP/offline ratios, where the engine loop's time outside
 ``step()`` went (``/kvbench/info``'s ``loop_seconds``, per step), and the CPU seconds per
 output token of the API process and of the engine process.
@@ -249,21 +249,28 @@ async def run_http(base: str, api_pid: int, args: argparse.Namespace) -> dict[st
 
     from engines.detokenizer import load_tokenizer
     from engines.model.config import ModelConfig
-    from harness.bench import bench_serve
+    from harness.bench.http.client import StreamClient
+    from harness.bench.http.kv_poller import KVPoller
+    from harness.bench.http.server import discover, open_connections
+    from harness.bench.runner import run_streams
+    from harness.bench.workload import PlannedRequest
+    from harness.common.engine import warmup_requests
 
     async with httpx.AsyncClient(timeout=60) as http, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as streams:
-        view = await bench_serve.discover(http, base, MODEL_NAME, {})
+        view = await discover(http, base, MODEL_NAME, {})
         directory = Path(view.info["model_dir"])
-        client = bench_serve.Client(streams, view, "completions", load_tokenizer(directory), tag=uuid.uuid4().hex[:8])
+        client = StreamClient(streams, view, "completions", load_tokenizer(directory), tag=uuid.uuid4().hex[:8], text=False)
         requests = plan(args.num_requests, args.prompt_len, args.output_len, ModelConfig.from_dir(directory).vocab_size)
-        await bench_serve.warm(client, np.arange(300, 400), 2)
+        warm = [PlannedRequest(r.request_id, r.prompt_token_ids, r.sampling_params)
+                for r in warmup_requests(np.arange(300, 400), 2)]
+        await run_streams(client, warm, np.zeros(len(warm)), progress=False)
         if not args.cold_connections:
-            await bench_serve.open_connections(client, args.concurrency)  # as bench-serve does before a closed loop
+            await open_connections(streams, view, args.concurrency)  # as bench-serve does before a closed loop
         pids = {"api": api_pid, "engine": view.info["engine_pid"]}
         before = await loop_state(http, base, pids)
-        poller = bench_serve.KVPoller(http, view, 0.02)
-        record = await bench_serve.run_http(client, requests, None, args.concurrency, poller, progress=False)
+        async with KVPoller(http, view, 0.02).polling():
+            record = await run_streams(client, requests, None, args.concurrency, progress=False)
         after = await loop_state(http, base, pids)
     out = figures(record)
     tokens = max(out["output_tokens"], 1)

@@ -23,12 +23,18 @@ def test_every_engine_config_is_covered():
 
 
 @pytest.mark.parametrize("engine", ENGINE_CONFIGS)
-def test_one_tiny_job_per_engine_runs_ok(tmp_path: Path, tiny_model, engine: str) -> None:
+def test_one_tiny_job_per_engine_runs_ok(tmp_path: Path, tiny_model, start_server, engine: str) -> None:
     tiny_model("tiny-qwen3")
     run_dir = tmp_path / "run"
-    status = run_app(["+experiment=smoke", f"engine={engine}", "workload.num_requests=3", "workload.prompt.value=12",
-                      "workload.output.value=5", f"hydra.run.dir={run_dir}"])
+    target = []
+    if engine == "http":  # not an engine: a server measured over HTTP, here ours serving the paged engine
+        from engines.config import PagedConfig
+
+        target = [f"engine.base_url={start_server(PagedConfig(num_kv_slots=4096, max_model_len=512)).base_url}"]
+    status = run_app(["+experiment=smoke", f"engine={engine}", *target, "workload.num_requests=3",
+                      "workload.prompt.value=12", "workload.output.value=5", f"hydra.run.dir={run_dir}"])
     meta = json.loads((run_dir / "metadata.json").read_text())
     assert status == 0 and meta["status"] == "ok", meta.get("reason")
+    assert meta["engine_label"] == ("paged@http" if engine == "http" else engine)
     assert meta["run"]["completed"] == 3 and meta["run"]["output_tokens"] == 15
     assert (run_dir / "report.md").is_file()

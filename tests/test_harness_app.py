@@ -266,16 +266,16 @@ def test_resume_reruns_failed_runs_and_refuses_runs_of_another_config(in_process
 # A stand-in for the killed sweeps: the second run (and any after it) waits while the file `hold` exists.
 HOLD_AFTER_THE_FIRST_RUN = (
     "import os, time\n"
-    "import harness.bench.job\n"
+    "import harness.bench.target\n"
     "from hydra.core.hydra_config import HydraConfig\n"
-    "warm_up = harness.bench.job.warm_up\n"
+    "warm_up = harness.bench.target.warm_up\n"
     "def held(*args, **kwargs):\n"
     "    if HydraConfig.get().job.num >= 1:\n"
     "        open('holding', 'w').close()\n"
     "    while os.path.exists('hold') and HydraConfig.get().job.num >= 1:\n"
     "        time.sleep(0.05)\n"
     "    return warm_up(*args, **kwargs)\n"
-    "harness.bench.job.warm_up = held\n")
+    "harness.bench.target.warm_up = held\n")
 
 
 def _wait_for(condition, what: str, timeout: float = 240) -> None:

@@ -114,3 +114,69 @@ def test_parallel_samples_finish_a_request_together():
     record = run_workload(TwoSamples(clock, batch=4), requests, None, concurrency=1, progress=False, clock=clock, sleep=clock.sleep)
     table = request_table(record)
     assert sorted(table["sample"]) == [0, 1] and table["output_tokens"].tolist() == [3, 3]
+
+
+class ScriptedServer:
+    """A server's stream: ``tokens`` tokens per request, one every ``gap`` seconds; a request whose id is in
+    ``failing`` fails after its first token. Notes when each request was sent."""
+
+    def __init__(self, tokens: int, gap: float, failing: tuple[str, ...] = ()) -> None:
+        self.tokens, self.gap, self.failing = tokens, gap, failing
+        self.sent: dict[str, float] = {}
+        self.open = 0
+        self.most_open = 0
+
+    async def stream(self, request: Request):
+        import asyncio
+        import time
+
+        self.sent[request.request_id] = time.perf_counter()
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            for k in range(self.tokens):
+                await asyncio.sleep(self.gap)
+                if request.request_id in self.failing and k == 1:
+                    yield RequestOutput(request.request_id, 0, [], [], finished=True, finish_reason=FinishReason.ERROR,
+                                        error="HTTP 500: boom")
+                    return
+                yield RequestOutput(request.request_id, 0, [], [time.perf_counter()])
+            yield RequestOutput(request.request_id, 0, [], [], finished=True, finish_reason=FinishReason.LENGTH)
+        finally:
+            self.open -= 1
+
+
+def _streams(server: ScriptedServer, requests, offsets, concurrency=None):
+    import asyncio
+
+    from harness.bench.runner import run_streams
+
+    async def run():  # a driver that loses track of a finished stream hangs: the timeout turns that into a failure
+        return await asyncio.wait_for(run_streams(server, requests, offsets, concurrency, progress=False), 10)
+
+    return asyncio.run(run())
+
+
+def test_streams_in_a_closed_loop_send_each_clients_next_request_at_the_finish_of_its_last():
+    server = ScriptedServer(tokens=2, gap=0.02)
+    record = _streams(server, _requests(6, 2), None, concurrency=2)
+    table = request_table(record).set_index("request_id").sort_index()
+    assert table["output_tokens"].tolist() == [2] * 6 and table["error"].isna().all()
+    assert record.max_in_flight == server.most_open == 2
+    finish = record.start + table["finish_s"]
+    for nxt, prev in (("2", "0"), ("3", "1"), ("4", "2"), ("5", "3")):  # the first two clients' turns, in order
+        assert record.start + table.loc[nxt, "arrival_s"] == pytest.approx(finish[prev], abs=1e-9)
+        assert server.sent[nxt] >= finish[prev]
+    assert record.end == pytest.approx(finish.max())
+
+
+def test_streams_in_an_open_loop_are_sent_when_due_and_failures_are_recorded():
+    server = ScriptedServer(tokens=3, gap=0.01, failing=("1",))
+    record = _streams(server, _requests(3, 3), np.array([0.0, 0.05, 0.1]))
+    table = request_table(record).set_index("request_id").sort_index()
+    assert table["arrival_s"].tolist() == pytest.approx([0.0, 0.05, 0.1])
+    for rid, due in (("0", 0.0), ("1", 0.05), ("2", 0.1)):
+        assert server.sent[rid] - record.start >= due - 1e-3
+    assert table.loc["1", "error"] == "HTTP 500: boom" and table.loc["1", "finish_reason"] == "error"
+    assert table.loc["1", "output_tokens"] == 1
+    assert table.loc[["0", "2"], "output_tokens"].tolist() == [3, 3] and record.kv.samples == []

@@ -10,11 +10,10 @@ import pytest
 
 from engines.config import PagedConfig
 from harness import cli
-from harness.bench.bench_serve import (
-    compose_bench_config,
-    kv_from_metrics,
-    override_params,
-)
+from harness.bench.app import job_params, task_config
+from harness.bench.http.kv_poller import kv_from_metrics
+from harness.bench.schema import register_configs
+from harness.common.config import compose
 from harness.serve.config import ServerConfig
 
 ENGINE = dict(num_kv_slots=16384, max_model_len=512)
@@ -42,10 +41,11 @@ def offline_run(tiny_model, tmp_path_factory):
     from harness.bench.job import JobSpec, execute
     from harness.bench.report import write_report
 
-    cfg = compose_bench_config(OVERRIDES)
+    register_configs()
+    cfg = task_config(compose("config", OVERRIDES, job_name="offline"))
     typed = {name: OmegaConf.to_object(cfg[name]) for name in ("model", "workload", "arrival", "slo")}
     spec = JobSpec(name=cfg.name, seed=cfg.seed, engine_label="paged", engine=PagedConfig(**ENGINE), **typed,
-                   warmup_requests=cfg.warmup_requests, params=override_params(OVERRIDES),
+                   warmup_requests=cfg.warmup_requests, params=job_params(OVERRIDES),
                    config=OmegaConf.to_container(cfg, resolve=True))
     out = tmp_path_factory.mktemp("bench") / "offline"
     assert execute(spec, out) == "ok"
@@ -304,3 +304,25 @@ def test_report_draws_a_vllm_bench_serve_result_beside_our_runs(server, tmp_path
     folder = tmp_path / "folder_report"  # a folder of such files is searched like a sweep
     assert cli.main(["report", str(elsewhere.parent), "--out", str(folder)]) == 0
     assert len(pd.read_csv(folder / "runs.csv")) == 1
+
+
+def test_an_engine_sweep_measures_the_servers_engine_once(server, tmp_path):
+    """bench-serve is the Hydra app with engine=http: an experiment that sweeps engines runs its other axes only."""
+    out = tmp_path / "engines"
+    assert cli.main(["bench-serve", "--base-url", server.base_url, "--out", str(out), "+experiment=concurrency_sweep",
+                     "arrival.concurrency=1,2", "workload.num_requests=2", "workload.prompt.value=8",
+                     "workload.output.value=4"]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["concurrency"]) == [1, 2] and set(runs["engine_label"]) == {"paged@http"}
+    assert not [c for c in runs.columns if c == "param.engine" or c.startswith("param.engine.")]
+
+
+def test_the_api_key_is_sent_and_never_recorded(start_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    keyed = start_server(PagedConfig(**ENGINE), ServerConfig(api_key="sekrit-42"))
+    out = tmp_path / "keyed"
+    assert cli.main(["bench-serve", "--base-url", keyed.base_url, "--model", "tiny-qwen3", "--out", str(out),
+                     "--api-key", "sekrit-42", *OVERRIDES]) == 0
+    assert pd.read_parquet(out / "run.parquet").iloc[0]["completed"] == 6
+    written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".csv", ".log", ".md")]
+    assert written and not [p for p in written if "sekrit-42" in p.read_text(errors="replace")]

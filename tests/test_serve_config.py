@@ -98,3 +98,19 @@ def test_help_lists_the_vllm_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--port", "--max-model-len", "--gpu-memory-utilization", "--served-model-name", "--api-key"):
         assert flag in out
+
+
+def test_the_server_stands_on_its_own():
+    """`harness serve` imports nothing of the benchmark: what both need lives in harness.common."""
+    import subprocess
+    import sys
+
+    code = ("import sys, harness.serve.cli, harness.serve.app, harness.serve.engine_process, harness.serve.engine_worker; "
+            "print(sorted(m for m in sys.modules if m.startswith('harness.bench')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_engine_http_is_not_an_engine_to_serve(capsys):
+    assert cli.main(["serve", "engine=http"]) == 2
+    assert "not an engine to serve" in capsys.readouterr().err

@@ -35,3 +35,20 @@ def test_an_open_loop_run_has_its_rate_and_no_concurrency_cap():
     r = vllm_result({**RUN, "rate": 4.0, "arrival": "poisson"}, REQUESTS, backend="openai-chat", model_id="m",
                     tokenizer_id="t")
     assert r["request_rate"] == 4.0 and r["max_concurrency"] is None and r["backend"] == "openai-chat"
+
+
+def test_an_offline_run_saves_the_vllm_format_too(tmp_path, tiny_model):
+    """One pipeline: save_vllm_result is a setting of any run, not only of bench-serve's."""
+    import json
+
+    from harness.bench.app import run_app
+
+    tiny_model("tiny-qwen3")
+    run_dir = tmp_path / "run"
+    assert run_app(["+experiment=smoke", "engine=paged", "workload.num_requests=3", "workload.output.value=4",
+                    "save_vllm_result=true", f"hydra.run.dir={run_dir}"]) == 0
+    result = json.loads((run_dir / "vllm_result.json").read_text())
+    run = pd.read_parquet(run_dir / "run.parquet").iloc[0]
+    assert result["backend"] == "kvbench:paged" and result["model_id"] == "tiny-qwen3"
+    assert result["completed"] == run["completed"] == 3 and result["output_throughput"] == run["output_tok_s"]
+    assert "param.save_vllm_result" not in run.index  # how a run is written, not what it measures

@@ -66,9 +66,13 @@ NOT_PARAMS = ("experiment", "repeat", *NOT_MEASURED)
 
 
 def job_params(task_overrides: list[str]) -> dict[str, Any]:
-    """This job's overrides as typed values (e.g. engine=paged, arrival.concurrency=8), NOT_PARAMS left out."""
+    """This job's overrides as typed values (e.g. engine=paged, arrival.concurrency=8), NOT_PARAMS left out, and
+    with a server as the target (``engine=http``) its settings too: they say where the run measures, not what."""
     parsed = OverridesParser.create().parse_overrides(list(task_overrides))
-    return {o.key_or_group: o.value() for o in parsed if o.key_or_group not in NOT_PARAMS}
+    params = {o.key_or_group: o.value() for o in parsed if o.key_or_group not in NOT_PARAMS}
+    if params.get("engine") == "http":
+        params = {k: v for k, v in params.items() if k != "engine" and not k.startswith("engine.")}
+    return params
 
 
 def engine_config(cfg: DictConfig) -> Any:
@@ -93,7 +97,7 @@ def job_spec(cfg: DictConfig, hydra_cfg: Any) -> JobSpec:
     spec = JobSpec(
         name=cfg.name, seed=cfg.seed + cfg.repeat, repeat=cfg.repeat, engine_label=label, engine=engine_config(cfg), **typed,
         warmup_requests=cfg.warmup_requests, torch_threads=cfg.torch_threads, require_cuda=cfg.require_cuda,
-        reuse_engine=cfg.reuse_engine, params=job_params(hydra_cfg.overrides.task), config=OmegaConf.to_container(cfg, resolve=True),
+        reuse_engine=cfg.reuse_engine, save_vllm_result=cfg.save_vllm_result, params=job_params(hydra_cfg.overrides.task), config=OmegaConf.to_container(cfg, resolve=True),
     )
     check_device(spec)
     return spec

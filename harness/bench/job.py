@@ -1,10 +1,12 @@
 """One benchmark job, from its typed spec to a finished run directory.
 
 A job whose lower rate already saturated its series is recorded as skipped (harness.bench.saturation).
-Build the requests and their arrival times first (so a bad workload fails before a model
-loads), load the engine or take the one the last run kept (harness.bench.engine_keeper; an engine
-that has not landed is recorded as skipped), warm it up, run the workload in real time, close
-or keep the engine, and write the tables and metadata.
+The job's target (harness.bench.target: an engine of ours in this process, or a server over
+HTTP) gives the tokenizer to build the requests and their arrival times first (so a bad
+workload fails before a model loads); then the target starts (an engine loads, or the kept one
+is taken: harness.bench.engine_keeper; an engine that has not landed is recorded as skipped),
+warms up and runs the workload in real time, and the tables and metadata are written. The same
+code records and summarises both kinds of target, so a definition is written once.
 """
 
 from __future__ import annotations
@@ -12,41 +14,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from engines import EngineNotAvailable, create_engine
-from engines.detokenizer import load_tokenizer
-from engines.model.config import ModelConfig
+from engines import EngineNotAvailable
 from harness.bench import kv_breakdown, metrics, step_anatomy
 from harness.bench.arrivals import arrival_offsets, timed_plan
-from harness.bench.engine_keeper import KEEPER, engine_key
-from harness.bench.results import write_run
-from harness.bench.roofline import device_ceilings, roofline
-from harness.bench.runner import RunRecord, run_workload
+from harness.bench.results import write_json, write_run
+from harness.bench.roofline import roofline
+from harness.bench.runner import RunRecord
 from harness.bench.saturation import saturated
 from harness.bench.schema import ArrivalSpec, SaturationSpec, SLOSpec, WorkloadSpec
+from harness.bench.target import Target, open_target
+from harness.bench.vllm_result import VLLM_RESULT, vllm_result
 from harness.bench.workload import PlannedRequest, build_workload, mean_output_tokens
-from harness.common.engine import (
-    compute_dtype,
-    regular_token_ids,
-    resolve_model_dir,
-    warm_up,
-)
 from harness.common.errors import UserError
 from harness.common.schema import ModelSpec, cuda_available
-from harness.common.system_info import (
-    git_state,
-    hardware,
-    hardware_label,
-    model_shape,
-    versions,
-)
+from harness.common.system_info import git_state, model_shape, versions
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +54,7 @@ class JobSpec:
     require_cuda: bool = False
     repeat: int = 0  # which of the config's repeats this run is
     reuse_engine: bool = False  # keep the engine for the next run if it asks for the same one
+    save_vllm_result: bool = False  # also write the run as `vllm bench serve --save-result` does
     params: dict[str, Any] = field(default_factory=dict)  # the job's overrides (what a sweep varies)
     config: dict[str, Any] = field(default_factory=dict)  # the full resolved config, for the record
 
@@ -104,13 +92,14 @@ def concurrency_bound(spec: JobSpec, num_sequences: int) -> int:
     return min(b for b in bounds if b)
 
 
-def _params_row(spec: JobSpec, model_dir: Path, device: torch.device, label: str, compute_dtype: str | None = None) -> dict[str, Any]:
+def _params_row(spec: JobSpec, target: Target, label: str) -> dict[str, Any]:
     a, w = spec.arrival, spec.workload
     row = {
         "experiment": spec.name, "engine": spec.engine.name, "engine_label": spec.engine_label,
-        "model": spec.model.preset if spec.model.path is None else model_dir.name, "device": device.type,
+        "model": target.model_name, "device": target.device.type if target.device is not None else "unknown",
         "model_source": spec.model.source,
-        "compute_dtype": compute_dtype,  # None where unknown: an engine that did not load, a server that does not say
+        # None where unknown: an engine that did not load, a server that does not say
+        "compute_dtype": target.metadata().get("compute_dtype"),
         "workload": w.name, "workload_label": label, "arrival": a.process, "concurrency": a.concurrency,
         "rate": a.rate, "load": a.load, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed, "repeat": spec.repeat,
     }
@@ -124,7 +113,7 @@ def _scalar(value: Any) -> Any:
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
-def _run_figures(spec: JobSpec, record: RunRecord, model_cfg: ModelConfig, device: torch.device) -> tuple[dict, Any, Any]:
+def _run_figures(spec: JobSpec, record: RunRecord, target: Target) -> tuple[dict, Any, Any]:
     """The run row's figures, the per-sample table and the per-step KV table."""
     requests = metrics.request_table(record)
     steps = step_anatomy.with_times(kv_breakdown.kv_steps(record.kv, record.samples, record.start), record.kv)
@@ -132,89 +121,102 @@ def _run_figures(spec: JobSpec, record: RunRecord, model_cfg: ModelConfig, devic
     figures = metrics.summarize(requests, duration, spec.slo.ttft_s, spec.slo.tpot_s, spec.slo.e2e_s)
     figures.update(kv_breakdown.summarize(steps, duration, record.kv.breakdown))
     figures.update(step_anatomy.summarize(steps, duration))
-    figures.update(
-        max_in_flight=record.max_in_flight,
-        peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else math.nan,
-    )
-    ceilings = device_ceilings(device)
+    figures.update(max_in_flight=record.max_in_flight, peak_gpu_memory_bytes=target.peak_memory())
+    ceilings = target.ceilings()
     if ceilings is not None:
         first = requests.groupby("request_id")["prompt_tokens"].first()
-        figures.update(roofline(model_cfg, first.tolist(), requests["prompt_tokens"].tolist(), requests["output_tokens"].tolist(),
-                                concurrency_bound(spec, len(requests)), duration, *ceilings))
+        figures.update(roofline(target.model_cfg, first.tolist(), requests["prompt_tokens"].tolist(),
+                                requests["output_tokens"].tolist(), concurrency_bound(spec, len(requests)), duration,
+                                *ceilings))
     return figures, requests, steps
 
 
 def check_device(spec: JobSpec) -> None:
-    """A GPU reference workload refuses a CPU, before anything is built."""
-    if spec.require_cuda and not cuda_available():
+    """A GPU reference workload refuses a CPU, before anything is built (a server runs it where it runs)."""
+    if spec.require_cuda and not cuda_available() and spec.engine.name != "http":
         raise UserError(f"experiment {spec.name!r} is a GPU reference workload at a real model's size; "
                         "no CUDA device here (set require_cuda=false to run it anyway)")
 
 
-def _skip(spec: JobSpec, job_dir: Path, model_dir: Path, device: torch.device, label: str, metadata: dict[str, Any],
-          reason: str) -> str:
-    hw = hardware(device)
-    row = {**_params_row(spec, model_dir, device, label), "status": "skipped", "reason": reason, "hardware": hardware_label(hw)}
-    write_run(job_dir, row, {**metadata, "status": "skipped", "reason": reason, "hardware": hw})
-    log.warning("skipped %s: %s", spec.engine_label, reason)
-    return "skipped"
+def _write(spec: JobSpec, job_dir: Path, target: Target, row: dict[str, Any], metadata: dict[str, Any], status: str,
+           reason: str | None = None, requests: Any = None, steps: Any = None) -> str:
+    facts = target.metadata()
+    row = {**row, "status": status, "hardware": facts.pop("hardware_label")}
+    metadata = {**metadata, **facts, "status": status}
+    if reason is not None:
+        row["reason"] = metadata["reason"] = reason
+    write_run(job_dir, row, metadata, requests, steps)
+    return status
 
 
 def execute(spec: JobSpec, job_dir: Path, progress: bool = False) -> str:
     """Run one job into ``job_dir`` and return its status: ok, skipped (engine not landed, or saturated) or failed.
 
-    An engine that fails mid-run is recorded as failed, not raised, so that the rest of a
-    sweep still runs and its report says what failed; the app's exit status reports it too.
+    A target that fails mid-run is recorded as failed, not raised, so that the rest of a sweep still runs and
+    its report says what failed; so is a run in which no request completed. The app's exit status reports both.
     """
-    device = torch.device("cuda" if cuda_available() else "cpu")
     check_device(spec)
     if spec.torch_threads is not None:
+        import torch
+
         torch.set_num_threads(spec.torch_threads)
-    model_dir = resolve_model_dir(spec.model)
-    model_cfg = ModelConfig.from_dir(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    max_len = spec.engine.max_model_len or model_cfg.max_context
-    workload, arrival, requests, offsets = plan_requests(spec.workload, spec.arrival, tokenizer, model_cfg.vocab_size,
-                                                         max_len, spec.seed)
+    target = open_target(spec)
+    try:
+        status = _execute(spec, target, job_dir, progress)
+    except BaseException:
+        target.close(keep=False)  # never kept: a failed or interrupted run's engine may hold requests
+        raise
+    target.close(keep=spec.reuse_engine and status == "ok")
+    return status
+
+
+def _execute(spec: JobSpec, target: Target, job_dir: Path, progress: bool) -> str:
+    workload, arrival, requests, offsets = plan_requests(spec.workload, spec.arrival, target.tokenizer,
+                                                         target.model_cfg.vocab_size, target.max_len, spec.seed)
     spec = dataclasses.replace(spec, workload=workload, arrival=arrival)
     label = workload_label(spec.workload, spec.arrival)
-    metadata = {"name": spec.name, "engine_label": spec.engine_label, "engine": asdict(spec.engine), "model_dir": str(model_dir),
-                "model_source": spec.model.source,
-                "model_shape": model_shape(model_cfg), "workload_label": label, "git": git_state(),
-                "versions": versions(), "params": spec.params, "config": spec.config, "seed": spec.seed, "repeat": spec.repeat}
+    metadata = {"name": spec.name, "engine_label": spec.engine_label, "engine": asdict(spec.engine),
+                "model_dir": str(target.model_dir), "model_source": spec.model.source,
+                "model_shape": model_shape(target.model_cfg), "workload_label": label, "git": git_state(),
+                "versions": versions(), "params": spec.params, "config": spec.config, "seed": spec.seed,
+                "repeat": spec.repeat}
     reason = saturated(spec.saturation, spec.params, spec.repeat, job_dir.parent)
+    if reason is None:
+        try:
+            target.start()
+        except EngineNotAvailable as e:
+            reason = str(e)
+        except ValueError as e:  # the engine refused its settings: a user error, like a bad value in the config
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"engine {spec.engine_label}: {e}") from e
     if reason is not None:
-        return _skip(spec, job_dir, model_dir, device, label, metadata, reason)
-    key = engine_key(model_dir, spec.engine)
+        log.warning("skipped %s: %s", spec.engine_label, reason)
+        return _write(spec, job_dir, target, _params_row(spec, target, label), metadata, "skipped", reason)
+    spec = dataclasses.replace(spec, engine=target.engine, engine_label=target.engine_label)  # a server's own
+    metadata.update(engine_label=spec.engine_label, engine=asdict(spec.engine))
+    row = _params_row(spec, target, label)
+    desc = " ".join([spec.engine_label] + [f"{k}={v}" for k, v in spec.params.items() if k != "engine"])
     try:
-        engine, reused = KEEPER.acquire(key, lambda: create_engine(model_dir, spec.engine))
-    except EngineNotAvailable as e:
-        return _skip(spec, job_dir, model_dir, device, label, metadata, str(e))
-    except ValueError as e:  # the engine refused its settings: a user error, like a bad value in the config
-        raise UserError(f"engine {spec.engine_label}: {e}") from e
-    metadata["engine_reused"] = reused
-    device = getattr(engine, "device", device)
-    hw = hardware(device)
-    metadata["compute_dtype"] = compute_dtype(engine)  # the checkpoint's dtype stays in model_shape
-    row = {**_params_row(spec, model_dir, device, label, metadata["compute_dtype"]), "hardware": hardware_label(hw)}
-    try:
-        warm_up(engine, regular_token_ids(tokenizer, model_cfg.vocab_size), spec.warmup_requests)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        desc = " ".join([spec.engine_label] + [f"{k}={v}" for k, v in spec.params.items() if k != "engine"])
-        record = run_workload(engine, requests, offsets, spec.arrival.concurrency, desc=desc, progress=progress)
-        figures, request_rows, steps = _run_figures(spec, record, model_cfg, device)
-    except BaseException as e:
-        KEEPER.release(engine, key, keep=False)  # never kept: a failed or interrupted run's engine may hold requests
-        if not isinstance(e, Exception):
-            raise
+        target.warm_up(spec.warmup_requests)
+        record = target.run(requests, offsets, spec.arrival.concurrency, desc, progress)
+        figures, request_rows, steps = _run_figures(spec, record, target)
+    except Exception as e:
         reason = f"{type(e).__name__}: {e}"
-        write_run(job_dir, {**row, "status": "failed", "reason": reason}, {**metadata, "status": "failed", "reason": reason, "hardware": hw})
         log.error("failed %s: %s", spec.engine_label, reason)
-        return "failed"
-    KEEPER.release(engine, key, keep=spec.reuse_engine)
-    write_run(job_dir, {**row, "status": "ok", **figures}, {**metadata, "status": "ok", "hardware": hw}, request_rows, steps)
-    log.info("%s: %.1f output tok/s, p95 TTFT %.3f s, p95 TPOT %.4f s, KV token states %.1f%% of capacity",
-             desc, figures["output_tok_s"], figures["ttft_p95"], figures["tpot_p95"], 100 * figures["kv_token_states_frac"])
-    return "ok"
+        return _write(spec, job_dir, target, row, metadata, "failed", reason)
+    run = {**row, **figures}
+    status, reason = "ok", None
+    if not figures["completed"]:
+        errors = request_rows["error"].dropna()
+        status, reason = "failed", "no request completed" + (f"; the first error: {errors.iloc[0]}" if len(errors) else "")
+    if spec.save_vllm_result:  # before the run's metadata, whose presence marks it finished
+        write_json(job_dir / VLLM_RESULT, vllm_result({**run, "status": status}, request_rows, backend=target.backend,
+                                                      model_id=target.served_model, tokenizer_id=str(target.model_dir)))
+    _write(spec, job_dir, target, run, metadata, status, reason, request_rows, steps)
+    log.info("%s: %.1f output tok/s, p95 TTFT %.3f s, p95 TPOT %.4f s, KV token states %.1f%% of capacity, "
+             "%d of %d requests failed", desc, figures["output_tok_s"], figures["ttft_p95"], figures["tpot_p95"],
+             100 * figures["kv_token_states_frac"], figures["failed"], figures["num_requests"])
+    if status == "failed":
+        log.error("failed %s: %s", spec.engine_label, reason)
+    return status

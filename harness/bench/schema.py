@@ -244,10 +244,12 @@ class Config:
     # Keep the engine loaded between consecutive runs of a sweep with the same engine and model settings, as one
     # server serves every rate of a `vllm bench serve` sweep (harness.bench.engine_keeper); false builds one per run.
     reuse_engine: bool = False
+    # Also write each run as `vllm bench serve --save-result` does (vllm_result.json beside the tables, vLLM's fields).
+    save_vllm_result: bool = False
 
 
 # Top-level keys that say how to run or report, not what a run measures: a resumed sweep may change them.
-NOT_MEASURED = ("repeats", "resume", "report", "report_dir", "reuse_engine", "saturation")
+NOT_MEASURED = ("repeats", "resume", "report", "report_dir", "reuse_engine", "saturation", "save_vllm_result")
 
 
 def check_run_settings(cfg: Any) -> None:
@@ -262,7 +264,12 @@ def check_run_settings(cfg: Any) -> None:
 
 
 def register_configs() -> None:
-    """The base config, and the engine schemas that conf/engine extends (under schema/, not a user choice)."""
+    """The base config, and the engine schemas that conf/engine extends (under schema/, not a user choice), with the
+    benchmark's one target that is not an engine of ours: a server over HTTP (``engine=http``)."""
+    from harness.bench.http.config import HTTPConfig
+
     register_resolvers()
     register_engine_schemas()
-    ConfigStore.instance().store(name="base_config", node=Config)
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="schema/engine", name="http", node=HTTPConfig)

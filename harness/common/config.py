@@ -4,6 +4,7 @@ share its ``model/`` and ``engine/`` groups and their typed schemas (harness.com
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -18,3 +19,13 @@ def compose(config_name: str, overrides: list[str], job_name: str) -> DictConfig
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=job_name):
         return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+
+def override_value(v: Any) -> str:
+    """``v`` as the value of a Hydra override (``key=VALUE``): strings quoted, so a path's commas or spaces stay one
+    value rather than a sweep."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(v)

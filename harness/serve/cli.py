@@ -77,16 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return str(v)
-
-
 def to_overrides(args: argparse.Namespace) -> tuple[list[str], str | None]:
     """Flags as Hydra overrides, and the model argument as given (the default served name)."""
+    from harness.common.config import override_value
     from harness.common.errors import UserError
     from harness.models.presets import PRESETS
 
@@ -98,7 +91,7 @@ def to_overrides(args: argparse.Namespace) -> tuple[list[str], str | None]:
     model_arg = args.model
     if model_arg is not None:
         if Path(model_arg).is_dir():
-            out.append(f"model.path={_value(str(Path(model_arg).resolve()))}")
+            out.append(f"model.path={override_value(str(Path(model_arg).resolve()))}")
         elif model_arg in PRESETS:
             out.append(f"model.preset={model_arg}")
         else:
@@ -107,15 +100,15 @@ def to_overrides(args: argparse.Namespace) -> tuple[list[str], str | None]:
     for flag, key in SERVER_FLAGS.items():
         v = getattr(args, flag)
         if v is not None:
-            out.append(f"{key}={_value(v)}")
+            out.append(f"{key}={override_value(v)}")
     if args.served_model_name:
-        out.append("server.served_model_name=[" + ",".join(_value(n) for n in args.served_model_name) + "]")
+        out.append("server.served_model_name=[" + ",".join(override_value(n) for n in args.served_model_name) + "]")
     for flag in ENGINE_FLAGS:
         v = getattr(args, flag)
         if v is not None:
-            out.append(f"engine.{flag}={_value(v)}")
+            out.append(f"engine.{flag}={override_value(v)}")
     if args.enable_prefix_caching is not None:
-        out.append(f"engine.enable_prefix_caching={_value(args.enable_prefix_caching)}")
+        out.append(f"engine.enable_prefix_caching={override_value(args.enable_prefix_caching)}")
     if args.enforce_eager:
         out.append("engine.enforce_eager=true")
     if args.seed is not None:

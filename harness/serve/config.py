@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from engines.config import ENGINE_CONFIGS
 from harness.common.config import compose
 from harness.common.errors import UserError
 from harness.common.schema import ModelSpec, register_engine_schemas
@@ -71,6 +72,9 @@ def register_serve_configs() -> None:
 
 def compose_serve_config(overrides: list[str]) -> DictConfig:
     """``conf/serve.yaml`` with Hydra overrides applied (no run directory, no logging setup)."""
+    if any(o.lstrip("+~").replace(" ", "") == "engine=http" for o in overrides):
+        raise UserError("engine=http is the benchmark's target for measuring a server over HTTP (harness bench-serve), "
+                        "not an engine to serve; serve one of: " + ", ".join(sorted(ENGINE_CONFIGS)))
     register_serve_configs()
     cfg = compose("serve", overrides, job_name="serve")
     choice = cfg.hydra.runtime.choices.get("engine")
