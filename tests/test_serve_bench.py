@@ -326,3 +326,11 @@ def test_the_api_key_is_sent_and_never_recorded(start_server, tmp_path, monkeypa
     assert pd.read_parquet(out / "run.parquet").iloc[0]["completed"] == 6
     written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".csv", ".log", ".md")]
     assert written and not [p for p in written if "sekrit-42" in p.read_text(errors="replace")]
+
+
+def test_an_engine_named_on_the_command_line_is_left_out(server, tmp_path, caplog):
+    """The workload of an offline run, `engine=paged` included, runs against the server unchanged."""
+    out = tmp_path / "named"
+    assert cli.main(["bench-serve", "--base-url", server.base_url, "--out", str(out), *OVERRIDES, "engine=paged"]) == 0
+    assert pd.read_parquet(out / "run.parquet").iloc[0]["engine_label"] == "paged@http"
+    assert "the server's engine is fixed: engine=paged is left out" in caplog.text

@@ -206,7 +206,12 @@ class HarnessCallback(Callback):
         _finish(Path(config.hydra.sweep.dir), config)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        _finish(Path(config.hydra.runtime.output_dir), config)
+        """A single run says where its results are and its headline, as a sweep's progress line does per run."""
+        run_dir = Path(config.hydra.runtime.output_dir)
+        headline = _headline(run_dir)
+        if (run_dir / METADATA).exists():
+            print(f"results: {run_dir}" + (f" ({headline})" if headline else ""), file=sys.stderr)
+        _finish(run_dir, config)
 
 
 def _close_progress() -> None:

@@ -13,6 +13,7 @@ figures as an offline run. An experiment that sweeps engines measures the server
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.api_key:
         os.environ[API_KEY_ENV] = args.api_key  # read by the target; the run's recorded config never holds it
+    chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "engine"]
+    if chosen:
+        logging.getLogger(__name__).warning("the server's engine is fixed: %s is left out", " ".join(chosen))
+        overrides = [o for o in overrides if o not in chosen]
     multirun = args.multirun or _sweeps(overrides)  # as `vllm bench serve` users expect: a list of rates is a sweep
     return run_app((["-m"] if multirun else []) + to_overrides(args) + overrides)
 
