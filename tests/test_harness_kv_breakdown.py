@@ -9,13 +9,7 @@ import pytest
 
 from engines.base import KVStats
 from engines.kv.accounting import Allocation, KVLog
-from harness.bench.kv_breakdown import (
-    final_lengths,
-    internal_per_sample,
-    kv_steps,
-    summarize,
-    time_weighted_mean,
-)
+from harness.bench.kv_breakdown import final_lengths, internal_per_sample, kv_steps, summarize, time_weighted_mean
 from harness.bench.runner import SampleRecord
 
 START = 100.0  # the run's clock does not start at 0

@@ -5,13 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engines.model.config import ModelConfig
-from harness.bench.roofline import (
-    decode_kv_bytes,
-    floor_time,
-    min_decode_steps,
-    prefill_flops,
-    roofline,
-)
+from harness.bench.roofline import decode_kv_bytes, floor_time, min_decode_steps, prefill_flops, roofline
 from harness.models.presets import get_preset
 
 

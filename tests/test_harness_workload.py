@@ -9,12 +9,7 @@ import pytest
 
 from engines.detokenizer import load_tokenizer
 from harness.bench.schema import DatasetSpec, LengthDist, PrefixSpec, WorkloadSpec
-from harness.bench.workload import (
-    build_workload,
-    clipped_lognormal_mean,
-    draw_lengths,
-    lognormal_mu,
-)
+from harness.bench.workload import build_workload, clipped_lognormal_mean, draw_lengths, lognormal_mu
 from harness.common.engine import regular_token_ids
 from harness.common.errors import UserError
 

@@ -38,14 +38,7 @@ from harness.bench.engine_keeper import KEEPER
 from harness.bench.job import JobSpec, check_device, execute
 from harness.bench.progress import Console, SweepProgress
 from harness.bench.results import METADATA
-from harness.bench.schema import (
-    NOT_MEASURED,
-    ArrivalSpec,
-    SLOSpec,
-    WorkloadSpec,
-    check_run_settings,
-    register_configs,
-)
+from harness.bench.schema import NOT_MEASURED, ArrivalSpec, SLOSpec, WorkloadSpec, check_run_settings, register_configs
 from harness.bench.sweep import CURRENT as SWEEP
 from harness.common.config import CONF_DIR
 from harness.common.errors import USER_ERRORS, describe_error, user_error_in

@@ -98,8 +98,7 @@ def _params_row(spec: JobSpec, target: Target, label: str) -> dict[str, Any]:
         "experiment": spec.name, "engine": spec.engine.name, "engine_label": spec.engine_label,
         "model": target.model_name, "device": target.device.type if target.device is not None else "unknown",
         "model_source": spec.model.source,
-        # None where unknown: an engine that did not load, a server that does not say
-        "compute_dtype": target.metadata().get("compute_dtype"),
+        "compute_dtype": target.compute_dtype,
         "workload": w.name, "workload_label": label, "arrival": a.process, "concurrency": a.concurrency,
         "rate": a.rate, "load": a.load, "burstiness": a.burstiness, "n": w.n, "seed": spec.seed, "repeat": spec.repeat,
     }

@@ -29,23 +29,9 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from harness.bench.kv_breakdown import COMPONENTS
-from harness.bench.report import (
-    COMPONENT_LABELS,
-    PAPER_FIG2,
-    Figure,
-    _save,
-    _stacked_bar,
-    fmt_estimate,
-    fmt_ratio,
-)
+from harness.bench.report import COMPONENT_LABELS, PAPER_FIG2, Figure, _save, _stacked_bar, fmt_estimate, fmt_ratio
 from harness.bench.stats import median_ci, ratio_ci
-from harness.bench.sustain import (
-    LATENCY,
-    Sustained,
-    complete_repeats,
-    sustainable_rates,
-    unloaded_latency,
-)
+from harness.bench.sustain import LATENCY, Sustained, complete_repeats, sustainable_rates, unloaded_latency
 
 SYSTEMS = ("Orca (Max)", "Orca (Pow2)", "Orca (Oracle)", "vLLM")
 RESERVATIONS = {"max": "Orca (Max)", "pow2": "Orca (Pow2)", "oracle": "Orca (Oracle)"}

@@ -21,12 +21,7 @@ from engines.model.config import ModelConfig
 from harness.bench.engine_keeper import KEEPER, engine_key
 from harness.bench.roofline import device_ceilings
 from harness.bench.runner import RunRecord, run_workload
-from harness.common.engine import (
-    compute_dtype,
-    regular_token_ids,
-    resolve_model_dir,
-    warm_up,
-)
+from harness.common.engine import compute_dtype, regular_token_ids, resolve_model_dir, warm_up
 from harness.common.schema import cuda_available
 from harness.common.system_info import hardware, hardware_label
 
@@ -40,6 +35,8 @@ class Target(Protocol):
     engine_label: str
     model_name: str  # the run's `model` column
     device: torch.device | None  # where the engine runs (None: not known)
+    compute_dtype: str | None  # what its model computes in (None where unknown: an engine that did not load, a server
+    # that does not say)
 
     def start(self) -> None: ...
     def warm_up(self, num_requests: int) -> None: ...
@@ -92,11 +89,15 @@ class LocalTarget:
     def peak_memory(self) -> float:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else math.nan
 
+    @property
+    def compute_dtype(self) -> str | None:
+        return compute_dtype(self._engine) if self._engine is not None else None
+
     def metadata(self) -> dict[str, Any]:
         hw = hardware(self.device)
         out: dict[str, Any] = {"hardware": hw, "hardware_label": hardware_label(hw)}
         if self._engine is not None:
-            out.update(engine_reused=self.reused, compute_dtype=compute_dtype(self._engine))
+            out.update(engine_reused=self.reused, compute_dtype=self.compute_dtype)
         return out
 
     @property

@@ -8,11 +8,7 @@ import re
 from typing import Any
 
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    OmegaConfBaseException,
-)
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 
 class UserError(ValueError):

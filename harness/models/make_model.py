@@ -17,12 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from engines.model.config import ModelConfig
-from engines.model.random_weights import (
-    DRAWN,
-    WEIGHTS_KEY,
-    draw_tensor,
-    hf_weight_shapes,
-)
+from engines.model.random_weights import DRAWN, WEIGHTS_KEY, draw_tensor, hf_weight_shapes
 from harness.models.presets import Preset, get_preset
 from harness.models.tokenizer_builder import build_tokenizer
 

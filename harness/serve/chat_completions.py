@@ -17,19 +17,8 @@ from fastapi import Request as HTTPRequest
 from engines.request import TokenLogprob
 from harness.serve.errors import bad_request
 from harness.serve.logprobs import TokenText, chat_logprobs
-from harness.serve.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-)
-from harness.serve.serving import (
-    Generation,
-    Serving,
-    sse_event,
-    sse_response,
-    stream_updates,
-)
+from harness.serve.protocol import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse
+from harness.serve.serving import Generation, Serving, sse_event, sse_response, stream_updates
 
 
 async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, http: HTTPRequest, arrival: float,

@@ -156,12 +156,7 @@ def build_engine(resolved):
     """The engine, loaded and warm, and its model directory."""
     from engines import create_engine
     from engines.detokenizer import load_tokenizer
-    from harness.common.engine import (
-        freeze_heap,
-        regular_token_ids,
-        resolve_model_dir,
-        warm_up,
-    )
+    from harness.common.engine import freeze_heap, regular_token_ids, resolve_model_dir, warm_up
 
     model_dir = resolve_model_dir(resolved.model)
     t0 = time.perf_counter()
@@ -185,17 +180,14 @@ def open_engine(resolved) -> tuple[Any, dict[str, Any]]:
     """The engine, loaded and warm, and what the server reports about it (runs where the engine will run)."""
     import torch
 
-    from harness.common.system_info import (
-        hardware,
-        hardware_label,
-        model_shape,
-        versions,
-    )
+    from harness.common.engine import compute_dtype
+    from harness.common.system_info import hardware, hardware_label, model_shape, versions
 
     engine, model_dir = build_engine(resolved)
     device = getattr(engine, "device", torch.device("cpu"))
     hw = hardware(device if isinstance(device, torch.device) else torch.device(str(device)))
     return engine, {"model_dir": str(model_dir), "hardware": hw, "hardware_label": hardware_label(hw),
+                    "compute_dtype": compute_dtype(engine),
                     "model_shape": model_shape(engine.model_config), "versions": versions(),
                     "model_preset": resolved.model.preset if resolved.model.path is None else None}
 

@@ -18,19 +18,8 @@ from tokenizers import Tokenizer
 from engines.request import TokenLogprob
 from harness.serve.errors import bad_request
 from harness.serve.logprobs import TokenText, completion_logprobs
-from harness.serve.protocol import (
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-)
-from harness.serve.serving import (
-    Choice,
-    Generation,
-    Serving,
-    sse_event,
-    sse_response,
-    stream_updates,
-)
+from harness.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from harness.serve.serving import Choice, Generation, Serving, sse_event, sse_response, stream_updates
 
 
 async def create_completion(serving: Serving, body: CompletionRequest, http: HTTPRequest, arrival: float,

@@ -27,14 +27,7 @@ from fastapi.responses import StreamingResponse
 from tokenizers import Tokenizer
 
 from engines.detokenizer import SampleStream
-from engines.request import (
-    FinishReason,
-    Request,
-    RequestError,
-    RequestOutput,
-    SamplingParams,
-    TokenLogprob,
-)
+from engines.request import FinishReason, Request, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from harness.serve.chat import ChatTemplate
 from harness.serve.config import ServerConfig
 from harness.serve.engine_loop import EngineDead, EngineLoop, QueueFull

@@ -26,13 +26,7 @@ from engines.model.config import ModelConfig
 from harness.bench.http.client import StreamClient
 from harness.bench.http.config import HTTPConfig
 from harness.bench.http.kv_poller import KVPoller
-from harness.bench.http.server import (
-    discover,
-    engine_of,
-    open_connections,
-    takes_token_ids,
-    tokenizer_dir,
-)
+from harness.bench.http.server import discover, engine_of, open_connections, takes_token_ids, tokenizer_dir
 from harness.bench.runner import RunRecord, run_streams
 from harness.bench.workload import PlannedRequest
 from harness.common.engine import regular_token_ids, warmup_requests
@@ -145,9 +139,13 @@ class HTTPTarget:
                        "prompt_format": "text" if self.client is not None and self.client.text else "token-ids",
                        "info": {k: v for k, v in info.items() if k not in ("hardware", "versions", "model_shape", "config")}},
         }
-        if info.get("compute_dtype"):
-            out["compute_dtype"] = info["compute_dtype"]
+        if self.compute_dtype is not None:
+            out["compute_dtype"] = self.compute_dtype
         return out
+
+    @property
+    def compute_dtype(self) -> str | None:
+        return (self.view.info or {}).get("compute_dtype")
 
     @property
     def served_model(self) -> str:
