@@ -243,7 +243,8 @@ def test_save_result_writes_what_vllm_bench_serve_writes(server, tmp_path):
 
 @pytest.fixture(scope="module")
 def strings_only(tiny_model):
-    """Our server behind a front that refuses token-id prompts, as servers that take only strings do."""
+    """Our server behind a front that refuses token-id prompts, as servers that take only strings do, and has no
+    /kvbench routes (404, as a server that is not ours)."""
     from fastapi.responses import JSONResponse
     from starlette.middleware.base import BaseHTTPMiddleware
 
@@ -257,6 +258,8 @@ def strings_only(tiny_model):
                      served_names=["tiny-qwen3"], cfg=ServerConfig())
 
     async def strings(request, call_next):
+        if request.url.path.startswith("/kvbench/"):
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
         if request.url.path == "/v1/completions" and not isinstance(json.loads(await request.body()).get("prompt"), str):
             return JSONResponse({"error": {"message": "prompt must be a string", "type": "invalid_request_error",
                                            "param": "prompt", "code": None}}, status_code=400)
@@ -274,7 +277,8 @@ def test_a_server_that_takes_only_text_gets_text_prompts_and_the_true_lengths_fr
     run = pd.read_parquet(out / "run.parquet").iloc[0]
     assert run["completed"] == 6 and run["failed"] == 0
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["server"]["prompt_format"] == "text"
+    assert meta["server"]["prompt_format"] == "text" and meta["server"]["kv_source"] == "metrics"
+    assert (out / "report.md").is_file() and run["kv_peak_allocated_frac"] >= 0
     requests = pd.read_parquet(out / "requests.parquet")
     assert (requests["prompt_tokens"] > 0).all()  # the server's count of the text it was sent
     out = tmp_path / "ids"  # asked for token ids anyway: every request fails (exit 1), and the run says so
