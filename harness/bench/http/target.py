@@ -40,22 +40,11 @@ API_KEY_ENV = "OPENAI_API_KEY"  # the key is read from the environment, never wr
 
 class HTTPTarget:
     def __init__(self, spec) -> None:
-        import aiohttp
-        import httpx
-
         self.cfg: HTTPConfig = spec.engine
         self.loop = asyncio.new_event_loop()  # the sessions belong to it: every call of this target runs on it
         api_key = os.environ.get(API_KEY_ENV)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        timeout = self.cfg.request_timeout
-        self.http = self._call(_make(lambda: httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=30.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))))
-        # the streams go over aiohttp: its C HTTP parser costs a third of httpx's CPU per chunk, and a client that
-        # runs out of CPU stamps tokens late (metadata's client_cpu_util says how busy it was)
-        self.streams = self._call(_make(lambda: aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=timeout),
-            connector=aiohttp.TCPConnector(limit=0))))
+        self.http, self.streams = self._call(_sessions(self.cfg.request_timeout))
         try:
             self.view = self._call(discover(self.http, self.cfg.base_url, self.cfg.model, headers))
             overridden = any(k == "model" or k.startswith("model.") for k in spec.params)
@@ -65,6 +54,7 @@ class HTTPTarget:
             raise
         self.model_cfg = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
+        self.token_ids = regular_token_ids(self.tokenizer, self.model_cfg.vocab_size)  # what prompts may hold
         self.max_len = self.view.max_model_len or self.model_cfg.max_context
         self.engine, self.engine_label = engine_of(self.view, self.cfg)
         info = self.view.info or {}
@@ -82,16 +72,14 @@ class HTTPTarget:
     def start(self) -> None:
         text = self.cfg.prompt_format == "text"
         if self.cfg.endpoint == "completions" and self.cfg.prompt_format == "auto":
-            ids = regular_token_ids(self.tokenizer, self.model_cfg.vocab_size)[:8].tolist()
-            text = not self._call(takes_token_ids(self.http, self.view, ids))
+            text = not self._call(takes_token_ids(self.http, self.view, self.token_ids[:8].tolist()))
         self.client = StreamClient(self.streams, self.view, self.cfg.endpoint, self.tokenizer,
                                    tag=f"bench-{uuid.uuid4().hex[:8]}", text=text)
 
     def warm_up(self, num_requests: int) -> None:
         """The warm-up requests an offline engine gets, all at once; a failure is logged, as the run's would be."""
-        token_ids = regular_token_ids(self.tokenizer, self.model_cfg.vocab_size)
         planned = [PlannedRequest(r.request_id, r.prompt_token_ids, r.sampling_params)
-                   for r in warmup_requests(token_ids, num_requests)]
+                   for r in warmup_requests(self.token_ids, num_requests)]
         if not planned:
             return
         record = self._call(run_streams(self.client, planned, np.zeros(len(planned)), progress=False))
@@ -165,6 +153,15 @@ class HTTPTarget:
             self.loop.close()
 
 
-async def _make(factory):
-    """``factory()`` called on the running loop (aiohttp binds a session to the loop it is made on)."""
-    return factory()
+async def _sessions(timeout: float | None):
+    """The target's two HTTP clients, made on its loop (aiohttp binds a session to the loop it is made on): httpx for
+    the few plain requests, aiohttp for the streams, whose C HTTP parser costs a third of httpx's CPU per chunk (a
+    client that runs out of CPU stamps tokens late; metadata's client_cpu_util says how busy it was)."""
+    import aiohttp
+    import httpx
+
+    http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0),
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+    streams = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=timeout),
+                                    connector=aiohttp.TCPConnector(limit=0))
+    return http, streams
