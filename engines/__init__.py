@@ -15,6 +15,7 @@ ENGINE_CLASSES = {
     "hf_paged": ("engines.hf_paged", "HFPagedEngine"),
     "contiguous": ("engines.contiguous", "ContiguousEngine"),
     "paged": ("engines.paged", "PagedEngine"),
+    "vattention": ("engines.vattention", "VAttentionEngine"),
 }
 
 

@@ -79,6 +79,23 @@ class ContiguousConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig):
 
 
 @dataclass
+class VAttentionConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig):
+    """Virtual-contiguous KV (vAttention): contiguous addresses per request, physical pages mapped on demand."""
+
+    name: str = "vattention"
+    # KiB of one physical page (one layer's K or V for a run of tokens); None: the allocation granularity, the
+    # driver's minimum on CUDA (2 MiB on an H100), the host's page size elsewhere. A multiple of it.
+    page_size_kb: Optional[int] = None
+    # Keep a finished sequence's pages mapped for the next one in its slot; unmap only when memory is short.
+    deferred_reclamation: bool = True
+    # After launching a step, map the pages each decoding sequence's next step will need, on a worker thread,
+    # while the device runs (the paper's overlap of allocation with compute).
+    overlap_mapping: bool = True
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256
+
+
+@dataclass
 class HFConfig:
     name: str = "hf"
     batch_size: int = 1  # 1 = one request at a time; more = static padded batches
@@ -104,4 +121,5 @@ class HFPagedConfig:
     max_model_len: Optional[int] = None
 
 
-ENGINE_CONFIGS = {"hf": HFConfig, "hf_paged": HFPagedConfig, "contiguous": ContiguousConfig, "paged": PagedConfig}
+ENGINE_CONFIGS = {"hf": HFConfig, "hf_paged": HFPagedConfig, "contiguous": ContiguousConfig, "paged": PagedConfig,
+                  "vattention": VAttentionConfig}

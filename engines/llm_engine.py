@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from engines.base import Engine, KVStats
-from engines.config import ContiguousConfig, PagedConfig
+from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
 from engines.kv.manager import KVManager
+from engines.kv.storage import KVStorage
 from engines.kv.metadata import StepSequence, build_metadata
 from engines.model.loader import load_model, resolve_device
 from engines.model_runner import LaunchedStep, ModelRunner, SampleRow
@@ -30,7 +31,7 @@ class LLMEngine(Engine):
     samples_kv_itself = True
     supports_logprobs = True
 
-    def __init__(self, model_dir: str | Path, cfg: PagedConfig | ContiguousConfig) -> None:
+    def __init__(self, model_dir: str | Path, cfg: PagedConfig | ContiguousConfig | VAttentionConfig) -> None:
         super().__init__(model_dir, cfg.max_model_len)
         self.cfg = cfg
         self._check_config()
@@ -53,7 +54,7 @@ class LLMEngine(Engine):
             self.model, self.kv, num_slots=self.kv.capacity, num_host_slots=self.host_slots(self.kv.block_size),
             max_model_len=self.max_model_len, use_cuda_graphs=not cfg.enforce_eager,
             cuda_graph_max_batch=min(cfg.cuda_graph_max_batch, cfg.max_num_seqs), clock=self.clock,
-            logprobs_mode=cfg.logprobs_mode,
+            logprobs_mode=cfg.logprobs_mode, storage=self.make_kv_storage(),
         )
         if self.device.type == "cuda":
             self._warm_up()
@@ -64,6 +65,13 @@ class LLMEngine(Engine):
 
     @abc.abstractmethod
     def make_kv_manager(self, num_slots: int) -> KVManager: ...
+
+    def make_kv_storage(self) -> KVStorage | None:
+        """The memory under the cache tensor; None: an ordinary allocation of the manager's capacity."""
+        return None
+
+    def after_launch(self, batch: ScheduledBatch) -> None:
+        """KV work that can run while the device runs the step just launched (none by default)."""
 
     # -- sizing ------------------------------------------------------------------------------
     def _check_config(self) -> None:
@@ -222,6 +230,9 @@ class LLMEngine(Engine):
 
     def close(self) -> None:
         self._in_flight = None
+        if self.runner is not None:
+            self.runner.graphs = None
+            self.runner.storage.close()
         self.runner = None
         self.model = None
         if self.device.type == "cuda":
@@ -254,6 +265,7 @@ class LLMEngine(Engine):
         rows = self._sample_rows(batch)
         launched = self.runner.launch(batch, rows)
         self._advance(batch, rows)
+        self.after_launch(batch)
         self.clock.lap("postprocess")
         outputs = self._postprocess(previous) if previous is not None else []
         if self.cfg.async_scheduling and not self._must_wait(rows):

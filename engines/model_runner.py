@@ -14,6 +14,7 @@ import torch
 
 from engines.kv.manager import CacheOps, KVManager
 from engines.kv.metadata import Addressing, AttentionMetadata, DecodeBatch, StepSequence, build_metadata
+from engines.kv.storage import KVStorage
 from engines.model.decoder import CausalLM
 from engines.sampling import Logprobs, Sampler, SamplingBatch, uses_history
 from engines.scheduler import ScheduledBatch
@@ -80,17 +81,21 @@ class _DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = None
-        for b in reversed(self.sizes):
-            meta = self.metadata(b)
-            for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
-                runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
-            pool = graph.pool()
-            self.graphs[b] = graph
+        with runner.storage.scratch():  # padding rows read token 0
+            for b in reversed(self.sizes):
+                pool = self._capture(runner, b, pool)
         torch.cuda.synchronize()
+
+    def _capture(self, runner: "ModelRunner", b: int, pool: object) -> object:
+        meta = self.metadata(b)
+        for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
+            runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.outputs[b] = runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
+        self.graphs[b] = graph
+        return graph.pool()
 
     def metadata(self, b: int) -> AttentionMetadata:
         addressing = Addressing(
@@ -114,7 +119,7 @@ class _DecodeGraphs:
             self.block_tables[n:b, 0].fill_(0)
         else:
             self.seq_starts[:n].copy_(to_device(starts, self.seq_starts.device))
-            self.seq_starts[n:b].fill_(0)
+            self.seq_starts[n:b].fill_(int(starts[0]))  # the first row's token 0: backed memory whatever the storage
         return b
 
     def replay(self, n: int, b: int, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -155,6 +160,7 @@ class ModelRunner:
         cuda_graph_max_batch: int,
         clock: StepClock | None = None,
         logprobs_mode: str = "raw",
+        storage: KVStorage | None = None,
     ) -> None:
         self.model = model
         self.logprobs_mode = logprobs_mode
@@ -162,7 +168,8 @@ class ModelRunner:
         self.kv = kv
         self.device = model.device
         self.max_model_len = max_model_len
-        self.kv_cache = model.allocate_kv_cache(num_slots)
+        self.storage = storage or KVStorage(model.allocate_kv_cache(num_slots))
+        self.kv_cache = self.storage.tensor
         self.host_cache = None
         if num_host_slots:
             self.host_cache = model.allocate_kv_cache(num_host_slots, device=torch.device("cpu"))
@@ -179,6 +186,9 @@ class ModelRunner:
 
     # -- cache moves -------------------------------------------------------------------------
     def apply(self, ops: CacheOps) -> None:
+        self.clock.lap("kv")
+        self.storage.apply(ops.unmaps, ops.maps)
+        self.clock.lap("map")
         kernels = self.model.ops
         bs = self.kv.block_size
         if ops.swap_out:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-HOST_PHASES = ("schedule", "kv", "prepare", "launch", "sync", "postprocess")
+HOST_PHASES = ("schedule", "kv", "map", "prepare", "launch", "sync", "postprocess")
 
 
 @dataclass
@@ -39,11 +39,12 @@ class StepTimes:
     sync: float
     postprocess: float
     gpu: float = math.nan
+    map: float = 0.0  # mapping and unmapping KV pages (virtual-contiguous storage; 0 for the others)
 
 
 # The KV manager's calls an engine makes during a step (engines.kv.manager.KVManager).
 KV_CALLS = ("admit", "allocate", "free", "fork", "commit", "commit_many", "swap_in", "swap_out", "slot_mapping",
-            "decode_slots", "addressing", "kv_stats", "take_ops")
+            "decode_slots", "addressing", "kv_stats", "take_ops", "map_ahead")
 
 
 class _TimedKV:

@@ -9,9 +9,10 @@ import dataclasses
 import random
 
 import pytest
+import torch
 
 from engines import create_engine
-from engines.config import ContiguousConfig, PagedConfig
+from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
 from engines.request import FinishReason, Request, SamplingParams
 
 N = 24
@@ -83,6 +84,12 @@ CONFIGS = {
     "contiguous-oracle": ContiguousConfig(dtype="float32", reservation="oracle", num_kv_slots=400, max_num_seqs=8,
                                           max_num_batched_tokens=32),
     "contiguous-max": ContiguousConfig(dtype="float32", reservation="max", max_model_len=96, num_kv_slots=400, max_num_seqs=8),
+    # 65,536 slots: eight 2 MiB page groups on a GPU (a page per sequence), 4,096 groups of 16 tokens on a CPU
+    "vattention": VAttentionConfig(dtype="float32", max_model_len=96, num_kv_slots=65536, max_num_seqs=8,
+                                   max_num_batched_tokens=32),
+    **({} if torch.cuda.is_available() else {  # 16 tokens a page: growth, preemption and pages taken back
+        "vattention-preempting": VAttentionConfig(dtype="float32", max_model_len=96, num_kv_slots=128, max_num_seqs=8,
+                                                  max_num_batched_tokens=32, num_scheduler_steps=2)}),
 }
 
 

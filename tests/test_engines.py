@@ -7,7 +7,7 @@ import random
 import pytest
 
 from engines import EngineNotAvailable, create_engine
-from engines.config import ContiguousConfig, HFConfig, HFPagedConfig, PagedConfig
+from engines.config import ContiguousConfig, HFConfig, HFPagedConfig, PagedConfig, VAttentionConfig
 from engines.model.loader import load_model
 from engines.model.reference import greedy_generate
 from engines.request import FinishReason, Request, RequestError, SamplingParams
@@ -67,8 +67,14 @@ def run_exact(model_dir, reference, cfg, workload="mixed"):
     ContiguousConfig(reservation="oracle", max_num_batched_tokens=16, max_num_seqs=8),
     PagedConfig(block_size=4, num_scheduler_steps=5, max_num_seqs=12),  # multi-step decode
     ContiguousConfig(reservation="oracle", num_scheduler_steps=8, num_kv_slots=400),  # exact regions
-], ids=lambda c: f"{c.name}-{getattr(c, 'block_size', getattr(c, 'reservation', ''))}-{c.max_num_batched_tokens}"
-                    f"-k{c.num_scheduler_steps}")
+    # tiny-qwen3 in float32: 16 tokens a 4 KiB page, so most sequences span several
+    VAttentionConfig(max_model_len=128, num_kv_slots=1024),
+    VAttentionConfig(max_model_len=128, num_kv_slots=1024, page_size_kb=16),  # 64 tokens a page
+    VAttentionConfig(max_model_len=128, max_num_batched_tokens=16, max_num_seqs=8, num_kv_slots=512),
+    VAttentionConfig(max_model_len=128, num_scheduler_steps=5, num_kv_slots=600, deferred_reclamation=False,
+                     overlap_mapping=False),
+], ids=lambda c: f"{c.name}-{getattr(c, 'block_size', getattr(c, 'reservation', getattr(c, 'page_size_kb', '')))}"
+                    f"-{c.max_num_batched_tokens}-k{c.num_scheduler_steps}")
 def test_greedy_matches_reference(model_dir, reference, cfg):
     run_exact(model_dir, reference, cfg)
 
@@ -94,6 +100,20 @@ def test_preemption_stays_exact(model_dir, reference, mode, chunk):
         assert stats.num_swapped_out > 0
 
 
+@pytest.mark.parametrize("chunk", [None, 16], ids=["whole-prompts", "chunked-16"])
+def test_vattention_preemption_and_reclamation_stay_exact(model_dir, reference, chunk):
+    """Ten page groups for 32 requests of up to 100 tokens: sequences are preempted, and pages freed by one are
+    taken back from the slot they idle in (an unmap, then a map elsewhere)."""
+    budget = {"max_num_batched_tokens": chunk, "max_num_seqs": 8} if chunk else {}
+    engine = create_engine(model_dir, VAttentionConfig(max_model_len=160, num_kv_slots=160, num_scheduler_steps=3,
+                                                       **budget))
+    prompts, lengths, expected = reference["shared"]
+    got = engine.generate(requests(prompts, lengths))
+    assert [got[f"r{i}"][0] for i in range(N)] == expected
+    assert engine.kv_stats().num_preemptions > 0
+    assert engine.kv.num_unmaps > 0 and engine.kv.num_maps > engine.kv.num_groups
+
+
 @pytest.mark.parametrize("name", ["hf", "hf_paged"])
 def test_transformers_baselines_match_reference(model_dir, reference, name):
     prompts, lengths, expected = reference["mixed"]
@@ -107,8 +127,9 @@ def test_transformers_baselines_match_reference(model_dir, reference, name):
     assert [got[f"r{i}"][0] for i in range(8)] == expected[:8]
 
 
-@pytest.mark.parametrize("cfg", [PagedConfig(block_size=4), ContiguousConfig(reservation="oracle", num_scheduler_steps=4)],
-                         ids=["paged", "contiguous"])
+@pytest.mark.parametrize("cfg", [PagedConfig(block_size=4), ContiguousConfig(reservation="oracle", num_scheduler_steps=4),
+                                 VAttentionConfig(max_model_len=128, num_kv_slots=1024)],
+                         ids=["paged", "contiguous", "vattention"])
 def test_parallel_samples(model_dir, reference, cfg):
     prompts, lengths, expected = reference["mixed"]
     engine = create_engine(model_dir, cfg)

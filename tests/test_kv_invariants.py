@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engines import create_engine
-from engines.config import ContiguousConfig, PagedConfig
+from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
 from engines.request import FinishReason, Request, SamplingParams
 from engines.sequence import Sequence
 
@@ -28,6 +28,19 @@ def check_sharing(engine) -> None:
         assert all(longer[: len(prefixes[0])] == prefixes[0] for longer in prefixes), f"block {block_id} diverged"
 
 
+def check_mapped(engine) -> None:
+    """The storage maps exactly the pages the manager says are mapped, each with the group it says, once the
+    manager's ops not yet applied (the next step's) are."""
+    kv, storage = engine.kv, engine.runner.storage
+    storage.join()
+    mapped = dict(storage.mapped)
+    for key in kv.ops.unmaps:
+        del mapped[key]
+    mapped |= {(slot, page): group for slot, page, group in kv.ops.maps}
+    expected = {(int(r), int(p)): int(kv.page_of[r, p]) for r, p in zip(*(kv.page_of >= 0).nonzero())}
+    assert mapped == expected, "storage out of step with the page table"
+
+
 operation = st.one_of(
     st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 24), st.integers(1, 3), st.integers(0, 2)),
     st.tuples(st.just("step"), st.integers(1, 4)),
@@ -44,6 +57,11 @@ CONFIGS = {
     "contiguous-pow2": ContiguousConfig(reservation="pow2", num_kv_slots=160, max_num_seqs=6, max_num_batched_tokens=24),
     "contiguous-max": ContiguousConfig(reservation="max", max_model_len=64, num_kv_slots=200, max_num_seqs=6,
                                        max_num_batched_tokens=24),
+    # tiny-qwen3 in float32: 16 tokens a 4 KiB page
+    "vattention": VAttentionConfig(max_model_len=64, num_kv_slots=160, max_num_seqs=6, max_num_batched_tokens=24),
+    "vattention-eager-unmap": VAttentionConfig(max_model_len=64, num_kv_slots=96, max_num_seqs=4,
+                                               max_num_batched_tokens=16, deferred_reclamation=False,
+                                               overlap_mapping=False, num_scheduler_steps=3),
 }
 
 
@@ -61,6 +79,9 @@ def must_accept(engine, prompt_len: int, max_tokens: int, n: int) -> bool:
     longest = min(prompt_len + max_tokens, context)
     if isinstance(cfg, PagedConfig):
         return -(-longest // cfg.block_size) <= cfg.num_blocks
+    if isinstance(cfg, VAttentionConfig):
+        page = engine.kv.tokens_per_page
+        return -(-longest // page) * n <= cfg.num_kv_slots // page
     size = {"max": context, "pow2": min(1 << (longest - 1).bit_length(), context), "oracle": longest}[cfg.reservation]
     return size * n <= cfg.num_kv_slots
 
@@ -102,6 +123,8 @@ def test_invariants_hold_after_every_step(engines, name, ops, prefix):
         engine.kv.check_invariants(live)
         if hasattr(engine.kv, "tables"):
             check_sharing(engine)
+        if hasattr(engine.kv, "page_of"):
+            check_mapped(engine)
     while engine.has_unfinished():  # drain: everything finishes and frees its memory
         step()
         engine.kv.check_invariants(engine.scheduler.live)

@@ -22,11 +22,15 @@ class CacheOps:
 
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+    # Virtual-contiguous storage (engines.kv.virtual_manager): pages to unmap, then page groups to map (a forked
+    # sample's pages are mapped before its prompt is copied in).
+    unmaps: list[tuple[int, int]] = field(default_factory=list)  # (request slot, page)
+    maps: list[tuple[int, int, int]] = field(default_factory=list)  # (request slot, page, page group)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) within the device cache
     copy_block_size: int = 1  # slots per unit in ``copies``
 
     def __bool__(self) -> bool:
-        return bool(self.swap_out or self.swap_in or self.copies)
+        return bool(self.swap_out or self.swap_in or self.copies or self.unmaps or self.maps)
 
 
 class KVManager(abc.ABC):

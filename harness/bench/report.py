@@ -62,7 +62,7 @@ SUMMARY_COLUMNS = {
 
 
 PERCENT_COLUMNS = ("kv_token_states_frac", "kv_waste", "kv_fragmentation", "roofline_efficiency", "gpu_busy_frac")
-PHASE_COLORS = {"schedule": "#4878a8", "kv": "#d9534f", "prepare": "#f2b134", "launch": "#7f5a9e", "sync": "#bbbbbb",
+PHASE_COLORS = {"schedule": "#4878a8", "kv": "#d9534f", "map": "#e8938f", "prepare": "#f2b134", "launch": "#7f5a9e", "sync": "#bbbbbb",
                 "postprocess": "#4c9a2a"}
 ANATOMY_COLUMNS = (*(f"step_{p}_ms" for p in HOST_PHASES), "step_ms", "step_gpu_ms", "in_step_frac")
 USED_FRAC_COLUMNS = tuple(f"kv_{c}_used_frac" for c in COMPONENTS)

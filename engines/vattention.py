@@ -1,0 +1,84 @@
+"""The virtual-contiguous (vAttention) engine: the shared engine loop, the contiguous kernels, KV pages mapped on demand.
+
+Same model, scheduler, runner, sampler and kernels as the contiguous engine; the
+differences are the KV manager (``engines.kv.virtual_manager``: a request slot per
+sequence, page groups mapped as it grows) and the storage under the cache tensor
+(``engines.kv.cuda_vmm`` on CUDA: a virtual address reservation; ``HostPageStorage``
+elsewhere).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engines.config import VAttentionConfig
+from engines.kv.storage import HostPageStorage, KVStorage, PageGeometry, host_granularity
+from engines.kv.virtual_manager import VirtualKVManager
+from engines.llm_engine import LLMEngine
+from engines.scheduler import ScheduledBatch
+
+
+class VAttentionEngine(LLMEngine):
+    name = "vattention"
+    cfg: VAttentionConfig
+
+    def _page_bytes(self) -> int:
+        """One page's bytes: the configured size, checked against the device's granularity and one token's K."""
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            from engines.kv.cuda_vmm import granularity
+
+            gran, where = granularity(self.device), "the driver's allocation granularity"
+        else:
+            gran, where = host_granularity(), "the host's page size"
+        size = gran if self.cfg.page_size_kb is None else self.cfg.page_size_kb * 1024
+        if size <= 0 or size % gran:
+            raise ValueError(f"page_size_kb={self.cfg.page_size_kb}: a page must be a positive multiple of {where} "
+                             f"({gran // 1024} KiB)")
+        token = self.slot_bytes // (2 * self.model_config.num_layers)
+        if size % token:
+            raise ValueError(f"a page of {size} B does not hold a whole number of tokens of one layer's K "
+                             f"({token} B each)")
+        return size
+
+    def make_kv_manager(self, num_slots: int) -> VirtualKVManager:
+        page = self._page_bytes()
+        tokens_per_page = page // (self.slot_bytes // (2 * self.model_config.num_layers))
+        num_groups = num_slots // tokens_per_page
+        if num_groups * tokens_per_page < self.max_model_len:
+            raise ValueError(
+                f"the KV budget holds {num_groups} page groups of {tokens_per_page} tokens "
+                f"({num_groups * tokens_per_page} tokens): too few for one request of max_model_len "
+                f"({self.max_model_len}); raise the budget or lower max_model_len"
+            )
+        return VirtualKVManager(
+            num_groups, tokens_per_page, num_request_slots=self.cfg.max_num_seqs, max_model_len=self.max_model_len,
+            deferred_reclamation=self.cfg.deferred_reclamation,
+        )
+
+    def make_kv_storage(self) -> KVStorage:
+        kv: VirtualKVManager = self.kv
+        mc = self.model_config
+        geometry = PageGeometry(mc.num_layers, kv.num_request_slots, kv.slot_tokens, kv.tokens_per_page,
+                                mc.num_kv_heads * mc.head_dim * self.model.dtype.itemsize)
+        shape = (mc.num_layers, 2, kv.num_request_slots * kv.slot_tokens, mc.num_kv_heads, mc.head_dim)
+        if self.device.type == "cuda":
+            from engines.kv.cuda_vmm import CudaPageStorage
+
+            return CudaPageStorage(geometry, kv.num_groups, shape, self.model.dtype, self.device)
+        # calloc'd (numpy's zeros): a large one is an anonymous mapping the OS backs with zero pages on first touch,
+        # so untouched slots cost no memory: the host's own virtual memory stands in for the driver's.
+        zeros = torch.from_numpy(np.zeros(geometry.total_bytes, dtype=np.uint8))
+        return HostPageStorage(zeros.view(self.model.dtype).view(shape), geometry)
+
+    def after_launch(self, batch: ScheduledBatch) -> None:
+        """Map the pages the decodes' next step will need while the device runs this one (``overlap_mapping``)."""
+        if not self.cfg.overlap_mapping or not batch.decodes:
+            return
+        self.clock.lap("postprocess")
+        self.kv.map_ahead(batch.decodes, max(batch.decode_steps))
+        ops = self.kv.take_ops()
+        if ops:
+            self.runner.storage.apply_async(ops.unmaps, ops.maps)
+        self.clock.lap("map")
