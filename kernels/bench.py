@@ -729,6 +729,7 @@ def summary(rows: list[Row], peaks: DevicePeaks) -> str:
         lines.append(f"best {kernel} {addressing} b{batch} ctx{context or r.q_len}: {r.time_us:.1f} us ({r.config})")
     lines += peer_summary(rows)
     lines += layer_summary(rows)
+    lines += vmm_summary(rows)
     return "\n".join(lines)
 
 
@@ -751,8 +752,71 @@ class CsvLog:
             self.fh.flush()
 
 
+class VMMCache:
+    """``cache``'s K and V copied into virtual-contiguous memory as the vattention engine lays it out: one
+    reservation, each sequence at the start of its own slot of whole driver pages, only the pages it fills
+    mapped (engines.kv.cuda_vmm)."""
+
+    def __init__(self, cache: Cache) -> None:
+        from engines.kv.cuda_vmm import CudaPageStorage, granularity
+        from engines.kv.storage import PageGeometry
+
+        token_bytes = KV_HEADS * HEAD_DIM * cache.k.element_size()
+        per_page = granularity(cache.device) // token_bytes
+        pages = -(-cache.length // per_page)
+        geometry = PageGeometry(1, cache.batch, pages * per_page, per_page, token_bytes)
+        shape = (1, 2, cache.batch * geometry.slot_tokens, KV_HEADS, HEAD_DIM)
+        self.storage = CudaPageStorage(geometry, cache.batch * pages, shape, cache.k.dtype, cache.device)
+        self.storage.apply([], [(b, j, b * pages + j) for b in range(cache.batch) for j in range(pages)])
+        self.k, self.v = self.storage.tensor[0, 0], self.storage.tensor[0, 1]
+        for dst, src in ((self.k, cache.k), (self.v, cache.v)):
+            dst.view(cache.batch, geometry.slot_tokens, KV_HEADS, HEAD_DIM)[:, : cache.length].copy_(
+                src.view(cache.batch, cache.length, KV_HEADS, HEAD_DIM))
+        self.seq_starts = torch.arange(cache.batch, dtype=torch.int32, device=cache.device) * geometry.slot_tokens
+
+
+def vmm_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
+    """The contiguous decode kernel on virtual-contiguous memory (driver pages mapped into one reservation)
+    against the same kernel on an ordinary allocation (they should be equal) and the paged kernel (block size
+    16) over the same K/V, each checked equal to the ordinary one and timed in interleaved passes."""
+    for batch, context in [(b, c) for b in plan.batches for c in plan.contexts]:
+        cache = Cache(batch, context, dtype, device)
+        vmm = VMMCache(cache)
+        q = torch.randn(batch, HEADS, HEAD_DIM, dtype=dtype, device=device)
+        table = cache.block_table(16)
+        calls = {
+            "contiguous": lambda: triton_ops.decode_attention(
+                q, cache.k, cache.v, cache.seq_lens, seq_starts=cache.seq_starts, max_seq_len=context, validate=False),
+            "contiguous_vmm": lambda: triton_ops.decode_attention(
+                q, vmm.k, vmm.v, cache.seq_lens, seq_starts=vmm.seq_starts, max_seq_len=context, validate=False),
+            "paged": lambda: triton_ops.decode_attention(
+                q, cache.k, cache.v, cache.seq_lens, block_tables=table, block_size=16, max_seq_len=context,
+                validate=False),
+        }
+        expected = calls["contiguous"]()
+        same = {"contiguous": True, "contiguous_vmm": torch.equal(calls["contiguous_vmm"](), expected),
+                "paged": torch.allclose(calls["paged"]().float(), expected.float(), atol=2e-2, rtol=2e-2)}
+        status = {name: "ok" if ok else "mismatch" for name, ok in same.items()}
+        times = interleaved({name: (lambda fn=fn: time_us(fn, plan.rep_ms)) for name, fn in calls.items()},
+                            plan.decode_passes)
+        nbytes = kv_bytes(batch * context, dtype)
+        base = median_us(times["contiguous"])
+        for name, passes in times.items():
+            t = median_us(passes)
+            yield Row("decode_vmm", name, 16 if name == "paged" else 0, batch, context, 1, 0, t, nbytes,
+                      nbytes / t / 1e3, nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0,
+                      time_us_passes=format_passes(passes), peer_status=status[name], ratio_to_ours=t / base)
+        vmm.storage.close()
+
+
+def vmm_summary(rows: list[Row]) -> list[str]:
+    picked = [r for r in rows if r.kernel == "decode_vmm" and r.addressing != "contiguous"]
+    return [f"decode b{r.batch} ctx{r.context} {r.addressing}: {r.time_us:.1f} us = {r.ratio_to_ours:.3f} x contiguous "
+            f"on an ordinary allocation ({100 * r.bw_frac:.1f}% of B) {r.peer_status}" for r in picked]
+
+
 SECTIONS = {"decode": decode_rows, "prefill": prefill_rows, "cache": cache_op_rows, "layers": layer_rows, "tune": tune_rows,
-            "peers": peer_rows}
+            "peers": peer_rows, "vmm": vmm_rows}
 
 
 def _decode_cases(text: str) -> tuple[tuple[int, int], ...]:
@@ -790,7 +854,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few shapes, short repetitions")
     parser.add_argument("--sections", default="decode,prefill,cache,layers",
                         help=f"comma-separated, from {','.join(SECTIONS)} (tune sweeps tile configs; peers times "
-                             "other libraries' kernels beside ours)")
+                             "other libraries' kernels beside ours; vmm the contiguous decode on virtual-contiguous "
+                             "memory)")
     parser.add_argument("--refresh-peaks", action="store_true", help="measure B and F again")
     parser.add_argument("--decode-cases", type=_decode_cases, default=(),
                         help="decode cases BxCTX, comma-separated (e.g. 1x512,64x4096), instead of the full grid")

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engines import create_engine
-from engines.config import ContiguousConfig, PagedConfig
+from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
 from engines.model.loader import load_model
 from engines.model.reference import forward_once, greedy_generate
 from engines.request import Request, SamplingParams
@@ -90,6 +90,10 @@ ENGINE_CASES = {
     "paged-recompute": PagedConfig(block_size=16, dtype="float32", num_blocks=120),
     "paged-swap": PagedConfig(block_size=16, dtype="float32", num_blocks=120, preemption_mode="swap", swap_space=1.0),
     "contiguous": ContiguousConfig(reservation="pow2", dtype="float32"),
+    # fp32 qwen3-0.6b: 512 tokens a 2 MiB page; CUDA graphs (padding rows), deferred and immediate unmaps
+    "vattention": VAttentionConfig(dtype="float32", max_model_len=1024),
+    "vattention-eager-unmap": VAttentionConfig(dtype="float32", max_model_len=1024, num_kv_slots=8 * 512,
+                                               deferred_reclamation=False, max_num_batched_tokens=256),
 }
 
 
