@@ -114,7 +114,8 @@ class CudaPageStorage(KVStorage):
                                  f"({e})") from e
         span = _Span(self._base, geometry.total_bytes)
         self._span = span  # the tensor's memory is the reservation: keep its description alive with it
-        self.tensor = torch.as_tensor(span, device=device).view(dtype).view(shape)
+        with self.scratch():  # torch asks the driver about the pointer it wraps: let it be backed meanwhile
+            self.tensor = torch.as_tensor(span, device=device).view(dtype).view(shape)
 
     # -- maps -------------------------------------------------------------------------------
     def _map(self, offset: int, group: int, plane: int) -> None:
