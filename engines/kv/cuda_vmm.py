@@ -1,9 +1,10 @@
 """Virtual-contiguous KV storage on a GPU: the CUDA driver's virtual memory API, through ``cuda-bindings``.
 
 One address reservation holds the whole cache ([num_layers, 2] planes of every request
-slot's range); each page group is one physical allocation (``cuMemCreate``) of one page
-per plane, mapped page by page (``cuMemMap`` at an offset into it, then ``cuMemSetAccess``)
-where the KV manager puts it. torch sees the reservation as one tensor through the CUDA
+slot's range); a page group is one physical allocation (``cuMemCreate``) per plane, each a
+page, mapped (``cuMemMap``, then ``cuMemSetAccess``) where the KV manager puts the group.
+(The driver maps an allocation only from its start: an H100 with driver 580 refuses a
+nonzero offset, CUDA_ERROR_NOT_SUPPORTED, so a group cannot be one allocation.) torch sees the reservation as one tensor through the CUDA
 array interface, so the contiguous kernels run on it unchanged.
 
 Unmapping is not ordered on a stream: a page freed while a launched step may still read it
@@ -104,14 +105,14 @@ class CudaPageStorage(KVStorage):
         self._mapped: dict[int, int] = {}  # byte offset -> group, of every mapped page
         self._retiring: list[tuple[torch.cuda.Event, list[int]]] = []  # unmaps waiting for a step to complete
         self._retiring_at: dict[int, torch.cuda.Event] = {}
-        group_bytes = geometry.num_planes * geometry.page_bytes
-        try:
+        try:  # a page per plane per group: the driver maps an allocation only from its start (offset 0)
             for _ in range(num_groups):
-                self._handles.append(_check(cu.cuMemCreate(group_bytes, prop, 0), "cuMemCreate"))
+                self._handles.append([_check(cu.cuMemCreate(geometry.page_bytes, prop, 0), "cuMemCreate")
+                                      for _ in range(geometry.num_planes)])
         except VMMUnavailable as e:
             self.close()
-            raise VMMUnavailable(f"could not create {num_groups} page groups of {group_bytes / 2**20:.0f} MiB "
-                                 f"({e})") from e
+            raise VMMUnavailable(f"could not create {num_groups} page groups of {geometry.num_planes} pages of "
+                                 f"{geometry.page_bytes / 2**20:.0f} MiB ({e})") from e
         span = _Span(self._base, geometry.total_bytes)
         self._span = span  # the tensor's memory is the reservation: keep its description alive with it
         with self.scratch():  # torch asks the driver about the pointer it wraps: let it be backed meanwhile
@@ -121,7 +122,7 @@ class CudaPageStorage(KVStorage):
     def _map(self, offset: int, group: int, plane: int) -> None:
         cu, g = self.cu, self.geometry
         ptr = cu.CUdeviceptr(self._base + offset)
-        _check(cu.cuMemMap(ptr, g.page_bytes, plane * g.page_bytes, self._handles[group], 0), "cuMemMap")
+        _check(cu.cuMemMap(ptr, g.page_bytes, 0, self._handles[group][plane], 0), "cuMemMap")
         _check(cu.cuMemSetAccess(ptr, g.page_bytes, [self._access], 1), "cuMemSetAccess")
         self._mapped[offset] = group
         self.num_map_calls += 2
@@ -185,8 +186,9 @@ class CudaPageStorage(KVStorage):
         torch.cuda.synchronize(self.device)
         for offset in list(self._mapped):
             self._unmap_now(offset)
-        for handle in self._handles:
-            _check(self.cu.cuMemRelease(handle), "cuMemRelease")
+        for group in self._handles:
+            for handle in group:
+                _check(self.cu.cuMemRelease(handle), "cuMemRelease")
         self._handles = []
         _check(self.cu.cuMemAddressFree(self.cu.CUdeviceptr(self._base), self.reserved_bytes), "cuMemAddressFree")
         self._base = None
