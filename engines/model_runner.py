@@ -7,6 +7,7 @@ forward with the KV cache and static input buffers); everything else runs eagerl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,9 +82,8 @@ class _DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = None
-        with runner.storage.scratch():  # padding rows read token 0
-            for b in reversed(self.sizes):
-                pool = self._capture(runner, b, pool)
+        for b in reversed(self.sizes):
+            pool = self._capture(runner, b, pool)
         torch.cuda.synchronize()
 
     def _capture(self, runner: "ModelRunner", b: int, pool: object) -> object:
@@ -119,7 +119,7 @@ class _DecodeGraphs:
             self.block_tables[n:b, 0].fill_(0)
         else:
             self.seq_starts[:n].copy_(to_device(starts, self.seq_starts.device))
-            self.seq_starts[n:b].fill_(int(starts[0]))  # the first row's token 0: backed memory whatever the storage
+            self.seq_starts[n:b].fill_(0)
         return b
 
     def replay(self, n: int, b: int, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -141,6 +141,13 @@ def _rows(lp: Logprobs, steps: int, rows: int) -> list[list[tuple]]:
     shape = (steps, rows, lp.top_ids.shape[-1])
     values = zip(lp.sampled.view(shape[:2]).tolist(), lp.top_ids.view(shape).tolist(), lp.top_values.view(shape).tolist())
     return [list(zip(*v)) for v in values]
+
+
+def _only_active(sampling: SamplingBatch, active: np.ndarray) -> SamplingBatch:
+    """``sampling`` for a step that some rows sit out (their sample is discarded): their generators are not
+    drawn from, so a seeded sample's tokens do not depend on the steps other samples ran beside it."""
+    generators = [g if a else None for g, a in zip(sampling.generators, active)]
+    return sampling if generators == sampling.generators else dataclasses.replace(sampling, generators=generators)
 
 
 def _logprobs_to_host(lp: Logprobs | None) -> Logprobs | None:
@@ -371,8 +378,9 @@ class ModelRunner:
                     clock.begin()
                 hidden = self.model(ids, position, self.kv_cache, meta)
             logits = self.model.compute_logits(hidden, upcast=sampling.needs_float)
-            ids = self.sampler(logits, sampling)
-            logprobs.append(self._logprobs(logits, ids, sampling))
+            step_sampling = sampling if j < min(steps) else _only_active(sampling, active[j])
+            ids = self.sampler(logits, step_sampling)
+            logprobs.append(self._logprobs(logits, ids, step_sampling))
             clock.lap("launch")
             sampled.append(ids)
         last = {s.seq_id: (steps[i] - 1) * n + i for i, s in enumerate(seqs)}

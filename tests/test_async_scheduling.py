@@ -81,6 +81,9 @@ CONFIGS = {
                                   preemption_mode="swap", swap_space=0.001),
     "paged-multistep": PagedConfig(dtype="float32", block_size=4, num_blocks=400, max_num_seqs=8,
                                    num_scheduler_steps=4),
+    # two-step batches in which some samples run one step: those must not draw from their generators
+    "paged-multistep-preempting": PagedConfig(dtype="float32", block_size=16, num_blocks=8, max_num_seqs=8,
+                                              max_num_batched_tokens=32, num_scheduler_steps=2, max_model_len=96),
     "contiguous-oracle": ContiguousConfig(dtype="float32", reservation="oracle", num_kv_slots=400, max_num_seqs=8,
                                           max_num_batched_tokens=32),
     "contiguous-max": ContiguousConfig(dtype="float32", reservation="max", max_model_len=96, num_kv_slots=400, max_num_seqs=8),
