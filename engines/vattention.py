@@ -45,10 +45,10 @@ class VAttentionEngine(LLMEngine):
     def make_kv_manager(self, num_slots: int) -> VirtualKVManager:
         page = self._page_bytes()
         tokens_per_page = page // (self.slot_bytes // (2 * self.model_config.num_layers))
-        num_groups = num_slots // tokens_per_page
+        num_groups = num_slots // tokens_per_page - 1  # one group backs the planes' anchor pages
         if num_groups * tokens_per_page < self.max_model_len:
             raise ValueError(
-                f"the KV budget holds {num_groups} page groups of {tokens_per_page} tokens "
+                f"the KV budget holds {num_groups} page groups of {tokens_per_page} tokens beside the anchor "
                 f"({num_groups * tokens_per_page} tokens): too few for one request of max_model_len "
                 f"({self.max_model_len}); raise the budget or lower max_model_len"
             )
@@ -62,7 +62,7 @@ class VAttentionEngine(LLMEngine):
         mc = self.model_config
         geometry = PageGeometry(mc.num_layers, kv.num_request_slots, kv.slot_tokens, kv.tokens_per_page,
                                 mc.num_kv_heads * mc.head_dim * self.model.dtype.itemsize)
-        shape = (mc.num_layers, 2, kv.num_request_slots * kv.slot_tokens, mc.num_kv_heads, mc.head_dim)
+        shape = (mc.num_layers, 2, geometry.plane_tokens, mc.num_kv_heads, mc.head_dim)
         if self.device.type == "cuda":
             from engines.kv.cuda_vmm import CudaPageStorage
 

@@ -754,8 +754,8 @@ class CsvLog:
 
 class VMMCache:
     """``cache``'s K and V copied into virtual-contiguous memory as the vattention engine lays it out: one
-    reservation, each sequence at the start of its own slot of whole driver pages, only the pages it fills
-    mapped (engines.kv.cuda_vmm)."""
+    reservation, after the anchor page, each sequence at the start of its own slot of whole driver pages, only
+    the pages it fills mapped (engines.kv.cuda_vmm)."""
 
     def __init__(self, cache: Cache) -> None:
         from engines.kv.cuda_vmm import CudaPageStorage, granularity
@@ -765,14 +765,14 @@ class VMMCache:
         per_page = granularity(cache.device) // token_bytes
         pages = -(-cache.length // per_page)
         geometry = PageGeometry(1, cache.batch, pages * per_page, per_page, token_bytes)
-        shape = (1, 2, cache.batch * geometry.slot_tokens, KV_HEADS, HEAD_DIM)
+        shape = (1, 2, geometry.plane_tokens, KV_HEADS, HEAD_DIM)
         self.storage = CudaPageStorage(geometry, cache.batch * pages, shape, cache.k.dtype, cache.device)
         self.storage.apply([], [(b, j, b * pages + j) for b in range(cache.batch) for j in range(pages)])
         self.k, self.v = self.storage.tensor[0, 0], self.storage.tensor[0, 1]
         for dst, src in ((self.k, cache.k), (self.v, cache.v)):
-            dst.view(cache.batch, geometry.slot_tokens, KV_HEADS, HEAD_DIM)[:, : cache.length].copy_(
+            dst[per_page:].view(cache.batch, geometry.slot_tokens, KV_HEADS, HEAD_DIM)[:, : cache.length].copy_(
                 src.view(cache.batch, cache.length, KV_HEADS, HEAD_DIM))
-        self.seq_starts = torch.arange(cache.batch, dtype=torch.int32, device=cache.device) * geometry.slot_tokens
+        self.seq_starts = per_page + torch.arange(cache.batch, dtype=torch.int32, device=cache.device) * geometry.slot_tokens
 
 
 def vmm_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:

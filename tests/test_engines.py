@@ -102,10 +102,10 @@ def test_preemption_stays_exact(model_dir, reference, mode, chunk):
 
 @pytest.mark.parametrize("chunk", [None, 16], ids=["whole-prompts", "chunked-16"])
 def test_vattention_preemption_and_reclamation_stay_exact(model_dir, reference, chunk):
-    """Ten page groups for 32 requests of up to 100 tokens: sequences are preempted, and pages freed by one are
+    """Ten page groups (and the anchor) for 32 requests of up to 140 tokens: sequences are preempted, and pages freed by one are
     taken back from the slot they idle in (an unmap, then a map elsewhere)."""
     budget = {"max_num_batched_tokens": chunk, "max_num_seqs": 8} if chunk else {}
-    engine = create_engine(model_dir, VAttentionConfig(max_model_len=160, num_kv_slots=160, num_scheduler_steps=3,
+    engine = create_engine(model_dir, VAttentionConfig(max_model_len=160, num_kv_slots=176, num_scheduler_steps=3,
                                                        **budget))
     prompts, lengths, expected = reference["shared"]
     got = engine.generate(requests(prompts, lengths))

@@ -17,7 +17,7 @@ def storage():
     token_bytes = 2 * 64 * 2  # 2 KV heads x head dim 64, bf16
     per_page = granularity(device) // token_bytes
     geometry = PageGeometry(1, 2, 2 * per_page, per_page, token_bytes)
-    s = CudaPageStorage(geometry, 3, (1, 2, 2 * geometry.slot_tokens, 2, 64), torch.bfloat16, device)
+    s = CudaPageStorage(geometry, 3, (1, 2, geometry.plane_tokens, 2, 64), torch.bfloat16, device)
     yield s
     s.close()
 
@@ -25,7 +25,7 @@ def storage():
 def test_pages_map_into_one_tensor_and_a_group_can_back_two_addresses(storage):
     g = storage.geometry
     storage.apply([], [(0, 0, 0), (1, 1, 1)])
-    k = storage.tensor[0, 0]
+    k = storage.tensor[0, 0, g.tokens_per_page :]  # after the anchor page
     k[: g.tokens_per_page].fill_(1.5)  # slot 0, page 0 of the K plane: group 0
     k[g.slot_tokens + g.tokens_per_page : 2 * g.slot_tokens].fill_(2.5)  # slot 1, page 1: group 1
     torch.cuda.synchronize()
@@ -34,15 +34,15 @@ def test_pages_map_into_one_tensor_and_a_group_can_back_two_addresses(storage):
     assert torch.all(k[g.slot_tokens : g.slot_tokens + g.tokens_per_page] == 1.5)  # the same physical memory
     assert torch.all(k[g.slot_tokens + g.tokens_per_page : 2 * g.slot_tokens] == 2.5)
     storage.apply([], [])  # the device is idle: the deferred unmap goes through
-    assert not storage._retiring and sorted(storage._mapped.values()) == [0, 0, 1, 1]  # K and V planes
+    assert not storage._retiring and sorted(storage._mapped.values()) == [0, 0, 1, 1, 3, 3]  # K, V; the anchor
 
 
 def test_an_address_taken_again_before_its_unmap_came_due_waits_for_it(storage):
     storage.apply([], [(0, 0, 0)])
     storage.apply([(0, 0)], [(0, 0, 2)])
-    storage.tensor.view(-1)[:8].fill_(3.0)
+    storage.tensor[0, 0, storage.geometry.tokens_per_page :][:8].fill_(3.0)
     torch.cuda.synchronize()
-    assert storage._mapped[0] == 2 and not storage._retiring_at
+    assert storage._mapped[storage.geometry.offsets(0, 0)[0]] == 2 and not storage._retiring_at
 
 
 def test_a_page_size_off_the_granularity_is_refused():
@@ -53,7 +53,7 @@ def test_a_page_size_off_the_granularity_is_refused():
     geometry = PageGeometry(1, 1, 3 * 1024, 3 * 512, 512)  # 768 KiB pages
     assert (3 * 512 * 512) % granularity(device)
     with pytest.raises(VMMUnavailable, match="not a multiple of the driver's allocation granularity"):
-        CudaPageStorage(geometry, 1, (1, 2, 3 * 1024, 2, 128), torch.bfloat16, device)
+        CudaPageStorage(geometry, 1, (1, 2, geometry.plane_tokens, 2, 128), torch.bfloat16, device)
 
 
 @pytest.mark.parametrize("batch, context", [(1, 700), (8, 4096), (64, 512)])

@@ -80,8 +80,7 @@ def must_accept(engine, prompt_len: int, max_tokens: int, n: int) -> bool:
     if isinstance(cfg, PagedConfig):
         return -(-longest // cfg.block_size) <= cfg.num_blocks
     if isinstance(cfg, VAttentionConfig):
-        page = engine.kv.tokens_per_page
-        return -(-longest // page) * n <= cfg.num_kv_slots // page
+        return -(-longest // engine.kv.tokens_per_page) * n <= engine.kv.num_groups
     size = {"max": context, "pow2": min(1 << (longest - 1).bit_length(), context), "oracle": longest}[cfg.reservation]
     return size * n <= cfg.num_kv_slots
 

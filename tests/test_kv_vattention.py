@@ -42,10 +42,10 @@ def test_a_slot_spans_max_model_len_in_whole_pages_and_addresses_contiguously():
     kv.admit(a), kv.admit(b)
     run(kv, a, 5)
     run(kv, b, 2)
-    # a in slot 0 (pages 0-1), b in slot 1: slots are 12 tokens apart
-    assert kv.slot_mapping(a, 3, 5).tolist() == [3, 4]
-    assert kv.slot_mapping(b, 0, 2).tolist() == [12, 13]
-    assert kv.addressing([b, a])[1].tolist() == [12, 0]
+    # a in slot 0 (pages 0-1), b in slot 1: slots are 12 tokens apart, after the 4-token anchor page
+    assert kv.slot_mapping(a, 3, 5).tolist() == [7, 8]
+    assert kv.slot_mapping(b, 0, 2).tolist() == [16, 17]
+    assert kv.addressing([b, a])[1].tolist() == [16, 4]
     assert kv.ops.maps == [(0, 0, 0), (0, 1, 1), (1, 0, 2)]
     assert kv.ledger.held(a) == 8 and kv.ledger.held(b) == 4
     stats = kv.kv_stats(None)
@@ -128,8 +128,8 @@ def test_samples_get_their_slots_and_prompt_pages_at_admission_and_copy_the_prom
     kv.take_ops()
     kv.fork(parent, child)
     assert kv.ledger.held(parent) == 8 and kv.ledger.held(child) == 8
-    start = kv.slot_of[child.seq_id] * kv.slot_tokens
-    assert kv.take_ops().copies == [(i, start + i) for i in range(5)]
+    start = 4 + kv.slot_of[child.seq_id] * kv.slot_tokens
+    assert kv.take_ops().copies == [(4 + i, start + i) for i in range(5)]
     kv.check_invariants([parent, child])
 
 
@@ -144,7 +144,9 @@ def test_a_request_fits_only_within_its_slot_and_the_pool():
 
 def test_host_storage_refuses_what_the_driver_would():
     geometry = PageGeometry(num_layers=1, num_request_slots=2, slot_tokens=8, tokens_per_page=4, token_bytes=16)
-    assert geometry.offsets(1, 1) == [(8 + 4) * 16, 2 * 8 * 16 + (8 + 4) * 16]
+    # planes of 4 anchor tokens + 2 slots x 8 tokens, 16 bytes a token
+    assert geometry.plane_tokens == 20 and geometry.anchor_offsets() == [0, 320]
+    assert geometry.offsets(1, 1) == [(4 + 8 + 4) * 16, 320 + (4 + 8 + 4) * 16]
 
     def mapped() -> HostPageStorage:
         storage = HostPageStorage(None, geometry)

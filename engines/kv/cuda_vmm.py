@@ -15,10 +15,9 @@ addresses at once.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -106,7 +105,7 @@ class CudaPageStorage(KVStorage):
         self._retiring: list[tuple[torch.cuda.Event, list[int]]] = []  # unmaps waiting for a step to complete
         self._retiring_at: dict[int, torch.cuda.Event] = {}
         try:  # a page per plane per group: the driver maps an allocation only from its start (offset 0)
-            for _ in range(num_groups):
+            for _ in range(num_groups + 1):  # the pool's groups, then the anchor
                 self._handles.append([_check(cu.cuMemCreate(geometry.page_bytes, prop, 0), "cuMemCreate")
                                       for _ in range(geometry.num_planes)])
         except VMMUnavailable as e:
@@ -115,8 +114,9 @@ class CudaPageStorage(KVStorage):
                                  f"{geometry.page_bytes / 2**20:.0f} MiB ({e})") from e
         span = _Span(self._base, geometry.total_bytes)
         self._span = span  # the tensor's memory is the reservation: keep its description alive with it
-        with self.scratch():  # torch asks the driver about the pointer it wraps: let it be backed meanwhile
-            self.tensor = torch.as_tensor(span, device=device).view(dtype).view(shape)
+        for plane, offset in enumerate(geometry.anchor_offsets()):  # for good: see engines.kv.virtual_manager
+            self._map(offset, num_groups, plane)
+        self.tensor = torch.as_tensor(span, device=device).view(dtype).view(shape)
 
     # -- maps -------------------------------------------------------------------------------
     def _map(self, offset: int, group: int, plane: int) -> None:
@@ -164,19 +164,6 @@ class CudaPageStorage(KVStorage):
                 self._map(offset, group, plane)
         self._retire_completed()
         self.map_seconds += time.perf_counter() - t
-
-    @contextlib.contextmanager
-    def scratch(self) -> Iterator[None]:
-        """Token 0 of every plane backed by group 0 while the body runs: CUDA graph capture, before any sequence
-        exists, runs its padding rows there. Unmapped after (the KV manager has not handed group 0 out yet)."""
-        self.join()
-        self.apply([], [(0, 0, 0)])
-        try:
-            yield
-        finally:
-            torch.cuda.synchronize(self.device)
-            for offset in self.geometry.offsets(0, 0):
-                self._unmap_now(offset)
 
     def close(self) -> None:
         """Unmap everything and give the memory and the addresses back."""

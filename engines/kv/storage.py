@@ -9,12 +9,10 @@ accounting (``HostPageStorage``), so that every allocator test runs without a GP
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -56,11 +54,6 @@ class KVStorage:
             error, self._worker_error = self._worker_error, None
             raise error
 
-    @contextlib.contextmanager
-    def scratch(self) -> Iterator[None]:
-        """Token 0 of the cache addressable for a while (CUDA graph capture points padding rows there)."""
-        yield
-
     def close(self) -> None:
         """Give the memory back (the runner is done with it)."""
         self.join()
@@ -69,7 +62,8 @@ class KVStorage:
 @dataclass(frozen=True)
 class PageGeometry:
     """Where page ``j`` of request slot ``r`` lies in each of the cache's planes ([num_layers, 2] K and V planes of
-    [num_request_slots * slot_tokens, num_kv_heads, head_dim], one tensor)."""
+    [tokens_per_page + num_request_slots * slot_tokens, num_kv_heads, head_dim], one tensor): after the plane's
+    anchor page (``engines.kv.virtual_manager``), slot after slot."""
 
     num_layers: int
     num_request_slots: int
@@ -86,8 +80,12 @@ class PageGeometry:
         return self.tokens_per_page * self.token_bytes
 
     @property
+    def plane_tokens(self) -> int:
+        return self.tokens_per_page + self.num_request_slots * self.slot_tokens
+
+    @property
     def plane_bytes(self) -> int:
-        return self.num_request_slots * self.slot_tokens * self.token_bytes
+        return self.plane_tokens * self.token_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -95,8 +93,11 @@ class PageGeometry:
 
     def offsets(self, slot: int, page: int) -> list[int]:
         """Byte offsets of that page in every plane, from the start of the cache."""
-        within = (slot * self.slot_tokens + page * self.tokens_per_page) * self.token_bytes
+        within = (self.tokens_per_page + slot * self.slot_tokens + page * self.tokens_per_page) * self.token_bytes
         return [p * self.plane_bytes + within for p in range(self.num_planes)]
+
+    def anchor_offsets(self) -> list[int]:
+        return [p * self.plane_bytes for p in range(self.num_planes)]
 
 
 def host_granularity() -> int:

@@ -8,6 +8,10 @@ the ``2 x num_layers`` planes, mapped as the sequence grows. This manager decide
 group backs which page of which slot and emits the maps and unmaps (``CacheOps``); the
 storage (``engines.kv.vmm``) carries them out, on the driver or, on a CPU, as accounting.
 
+Each plane begins with an *anchor* page, backed for the cache's whole life and no slot's: every
+kernel argument (a plane's start) points at mapped memory, as Triton's launcher checks, and
+padding rows of a CUDA graph read it. Slots start after it.
+
 Freed pages stay mapped (``deferred_reclamation``, the paper's section 6.1): a later
 sequence given the same slot reuses them without a driver call. They are free memory
 all the same: a group is taken back from an idle page (an unmap and a map) only when no
@@ -40,6 +44,7 @@ class VirtualKVManager(KVManager):
         self.tokens_per_page = tokens_per_page
         self.pages_per_slot = -(-max_model_len // tokens_per_page)
         self.slot_tokens = self.pages_per_slot * tokens_per_page
+        self.anchor_tokens = tokens_per_page  # the anchor page at the start of every plane
         self.num_groups = num_groups
         self.capacity = num_groups * tokens_per_page
         self.max_model_len = max_model_len
@@ -178,7 +183,7 @@ class VirtualKVManager(KVManager):
         tokens = pages * self.tokens_per_page
         self.ledger.hold(parent, self.ledger.held(parent) - tokens)
         self.ledger.hold(child, tokens)
-        src, dst = self.slot_of[parent.seq_id] * self.slot_tokens, slot * self.slot_tokens
+        src, dst = self.slot_start(self.slot_of[parent.seq_id]), self.slot_start(slot)
         n = parent.num_computed
         self.ops.copies += list(zip(range(src, src + n), range(dst, dst + n)))
 
@@ -186,13 +191,17 @@ class VirtualKVManager(KVManager):
         """Nothing to publish: a slot has no prefix cache."""
 
     # -- addressing --------------------------------------------------------------------------
+    def slot_start(self, slot: int) -> int:
+        """The cache slot (token index within a plane) where request slot ``slot`` begins."""
+        return self.anchor_tokens + slot * self.slot_tokens
+
     def slot_mapping(self, seq: Sequence, start: int, end: int) -> np.ndarray:
-        base = self.slot_of[seq.seq_id] * self.slot_tokens
+        base = self.slot_start(self.slot_of[seq.seq_id])
         return np.arange(base + start, base + end, dtype=np.int64)
 
     def _starts(self, seqs: list[Sequence], dtype: type) -> np.ndarray:
         slots = np.fromiter((self.slot_of[s.seq_id] for s in seqs), dtype=np.int64, count=len(seqs))
-        return (slots * self.slot_tokens).astype(dtype, copy=False)
+        return (slots * self.slot_tokens + self.anchor_tokens).astype(dtype, copy=False)
 
     def decode_slots(self, seqs: list[Sequence], positions: np.ndarray) -> np.ndarray:
         return self._starts(seqs, np.int64) + positions
