@@ -88,6 +88,9 @@ class VAttentionConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig):
     page_size_kb: Optional[int] = None
     # Keep a finished sequence's pages mapped for the next one in its slot; unmap only when memory is short.
     deferred_reclamation: bool = True
+    # With deferred reclamation: map the whole pool at start-up, spread over the slots (page 0 of each, then page 1,
+    # ...), so a run maps only to take idle pages back; false: a page is mapped when a sequence first needs it.
+    premap: bool = True
     # After launching a step, map the pages each decoding sequence's next step will need, on a worker thread,
     # while the device runs (the paper's overlap of allocation with compute).
     overlap_mapping: bool = True

@@ -54,7 +54,7 @@ class VAttentionEngine(LLMEngine):
             )
         return VirtualKVManager(
             num_groups, tokens_per_page, num_request_slots=self.cfg.max_num_seqs, max_model_len=self.max_model_len,
-            deferred_reclamation=self.cfg.deferred_reclamation,
+            deferred_reclamation=self.cfg.deferred_reclamation, premap=self.cfg.premap,
         )
 
     def make_kv_storage(self) -> KVStorage:
@@ -66,11 +66,16 @@ class VAttentionEngine(LLMEngine):
         if self.device.type == "cuda":
             from engines.kv.cuda_vmm import CudaPageStorage
 
-            return CudaPageStorage(geometry, kv.num_groups, shape, self.model.dtype, self.device)
-        # calloc'd (numpy's zeros): a large one is an anonymous mapping the OS backs with zero pages on first touch,
-        # so untouched slots cost no memory: the host's own virtual memory stands in for the driver's.
-        zeros = torch.from_numpy(np.zeros(geometry.total_bytes, dtype=np.uint8))
-        return HostPageStorage(zeros.view(self.model.dtype).view(shape), geometry)
+            storage = CudaPageStorage(geometry, kv.num_groups, shape, self.model.dtype, self.device)
+        else:
+            # calloc'd (numpy's zeros): a large one is an anonymous mapping the OS backs with zero pages on first
+            # touch, so untouched slots cost no memory: the host's own virtual memory stands in for the driver's.
+            zeros = torch.from_numpy(np.zeros(geometry.total_bytes, dtype=np.uint8))
+            storage = HostPageStorage(zeros.view(self.model.dtype).view(shape), geometry)
+        ops = kv.take_ops()  # the premapped pool, mapped now: a start-up cost, not the first step's
+        storage.apply(ops.unmaps, ops.maps)
+        storage.startup_map_seconds, storage.map_seconds = storage.map_seconds, 0.0
+        return storage
 
     def after_launch(self, batch: ScheduledBatch) -> None:
         """Map the pages the decodes' next step will need while the device runs this one (``overlap_mapping``)."""

@@ -69,7 +69,7 @@ def run_exact(model_dir, reference, cfg, workload="mixed"):
     ContiguousConfig(reservation="oracle", num_scheduler_steps=8, num_kv_slots=400),  # exact regions
     # tiny-qwen3 in float32: 16 tokens a 4 KiB page, so most sequences span several
     VAttentionConfig(max_model_len=128, num_kv_slots=1024),
-    VAttentionConfig(max_model_len=128, num_kv_slots=1024, page_size_kb=16),  # 64 tokens a page
+    VAttentionConfig(max_model_len=128, num_kv_slots=1024, page_size_kb=16, premap=False),  # 64 tokens a page
     VAttentionConfig(max_model_len=128, max_num_batched_tokens=16, max_num_seqs=8, num_kv_slots=512),
     VAttentionConfig(max_model_len=128, num_scheduler_steps=5, num_kv_slots=600, deferred_reclamation=False,
                      overlap_mapping=False),

@@ -11,6 +11,7 @@ import kv_sim
 
 from engines import create_engine
 from engines.config import VAttentionConfig
+from engines.kv.manager import CacheOps
 from engines.kv.storage import HostPageStorage, KVStorage, PageGeometry
 from engines.kv.virtual_manager import VirtualKVManager
 from engines.detokenizer import SampleStream
@@ -24,8 +25,10 @@ def seq(prompt_len: int, max_tokens: int = 8, n: int = 1) -> Sequence:
     return kv_sim.seq(f"q{next(_ids)}", prompt_len, max_tokens, n=n, max_model_len=100)
 
 
-def manager(groups: int = 6, page: int = 4, slots: int = 3, deferred: bool = True) -> VirtualKVManager:
-    return VirtualKVManager(groups, page, num_request_slots=slots, max_model_len=10, deferred_reclamation=deferred)
+def manager(groups: int = 6, page: int = 4, slots: int = 3, deferred: bool = True, premap: bool = False
+            ) -> VirtualKVManager:
+    return VirtualKVManager(groups, page, num_request_slots=slots, max_model_len=10, deferred_reclamation=deferred,
+                            premap=premap)
 
 
 def run(kv: VirtualKVManager, s: Sequence, tokens: int) -> None:
@@ -102,6 +105,23 @@ def test_idle_pages_are_taken_back_only_when_no_unmapped_group_is_left():
     c.num_computed = 8
     kv.ledger.computed(8)
     kv.check_invariants([b, c])
+
+
+def test_premapping_spreads_the_pool_over_the_slots_page_by_page_and_admissions_then_map_nothing():
+    kv = manager(groups=5, slots=3, premap=True)
+    assert kv.take_ops().maps == [(0, 0, 0), (1, 0, 1), (2, 0, 2), (0, 1, 3), (1, 1, 4)]
+    assert kv.kv_stats(None).free == kv.capacity  # idle: free memory
+    a, b = seq(8), seq(3)
+    kv.admit(a), kv.admit(b)
+    run(kv, a, 8)  # slot 0 (two idle pages): no map
+    run(kv, b, 3)
+    assert not kv.take_ops()
+    c = seq(8)
+    kv.admit(c)
+    run(kv, c, 8)  # slot 2: its idle page 0, then slot 1's idle page 1 taken back
+    assert kv.take_ops() == CacheOps(unmaps=[(1, 1)], maps=[(2, 1, 4)])
+    kv.check_invariants([a, b, c])
+    assert manager(premap=True, deferred=False).take_ops().maps == []  # nothing idle without deferred reclamation
 
 
 def test_without_deferred_reclamation_a_free_unmaps_at_once():

@@ -22,7 +22,8 @@ class KVStorage:
 
     def __init__(self, tensor: torch.Tensor | None) -> None:
         self.tensor = tensor
-        self.map_seconds = 0.0  # host time spent mapping and unmapping, cumulative
+        self.map_seconds = 0.0  # host time spent mapping and unmapping since start-up, cumulative
+        self.startup_map_seconds = 0.0  # mapping at start-up (a premapped pool)
         self.num_map_calls = 0  # driver calls (or, off the GPU, the calls they stand for)
 
         self._worker: threading.Thread | None = None

@@ -15,7 +15,8 @@ padding rows of a CUDA graph read it. Slots start after it.
 Freed pages stay mapped (``deferred_reclamation``, the paper's section 6.1): a later
 sequence given the same slot reuses them without a driver call. They are free memory
 all the same: a group is taken back from an idle page (an unmap and a map) only when no
-unmapped group is left.
+unmapped group is left. With ``premap`` the whole pool starts out mapped, idle, spread
+over the slots page by page, so that a run's driver calls are only such takings back.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class VirtualKVManager(KVManager):
         num_request_slots: int,
         max_model_len: int,
         deferred_reclamation: bool = True,
+        premap: bool = False,
     ) -> None:
         self.block_size = 1  # the kernels see contiguous addressing
         super().__init__()
@@ -62,6 +64,23 @@ class VirtualKVManager(KVManager):
         self.spare: dict[int, list[tuple[int, int]]] = {}  # seq_id -> (slot, pages held) reserved for its samples
         self.num_maps = 0  # cumulative page-group maps and unmaps
         self.num_unmaps = 0
+        if premap and deferred_reclamation:
+            self._premap()
+
+    def _premap(self) -> None:
+        """Map the whole pool, idle, before the first step: page 0 of every slot, then page 1, and so on. An
+        admission then finds its first pages mapped, as in a warm deferred-reclamation cache, and the driver's
+        cost is paid at start-up, as the other engines pay for their one allocation."""
+        for page in range(self.pages_per_slot):
+            for slot in range(self.num_request_slots):
+                if not self.unmapped:
+                    return
+                group = self.unmapped.pop()
+                self.page_of[slot, page] = group
+                self.idle[(slot, page)] = group
+                self.idle_count[slot] += 1
+                self.ops.maps.append((slot, page, group))
+                self.num_maps += 1
 
     # -- sizes -------------------------------------------------------------------------------
     def pages_for(self, num_tokens: int) -> int:
