@@ -77,6 +77,18 @@ class VAttentionEngine(LLMEngine):
         storage.startup_map_seconds, storage.map_seconds = storage.map_seconds, 0.0
         return storage
 
+    def kv_layout(self) -> dict:
+        """Pages, slots and what mapping has cost (cumulative since start-up: an engine may serve several runs)."""
+        kv, storage = self.kv, self.runner.storage
+        return {
+            "tokens_per_page": kv.tokens_per_page, "page_kib": storage.geometry.page_bytes // 1024,
+            "page_groups": kv.num_groups, "anchor_groups": 1, "request_slots": kv.num_request_slots,
+            "slot_tokens": kv.slot_tokens, "virtual_gib": storage.geometry.total_bytes / 2**30,
+            "premap": self.cfg.premap and self.cfg.deferred_reclamation, "startup_map_s": storage.startup_map_seconds,
+            "map_s": storage.map_seconds, "driver_calls": storage.num_map_calls, "group_maps": kv.num_maps,
+            "group_unmaps": kv.num_unmaps,
+        }
+
     def after_launch(self, batch: ScheduledBatch) -> None:
         """Map the pages the decodes' next step will need while the device runs this one (``overlap_mapping``)."""
         if not self.cfg.overlap_mapping or not batch.decodes:

@@ -38,3 +38,6 @@ def test_one_tiny_job_per_engine_runs_ok(tmp_path: Path, tiny_model, start_serve
     assert meta["engine_label"] == ("paged@http" if engine == "http" else engine)
     assert meta["run"]["completed"] == 3 and meta["run"]["output_tokens"] == 15
     assert (run_dir / "report.md").is_file()
+    if engine == "vattention":  # its pages and what mapping cost, in the run's metadata
+        layout = meta["kv_layout"]
+        assert layout["tokens_per_page"] > 0 and layout["group_maps"] >= layout["page_groups"] and layout["premap"]

@@ -29,8 +29,10 @@ OUTPUT_TOK_S = {
     ("contiguous_pow2", 1): [95.0, 96.0, 97.0], ("contiguous_pow2", 4): [90.0, 100.0, None],
     ("paged", 1): [90.0, 92.0, 94.0], ("paged", 4): [200.0, 230.0, 250.0],
     ("hf", 1): [50.0, 51.0, 52.0], ("hf", 4): [60.0, 61.0, 62.0],
+    ("vattention", 1): [80.0, 81.0, 82.0], ("vattention", 4): [300.0, 310.0, 320.0],
 }
-ENGINE = {"contiguous": "contiguous", "contiguous_pow2": "contiguous", "paged": "paged", "hf": "hf"}
+ENGINE = {"contiguous": "contiguous", "contiguous_pow2": "contiguous", "paged": "paged", "hf": "hf",
+          "vattention": "vattention"}
 RESERVATION = {"contiguous": "max", "contiguous_pow2": "pow2"}
 OOM = "RuntimeError: CUDA out of memory"
 
@@ -299,3 +301,14 @@ def test_a_boolean_override_varying_within_a_series_joins_its_label():
                           "param.engine.async_scheduling": pd.array([True, False, True], dtype="bool[pyarrow]")})
     got = fold_params(table, None)["engine_label"].tolist()
     assert got == ["paged · engine.async_scheduling=True", "paged · engine.async_scheduling=False", "contiguous"]
+
+
+def test_virtual_contiguous_runs_get_their_ratios_against_both_other_strategies(report):
+    title = "Virtual-contiguous against contiguous and paged"
+    rows = _table(report, title)
+    assert {(r["vattention"], r["against"]) for r in rows} == {
+        ("vattention", "contiguous"), ("vattention", "contiguous_pow2"), ("vattention", "paged")}
+    assert len(rows) == 6  # each pair at concurrency 1 and 4
+    at4 = {r["against"]: r for r in rows if r["concurrency (closed-loop clients)"] == "4"}
+    assert at4["paged"]["output tok/s ratio"].startswith("1.35")  # 310 / 230
+    assert at4["contiguous"]["output tok/s ratio"].startswith("2.82")  # 310 / 110

@@ -298,17 +298,18 @@ def missing_runs(table: pd.DataFrame, x: str | None) -> list[str]:
 # --- paged against contiguous -------------------------------------------------------------------------------------
 
 
-def paging_ratios(ok: pd.DataFrame, x: str | None) -> list[Ratio]:
-    """paged / contiguous of each figure in RATIO_METRICS, for every pair of such series at every shared setting.
-    Series pair up when they carry the same run name or other settings (``paged · offline64`` with
-    ``contiguous · offline64``) and were measured the same way (``paged@http`` only with ``contiguous@http``)."""
+def paging_ratios(ok: pd.DataFrame, x: str | None, kinds: tuple[str, str] = ("paged", "contiguous")) -> list[Ratio]:
+    """paged / contiguous (or another pair of engine ``kinds``) of each figure in RATIO_METRICS, for every pair of
+    such series at every shared setting. Series pair up when they carry the same run name or other settings
+    (``paged · offline64`` with ``contiguous · offline64``) and were measured the same way (``paged@http`` only with
+    ``contiguous@http``)."""
     suffix = {label: (base.partition("@")[2], label[len(base):])
               for label, base in zip(ok["engine_label"], ok["base_label"])}
-    series = {kind: sorted(ok.loc[ok["engine"] == kind, "engine_label"].unique()) for kind in ("paged", "contiguous")}
+    series = [sorted(ok.loc[ok["engine"] == kind, "engine_label"].unique()) for kind in kinds]
     settings = _sorted_unique(ok[x]) if x else [None]
     ratios = []
-    for p in series["paged"]:
-        for c in series["contiguous"]:
+    for p in series[0]:
+        for c in series[1]:
             if suffix[p] != suffix[c]:
                 continue
             for v in settings:
@@ -324,14 +325,30 @@ def _at(ok: pd.DataFrame, label: str, x: str | None, value) -> pd.DataFrame:
     return rows[rows[x] == value] if x else rows
 
 
-def ratio_table(ratios: list[Ratio], x: str | None) -> pd.DataFrame:
+def ratio_table(ratios: list[Ratio], x: str | None, first: str = "paged") -> pd.DataFrame:
     rows = []
     for r in ratios:
-        row = {"paged": r.paged, "against": r.contiguous, **({axis_name(x): _fmt(r.setting)} if x else {}),
+        row = {first: r.paged, "against": r.contiguous, **({axis_name(x): _fmt(r.setting)} if x else {}),
                "repeats": f"{r.n_paged} / {r.n_contiguous}"}
         row.update({f"{name} ratio": fmt_ratio(r.metrics.get(m, Estimate(math.nan))) for m, name in RATIO_METRICS.items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+VIRTUAL_NOTE = ("Virtual-contiguous KV (vAttention: contiguous addresses, physical pages mapped on demand) / each "
+                "other strategy, of the medians at each setting, with 95% bootstrap intervals (each group resampled "
+                "alone).")
+
+
+def virtual_section(ok: pd.DataFrame, x: str | None) -> object | None:
+    """vattention / contiguous and vattention / paged, when the runs have vattention and either."""
+    from harness.bench import paper  # it draws with this module's helpers
+
+    ratios = paging_ratios(ok, x, ("vattention", "contiguous")) + paging_ratios(ok, x, ("vattention", "paged"))
+    if not ratios:
+        return None
+    return paper.Section("Virtual-contiguous against contiguous and paged", [VIRTUAL_NOTE],
+                         [("vattention / the others", ratio_table(ratios, x, first="vattention"))])
 
 
 def paging_statement(ok: pd.DataFrame, ratios: list[Ratio], x: str | None) -> str:
@@ -913,8 +930,8 @@ def write_report(paths: list[Path], out: Path) -> Path:
     figures = make_figures(table, {str(r.path): r for r in found}, x, out)
     from harness.bench import paper  # it draws with this module's helpers
 
-    sections = [s for s in [paper.section(table, out, sustain_factor(found))] if s is not None]
     ok = table[usable(table)]
+    sections = [s for s in [paper.section(table, out, sustain_factor(found)), virtual_section(ok, x)] if s is not None]
     ratios = paging_ratios(ok, x)
     names = ", ".join(sorted(table["experiment"].dropna().unique())) if "experiment" in table else ""
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")

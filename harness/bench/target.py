@@ -98,6 +98,8 @@ class LocalTarget:
         out: dict[str, Any] = {"hardware": hw, "hardware_label": hardware_label(hw)}
         if self._engine is not None:
             out.update(engine_reused=self.reused, compute_dtype=self.compute_dtype)
+            if hasattr(self._engine, "kv_layout"):  # a KV strategy with a layout of its own to record
+                out["kv_layout"] = self._engine.kv_layout()
         return out
 
     @property
