@@ -777,8 +777,8 @@ class VMMCache:
 
 def vmm_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.device) -> Iterable[Row]:
     """The contiguous decode kernel on virtual-contiguous memory (driver pages mapped into one reservation)
-    against the same kernel on an ordinary allocation (they should be equal) and the paged kernel (block size
-    16) over the same K/V, each checked equal to the ordinary one and timed in interleaved passes."""
+    against the same kernel on an ordinary allocation (they should be equal, bitwise: checked) and the paged kernel
+    (block size 16, the same memory through a shuffled table), timed in interleaved passes."""
     for batch, context in [(b, c) for b in plan.batches for c in plan.contexts]:
         cache = Cache(batch, context, dtype, device)
         vmm = VMMCache(cache)
@@ -794,9 +794,9 @@ def vmm_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torch.d
                 validate=False),
         }
         expected = calls["contiguous"]()
-        same = {"contiguous": True, "contiguous_vmm": torch.equal(calls["contiguous_vmm"](), expected),
-                "paged": torch.allclose(calls["paged"]().float(), expected.float(), atol=2e-2, rtol=2e-2)}
-        status = {name: "ok" if ok else "mismatch" for name, ok in same.items()}
+        # paged reads the same memory through a shuffled table (other tokens): timed, not compared
+        status = {"contiguous": "ok", "paged": "timing only",
+                  "contiguous_vmm": "ok" if torch.equal(calls["contiguous_vmm"](), expected) else "mismatch"}
         times = interleaved({name: (lambda fn=fn: time_us(fn, plan.rep_ms)) for name, fn in calls.items()},
                             plan.decode_passes)
         nbytes = kv_bytes(batch * context, dtype)
