@@ -38,8 +38,9 @@ def context_slots(
     return seq_starts[b].long() + pos
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of the last ``m`` positions (q: [m, Hq, D]) over ``n`` keys (k, v: [n, Hkv, D]).
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention of the last ``m`` positions (q: [m, Hq, D]) over ``n`` keys (k, v: [n, Hkv, D]); with a
+    ``window``, the query at position i sees only keys j with i - window < j <= i.
 
     The query heads of one KV head are stacked as rows of one matrix (GQA without repeating K/V).
     """
@@ -48,9 +49,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     group = num_heads // num_kv_heads
     qf = q.float().view(m, num_kv_heads, group, d).permute(1, 2, 0, 3).reshape(num_kv_heads, group * m, d)
     scores = torch.bmm(qf, k.float().permute(1, 2, 0)) * scale  # [Hkv, group * m, n]
-    if m > 1:
+    if m > 1 or window:
         q_pos = torch.arange(n - m, n, device=q.device).repeat(group).unsqueeze(1)
-        scores.masked_fill_(torch.arange(n, device=q.device).unsqueeze(0) > q_pos, float("-inf"))
+        k_pos = torch.arange(n, device=q.device).unsqueeze(0)
+        hidden = k_pos > q_pos
+        if window:
+            hidden |= k_pos <= q_pos - window
+        scores.masked_fill_(hidden, float("-inf"))
     out = torch.bmm(torch.softmax(scores, dim=-1), v.float().transpose(0, 1))  # [Hkv, group * m, D]
     return out.view(num_kv_heads, group, m, d).permute(2, 0, 1, 3).reshape(m, num_heads, d).to(q.dtype)
 
@@ -68,10 +73,12 @@ def prefill_attention(
     scale: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    window: int | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Varlen causal attention: q [T, Hq, D], query tokens of sequence b are
-    ``q[query_start_loc[b]:query_start_loc[b+1]]``; keys and values come from the cache.
+    ``q[query_start_loc[b]:query_start_loc[b+1]]``; keys and values come from the cache. A sliding ``window``
+    (Mistral's): the query at position i sees the keys i - window < j <= i, and no other is read.
 
     ``max_query_len`` / ``max_seq_len`` are host-side upper bounds that a GPU kernel sizes its
     grid with (the engine knows them without a device sync); the reference ignores them."""
@@ -85,8 +92,9 @@ def prefill_attention(
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
-        slots = context_slots(b, n, block_tables=block_tables, seq_starts=seq_starts, block_size=block_size)
-        out[lo:hi] = _attend(q[lo:hi], k_cache[slots], v_cache[slots], scale)
+        first = max(0, n - (hi - lo) - window + 1) if window else 0  # no query sees a key before this one
+        slots = context_slots(b, n, block_tables=block_tables, seq_starts=seq_starts, block_size=block_size)[first:]
+        out[lo:hi] = _attend(q[lo:hi], k_cache[slots], v_cache[slots], scale, window)
     return out
 
 
@@ -101,9 +109,11 @@ def decode_attention(
     block_size: int = 1,
     scale: float | None = None,
     max_seq_len: int | None = None,
+    window: int | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """One query token per sequence (q: [B, Hq, D]) attending to its whole context.
+    """One query token per sequence (q: [B, Hq, D]) attending to its whole context, or with a sliding ``window``
+    to its last ``window`` tokens (no other is read).
 
     All sequences at once, padded to the longest context and masked: the CPU engines decode
     hundreds of sequences per step, and a loop over them would dominate the step.
@@ -125,6 +135,8 @@ def decode_attention(
     else:
         slots = seq_starts.long().unsqueeze(1) + pos
     valid = pos < lens.unsqueeze(1)  # [B, L]
+    if window:
+        valid &= pos >= lens.unsqueeze(1) - window
     slots = torch.where(valid, slots, 0)
     k = k_cache[slots].float()  # [B, L, Hkv, D]
     v = v_cache[slots].float()

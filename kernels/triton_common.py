@@ -104,35 +104,40 @@ def mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def attend_tile(
     q, acc, m_i, l_i,
-    k_base, v_base, table, start_slot, start, limit, q_pos,
+    k_base, v_base, table, start_slot, start, limit, q_pos, lo, window,
     stride_ks, stride_vs, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One online-softmax step over the keys ``start .. start+BLOCK_N`` (``m_i`` in log2 units).
 
     ``BOUNDED`` masks keys at or past ``limit``; ``CAUSAL`` also masks keys after each
-    query's position ``q_pos``. Full interior tiles skip both masks.
+    query's position ``q_pos``; ``WINDOWED`` (a bounded tile) masks keys before ``lo`` too, and,
+    causal, keys at or before each query's ``q_pos - window``. Full interior tiles skip the masks.
     """
     pos = start + tl.arange(0, BLOCK_N)
     slots = token_slots(table, start_slot, pos, pos < limit, BLOCK_SIZE, PAGED)
     return attend_slots(
-        q, acc, m_i, l_i, k_base, v_base, slots, pos, limit, q_pos, stride_ks, stride_vs, qk_scale,
-        HEAD_DIM, BOUNDED, CAUSAL, UPCAST, PRECISION,
+        q, acc, m_i, l_i, k_base, v_base, slots, pos, limit, q_pos, lo, window, stride_ks, stride_vs, qk_scale,
+        HEAD_DIM, BOUNDED, CAUSAL, WINDOWED, UPCAST, PRECISION,
     )
 
 
 @triton.jit
 def attend_slots(
     q, acc, m_i, l_i,
-    k_base, v_base, slots, pos, limit, q_pos,
+    k_base, v_base, slots, pos, limit, q_pos, lo, window,
     stride_ks, stride_vs, qk_scale,
-    HEAD_DIM: tl.constexpr, BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``attend_tile`` over the key positions ``pos`` stored at the cache ``slots``."""
+    """``attend_tile`` over the key positions ``pos`` stored at the cache ``slots``. Keys a window hides are
+    never loaded: their memory may be gone (a freed block, an unmapped page)."""
     dims = tl.arange(0, HEAD_DIM)
     valid = pos < limit
+    if WINDOWED:
+        valid = valid & (pos >= lo)
     k_ptrs = k_base + slots[:, None] * stride_ks + dims[None, :]
     v_ptrs = v_base + slots[:, None] * stride_vs + dims[None, :]
     if BOUNDED:
@@ -140,13 +145,19 @@ def attend_slots(
     else:
         k = tl.load(k_ptrs)
     s = mma(q, tl.trans(k), UPCAST, PRECISION)  # unscaled: the scale joins the exponent's FMA below
-    if CAUSAL:
+    if CAUSAL and WINDOWED:
+        seen = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(seen & valid[None, :], s, float("-inf"))
+    elif CAUSAL:
         s = tl.where((pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
     elif BOUNDED:
         s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA a score, not a multiply and a subtract
+    m_ref = m_new
+    if CAUSAL and WINDOWED:  # a row may see no key yet (its window starts in a later tile): no -inf - -inf
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(s * qk_scale - m_ref[:, None])  # one FMA a score, not a multiply and a subtract
     l_i = l_i * alpha + tl.sum(p, 1)
     if BOUNDED:
         v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)

@@ -75,12 +75,12 @@ def num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seq_lens_ptr, addr_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, num_splits, row_tokens,
+    qk_scale, num_splits, row_tokens, window,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     stride_ob, stride_oh, stride_addr,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -91,11 +91,18 @@ def _decode_split_kernel(
     # the table's row (``row_tokens``). The K/V copies of the first tile then wait on one memory
     # access, as contiguous addressing's wait on ``seq_len`` and the sequence's start slot.
     offs = tl.arange(0, BLOCK_N)
-    first = split * BLOCK_N
     step = num_splits * BLOCK_N
     table, start_slot = sequence_base(addr_ptr, b, stride_addr, PAGED)
-    blocks = tile_blocks(table, first + offs, first + offs < row_tokens, BLOCK_SIZE, PAGED)
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    if WINDOWED:  # the tiles start at the window's first key: where depends on seq_len
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+        lo = tl.maximum(seq_len - window, 0)
+        first = lo // BLOCK_N * BLOCK_N + split * BLOCK_N
+        blocks = tile_blocks(table, first + offs, first + offs < row_tokens, BLOCK_SIZE, PAGED)
+    else:
+        lo = 0
+        first = split * BLOCK_N
+        blocks = tile_blocks(table, first + offs, first + offs < row_tokens, BLOCK_SIZE, PAGED)
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
 
     rows = tl.arange(0, GROUP_P)
     dims = tl.arange(0, HEAD_DIM)
@@ -115,9 +122,9 @@ def _decode_split_kernel(
         next_blocks = tile_blocks(table, nxt, nxt < seq_len, BLOCK_SIZE, PAGED)
         slots = tile_slots(blocks, start_slot, pos, BLOCK_SIZE, PAGED)
         acc, m_i, l_i = attend_slots(
-            q, acc, m_i, l_i, k_base, v_base, slots, pos, seq_len, rows,
+            q, acc, m_i, l_i, k_base, v_base, slots, pos, seq_len, rows, lo, window,
             stride_ks, stride_vs, qk_scale,
-            HEAD_DIM, True, False, UPCAST, PRECISION,
+            HEAD_DIM, True, False, WINDOWED, UPCAST, PRECISION,
         )
         blocks = next_blocks
 
@@ -166,20 +173,23 @@ def decode(
     block_size: int,
     scale: float,
     max_seq_len: int,
+    window: int | None = None,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Launch without checks. ``addr`` is the block table (paged) or ``seq_starts``.
 
-    ``max_seq_len`` (a host-side bound) only caps the split count; ``num_splits`` and
-    ``config`` override the heuristics (tests and tuning).
+    ``max_seq_len`` (a host-side bound) only caps the split count; ``window``: a sliding window (None: none),
+    whose keys, one tile more at most, are all a split covers; ``num_splits`` and ``config`` override the
+    heuristics (tests and tuning).
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     config = config or decode_config(head_dim, q.dtype, q.device)
     if num_splits is None:
-        num_splits = num_kv_splits(batch, num_kv_heads, max_seq_len, sm_count(q.device), config)
+        span = max_seq_len if not window else min(max_seq_len, window + config.block_n)
+        num_splits = num_kv_splits(batch, num_kv_heads, span, sm_count(q.device), config)
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -190,12 +200,12 @@ def decode(
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, addr, out, part_out, part_lse,
-        scale * LOG2E, num_splits, addr.shape[1] * block_size if paged else 0,
+        scale * LOG2E, num_splits, addr.shape[1] * block_size if paged else 0, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), addr.stride(0),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size if paged else 1, PAGED=paged, SPLIT=split,
-        UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
+        WINDOWED=bool(window), UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:

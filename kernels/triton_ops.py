@@ -60,9 +60,10 @@ def prefill_attention(
     scale: float | None = None,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    window: int | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Varlen causal attention over the cache (see ``kernels.reference.prefill_attention``).
+    """Varlen causal attention over the cache (see ``kernels.reference.prefill_attention``; ``window``: sliding).
 
     ``max_query_len`` sizes the grid; without it the grid covers ``q.shape[0]`` tokens per
     sequence (or the exact longest query when ``validate`` already syncs). ``max_seq_len``
@@ -78,7 +79,7 @@ def prefill_attention(
     return triton_prefill.prefill(
         _unit_stride(q), k_cache, v_cache, query_start_loc, seq_lens, addr,
         paged=paged, block_size=block_size, scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        max_query_len=q.shape[0] if max_query_len is None else max_query_len,
+        max_query_len=q.shape[0] if max_query_len is None else max_query_len, window=window,
     )
 
 
@@ -93,9 +94,10 @@ def decode_attention(
     block_size: int = 1,
     scale: float | None = None,
     max_seq_len: int | None = None,
+    window: int | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """One query token per sequence (see ``kernels.reference.decode_attention``), split-KV.
+    """One query token per sequence (see ``kernels.reference.decode_attention``; ``window``: sliding), split-KV.
 
     ``max_seq_len`` only caps the number of KV splits; the split bounds come from
     ``seq_lens`` on the device. A sequence of length 0 (a padding row of a CUDA-graph
@@ -110,7 +112,7 @@ def decode_attention(
     return triton_decode.decode(
         _unit_stride(q), k_cache, v_cache, seq_lens, addr,
         paged=paged, block_size=block_size, scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        max_seq_len=seq_len_bound(k_cache, block_tables, block_size, max_seq_len),
+        max_seq_len=seq_len_bound(k_cache, block_tables, block_size, max_seq_len), window=window,
     )
 
 

@@ -47,10 +47,11 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> P
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, query_start_ptr, seq_lens_ptr, addr_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, out_ptr, query_start_ptr, seq_lens_ptr, addr_ptr, qk_scale, window,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_addr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -77,21 +78,31 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Keys before the tile's first query position are visible to every row: no mask.
-    full_end = (context + m0) // BLOCK_N * BLOCK_N
-    for start in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, seq_len, q_pos,
-            stride_ks, stride_vs, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, False, False, UPCAST, PRECISION,
-        )
     diag_end = tl.minimum(context + m0 + BLOCK_M, seq_len)
-    for start in range(full_end, diag_end, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, diag_end, q_pos,
-            stride_ks, stride_vs, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, True, UPCAST, PRECISION,
-        )
+    if WINDOWED:
+        # A sliding window: keys from the first one the tile's first row sees, every tile masked.
+        lo = tl.maximum(context + m0 - window + 1, 0)
+        for start in range(lo // BLOCK_N * BLOCK_N, diag_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, diag_end, q_pos, lo, window,
+                stride_ks, stride_vs, qk_scale,
+                BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, True, True, UPCAST, PRECISION,
+            )
+    else:
+        # Keys before the tile's first query position are visible to every row: no mask.
+        full_end = (context + m0) // BLOCK_N * BLOCK_N
+        for start in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, seq_len, q_pos, 0, 0,
+                stride_ks, stride_vs, qk_scale,
+                BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, False, False, False, UPCAST, PRECISION,
+            )
+        for start in range(full_end, diag_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, diag_end, q_pos, 0, 0,
+                stride_ks, stride_vs, qk_scale,
+                BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, True, False, UPCAST, PRECISION,
+            )
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_ptrs = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :]
@@ -110,10 +121,11 @@ def prefill(
     block_size: int,
     scale: float,
     max_query_len: int,
+    window: int | None = None,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Launch without checks. ``addr`` is the block table (paged) or ``seq_starts``;
-    ``max_query_len`` (a host-side bound) sizes the grid."""
+    ``max_query_len`` (a host-side bound) sizes the grid; ``window``: a sliding window (None: none)."""
     tokens, num_heads, head_dim = q.shape
     batch = query_start_loc.shape[0] - 1
     config = config or prefill_config(head_dim, q.dtype, q.device)
@@ -122,11 +134,11 @@ def prefill(
         return out
     grid = (num_heads, triton.cdiv(max_query_len, config.block_m), batch)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, addr, scale * LOG2E,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, addr, scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), addr.stride(0),
         GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_SIZE=block_size if paged else 1, PAGED=paged,
+        BLOCK_SIZE=block_size if paged else 1, PAGED=paged, WINDOWED=bool(window),
         UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=pipeline_stages(config.num_stages, paged),
     )

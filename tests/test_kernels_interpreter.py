@@ -19,6 +19,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernels import reference
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 if INTERPRETED:
@@ -27,7 +29,7 @@ if INTERPRETED:
     from test_kernels_triton import assert_close_ulps, assert_rotary_close
     from triton.runtime import interpreter
 
-    from kernels import reference, triton_decode, triton_ops
+    from kernels import triton_decode, triton_ops
 
     _patch_lang_tensor = interpreter._patch_lang_tensor
 
@@ -382,3 +384,91 @@ def test_rotary_embedding_matches_reference(dtype, norm, heads, kv_heads, head_d
             assert_rotary_close(out, ref, reference.rms_norm(x, weight, 1e-6))
         else:
             assert torch.equal(out, ref)
+
+
+def poison_outside_window(k, v, addr, lens, first_seen, block_size):
+    """NaN in the K/V of every position of sequence b before ``first_seen[b]``: a kernel that reads one there
+    (even with a zero weight) returns NaN."""
+    k, v = k.clone(), v.clone()
+    for b, (n, lo) in enumerate(zip(lens, first_seen)):
+        pos = torch.arange(max(0, min(lo, n)))
+        if "block_tables" in addr:
+            slots = addr["block_tables"][b, pos // block_size].long() * block_size + pos % block_size
+        else:
+            slots = addr["seq_starts"][b].long() + pos
+        k[slots], v[slots] = float("nan"), float("nan")
+    return k, v
+
+
+@needs_interpreter
+@settings(max_examples=10, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 90), min_size=1, max_size=3),
+    window=st.integers(1, 40),
+    block_size=st.sampled_from([1, 4, 16]),
+    mode=st.sampled_from(["paged", "contiguous"]),
+    splits=st.sampled_from([None, 1, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_windowed_decode_matches_reference_and_reads_only_the_window(lens, window, block_size, mode, splits, seed):
+    gen = torch.Generator().manual_seed(seed)
+    addr, slots = addressing(mode, lens, block_size, gen)
+    k, v = make_cache(slots, 1, 16, torch.float32, gen)
+    q = torch.randn(len(lens), 2, 16, generator=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ref = reference.decode_attention(q, k, v, seq_lens, window=window, **addr)
+    full = reference.decode_attention(q, k, v, seq_lens, **addr)
+    k, v = poison_outside_window(k, v, addr, lens, [n - window for n in lens], block_size)
+    if splits is None:
+        out = triton_ops.decode_attention(q, k, v, seq_lens, window=window, **addr)
+    else:
+        table = addr.get("block_tables", addr.get("seq_starts"))
+        out = triton_decode.decode(q, k, v, seq_lens, table, paged=mode == "paged", block_size=block_size,
+                                   scale=16**-0.5, max_seq_len=max(lens), window=window, num_splits=splits)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    if max(lens) > window:  # the window changed something: the masks are not a no-op
+        assert rel_err(ref, full) > 1e-3
+
+
+@needs_interpreter
+@settings(max_examples=10, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 50)), min_size=1, max_size=3),
+    window=st.integers(1, 30),
+    block_size=st.sampled_from([1, 4, 16]),
+    mode=st.sampled_from(["paged", "contiguous"]),
+    seed=st.integers(0, 2**16),
+)
+def test_windowed_prefill_matches_reference_and_reads_only_the_window(shapes, window, block_size, mode, seed):
+    """Chunks of ``q_len`` new tokens after ``context`` cached ones; each query sees its last ``window`` keys."""
+    gen = torch.Generator().manual_seed(seed)
+    q_lens, lens = [q for q, _ in shapes], [q + c for q, c in shapes]
+    addr, slots = addressing(mode, lens, block_size, gen)
+    k, v = make_cache(slots, 1, 16, torch.float32, gen)
+    q = torch.randn(sum(q_lens), 2, 16, generator=gen)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ref = reference.prefill_attention(q, k, v, qsl, seq_lens, window=window, **addr)
+    k, v = poison_outside_window(k, v, addr, lens, [c - window + 1 for _, c in shapes], block_size)
+    out = triton_ops.prefill_attention(q, k, v, qsl, seq_lens, window=window, **addr)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_windowed_reference_is_brute_force_attention():
+    """The references against attention written out: softmax over the keys each query sees."""
+    gen = torch.Generator().manual_seed(3)
+    n, q_len, window = 23, 9, 5
+    k, v = torch.randn(n, 1, 8, generator=gen), torch.randn(n, 1, 8, generator=gen)
+    q = torch.randn(q_len, 2, 8, generator=gen)
+    starts = torch.zeros(1, dtype=torch.int32)
+    got = reference.prefill_attention(q, k, v, torch.tensor([0, q_len], dtype=torch.int32),
+                                      torch.tensor([n], dtype=torch.int32), seq_starts=starts, window=window)
+    for r in range(q_len):
+        i = n - q_len + r
+        seen = torch.arange(max(0, i - window + 1), i + 1)
+        for h in range(2):
+            w = torch.softmax(k[seen, 0] @ q[r, h] * 8**-0.5, dim=0)
+            assert torch.allclose(got[r, h], w @ v[seen, 0], atol=1e-5)
+    dec = reference.decode_attention(q[-1:], k, v, torch.tensor([n], dtype=torch.int32), seq_starts=starts,
+                                     window=window)
+    assert torch.allclose(dec, got[-1:], atol=1e-5)

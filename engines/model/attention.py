@@ -25,6 +25,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
         self.rms_eps = cfg.rms_norm_eps
+        self.window = cfg.sliding_window  # None: full attention
 
     def forward(
         self,
@@ -48,12 +49,13 @@ class Attention(nn.Module):
             d = meta.decode
             out[:n] = ops.decode_attention(
                 q[:n], k_cache, v_cache, d.seq_lens, **d.addressing.kernel_kwargs(),
-                scale=self.scale, max_seq_len=d.max_seq_len, validate=False,
+                scale=self.scale, max_seq_len=d.max_seq_len, window=self.window, validate=False,
             )
         if meta.prefill is not None:
             p = meta.prefill
             out[n:] = ops.prefill_attention(
                 q[n:], k_cache, v_cache, p.query_start_loc, p.seq_lens, **p.addressing.kernel_kwargs(),
-                scale=self.scale, max_query_len=p.max_query_len, max_seq_len=p.max_seq_len, validate=False,
+                scale=self.scale, max_query_len=p.max_query_len, max_seq_len=p.max_seq_len, window=self.window,
+                validate=False,
             )
         return self.o_proj(out.view(-1, self.q_size))

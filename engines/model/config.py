@@ -53,9 +53,7 @@ class ModelConfig:
 
     @property
     def max_context(self) -> int:
-        """Longest sequence this engine attends over in full: a sliding window bounds it."""
-        if self.sliding_window is not None:
-            return min(self.max_position_embeddings, self.sliding_window)
+        """Longest sequence the model takes (a sliding window bounds what each token attends to, not this)."""
         return self.max_position_embeddings
 
     @property
