@@ -74,7 +74,7 @@ def test_greedy_matches_transformers_generate_past_the_window(windowed_dir, thei
 @pytest.mark.parametrize("cfg", [
     PagedConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=4),
     ContiguousConfig(reservation="oracle", num_scheduler_steps=3),
-    VAttentionConfig(max_model_len=128, num_kv_slots=1024),
+    VAttentionConfig(max_model_len=128, num_kv_slots=65536, max_num_seqs=8),  # 2 MiB pages fit on a GPU
 ], ids=["paged-chunked", "contiguous-multistep", "vattention"])
 def test_engines_match_one_at_a_time_greedy_past_the_window(windowed_dir, cfg):
     model = load_model(windowed_dir, dtype="float32")
