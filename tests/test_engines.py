@@ -67,11 +67,12 @@ def run_exact(model_dir, reference, cfg, workload="mixed"):
     ContiguousConfig(reservation="oracle", max_num_batched_tokens=16, max_num_seqs=8),
     PagedConfig(block_size=4, num_scheduler_steps=5, max_num_seqs=12),  # multi-step decode
     ContiguousConfig(reservation="oracle", num_scheduler_steps=8, num_kv_slots=400),  # exact regions
-    # tiny-qwen3 in float32: 16 tokens a 4 KiB page, so most sequences span several
-    VAttentionConfig(max_model_len=128, num_kv_slots=1024),
-    VAttentionConfig(max_model_len=128, num_kv_slots=1024, page_size_kb=16, premap=False),  # 64 tokens a page
-    VAttentionConfig(max_model_len=128, max_num_batched_tokens=16, max_num_seqs=8, num_kv_slots=512),
-    VAttentionConfig(max_model_len=128, num_scheduler_steps=5, num_kv_slots=600, deferred_reclamation=False,
+    # tiny-qwen3 in float32: 16 tokens a 4 KiB host page, so most sequences span several (on a CPU also on a GPU
+    # machine: the driver's 2 MiB pages are tests/test_gpu_*'s)
+    VAttentionConfig(device="cpu", max_model_len=128, num_kv_slots=1024),
+    VAttentionConfig(device="cpu", max_model_len=128, num_kv_slots=1024, page_size_kb=16, premap=False),  # 64 tokens a page
+    VAttentionConfig(device="cpu", max_model_len=128, max_num_batched_tokens=16, max_num_seqs=8, num_kv_slots=512),
+    VAttentionConfig(device="cpu", max_model_len=128, num_scheduler_steps=5, num_kv_slots=600, deferred_reclamation=False,
                      overlap_mapping=False),
 ], ids=lambda c: f"{c.name}-{getattr(c, 'block_size', getattr(c, 'reservation', getattr(c, 'page_size_kb', '')))}"
                     f"-{c.max_num_batched_tokens}-k{c.num_scheduler_steps}")
@@ -105,7 +106,7 @@ def test_vattention_preemption_and_reclamation_stay_exact(model_dir, reference, 
     """Ten page groups (and the anchor) for 32 requests of up to 140 tokens: sequences are preempted, and pages freed by one are
     taken back from the slot they idle in (an unmap, then a map elsewhere)."""
     budget = {"max_num_batched_tokens": chunk, "max_num_seqs": 8} if chunk else {}
-    engine = create_engine(model_dir, VAttentionConfig(max_model_len=160, num_kv_slots=176, num_scheduler_steps=3,
+    engine = create_engine(model_dir, VAttentionConfig(device="cpu", max_model_len=160, num_kv_slots=176, num_scheduler_steps=3,
                                                        **budget))
     prompts, lengths, expected = reference["shared"]
     got = engine.generate(requests(prompts, lengths))
@@ -128,7 +129,7 @@ def test_transformers_baselines_match_reference(model_dir, reference, name):
 
 
 @pytest.mark.parametrize("cfg", [PagedConfig(block_size=4), ContiguousConfig(reservation="oracle", num_scheduler_steps=4),
-                                 VAttentionConfig(max_model_len=128, num_kv_slots=1024)],
+                                 VAttentionConfig(device="cpu", max_model_len=128, num_kv_slots=1024)],
                          ids=["paged", "contiguous", "vattention"])
 def test_parallel_samples(model_dir, reference, cfg):
     prompts, lengths, expected = reference["mixed"]

@@ -58,10 +58,10 @@ CONFIGS = {
     "contiguous-max": ContiguousConfig(reservation="max", max_model_len=64, num_kv_slots=200, max_num_seqs=6,
                                        max_num_batched_tokens=24),
     # tiny-qwen3 in float32: 16 tokens a 4 KiB page
-    "vattention": VAttentionConfig(max_model_len=64, num_kv_slots=160, max_num_seqs=6, max_num_batched_tokens=24),
-    "vattention-first-touch": VAttentionConfig(max_model_len=64, num_kv_slots=128, max_num_seqs=6,
+    "vattention": VAttentionConfig(device="cpu", max_model_len=64, num_kv_slots=160, max_num_seqs=6, max_num_batched_tokens=24),
+    "vattention-first-touch": VAttentionConfig(device="cpu", max_model_len=64, num_kv_slots=128, max_num_seqs=6,
                                                max_num_batched_tokens=24, premap=False),
-    "vattention-eager-unmap": VAttentionConfig(max_model_len=64, num_kv_slots=96, max_num_seqs=4,
+    "vattention-eager-unmap": VAttentionConfig(device="cpu", max_model_len=64, num_kv_slots=96, max_num_seqs=4,
                                                max_num_batched_tokens=16, deferred_reclamation=False,
                                                overlap_mapping=False, num_scheduler_steps=3),
 }

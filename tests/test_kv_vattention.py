@@ -197,8 +197,8 @@ def model_dir(tiny_model):
 
 
 @pytest.mark.parametrize("cfg, message", [
-    (VAttentionConfig(max_model_len=64, page_size_kb=6), "multiple of the host's page size"),
-    (VAttentionConfig(max_model_len=256, num_kv_slots=200), "too few for one request of max_model_len"),
+    (VAttentionConfig(device="cpu", max_model_len=64, page_size_kb=6), "multiple of the host's page size"),
+    (VAttentionConfig(device="cpu", max_model_len=256, num_kv_slots=200), "too few for one request of max_model_len"),
 ])
 def test_bad_setups_are_refused_at_start_up(model_dir, cfg, message):
     with pytest.raises(ValueError, match=message):
@@ -214,7 +214,7 @@ def test_missing_driver_bindings_are_named(monkeypatch):
 
 
 def test_requests_run_to_their_end_and_give_every_page_back(model_dir):
-    engine = create_engine(model_dir, VAttentionConfig(max_model_len=96, num_kv_slots=256, max_num_seqs=4))
+    engine = create_engine(model_dir, VAttentionConfig(device="cpu", max_model_len=96, num_kv_slots=256, max_num_seqs=4))
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     got = engine.generate([Request(f"r{i}", list(range(3, 40 + i)), params) for i in range(6)])
     assert all(len(got[f"r{i}"][0]) == 30 for i in range(6))
