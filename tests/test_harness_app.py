@@ -187,10 +187,10 @@ def test_prefix_caching_stays_on_where_it_is_the_subject():
     assert cfg.hydra.sweeper.params["engine.enable_prefix_caching"] == "true,false"
 
 
-def test_the_main_job_sweeps_every_engine_and_every_reservation_policy():
+def test_the_main_job_sweeps_every_engine_and_every_reservation_policy():  # and every KV strategy
     cfg = composed(["+experiment=concurrency_sweep"])
     assert cfg.hydra.sweeper.params.engine.split(",") == [
-        "hf", "hf_paged", "contiguous", "contiguous_pow2", "contiguous_oracle", "paged"]
+        "hf", "hf_paged", "contiguous", "contiguous_pow2", "contiguous_oracle", "vattention", "paged"]
 
 
 def test_the_sweep_plan_runs_repeats_as_the_outermost_dimension():
@@ -199,7 +199,7 @@ def test_the_sweep_plan_runs_repeats_as_the_outermost_dimension():
     cfg = composed(["+experiment=concurrency_sweep", "repeats=3"])
     OmegaConf.update(cfg, "hydra.overrides.task", [*cfg.hydra.overrides.task, "workload.n=1,2"], force_add=True)
     plan = [dict(o.split("=", 1) for o in job) for job in sweep.jobs(cfg)]
-    engines = ("hf", "hf_paged", "contiguous", "contiguous_pow2", "contiguous_oracle", "paged")
+    engines = ("hf", "hf_paged", "contiguous", "contiguous_pow2", "contiguous_oracle", "vattention", "paged")
     settings = len(engines) * 9 * 2  # engines x concurrencies x n
     assert len(plan) == 3 * settings
     assert [job["repeat"] for job in plan] == [str(r) for r in range(3) for _ in range(settings)]  # A B A B, not A A B B

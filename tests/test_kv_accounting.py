@@ -207,7 +207,7 @@ def test_the_server_feed_hands_out_what_came_after_a_cursor_and_says_what_it_dro
     assert [row[:2] for row in reply["samples"]] == [[0, 0.0], [1, 1.0]]
     assert reply["next"] == {"samples": 2, "allocations": 1, "times": 1}
     assert reply["missed"] == {"samples": 0, "allocations": 0, "times": 0}
-    assert reply["times"] == [[1, 0.5, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05, None]]
+    assert reply["times"] == [[1, 0.5, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05, None, 0.0]]  # gpu, then map
     back = log_from_reply(json.loads(json.dumps(reply)), {}, clock_offset=0.0).times
     assert len(back) == 1 and back[0].wall == 0.5 and math.isnan(back[0].gpu) and back[0].step == 1
     feed.add(KVLog([(i, float(i), stats) for i in range(2, 6)], breakdown=False))

@@ -24,6 +24,7 @@ from engines.step_clock import StepTimes
 
 STATS_FIELDS = tuple(f.name for f in dataclasses.fields(KVStats))
 TIME_FIELDS = tuple(f.name for f in dataclasses.fields(StepTimes))
+REQUIRED_TIME_FIELDS = set(TIME_FIELDS) - {"map"}  # a server from before the map phase sends none: 0
 
 
 class KVFeed:
@@ -91,7 +92,7 @@ def log_from_reply(reply: dict[str, Any], rename: dict[str, str], clock_offset: 
     fields = reply.get("time_fields", ())
     times = [StepTimes(**{k: (int(v) if k == "step" else math.nan if v is None else float(v))
                           for k, v in zip(fields, row) if k in TIME_FIELDS})
-             for row in reply.get("times", ()) if set(TIME_FIELDS) <= set(fields)]  # a server of another version: none
+             for row in reply.get("times", ()) if REQUIRED_TIME_FIELDS <= set(fields)]  # another version: none
     return KVLog(samples, allocations, breakdown=bool(reply["breakdown"]), times=times)
 
 
