@@ -16,8 +16,8 @@ import torch
 from engines.base import Engine, KVStats
 from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
 from engines.kv.manager import KVManager
-from engines.kv.storage import KVStorage
 from engines.kv.metadata import StepSequence, build_metadata
+from engines.kv.storage import KVStorage
 from engines.model.loader import load_model, resolve_device
 from engines.model_runner import LaunchedStep, ModelRunner, SampleRow
 from engines.request import Request, RequestError, RequestOutput, SamplingParams, TokenLogprob

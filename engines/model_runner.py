@@ -83,19 +83,16 @@ class _DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         pool = None
         for b in reversed(self.sizes):
-            pool = self._capture(runner, b, pool)
+            meta = self.metadata(b)
+            for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
+                runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[b] = runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
+            pool = graph.pool()
+            self.graphs[b] = graph
         torch.cuda.synchronize()
-
-    def _capture(self, runner: "ModelRunner", b: int, pool: object) -> object:
-        meta = self.metadata(b)
-        for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
-            runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.outputs[b] = runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
-        self.graphs[b] = graph
-        return graph.pool()
 
     def metadata(self, b: int) -> AttentionMetadata:
         addressing = Addressing(
