@@ -333,8 +333,8 @@ def test_a_killed_sweep_keeps_its_finished_runs_and_resume_runs_only_the_rest(in
 
 
 def test_memory_waste_in_ci_size_ranks_the_reservation_policies(tmp_path):
-    """The vLLM paper's Fig. 2 experiment, CPU-sized: paging holds the most token states and wastes
-    little (sampled after each step's admissions, the slots that step is about to fill count as
+    """The vLLM paper's Fig. 2 experiment, CPU-sized (with vattention beside it): paging holds the most token
+    states and wastes little (sampled after each step's admissions, the slots that step is about to fill count as
     reservation: ~5% of a full pool here); an exact reservation has no internal fragmentation; max
     reserves the most."""
     done = harness(["+experiment=memory_waste", "workload.num_requests=48", "engine.num_kv_slots=4096",
@@ -347,4 +347,7 @@ def test_memory_waste_in_ci_size_ranks_the_reservation_policies(tmp_path):
     assert runs.loc["contiguous_oracle", "kv_internal_used_frac"] < 0.01
     assert runs.loc["contiguous", "kv_internal_used_frac"] > runs.loc["contiguous_pow2", "kv_internal_used_frac"]
     assert runs.loc["paged", "max_running"] > runs.loc["contiguous", "max_running"]
+    # virtual-contiguous KV at the host's 4 KiB pages (16 tokens of tiny-qwen3): close to paging, and its row is there
+    assert share["vattention"] > share["contiguous_oracle"] and runs.loc["vattention", "kv_external_used_frac"] == 0
+    assert runs.loc["vattention", "max_running"] > runs.loc["contiguous", "max_running"]
     assert (tmp_path / "sweep" / "figures" / "kv_breakdown.png").is_file()
