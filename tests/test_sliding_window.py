@@ -85,3 +85,57 @@ def test_engines_match_one_at_a_time_greedy_past_the_window(windowed_dir, cfg):
     got = engine.generate([Request(f"r{i}", p, SamplingParams(max_tokens=25, temperature=0, ignore_eos=True))
                            for i, p in enumerate(prompts)])
     assert [got[f"r{i}"][0] for i in range(len(prompts))] == expected
+
+
+def _run_checked(engine, requests) -> tuple[dict, int]:
+    """Every request to its end, the KV invariants after every step; the most KV slots allocated at once."""
+    for r in requests:
+        engine.add_request(r)
+    out: dict[str, dict[int, list[int]]] = {}
+    most = 0
+    while engine.has_unfinished():
+        for o in engine.step():
+            out.setdefault(o.request_id, {}).setdefault(o.index, []).extend(o.new_token_ids)
+        engine.kv.check_invariants(engine.scheduler.live)
+        most = max(most, engine.kv_stats().allocated)
+    assert engine.kv_stats().allocated == 0
+    return out, most
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
+def test_paged_frees_the_blocks_a_window_has_left_and_stays_exact(windowed_dir, prefix_caching):
+    """One 41-token prompt and 25 tokens, in 16-token chunks: without the window it would hold 17 blocks of 4."""
+    model = load_model(windowed_dir, dtype="float32")
+    prompt = torch.randint(0, 1000, (41,), generator=torch.Generator().manual_seed(9)).tolist()
+    engine = create_engine(windowed_dir, PagedConfig(device="cpu", block_size=4, max_num_batched_tokens=16, max_num_seqs=4,
+                                                     enable_prefix_caching=prefix_caching))
+    out, most = _run_checked(engine, [Request("r", prompt, SamplingParams(max_tokens=25, temperature=0,
+                                                                          ignore_eos=True))])
+    assert out["r"][0] == greedy_generate(model, prompt, 25)
+    # the window's 12 keys, a 16-token chunk, the blocks they straddle (and one published block late)
+    assert most <= 4 * (-(-(WINDOW - 1 + 16) // 4) + 2) < 4 * 17
+
+
+@pytest.mark.parametrize("steps", [1, 3], ids=["one-step", "multi-step"])
+def test_paged_window_with_shared_prefixes_samples_and_preemption(windowed_dir, steps):
+    """Prefix hits, n = 2 samples sharing blocks, and a pool small enough to preempt: invariants every step, greedy
+    requests equal to one-at-a-time output."""
+    model = load_model(windowed_dir, dtype="float32")
+    gen = torch.Generator().manual_seed(4)
+    prefix = torch.randint(0, 1000, (20,), generator=gen).tolist()
+    prompts = [prefix + torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (1, 9, 17, 30, 5, 12)]
+    requests = [Request(f"r{i}", p, SamplingParams(max_tokens=20, temperature=0 if i % 2 == 0 else 0.8, seed=i,
+                                                   n=1 if i % 3 else 2, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+    engine = create_engine(windowed_dir, PagedConfig(device="cpu", block_size=4, num_blocks=12, max_num_seqs=6,
+                                                     max_num_batched_tokens=16, num_scheduler_steps=steps))
+    out, _ = _run_checked(engine, requests)
+    assert engine.kv_stats().num_preemptions > 0 and engine.kv.num_prefix_hits > 0
+    for i, p in enumerate(prompts):
+        if i % 2 == 0:
+            assert all(tokens == greedy_generate(model, p, 20) for tokens in out[f"r{i}"].values()), f"r{i}"
+
+
+def test_swapping_a_windowed_sequence_is_refused_at_start_up(windowed_dir):
+    with pytest.raises(ValueError, match="preemption_mode=swap with a sliding-window model"):
+        create_engine(windowed_dir, PagedConfig(device="cpu", preemption_mode="swap"))

@@ -84,6 +84,7 @@ class KVLedger:
         self.owned = 0
         self.stored = 0
         self._held: dict[int, int] = {}  # seq_id -> slots it owns
+        self._forgotten: dict[int, int] = {}  # seq_id -> computed tokens whose K/V it no longer holds (a window)
         self.log = KVLog()
 
     def held(self, seq: Held) -> int:
@@ -98,10 +99,19 @@ class KVLedger:
         if not old and slots:
             self.stored += seq.num_computed
         elif old and not slots:
-            self.stored -= seq.num_computed
+            self.stored -= seq.num_computed - self._forgotten.pop(seq.seq_id, 0)
         self.owned += slots - old
         if self.record and slots != old:
             self.log.allocations.append(Allocation(self.step, *seq.key, slots, seq.num_computed))
+
+    def forget(self, seq: Held, num_tokens: int) -> None:
+        """``seq`` (holding memory) no longer holds the K/V of ``num_tokens`` of its computed tokens: they left its
+        attention window and their blocks were freed. Call after the ``hold`` that gives the blocks back."""
+        self.stored -= num_tokens
+        self._forgotten[seq.seq_id] = self._forgotten.get(seq.seq_id, 0) + num_tokens
+
+    def forgotten(self, seq: Held) -> int:
+        return self._forgotten.get(seq.seq_id, 0)
 
     def computed(self, num_tokens: int) -> None:
         """A step computed the K/V of ``num_tokens`` tokens of sequences holding memory."""

@@ -5,6 +5,11 @@ holds a full block of tokens it stays findable in the prefix cache (hash of its 
 chained with its parent's hash, verified against the tokens on a hit) until the free
 queue hands it out again. Samples of one request (n > 1) share blocks; a write into a
 shared block first copies it. Swapped-out sequences keep their data in a host pool.
+
+With a sliding window (Mistral's), a block whose every token has left the window of the
+sequence's next query is freed: its table entry becomes a *ghost*, which keeps the block's
+hash (the prefix-cache chain of later blocks) and no memory. The kernels never read a key
+outside the window, so a ghost's stale block id in the block-table array is never followed.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from engines.sequence import Sequence
 
 @dataclass(eq=False)
 class Block:
-    block_id: int
+    block_id: int  # -1: a ghost (a freed block left behind by a sliding window), in no pool
     ref_count: int = 0
     hash: int | None = None  # set once the block is full and published
     tokens: tuple[int, ...] = ()  # the tokens behind ``hash``, to verify a hit
+
+    @property
+    def ghost(self) -> bool:
+        return self.block_id < 0
 
 
 class BlockPool:
@@ -130,6 +139,9 @@ class PagedKVManager(KVManager):
         max_model_len: int,
         num_host_blocks: int = 0,
         enable_prefix_caching: bool = True,
+        window: int | None = None,
+        max_step_tokens: int = 1,
+        publish_lag: int = 0,
     ) -> None:
         self.block_size = block_size
         super().__init__()
@@ -143,13 +155,19 @@ class PagedKVManager(KVManager):
         self.host_tables: dict[int, list[int]] = {}  # seq_id -> host blocks of a swapped-out sequence
         self.num_published: dict[int, int] = {}  # seq_id -> leading blocks already in the prefix cache
         self.table_array = BlockTableArray(self.blocks_for(max_model_len))
+        self.window = window  # the model's sliding window (None: attention sees the whole context)
+        self.num_dropped: dict[int, int] = {}  # seq_id -> leading table entries that are ghosts
+        # With a window, the most blocks one sequence holds at once: the window's keys (and those of its blocks
+        # not published yet, at most ``publish_lag`` tokens), a step's new tokens, and the blocks they straddle.
+        self.window_blocks = None if window is None else -(-(window + publish_lag + max_step_tokens) // block_size) + 2
 
     # -- admission and growth ----------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def can_ever_fit(self, seq: Sequence) -> bool:
-        return self.blocks_for(seq.final_len_bound) <= self.num_blocks
+        needed = self.blocks_for(seq.final_len_bound)
+        return (needed if self.window_blocks is None else min(needed, self.window_blocks)) <= self.num_blocks
 
     def admit(self, seq: Sequence) -> None:
         table: list[Block] = []
@@ -174,8 +192,28 @@ class PagedKVManager(KVManager):
         seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
         self.ledger.hold(seq, seq.num_computed)
 
+    def _slide(self, seq: Sequence, table: list[Block]) -> None:
+        """Free the blocks no query of ``seq`` from ``num_computed`` on can see: every key of them is at or before
+        ``num_computed - window``. With prefix caching only published ones (their hash chains the next blocks)."""
+        bs = self.block_size
+        keep_from = min((seq.num_computed - self.window + 1) // bs, len(table))
+        if self.enable_prefix_caching:
+            keep_from = min(keep_from, self.num_published.get(seq.seq_id, 0))
+        done = self.num_dropped.get(seq.seq_id, 0)
+        if keep_from <= done:
+            return
+        for i in range(done, keep_from):
+            self.pool.release(table[i])
+            table[i] = Block(-1, hash=table[i].hash)
+            self.table_array.set(seq.seq_id, i, -1)
+        self.num_dropped[seq.seq_id] = keep_from
+        self.ledger.hold(seq, (len(table) - keep_from) * bs)
+        self.ledger.forget(seq, (keep_from - done) * bs)
+
     def allocate(self, seq: Sequence, num_new: int) -> bool:
         table = self.tables[seq.seq_id]
+        if self.window is not None:
+            self._slide(seq, table)
         bs = self.block_size
         end = seq.num_computed + num_new
         if end <= len(table) * bs and num_new == 1 and table[seq.num_computed // bs].ref_count == 1:
@@ -199,7 +237,7 @@ class PagedKVManager(KVManager):
             table.append(block)
             grown = True
         if grown:
-            self.ledger.hold(seq, len(table) * bs)
+            self.ledger.hold(seq, (len(table) - self.num_dropped.get(seq.seq_id, 0)) * bs)
         return True
 
     def free(self, seq: Sequence) -> None:
@@ -207,9 +245,11 @@ class PagedKVManager(KVManager):
         table = self.tables.pop(seq.seq_id, None)
         self.table_array.release(seq.seq_id)
         self.num_published.pop(seq.seq_id, None)
+        self.num_dropped.pop(seq.seq_id, None)
         if table is not None:
             for block in reversed(table):  # tail blocks are the least likely prefix: evicted first
-                self.pool.release(block)
+                if not block.ghost:
+                    self.pool.release(block)
         host = self.host_tables.pop(seq.seq_id, None)
         if host is not None:
             self.host_free.extend(host)
@@ -217,11 +257,16 @@ class PagedKVManager(KVManager):
     def fork(self, parent: Sequence, child: Sequence) -> None:
         table = list(self.tables[parent.seq_id])
         for block in table:
-            self.pool.acquire(block)
+            if not block.ghost:
+                self.pool.acquire(block)
+        dropped = self.num_dropped.get(parent.seq_id, 0)
         self.tables[child.seq_id] = table
         self.table_array.assign(child.seq_id, [b.block_id for b in table])
         self.num_published[child.seq_id] = self.num_published.get(parent.seq_id, 0)
-        self.ledger.hold(child, len(table) * self.block_size)
+        self.ledger.hold(child, (len(table) - dropped) * self.block_size)
+        if dropped:
+            self.num_dropped[child.seq_id] = dropped
+            self.ledger.forget(child, dropped * self.block_size)
 
     def commit(self, seq: Sequence) -> None:
         if not self.enable_prefix_caching:
@@ -242,6 +287,7 @@ class PagedKVManager(KVManager):
     # -- swapping ----------------------------------------------------------------------------
     def swap_out(self, seq: Sequence) -> bool:
         table = self.tables[seq.seq_id]
+        assert not self.num_dropped.get(seq.seq_id), "a sliding window's ghosts cannot be swapped (start-up refuses)"
         if len(table) > len(self.host_free):
             return False
         host = [self.host_free.pop() for _ in table]
@@ -301,7 +347,10 @@ class PagedKVManager(KVManager):
         """Ref counts equal the holders, free + held = total, no block both free and held (tests call this)."""
         holders: dict[int, int] = {}
         for s in seqs:
-            for b in self.tables.get(s.seq_id, []):
+            table = self.tables.get(s.seq_id, [])
+            dropped = self.num_dropped.get(s.seq_id, 0)
+            assert all(b.ghost == (i < dropped) for i, b in enumerate(table)), "ghosts are not the table's front"
+            for b in table[dropped:]:
                 holders[b.block_id] = holders.get(b.block_id, 0) + 1
         assert set(self.tables) <= {s.seq_id for s in seqs}, "a block table outlived its sequence"
         for block in self.pool.blocks:
@@ -319,5 +368,5 @@ class PagedKVManager(KVManager):
         assert sorted(host) == list(range(self.num_host_blocks)), "a host block is lost or held twice"
         assert self.pool.num_cached_free == sum(1 for b in self.pool.cached.values() if b.ref_count == 0), (
             "cached-free counter out of step with the prefix index")
-        owned = {i: len(t) * self.block_size for i, t in self.tables.items()}
-        self.ledger.check(owned, sum(s.num_computed for s in seqs if s.seq_id in self.tables))
+        owned = {i: (len(t) - self.num_dropped.get(i, 0)) * self.block_size for i, t in self.tables.items()}
+        self.ledger.check(owned, sum(s.num_computed - self.ledger.forgotten(s) for s in seqs if s.seq_id in self.tables))
