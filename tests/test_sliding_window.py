@@ -87,8 +87,9 @@ def test_engines_match_one_at_a_time_greedy_past_the_window(windowed_dir, cfg):
     assert [got[f"r{i}"][0] for i in range(len(prompts))] == expected
 
 
-def _run_checked(engine, requests) -> tuple[dict, int]:
-    """Every request to its end, the KV invariants after every step; the most KV slots allocated at once."""
+def _run_checked(engine, requests, states: bool = False) -> tuple[dict, int]:
+    """Every request to its end, the KV invariants after every step (``states``: and token states within the
+    allocated slots, which holds without samples sharing a part-filled block); the most KV slots allocated."""
     for r in requests:
         engine.add_request(r)
     out: dict[str, dict[int, list[int]]] = {}
@@ -97,7 +98,9 @@ def _run_checked(engine, requests) -> tuple[dict, int]:
         for o in engine.step():
             out.setdefault(o.request_id, {}).setdefault(o.index, []).extend(o.new_token_ids)
         engine.kv.check_invariants(engine.scheduler.live)
-        most = max(most, engine.kv_stats().allocated)
+        stats = engine.kv_stats()
+        assert not states or 0 <= stats.stored <= stats.allocated, stats
+        most = max(most, stats.allocated)
     assert engine.kv_stats().allocated == 0
     return out, most
 
@@ -110,7 +113,7 @@ def test_paged_frees_the_blocks_a_window_has_left_and_stays_exact(windowed_dir, 
     engine = create_engine(windowed_dir, PagedConfig(device="cpu", block_size=4, max_num_batched_tokens=16, max_num_seqs=4,
                                                      enable_prefix_caching=prefix_caching))
     out, most = _run_checked(engine, [Request("r", prompt, SamplingParams(max_tokens=25, temperature=0,
-                                                                          ignore_eos=True))])
+                                                                          ignore_eos=True))], states=True)
     assert out["r"][0] == greedy_generate(model, prompt, 25)
     # the window's 12 keys, a 16-token chunk, the blocks they straddle (and one published block late)
     assert most <= 4 * (-(-(WINDOW - 1 + 16) // 4) + 2) < 4 * 17
