@@ -172,7 +172,7 @@ def test_engine_overrides_apply_to_every_engine_config_of_their_kind(label, kind
 
 
 COMPARISONS = ["concurrency_sweep", "rate_sweep", "memory_waste", "kv_budget_sweep", "block_size_sweep",
-               "parallel_sampling", "throughput", "seed_8b"]
+               "parallel_sampling", "throughput", "seed_8b", "sliding_window"]
 
 
 @pytest.mark.parametrize("experiment", COMPARISONS)
@@ -351,3 +351,14 @@ def test_memory_waste_in_ci_size_ranks_the_reservation_policies(tmp_path):
     assert share["vattention"] > share["contiguous_oracle"] and runs.loc["vattention", "kv_external_used_frac"] == 0
     assert runs.loc["vattention", "max_running"] > runs.loc["contiguous", "max_running"]
     assert (tmp_path / "sweep" / "figures" / "kv_breakdown.png").is_file()
+
+
+def test_sliding_window_in_ci_size_shows_what_freeing_the_window_buys(tmp_path):
+    """tiny-mistral-sw (a 64-token window), 48 requests of 64-512 + 64-512 tokens at once into 8,192 slots: the
+    paged engine frees what leaves the window and runs them all at once; the others hold whole contexts."""
+    done = harness(["+experiment=sliding_window", "hydra.sweep.dir=sweep"], tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = pd.read_parquet(tmp_path / "sweep" / "runs.parquet").set_index("engine_label")
+    assert runs.loc["paged", "max_running"] == 48 and runs.loc["paged", "preemptions"] == 0
+    assert runs.loc["paged", "max_running"] > runs.loc["vattention", "max_running"]
+    assert runs.loc["paged", "max_running"] > runs.loc["contiguous_oracle", "max_running"]

@@ -134,6 +134,9 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-qwen3", _qwen3(**_TINY, head_dim=32, tie_word_embeddings=True), CHATML, tiny=True, init_std=0.3),
         Preset("tiny-qwen2", _qwen2(**_TINY, tie_word_embeddings=False), CHATML, tiny=True, init_std=0.3),
         Preset("tiny-mistral", _mistral(**_TINY, head_dim=16, tie_word_embeddings=False), MISTRAL, tiny=True, init_std=0.3),
+        # A 64-token sliding window over the 4,096-token context (the sliding_window experiment on a CPU).
+        Preset("tiny-mistral-sw", _mistral(**_TINY, head_dim=16, tie_word_embeddings=False, sliding_window=64),
+               MISTRAL, tiny=True, init_std=0.3),
         Preset("qwen3-0.6b", _qwen3(
             hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
             num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
@@ -160,6 +163,11 @@ PRESETS: dict[str, Preset] = {
             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=8, head_dim=128, vocab_size=32768, max_position_embeddings=32768,
             tie_word_embeddings=False), MISTRAL),
+        # Mistral-7B-v0.1: the same shape with its 4,096-token sliding window and 32,000-token vocabulary.
+        Preset("mistral-7b-v0.1", _mistral(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=32768,
+            tie_word_embeddings=False, rope_theta=10000.0, sliding_window=4096), MISTRAL),
     ]
 }
 
