@@ -68,3 +68,32 @@ def test_contiguous_decode_on_driver_pages_equals_it_on_an_ordinary_allocation(b
     paged = triton_ops.decode_attention(q, vmm.k, vmm.v, cache.seq_lens, seq_starts=vmm.seq_starts)
     vmm.storage.close()
     assert torch.equal(plain, paged)
+
+
+def test_engine_preempts_and_takes_pages_back_on_the_driver_and_stays_exact():
+    """qwen3-0.6b in fp32 (512 tokens a 2 MiB page), four page groups, four requests that each grow into a second
+    page: sequences are preempted and recomputed, pages unmapped and mapped again, n = 2 samples copy a prompt."""
+    from engines import create_engine
+    from engines.config import VAttentionConfig
+    from engines.model.loader import load_model
+    from engines.model.reference import greedy_generate
+    from engines.request import Request, SamplingParams
+    from harness.models.make_model import ensure_model
+
+    path = ensure_model("qwen3-0.6b")
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 150000, (n,), generator=gen).tolist() for n in (450, 470, 430, 490)]
+    model = load_model(path, dtype="float32", device="cuda")
+    expected = [greedy_generate(model, p, 120) for p in prompts]
+    del model
+    engine = create_engine(path, VAttentionConfig(dtype="float32", max_model_len=1024, num_kv_slots=5 * 512,
+                                                  max_num_batched_tokens=512))
+    try:
+        got = engine.generate([Request(f"r{i}", p, SamplingParams(max_tokens=120, temperature=0, ignore_eos=True,
+                                                                  n=2 if i == 1 else 1))
+                               for i, p in enumerate(prompts)])
+        stats, kv = engine.kv_stats(), engine.kv
+        assert stats.num_preemptions > 0 and kv.num_unmaps > 0
+        assert all(got[f"r{i}"][0] == expected[i] for i in range(4)) and got["r1"][1] == expected[1]
+    finally:
+        engine.close()
