@@ -157,6 +157,10 @@ class PagedKVManager(KVManager):
         self.table_array = BlockTableArray(self.blocks_for(max_model_len))
         self.window = window  # the model's sliding window (None: attention sees the whole context)
         self.num_dropped: dict[int, int] = {}  # seq_id -> leading table entries that are ghosts
+        # Unfilled slots of shared blocks counted once per holder beyond the first: samples forked from a prompt
+        # share its part-filled last block until each writes into it (copy-on-write). The ledger's per-holder
+        # ``owned - stored`` counts those slots once per holder; token states subtract it once (``kv_stats``).
+        self.shared_unfilled = 0
         # With a window, the most blocks one sequence holds at once: the window's keys (and those of its blocks
         # not published yet, at most ``publish_lag`` tokens), a step's new tokens, and the blocks they straddle.
         self.window_blocks = None if window is None else -(-(window + publish_lag + max_step_tokens) // block_size) + 2
@@ -203,12 +207,22 @@ class PagedKVManager(KVManager):
         if keep_from <= done:
             return
         for i in range(done, keep_from):
-            self.pool.release(table[i])
+            self._release(seq, i, table[i])
             table[i] = Block(-1, hash=table[i].hash)
             self.table_array.set(seq.seq_id, i, -1)
         self.num_dropped[seq.seq_id] = keep_from
         self.ledger.hold(seq, (len(table) - keep_from) * bs)
         self.ledger.forget(seq, (keep_from - done) * bs)
+
+    def _unfilled(self, seq: Sequence, index: int) -> int:
+        """Slots of block ``index`` of ``seq``'s table that hold none of its tokens."""
+        return self.block_size - min(max(seq.num_computed - index * self.block_size, 0), self.block_size)
+
+    def _release(self, seq: Sequence, index: int, block: Block) -> None:
+        """``seq`` lets go of the block at ``index`` of its table."""
+        if block.ref_count > 1:
+            self.shared_unfilled -= self._unfilled(seq, index)
+        self.pool.release(block)
 
     def allocate(self, seq: Sequence, num_new: int) -> bool:
         table = self.tables[seq.seq_id]
@@ -227,7 +241,7 @@ class PagedKVManager(KVManager):
             fresh = self.pool.take()
             self.num_published[seq.seq_id] = min(self.num_published.get(seq.seq_id, 0), i)
             self.ops.copies.append((table[i].block_id, fresh.block_id))
-            self.pool.release(table[i])
+            self._release(seq, i, table[i])
             table[i] = fresh
             self.table_array.set(seq.seq_id, i, fresh.block_id)
         grown = False
@@ -247,18 +261,19 @@ class PagedKVManager(KVManager):
         self.num_published.pop(seq.seq_id, None)
         self.num_dropped.pop(seq.seq_id, None)
         if table is not None:
-            for block in reversed(table):  # tail blocks are the least likely prefix: evicted first
-                if not block.ghost:
-                    self.pool.release(block)
+            for i in reversed(range(len(table))):  # tail blocks are the least likely prefix: evicted first
+                if not table[i].ghost:
+                    self._release(seq, i, table[i])
         host = self.host_tables.pop(seq.seq_id, None)
         if host is not None:
             self.host_free.extend(host)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         table = list(self.tables[parent.seq_id])
-        for block in table:
+        for i, block in enumerate(table):
             if not block.ghost:
                 self.pool.acquire(block)
+                self.shared_unfilled += self._unfilled(parent, i)
         dropped = self.num_dropped.get(parent.seq_id, 0)
         self.tables[child.seq_id] = table
         self.table_array.assign(child.seq_id, [b.block_id for b in table])
@@ -337,7 +352,8 @@ class PagedKVManager(KVManager):
         allocated = (self.num_blocks - self.pool.num_free) * bs
         free = self.pool.num_free * bs
         return KVStats(
-            capacity=self.capacity, stored=allocated - (self.ledger.owned - self.ledger.stored), allocated=allocated,
+            capacity=self.capacity, stored=allocated - (self.ledger.owned - self.ledger.stored) + self.shared_unfilled,
+            allocated=allocated,
             free=free, largest_free_extent=free, cached=self.pool.num_cached_free * bs,
             num_swapped_out=self.num_swapped_out, prefix_cache_queries=self.num_prefix_queries,
             prefix_cache_hits=self.num_prefix_hits,
@@ -368,5 +384,13 @@ class PagedKVManager(KVManager):
         assert sorted(host) == list(range(self.num_host_blocks)), "a host block is lost or held twice"
         assert self.pool.num_cached_free == sum(1 for b in self.pool.cached.values() if b.ref_count == 0), (
             "cached-free counter out of step with the prefix index")
+        filled: dict[int, int] = {}  # block id -> the tokens it holds (the most any holder has written)
+        for s in seqs:
+            for i, b in enumerate(self.tables.get(s.seq_id, [])):
+                if not b.ghost:
+                    here = min(max(s.num_computed - i * self.block_size, 0), self.block_size)
+                    filled[b.block_id] = max(filled.get(b.block_id, 0), here)
+        assert self.kv_stats(None).stored == sum(filled.values()), (
+            f"token states {self.kv_stats(None).stored}, but the blocks hold {sum(filled.values())}")
         owned = {i: (len(t) - self.num_dropped.get(i, 0)) * self.block_size for i, t in self.tables.items()}
         self.ledger.check(owned, sum(s.num_computed - self.ledger.forgotten(s) for s in seqs if s.seq_id in self.tables))
