@@ -254,10 +254,12 @@ def test_forked_samples_share_blocks_until_one_writes_into_a_shared_one():
     shared = list(kv.tables[p.seq_id])
     assert table_ids(kv, child) == table_ids(kv, p) and [b.ref_count for b in shared] == [2, 2]
     assert kv.ledger.held(child) == 8 and kv.kv_stats(None).allocated == 8
+    assert kv.kv_stats(None).stored == 6  # the shared part-filled block's 2 empty slots count once, not per sample
     kv.take_ops()
     p.token_ids.append(40)
     child.token_ids.append(41)
     assert kv.allocate(p, 1)  # writes position 6, in the shared 2nd block: copied first
+    assert kv.kv_stats(None).stored == 8  # block 0 still shared (4), and a copy each of the 2 tokens after it
     ops = kv.take_ops()
     assert ops.copies == [(shared[1].block_id, kv.tables[p.seq_id][1].block_id)] and ops.copy_block_size == 4
     assert kv.tables[child.seq_id][1] is shared[1] and shared[1].ref_count == 1
