@@ -23,6 +23,11 @@ class VAttentionEngine(LLMEngine):
     name = "vattention"
     cfg: VAttentionConfig
 
+    @property
+    def _token_bytes(self) -> int:
+        """One token of one layer's K (or V): the unit a page holds a whole number of."""
+        return self.slot_bytes // (2 * self.model_config.num_layers)
+
     def _page_bytes(self) -> int:
         """One page's bytes: the configured size, checked against the device's granularity and one token's K."""
         on_cuda = self.device.type == "cuda"
@@ -36,7 +41,7 @@ class VAttentionEngine(LLMEngine):
         if size <= 0 or size % gran:
             raise ValueError(f"page_size_kb={self.cfg.page_size_kb}: a page must be a positive multiple of {where} "
                              f"({gran // 1024} KiB)")
-        token = self.slot_bytes // (2 * self.model_config.num_layers)
+        token = self._token_bytes
         if size % token:
             raise ValueError(f"a page of {size} B does not hold a whole number of tokens of one layer's K "
                              f"({token} B each)")
@@ -44,7 +49,7 @@ class VAttentionEngine(LLMEngine):
 
     def make_kv_manager(self, num_slots: int) -> VirtualKVManager:
         page = self._page_bytes()
-        tokens_per_page = page // (self.slot_bytes // (2 * self.model_config.num_layers))
+        tokens_per_page = page // self._token_bytes
         num_groups = num_slots // tokens_per_page - 1  # one group backs the planes' anchor pages
         if num_groups * tokens_per_page < self.max_model_len:
             raise ValueError(
@@ -61,7 +66,7 @@ class VAttentionEngine(LLMEngine):
         kv: VirtualKVManager = self.kv
         mc = self.model_config
         geometry = PageGeometry(mc.num_layers, kv.num_request_slots, kv.slot_tokens, kv.tokens_per_page,
-                                mc.num_kv_heads * mc.head_dim * self.model.dtype.itemsize)
+                                self._token_bytes)
         shape = (mc.num_layers, 2, geometry.plane_tokens, mc.num_kv_heads, mc.head_dim)
         if self.device.type == "cuda":
             from engines.kv.cuda_vmm import CudaPageStorage

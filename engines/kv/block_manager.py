@@ -388,7 +388,7 @@ class PagedKVManager(KVManager):
         for s in seqs:
             for i, b in enumerate(self.tables.get(s.seq_id, [])):
                 if not b.ghost:
-                    here = min(max(s.num_computed - i * self.block_size, 0), self.block_size)
+                    here = self.block_size - self._unfilled(s, i)
                     filled[b.block_id] = max(filled.get(b.block_id, 0), here)
         assert self.kv_stats(None).stored == sum(filled.values()), (
             f"token states {self.kv_stats(None).stored}, but the blocks hold {sum(filled.values())}")

@@ -125,6 +125,10 @@ def _mistral(**shape: Any) -> dict[str, Any]:
 _TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 4096}
 
+_MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 32768,
+               "tie_word_embeddings": False}
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -159,15 +163,10 @@ PRESETS: dict[str, Preset] = {
             hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
             num_key_value_heads=40, head_dim=128, vocab_size=32000, max_position_embeddings=4096,
             rope_theta=10000.0, tie_word_embeddings=False), LLAMA2),
-        Preset("mistral-7b", _mistral(
-            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=8, head_dim=128, vocab_size=32768, max_position_embeddings=32768,
-            tie_word_embeddings=False), MISTRAL),
+        Preset("mistral-7b", _mistral(**_MISTRAL_7B, vocab_size=32768), MISTRAL),
         # Mistral-7B-v0.1: the same shape with its 4,096-token sliding window and 32,000-token vocabulary.
-        Preset("mistral-7b-v0.1", _mistral(
-            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=32768,
-            tie_word_embeddings=False, rope_theta=10000.0, sliding_window=4096), MISTRAL),
+        Preset("mistral-7b-v0.1", _mistral(**_MISTRAL_7B, vocab_size=32000, rope_theta=10000.0, sliding_window=4096),
+               MISTRAL),
     ]
 }
 
