@@ -51,7 +51,8 @@ COMPONENT_LABELS = {"token_states": "token states", "reservation": "reservation"
 COMPONENT_COLORS = {"token_states": "#4c9a2a", "reservation": "#f2b134", "internal": "#d9534f", "external": "#7f5a9e"}
 AXIS_NAMES = {"arrival.concurrency": "concurrency (closed-loop clients)", "arrival.rate": "arrival rate (req/s)",
               "engine.block_size": "block size (tokens)", "engine.num_kv_slots": "KV budget (token slots)",
-              "engine.kv_budget_gb": "KV budget (GB)", "workload.n": "parallel samples n"}
+              "engine.kv_budget_gb": "KV budget (GB)", "workload.n": "parallel samples n",
+              "engine.page_size_kb": "page size (KiB)"}
 SUMMARY_COLUMNS = {
     "engine_label": "engine", "status": "status", "output_tok_s": "output tok/s", "total_tok_s": "total tok/s",
     "requests_s": "req/s", "goodput_req_s": "goodput req/s", "ttft_p95": "p95 TTFT s", "tpot_p95": "p95 TPOT s",
