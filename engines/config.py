@@ -29,6 +29,11 @@ class RuntimeConfig:
     # Which logits a request's logprobs describe: raw (the model's, as vLLM's default raw_logprobs) or
     # processed (after penalties and temperature, before top-k/top-p/min-p; vLLM's processed_logprobs).
     logprobs_mode: str = "raw"
+    # GPUs one model is split over (vLLM's --tensor-parallel-size): attention heads and MLP columns, Megatron-style;
+    # one process per GPU, started by the engine (on a CPU, processes over gloo). KV budgets are per GPU.
+    tensor_parallel_size: int = 1
+    # Seconds a collective or a worker's start-up may take before it is an error (a dead worker is found sooner)
+    distributed_timeout_s: float = 600.0
 
 
 @dataclass

@@ -18,13 +18,16 @@ from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
 from engines.kv.manager import KVManager
 from engines.kv.metadata import StepSequence, build_metadata
 from engines.kv.storage import KVStorage
+from engines.model.decoder import CausalLM
 from engines.model.loader import load_model, resolve_device
+from engines.model.parallel import check_divides
 from engines.model_runner import LaunchedStep, ModelRunner, SampleRow
 from engines.request import Request, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from engines.sampling import sample_seed, uses_history
 from engines.scheduler import ScheduledBatch, Scheduler
 from engines.sequence import Sequence, SeqStatus
 from engines.step_clock import StepClock
+from engines.tensor_parallel.driver import ShardedModel
 
 
 class LLMEngine(Engine):
@@ -36,12 +39,23 @@ class LLMEngine(Engine):
         self.cfg = cfg
         self._check_config()
         self.device = resolve_device(cfg.device)
-        self.model = load_model(self.model_dir, dtype=cfg.dtype, device=self.device, attn_backend=cfg.attn_backend)
-        mc = self.model_config
-        self.slot_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * self.model.dtype.itemsize
+        self.runner: ModelRunner | None = None
+        self._in_flight: LaunchedStep | None = None  # launched, its tokens not read yet (asynchronous scheduling)
+        self.model = self._load_model()
+        try:
+            self._build()
+        except BaseException:  # the workers of a tensor-parallel model stop with it
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        """Size the KV cache and build the manager, scheduler and runner around the loaded model; warm up on a GPU."""
+        cfg, mc = self.cfg, self.model_config
+        # one token's K and V on one GPU: its share of the KV heads (tensor parallel); the token capacity is the same
+        # on every GPU
+        self.slot_bytes = 2 * mc.num_layers * self.model.num_kv_heads * mc.head_dim * self.model.dtype.itemsize
         num_slots = self._kv_slots()
         self.clock = StepClock(self.device, enabled=cfg.step_anatomy)
-        self._in_flight: LaunchedStep | None = None  # launched, its tokens not read yet (asynchronous scheduling)
         self.kv = self.clock.wrap(self.make_kv_manager(num_slots))  # its calls during a step time as `kv`
         self.ledger = self.kv.ledger
         self.ledger.record = cfg.record_kv_steps
@@ -58,6 +72,20 @@ class LLMEngine(Engine):
         )
         if self.device.type == "cuda":
             self._warm_up()
+
+    def _load_model(self) -> CausalLM | ShardedModel:
+        """The model, or over ``tensor_parallel_size`` devices rank 0's shard with the workers holding the rest."""
+        c = self.cfg
+        if c.tensor_parallel_size == 1:
+            return load_model(self.model_dir, dtype=c.dtype, device=self.device, attn_backend=c.attn_backend)
+        return ShardedModel(str(self.model_dir), size=c.tensor_parallel_size, dtype=c.dtype, device=self.device,
+                            attn_backend=c.attn_backend, timeout_s=c.distributed_timeout_s)
+
+    def kv_memory(self) -> dict:
+        """KV memory per GPU and over all of them (tensor parallel: each GPU holds its KV heads of every token)."""
+        per_gpu = self.kv.capacity * self.slot_bytes
+        return {"tensor_parallel_size": self.cfg.tensor_parallel_size, "kv_gib_per_gpu": per_gpu / 2**30,
+                "kv_gib_total": per_gpu * self.cfg.tensor_parallel_size / 2**30, "kv_token_slots": self.kv.capacity}
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg) -> "LLMEngine":
@@ -89,10 +117,12 @@ class LLMEngine(Engine):
             (c.swap_space >= 0, f"swap_space must be >= 0, got {c.swap_space}"),
             (c.num_scheduler_steps >= 1, f"num_scheduler_steps must be >= 1, got {c.num_scheduler_steps}"),
             (c.logprobs_mode in ("raw", "processed"), f"logprobs_mode must be raw or processed, got {c.logprobs_mode!r}"),
+            (c.distributed_timeout_s > 0, f"distributed_timeout_s must be > 0, got {c.distributed_timeout_s}"),
         ]
         for ok, message in problems:
             if not ok:
                 raise ValueError(message)
+        check_divides(self.model_config, c.tensor_parallel_size)
 
     def _kv_slots(self) -> int:
         """Token slots of KV memory: explicit, a budget in GB, or what the device has left after a profile run."""
@@ -234,6 +264,8 @@ class LLMEngine(Engine):
             self.runner.graphs = None
             self.runner.storage.close()
         self.runner = None
+        if isinstance(self.model, ShardedModel):
+            self.model.close()
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

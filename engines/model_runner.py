@@ -21,6 +21,7 @@ from engines.sampling import Logprobs, Sampler, SamplingBatch, uses_history
 from engines.scheduler import ScheduledBatch
 from engines.sequence import Sequence
 from engines.step_clock import StepClock
+from engines.tensor_parallel.driver import ShardedModel
 from engines.transfer import to_device, to_host
 
 
@@ -79,6 +80,8 @@ class _DecodeGraphs:
         self.seq_starts = None if paged else torch.zeros(n, dtype=torch.int32, device=device)
         self.block_size = runner.kv.block_size
         self.max_model_len = max_model_len
+        # tensor parallel: the workers replay their graph of each replay's size too
+        self.workers = runner.model if isinstance(runner.model, ShardedModel) else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = None
@@ -126,6 +129,8 @@ class _DecodeGraphs:
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(slots)
         self.seq_lens[:n].copy_(seq_lens)
+        if self.workers is not None:
+            self.workers.replay_graph(b)
         self.graphs[b].replay()
         return self.outputs[b][:n]
 
@@ -147,6 +152,21 @@ def _only_active(sampling: SamplingBatch, active: np.ndarray) -> SamplingBatch:
     return sampling if generators == sampling.generators else dataclasses.replace(sampling, generators=generators)
 
 
+def move_blocks(ops: CacheOps, kernels, kv_cache: torch.Tensor, host_cache: torch.Tensor | None, block_size: int,
+                device: torch.device) -> None:
+    """A step's swaps (blocks of ``block_size`` slots) and copies (of ``ops.copy_block_size``), in that order."""
+    if ops.swap_out:
+        src, dst = zip(*ops.swap_out)
+        kernels.swap_blocks(kv_cache, host_cache, torch.tensor(src), torch.tensor(dst), block_size)
+    if ops.swap_in:
+        src, dst = zip(*ops.swap_in)
+        kernels.swap_blocks(host_cache, kv_cache, torch.tensor(src), torch.tensor(dst), block_size)
+    if ops.copies:
+        src, dst = zip(*ops.copies)
+        kernels.copy_blocks(kv_cache, to_device(np.asarray(src, dtype=np.int64), device),
+                            to_device(np.asarray(dst, dtype=np.int64), device), ops.copy_block_size)
+
+
 def _logprobs_to_host(lp: Logprobs | None) -> Logprobs | None:
     return None if lp is None else Logprobs(to_host(lp.sampled), to_host(lp.top_ids), to_host(lp.top_values))
 
@@ -154,7 +174,7 @@ def _logprobs_to_host(lp: Logprobs | None) -> Logprobs | None:
 class ModelRunner:
     def __init__(
         self,
-        model: CausalLM,
+        model: CausalLM | ShardedModel,
         kv: KVManager,
         *,
         num_slots: int,
@@ -193,18 +213,9 @@ class ModelRunner:
         self.clock.lap("kv")
         self.storage.apply(ops.unmaps, ops.maps)
         self.clock.lap("map")
-        kernels = self.model.ops
-        bs = self.kv.block_size
-        if ops.swap_out:
-            src, dst = zip(*ops.swap_out)
-            kernels.swap_blocks(self.kv_cache, self.host_cache, torch.tensor(src), torch.tensor(dst), bs)
-        if ops.swap_in:
-            src, dst = zip(*ops.swap_in)
-            kernels.swap_blocks(self.host_cache, self.kv_cache, torch.tensor(src), torch.tensor(dst), bs)
-        if ops.copies:
-            src, dst = zip(*ops.copies)
-            kernels.copy_blocks(self.kv_cache, to_device(np.asarray(src, dtype=np.int64), self.device),
-                                to_device(np.asarray(dst, dtype=np.int64), self.device), ops.copy_block_size)
+        if isinstance(self.model, ShardedModel) and (ops.swap_out or ops.swap_in or ops.copies):
+            self.model.move_blocks(ops, self.kv.block_size)  # the workers move their shards' blocks alike
+        move_blocks(ops, self.model.ops, self.kv_cache, self.host_cache, self.kv.block_size, self.device)
 
     # -- the step ----------------------------------------------------------------------------
     def _sampling_batch(self, rows: list[SampleRow]) -> SamplingBatch:

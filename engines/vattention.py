@@ -23,6 +23,12 @@ class VAttentionEngine(LLMEngine):
     name = "vattention"
     cfg: VAttentionConfig
 
+    def _check_config(self) -> None:
+        super()._check_config()
+        if self.cfg.tensor_parallel_size > 1:
+            raise ValueError(f"engine vattention runs on one GPU: tensor_parallel_size={self.cfg.tensor_parallel_size} "
+                             "is not supported (its page maps would have to be applied on every GPU)")
+
     @property
     def _token_bytes(self) -> int:
         """One token of one layer's K (or V): the unit a page holds a whole number of."""

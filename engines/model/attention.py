@@ -10,14 +10,20 @@ from torch import nn
 from engines.kv.metadata import AttentionMetadata
 from engines.model.config import ModelConfig
 from engines.model.layers import RMSNorm, RotaryEmbedding
+from engines.model.parallel import TPGroup
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    """This rank's query and KV heads (all of them at tensor-parallel size 1); the output projection's partial sums
+    are joined by one all-reduce."""
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.tp = tp
+        self.num_heads, self.num_kv_heads = cfg.num_heads // tp.size, cfg.num_kv_heads // tp.size
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
@@ -58,4 +64,4 @@ class Attention(nn.Module):
                 scale=self.scale, max_query_len=p.max_query_len, max_seq_len=p.max_seq_len, window=self.window,
                 validate=False,
             )
-        return self.o_proj(out.view(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.view(-1, self.q_size)))

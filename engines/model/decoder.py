@@ -15,16 +15,17 @@ from torch import nn
 from engines.kv.metadata import AttentionMetadata
 from engines.model.attention import Attention
 from engines.model.config import ModelConfig
-from engines.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from engines.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, VocabParallelEmbedding
+from engines.model.parallel import TPGroup
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary)
+        self.self_attn = Attention(cfg, rotary, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp)
 
     def forward(self, x, residual, positions, k_cache, v_cache, meta, ops) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the previous layer's output and the residual stream before it was added (None
@@ -41,15 +42,21 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ModuleType) -> None:
+    """The whole model, or at tensor-parallel size > 1 one rank's shard of it (``engines.model.parallel``): the
+    forward of every rank's shard together, each given the same inputs, is the model's."""
+
+    def __init__(self, cfg: ModelConfig, ops: ModuleType, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = tp = tp or TPGroup()
         self.ops = ops  # the kernel backend (kernels.reference or kernels.triton_ops)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary = RotaryEmbedding(cfg)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        rows = self.embed_tokens.rows
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, rows, bias=False)
+        self.num_kv_heads = cfg.num_kv_heads // tp.size  # this rank's: its KV cache holds these heads
 
     @property
     def device(self) -> torch.device:
@@ -73,11 +80,15 @@ class CausalLM(nn.Module):
         (enough for an argmax, which picks the same token; the upcast costs a pass over [N, vocab] a step)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = torch.nn.functional.linear(hidden, weight)
+        if self.tp.size > 1:  # [size * N, rows] in rank order -> [N, size * rows], the padding rows dropped
+            n = hidden.shape[0]
+            logits = self.tp.all_gather_rows(logits).view(self.tp.size, n, -1).transpose(0, 1).reshape(n, -1)
+            logits = logits[:, : self.cfg.vocab_size]
         return logits.float() if upcast else logits
 
     def allocate_kv_cache(self, num_slots: int, device: torch.device | None = None) -> torch.Tensor:
-        """One tensor for every layer's K and V: [num_layers, 2, num_slots, Hkv, D]."""
+        """One tensor for every layer's K and V: [num_layers, 2, num_slots, Hkv, D] (this rank's KV heads)."""
         c = self.cfg
         return torch.zeros(
-            c.num_layers, 2, num_slots, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=device or self.device
+            c.num_layers, 2, num_slots, self.num_kv_heads, c.head_dim, dtype=self.dtype, device=device or self.device
         )

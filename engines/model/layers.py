@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engines.model.config import ModelConfig
+from engines.model.parallel import TPGroup
 
 
 class RMSNorm(nn.Module):
@@ -57,12 +58,35 @@ class RotaryEmbedding(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU with the gate and up projections fused into one matmul."""
+    """SwiGLU with the gate and up projections fused into one matmul, over this rank's MLP columns; the down
+    projection's partial sums are joined by one all-reduce (its bias, if any, added by rank 0 alone)."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
+    def __init__(self, hidden: int, intermediate: int, bias: bool, tp: TPGroup) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.tp = tp
+        local = intermediate // tp.size
+        self.gate_up_proj = nn.Linear(hidden, 2 * local, bias=bias)
+        self.down_proj = nn.Linear(local, hidden, bias=bias and tp.rank == 0)
 
     def forward(self, x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows of the vocabulary (``TPGroup.vocab_rows``): a token another rank holds looks up zeros here,
+    and one all-reduce sums the ranks' lookups. The LM head reads the same rows (tied or its own weight)."""
+
+    def __init__(self, vocab: int, hidden: int, tp: TPGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.rows = tp.vocab_rows(vocab)
+        self.start = tp.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(out.masked_fill(outside[:, None], 0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -21,7 +22,8 @@ from safetensors import safe_open
 import kernels
 from engines.model.config import DTYPES, ModelConfig, ModelLoadError
 from engines.model.decoder import CausalLM
-from engines.model.random_weights import draw_checkpoint, drawn_at_load
+from engines.model.parallel import TPGroup
+from engines.model.random_weights import draw_checkpoint, drawn_at_load, hf_weight_shapes
 
 # Checkpoint tensors that carry nothing we need.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -64,39 +66,56 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def _target(model: CausalLM, name: str) -> tuple[torch.Tensor, int, int] | None:
-    """(parameter, row offset, rows) that checkpoint tensor ``name`` fills, or None if unknown."""
-    cfg = model.cfg
-    if name == "model.embed_tokens.weight":
-        return model.embed_tokens.weight, 0, cfg.vocab_size
-    if name == "model.norm.weight":
-        return model.norm.weight, 0, cfg.hidden_size
-    if name == "lm_head.weight":
-        if model.lm_head is None:
+@dataclass(frozen=True)
+class _Place:
+    """Where a checkpoint tensor goes: rows ``offset:offset + rows`` of ``param`` take the tensor's ``take`` (this
+    rank's share: rows, or columns for a row-parallel weight), or the whole tensor."""
+
+    param: torch.Tensor | None  # None: this rank holds none of it (a row-parallel bias is rank 0's)
+    offset: int
+    rows: int
+    take: tuple[int, slice] | None = None  # (dim, range) of the checkpoint tensor; None: all of it
+
+
+def _target(model: CausalLM, name: str) -> _Place | None:
+    """Where checkpoint tensor ``name`` goes on this rank, or None if the model has no place for it."""
+    cfg, tp = model.cfg, model.tp
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        module = model.embed_tokens if name.startswith("model.") else model.lm_head
+        if module is None:
             return None
-        return model.lm_head.weight, 0, cfg.vocab_size
+        start = model.embed_tokens.start
+        rows = max(0, min(cfg.vocab_size - start, model.embed_tokens.rows))
+        return _Place(module.weight, 0, rows, (0, slice(start, start + rows)))
+    if name == "model.norm.weight":
+        return _Place(model.norm.weight, 0, cfg.hidden_size)
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if not m or int(m.group(1)) >= cfg.num_layers:
         return None
     layer = model.layers[int(m.group(1))]
     part, kind = m.group(2), m.group(3)
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    fused = {
-        "self_attn.q_proj": (layer.self_attn.qkv_proj, 0, q),
-        "self_attn.k_proj": (layer.self_attn.qkv_proj, q, kv),
-        "self_attn.v_proj": (layer.self_attn.qkv_proj, q + kv, kv),
-        "mlp.gate_proj": (layer.mlp.gate_up_proj, 0, inter),
-        "mlp.up_proj": (layer.mlp.gate_up_proj, inter, inter),
+    attn, mlp = layer.self_attn, layer.mlp
+    q, kv, inter = attn.q_size, attn.kv_size, mlp.down_proj.in_features
+    column = {  # column parallel: this rank's output rows, fused into one parameter
+        "self_attn.q_proj": (attn.qkv_proj, 0, q, tp.split(cfg.num_heads * cfg.head_dim)),
+        "self_attn.k_proj": (attn.qkv_proj, q, kv, tp.split(cfg.num_kv_heads * cfg.head_dim)),
+        "self_attn.v_proj": (attn.qkv_proj, q + kv, kv, tp.split(cfg.num_kv_heads * cfg.head_dim)),
+        "mlp.gate_proj": (mlp.gate_up_proj, 0, inter, tp.split(cfg.intermediate_size)),
+        "mlp.up_proj": (mlp.gate_up_proj, inter, inter, tp.split(cfg.intermediate_size)),
     }
-    if part in fused:
-        module, offset, rows = fused[part]
-    else:
-        module = layer.get_submodule(part) if _has_submodule(layer, part) else None
-        if module is None:
-            return None
-        offset, rows = 0, getattr(module, "weight").shape[0]
-    param = getattr(module, kind, None)
-    return None if param is None else (param, offset, rows)
+    if part in column:
+        module, offset, rows, share = column[part]
+        param = getattr(module, kind, None)
+        return None if param is None else _Place(param, offset, rows, (0, share))
+    row = {"self_attn.o_proj": (attn.o_proj, cfg.num_heads * cfg.head_dim), "mlp.down_proj": (mlp.down_proj, cfg.intermediate_size)}
+    if part in row:  # row parallel: this rank's input columns; the bias is added once, by rank 0
+        module, columns = row[part]
+        if kind == "bias":
+            return _Place(module.bias, 0, cfg.hidden_size) if tp.rank == 0 else _Place(None, 0, 0)
+        return _Place(module.weight, 0, cfg.hidden_size, (1, tp.split(columns)))
+    module = layer.get_submodule(part) if _has_submodule(layer, part) else None
+    param = None if module is None else getattr(module, kind, None)
+    return None if param is None else _Place(param, 0, param.shape[0])
 
 
 def _has_submodule(module: torch.nn.Module, path: str) -> bool:
@@ -112,13 +131,16 @@ def load_model(
     dtype: str = "auto",
     device: str | torch.device = "cpu",
     attn_backend: str = "auto",
+    tp: TPGroup | None = None,
 ) -> CausalLM:
+    """The model at ``path`` on ``device``, or with ``tp`` this rank's shard of it (every rank reads or draws every
+    checkpoint tensor and keeps its share, so a shard is bit for bit a slice of the whole model)."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     device = torch.device(device)
     torch_dtype = resolve_dtype(cfg, dtype, device)
     with torch.device("meta"):
-        model = CausalLM(cfg, kernels.load_backend(attn_backend, device))
+        model = CausalLM(cfg, kernels.load_backend(attn_backend, device), tp)
     model = model.to(torch_dtype).to_empty(device=device)
     model.rotary.init_table(torch_dtype)
     if drawn_at_load(cfg.raw):
@@ -142,20 +164,35 @@ def _read_checkpoint(files: dict[str, Path]) -> Iterator[tuple[str, str, torch.T
 
 @torch.no_grad()
 def _fill_parameters(model: CausalLM, tensors: Iterable[tuple[str, str, torch.Tensor]]) -> None:
-    """Copy each (source, name, tensor) into the parameter rows it maps to; every row exactly once."""
+    """Copy this rank's share of each (source, name, tensor) into the parameter rows it maps to; every row exactly
+    once (the vocabulary's padding rows, on the last rank, are zeros)."""
+    expected_shapes = hf_weight_shapes(model.cfg)
     filled: dict[int, int] = {}  # id(param) -> rows filled
+    for module in (model.embed_tokens, model.lm_head):
+        if module is not None:  # padding rows past the vocabulary: never looked up, their logits dropped
+            pad = max(0, module.weight.shape[0] - max(0, model.cfg.vocab_size - model.embed_tokens.start))
+            module.weight[module.weight.shape[0] - pad :].zero_()
+            filled[id(module.weight)] = pad
     unexpected = []
     for source, name, tensor in tensors:
         target = _target(model, name)
         if target is None:
             unexpected.append(name)
             continue
-        param, offset, rows = target
-        expected = (rows, *param.shape[1:])
-        if tuple(tensor.shape) != expected:
+        expected = expected_shapes.get(name)
+        if expected is not None and tuple(tensor.shape) != expected:
             raise ModelLoadError(
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but config.json implies {expected}"
             )
+        if target.param is None:
+            continue
+        if target.take is not None:
+            dim, share = target.take
+            tensor = tensor.narrow(dim, share.start, share.stop - share.start)
+        param, offset, rows = target.param, target.offset, target.rows
+        if tuple(tensor.shape) != (rows, *param.shape[1:]):
+            raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but config.json implies "
+                                 f"{(rows, *param.shape[1:])}")
         param[offset : offset + rows].copy_(tensor)
         filled[id(param)] = filled.get(id(param), 0) + rows
     if unexpected:

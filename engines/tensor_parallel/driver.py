@@ -1,0 +1,270 @@
+"""Rank 0 of a tensor-parallel model: its own shard, and the worker processes holding the others.
+
+``ShardedModel`` answers the calls a ``ModelRunner`` makes of a ``CausalLM`` (a forward, the LM head, a KV cache
+allocation) by telling the workers first (``engines.tensor_parallel.worker``) and then making the call on its own
+shard: the collectives inside join the shards. It starts the workers (one process per device, spawned) and stops
+them; a worker that dies or fails becomes a ``WorkerFailed`` error on rank 0's next call (a watchdog aborts the
+group, so a call blocked in a collective returns), never a hang.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Iterator
+
+import torch
+
+from engines.kv.manager import CacheOps
+from engines.kv.metadata import AttentionMetadata
+from engines.model.config import ModelConfig
+from engines.model.decoder import CausalLM
+from engines.model.loader import load_model
+from engines.model.parallel import TPGroup
+from engines.tensor_parallel.inputs import pack
+from engines.tensor_parallel.worker import (
+    Allocate, Capture, Close, Failed, Forward, Logits, MoveBlocks, Ready, Replay, WorkerSpec, init_group, worker_main,
+)
+
+WATCH_INTERVAL_S = 0.2  # how often the watchdog looks at the workers
+
+
+class WorkerFailed(RuntimeError):
+    """A tensor-parallel worker died or raised; the message says which and why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_devices(device: torch.device, size: int) -> list[torch.device]:
+    """The device of each rank: on CUDA ``size`` consecutive devices from rank 0's; an error naming both numbers when
+    fewer are visible."""
+    if device.type != "cuda":
+        return [device] * size
+    visible = torch.cuda.device_count()
+    if device.index + size > visible:
+        raise ValueError(f"tensor_parallel_size={size} from {device} needs {device.index + size} CUDA devices, "
+                         f"{visible} are visible")
+    return [torch.device("cuda", device.index + r) for r in range(size)]
+
+
+class ShardedModel:
+    """Rank 0's shard of the model and the workers holding the rest, behind the interface of a ``CausalLM``."""
+
+    def __init__(self, model_dir: str, *, size: int, dtype: str, device: torch.device, attn_backend: str,
+                 timeout_s: float) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            raise RuntimeError("a tensor-parallel engine is already running in this process: close it first")
+        devices = worker_devices(device, size)
+        self.error: str | None = None
+        self._closing = threading.Event()
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        # CPU threads shared fairly: the workers take one each on a CPU device
+        threads = 1 if device.type == "cpu" else None
+        ctx = mp.get_context("spawn")
+        self._procs: list[mp.process.BaseProcess] = []
+        self._conns = []
+        self._started: list[bool] = [False] * (size - 1)  # reported "started": its imports ran
+        try:
+            for rank in range(1, size):
+                parent, child = ctx.Pipe()
+                spec = WorkerSpec(str(model_dir), dtype, str(devices[rank]), attn_backend, rank, size, init_method,
+                                  backend, timeout_s, threads)
+                proc = ctx.Process(target=worker_main, args=(spec, child), name=f"kvbench-tp-rank{rank}", daemon=True)
+                proc.start()
+                child.close()
+                self._procs.append(proc)
+                self._conns.append(parent)
+            self._wait_ready("started", timeout_s)
+            init_group(backend, init_method, 0, size, timeout_s)
+            self.tp = TPGroup(0, size, dist.group.WORLD)
+            self.local = load_model(model_dir, dtype=dtype, device=device, attn_backend=attn_backend, tp=self.tp)
+            self._wait_ready("loaded", timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self._watchdog = threading.Thread(target=self._watch, name="kvbench-tp-watchdog", daemon=True)
+        self._watchdog.start()
+
+    # -- what a ModelRunner reads of a CausalLM ----------------------------------------------------------------
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.local.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    @property
+    def ops(self) -> ModuleType:
+        return self.local.ops
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.local.num_kv_heads
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """The forward on every rank: inputs packed and broadcast, each shard run; rank 0's hidden states."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        with self._guard():
+            spec, flat = pack(ids, positions, meta)
+            self._send(Capture(ids.shape[0], spec) if capturing else Forward(spec))
+            self.tp.broadcast(flat)
+            return self.local(ids, positions, kv_cache, meta)
+
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        with self._guard():
+            hidden = hidden.contiguous()
+            self._send(Logits(hidden.shape[0], upcast))
+            return self.local.compute_logits(self.tp.broadcast(hidden), upcast=upcast)
+
+    def allocate_kv_cache(self, num_slots: int, device: torch.device | None = None) -> torch.Tensor:
+        with self._guard():
+            self._send(Allocate(num_slots, host=device is not None and device.type == "cpu"))
+            return self.local.allocate_kv_cache(num_slots, device)
+
+    # -- the runner's other calls --------------------------------------------------------------------------------
+    def move_blocks(self, ops: CacheOps, block_size: int) -> None:
+        """Have the workers make a step's swaps and copies in their shards of the cache (rank 0 makes its own)."""
+        with self._guard():
+            self._send(MoveBlocks(ops, block_size))
+
+    def replay_graph(self, key: int) -> None:
+        """Have the workers replay their CUDA graph ``key`` (rank 0 replays its own next)."""
+        with self._guard():
+            self._send(Replay(key))
+
+    # -- workers ------------------------------------------------------------------------------------------------
+    def _send(self, msg: object) -> None:
+        if self.error is not None:
+            raise WorkerFailed(self.error)
+        for rank, conn in enumerate(self._conns, 1):
+            try:
+                conn.send(msg)
+            except OSError as e:
+                raise WorkerFailed(self._failure(rank) or f"tensor-parallel rank {rank}: {e}") from e
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn an error that a dead worker caused (a collective with it failing) into ``WorkerFailed`` naming it."""
+        try:
+            yield
+        except WorkerFailed:
+            raise
+        except Exception as e:
+            why = self.error or self._dead_worker(wait_s=1.0)
+            if why is None:
+                raise
+            self.error = why
+            raise WorkerFailed(why) from e
+
+    def _failure(self, rank: int) -> str | None:
+        """Why worker ``rank`` is gone (its own traceback if it sent one), or None while it runs."""
+        proc, conn = self._procs[rank - 1], self._conns[rank - 1]
+        proc.join(timeout=0)
+        if proc.is_alive():
+            return None
+        why = f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}"
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if isinstance(msg, Failed):
+                    return f"{why}: {msg.error}"
+        except (EOFError, OSError):
+            pass
+        if not self._started[rank - 1]:
+            why += (" before it started: the workers are spawned, so a script that builds a tensor-parallel engine "
+                    "must run under `if __name__ == \"__main__\":`")
+        return why
+
+    def _dead_worker(self, wait_s: float = 0.0) -> str | None:
+        """The first worker found gone within ``wait_s`` (a collective may fail a moment before its peer is reaped)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank in range(1, len(self._procs) + 1):
+                why = self._failure(rank)
+                if why is not None:
+                    return why
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def _wait_ready(self, stage: str, timeout_s: float) -> None:
+        """Wait for every worker to report ``stage``; a worker that fails meanwhile is an error naming it."""
+        deadline = time.monotonic() + timeout_s
+        for rank, conn in enumerate(self._conns, 1):
+            while not conn.poll(0.1):
+                why = self._failure(rank)
+                if why is not None:
+                    raise WorkerFailed(why)
+                if time.monotonic() > deadline:
+                    raise WorkerFailed(f"tensor-parallel worker rank {rank} did not report {stage!r} in {timeout_s} s")
+            try:
+                msg = conn.recv()
+            except EOFError:
+                self._procs[rank - 1].join(timeout=5)
+                raise WorkerFailed(self._failure(rank) or f"tensor-parallel worker rank {rank} closed its pipe") from None
+            if isinstance(msg, Failed):
+                raise WorkerFailed(f"tensor-parallel worker rank {rank} failed: {msg.error}")
+            if msg != Ready(stage):
+                raise WorkerFailed(f"tensor-parallel worker rank {rank} sent {msg!r}, expected {Ready(stage)!r}")
+            self._started[rank - 1] = True
+
+    def _watch(self) -> None:
+        """Abort the group when a worker dies, so that rank 0 blocked in a collective with it gets an error."""
+        while not self._closing.wait(WATCH_INTERVAL_S):
+            why = self._dead_worker()
+            if why is not None:
+                self.error = why
+                _abort_group()
+                return
+
+    def close(self) -> None:
+        """Stop the workers (each finishes its message, then exits) and leave the group."""
+        import torch.distributed as dist
+
+        self._closing.set()
+        for conn in self._conns:
+            try:
+                conn.send(Close())
+            except OSError:
+                pass
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        self._procs, self._conns = [], []
+        if dist.is_initialized():
+            if self.error is not None:
+                _abort_group()
+            else:
+                dist.destroy_process_group()
+        self.local = None
+
+
+def _abort_group() -> None:
+    """Abort the default group's communicators (pending collectives return an error), and forget the group."""
+    from torch.distributed import distributed_c10d as c10d
+
+    try:
+        c10d._abort_process_group()
+    except Exception:  # noqa: BLE001 - a backend without abort: its collectives fail on the closed peer anyway
+        pass

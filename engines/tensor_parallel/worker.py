@@ -1,0 +1,191 @@
+"""A tensor-parallel worker: one process per device beyond the first, holding its shard of the model and of the KV
+cache, doing what rank 0 does with its own shard, message by message.
+
+Rank 0 sends a message before each call that runs collectives (a forward, the LM head) or touches the cache (an
+allocation, block moves), then makes the call itself; the tensors travel by broadcast on the device group, the
+messages by a pipe. A worker never decides anything: the scheduler, the KV manager and the sampler live on rank 0.
+A worker that fails sends its traceback and exits; rank 0 turns that into an engine error.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection
+
+import torch
+
+from engines.kv.manager import CacheOps
+from engines.model.decoder import CausalLM
+from engines.tensor_parallel.inputs import InputSpec, unpack
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to join the group and load its shard."""
+
+    model_dir: str
+    dtype: str
+    device: str  # its own device: cuda:<index>, or cpu
+    attn_backend: str
+    rank: int
+    size: int
+    init_method: str  # tcp://host:port of rank 0's store
+    backend: str  # nccl | gloo
+    timeout_s: float
+    num_threads: int | None  # torch's CPU threads (None: its default)
+
+
+# -- messages, rank 0 -> workers -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Forward:
+    spec: InputSpec
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Capture a forward of these inputs into CUDA graph ``key`` (rank 0 is capturing the same forward)."""
+
+    key: int
+    spec: InputSpec
+
+
+@dataclass(frozen=True)
+class Replay:
+    key: int
+
+
+@dataclass(frozen=True)
+class Logits:
+    rows: int
+    upcast: bool
+
+
+@dataclass(frozen=True)
+class Allocate:
+    """Allocate the KV cache (``host``: the pinned host cache swapped sequences go to) of ``num_slots`` token slots."""
+
+    num_slots: int
+    host: bool
+
+
+@dataclass(frozen=True)
+class MoveBlocks:
+    ops: CacheOps
+    block_size: int
+
+
+@dataclass(frozen=True)
+class Close:
+    pass
+
+
+# -- messages, workers -> rank 0 -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    stage: str  # "started": imports done, joining the group; "loaded": the shard is loaded
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+
+
+def init_group(backend: str, init_method: str, rank: int, size: int, timeout_s: float) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+class Shard:
+    """A worker's model shard, KV cache and CUDA graphs."""
+
+    def __init__(self, model: CausalLM) -> None:
+        self.model = model
+        self.device = model.device
+        self.kv_cache: torch.Tensor | None = None
+        self.host_cache: torch.Tensor | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def handle(self, msg: object) -> bool:
+        """Do what ``msg`` asks; False once it asks to stop."""
+        tp = self.model.tp
+        if isinstance(msg, Forward):
+            self._forward(msg.spec)
+        elif isinstance(msg, Replay):
+            self.graphs[msg.key].replay()
+        elif isinstance(msg, Logits):
+            hidden = torch.empty(msg.rows, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
+            self.model.compute_logits(tp.broadcast(hidden), upcast=msg.upcast)
+        elif isinstance(msg, Capture):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._forward(msg.spec)
+            self.pool = graph.pool()
+            self.graphs[msg.key] = graph
+        elif isinstance(msg, Allocate):
+            self._allocate(msg)
+        elif isinstance(msg, MoveBlocks):
+            from engines.model_runner import move_blocks
+
+            move_blocks(msg.ops, self.model.ops, self.kv_cache, self.host_cache, msg.block_size, self.device)
+        elif isinstance(msg, Close):
+            return False
+        else:
+            raise TypeError(f"unknown message {msg!r}")
+        return True
+
+    def _forward(self, spec: InputSpec) -> None:
+        flat = self.model.tp.broadcast(torch.empty(spec.numel, dtype=torch.int64, device=self.device))
+        ids, positions, meta = unpack(spec, flat)
+        self.model(ids, positions, self.kv_cache, meta)
+
+    def _allocate(self, msg: Allocate) -> None:
+        if msg.host:
+            self.host_cache = self.model.allocate_kv_cache(msg.num_slots, device=torch.device("cpu"))
+            if self.device.type == "cuda":
+                self.host_cache = self.host_cache.pin_memory()
+        else:
+            self.kv_cache = None  # the last one goes first: both at once may not fit
+            self.graphs, self.pool = {}, None  # graphs captured over the last one read it
+            self.kv_cache = self.model.allocate_kv_cache(msg.num_slots)
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """A worker process: join the group, load the shard, then serve rank 0's messages until it closes the pipe."""
+    try:
+        from engines.model.loader import load_model
+        from engines.model.parallel import TPGroup
+
+        import torch.distributed as dist
+
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        device = torch.device(spec.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        conn.send(Ready("started"))
+        init_group(spec.backend, spec.init_method, spec.rank, spec.size, spec.timeout_s)
+        tp = TPGroup(spec.rank, spec.size, dist.group.WORLD)
+        model = load_model(spec.model_dir, dtype=spec.dtype, device=device, attn_backend=spec.attn_backend, tp=tp)
+        shard = Shard(model)
+        conn.send(Ready("loaded"))
+        with torch.no_grad():
+            while True:
+                try:
+                    msg = conn.recv()
+                except EOFError:  # rank 0 is gone
+                    break
+                if not shard.handle(msg):
+                    break
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - the whole story goes to rank 0
+        try:
+            conn.send(Failed(f"rank {spec.rank} (pid {os.getpid()}): {traceback.format_exc()}"))
+        except OSError:
+            pass
+        os._exit(1)

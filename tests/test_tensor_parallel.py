@@ -1,0 +1,150 @@
+"""Tensor parallelism on a CPU (gloo): two processes give the tokens of one, token for token; a dead worker is a clean
+engine error (and a 503 from the server), never a hang; sizes that cannot work are refused at start-up."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import httpx
+import pytest
+import torch
+
+from engines import create_engine
+from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
+from engines.model.loader import load_model
+from engines.model.reference import forward_once
+from engines.request import Request, SamplingParams
+from engines.tensor_parallel.driver import ShardedModel, WorkerFailed, worker_devices
+
+FAMILIES = ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral-sw"]  # tiny-mistral-sw: a 64-token window
+
+
+def workload(n: int = 10, seed: int = 0, sampled: bool = False, prefix: str = "r") -> list[Request]:
+    """Greedy requests, or (``sampled``) three seeded samples each."""
+    rng = random.Random(seed)
+    params = lambda i: ({"temperature": 0.8, "seed": 100 + i, "n": 3} if sampled else {"temperature": 0})
+    return [Request(f"{prefix}{i}", [rng.randrange(1000) for _ in range(rng.randint(1, 90))],
+                    SamplingParams(max_tokens=rng.randint(1, 40), ignore_eos=True, **params(i))) for i in range(n)]
+
+
+def generate(model_dir, cfg, requests) -> dict:
+    engine = create_engine(model_dir, cfg)
+    try:
+        out = engine.generate(requests)
+        stats = engine.kv_stats()
+        assert stats.allocated == 0, "memory still held after every request finished"
+        return out
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("make", [
+    lambda tp: PagedConfig(block_size=4, tensor_parallel_size=tp),
+    lambda tp: ContiguousConfig(reservation="oracle", num_kv_slots=600, tensor_parallel_size=tp),
+], ids=["paged", "contiguous"])
+def test_two_ranks_give_the_tokens_of_one(tiny_model, preset, make):
+    model_dir = tiny_model(preset)
+    requests = workload()
+    one = generate(model_dir, make(1), requests)
+    two = generate(model_dir, make(2), requests)
+    assert two == one
+
+
+@pytest.mark.slow
+def test_two_ranks_alike_under_swaps_forks_and_seeded_sampling(tiny_model):
+    """Swapped-out blocks, copy-on-write copies of forked samples and multi-step decodes reach every rank's shard of
+    the cache (a worker that missed one would read other K/V and sample other tokens)."""
+    model_dir = tiny_model("tiny-qwen3")
+    requests = workload(12, seed=1, sampled=True, prefix="s") + workload(6, seed=2)
+
+    def cfg(tp: int) -> PagedConfig:
+        return PagedConfig(block_size=4, num_blocks=64, preemption_mode="swap", swap_space=0.01, max_num_seqs=16,
+                           num_scheduler_steps=3, tensor_parallel_size=tp)
+
+    one = generate(model_dir, cfg(1), requests)
+    two = generate(model_dir, cfg(2), requests)
+    assert two == one
+
+
+def test_shard_logits_match_the_whole_model(tiny_model):
+    """The forward of two shards, joined by all-reduces and a gathered LM head, is the model's within float error."""
+    model_dir = tiny_model("tiny-qwen2")  # q/k/v biases: column-parallel biases are split too
+    ids = [random.Random(3).randrange(1024) for _ in range(50)]
+    whole = load_model(model_dir)
+    expected = forward_once(whole, whole.allocate_kv_cache(len(ids)), ids, 0)
+    sharded = ShardedModel(str(model_dir), size=2, dtype="auto", device=torch.device("cpu"), attn_backend="auto",
+                           timeout_s=60)
+    try:
+        assert sharded.num_kv_heads == whole.cfg.num_kv_heads // 2
+        got = forward_once(sharded, sharded.allocate_kv_cache(len(ids)), ids, 0)
+    finally:
+        sharded.close()
+    assert got.shape == expected.shape == (whole.cfg.vocab_size,)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+def test_a_killed_worker_is_an_engine_error_not_a_hang(tiny_model):
+    engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2))
+    try:
+        for r in workload(4):
+            engine.add_request(r)
+        engine.step()
+        (worker,) = engine.model._procs
+        os.kill(worker.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailed, match=r"worker rank 1 exited with code -9"):
+            while engine.has_unfinished():
+                engine.step()
+        assert time.monotonic() - start < 30
+        with pytest.raises(WorkerFailed, match="rank 1"):  # and every later call, at once
+            engine.step()
+    finally:
+        engine.close()
+
+
+def test_a_killed_worker_makes_the_server_unhealthy(start_server):
+    server = start_server(PagedConfig(num_kv_slots=2048, max_model_len=512, tensor_parallel_size=2))
+    engine = server.state.engine
+    body = {"model": "tiny-qwen3", "prompt": [5, 6, 7], "max_tokens": 8}
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        assert c.post("/v1/completions", json=body).status_code == 200
+        os.kill(engine.model._procs[0].pid, signal.SIGKILL)
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 503 and "worker rank 1" in r.text
+        assert c.get("/health").status_code == 503
+
+
+def test_sizes_that_cannot_work_are_refused_at_start_up(tiny_model, monkeypatch):
+    model_dir = tiny_model("tiny-qwen3")  # 4 query heads, 2 KV heads
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide the model's 2 KV heads"):
+        create_engine(model_dir, PagedConfig(tensor_parallel_size=4))
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the model's 4 query heads"):
+        create_engine(model_dir, PagedConfig(tensor_parallel_size=3))
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
+        create_engine(model_dir, PagedConfig(tensor_parallel_size=0))
+    with pytest.raises(ValueError, match="vattention runs on one GPU: tensor_parallel_size=2"):
+        create_engine(model_dir, VAttentionConfig(device="cpu", tensor_parallel_size=2))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 from cuda:0 needs 2 CUDA devices, 1 are visible"):
+        worker_devices(torch.device("cuda", 0), 2)
+    assert worker_devices(torch.device("cpu"), 2) == [torch.device("cpu")] * 2
+
+
+def test_kv_memory_is_reported_per_gpu_and_in_total(tiny_model):
+    engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2, kv_budget_gb=0.01))
+    try:
+        mem = engine.kv_memory()
+    finally:
+        engine.close()
+    one = create_engine(tiny_model("tiny-qwen3"), PagedConfig(kv_budget_gb=0.01))
+    # each rank holds half the KV heads: the same budget per device holds twice the tokens
+    assert mem["kv_token_slots"] == pytest.approx(2 * one.kv.capacity, abs=one.kv.block_size)
+    assert mem["kv_gib_per_gpu"] == pytest.approx(0.01, rel=0.02)
+    assert mem["kv_gib_total"] == pytest.approx(2 * mem["kv_gib_per_gpu"])
+    assert one.kv_memory()["kv_gib_total"] == one.kv_memory()["kv_gib_per_gpu"]
