@@ -30,6 +30,11 @@ from engines.step_clock import StepClock
 from engines.tensor_parallel.driver import ShardedModel
 
 
+# The all-reduce the roofline's communication term is timed at: as large as a full step's hidden states (8,192 tokens
+# of a 70B's 8,192-wide bf16 rows), where the bus bandwidth is near its peak; a decode step's all-reduces are smaller
+ALL_REDUCE_PROBE_BYTES = 128 * 2**20
+
+
 class LLMEngine(Engine):
     samples_kv_itself = True
     supports_logprobs = True
@@ -81,11 +86,19 @@ class LLMEngine(Engine):
         return ShardedModel(str(self.model_dir), size=c.tensor_parallel_size, dtype=c.dtype, device=self.device,
                             attn_backend=c.attn_backend, timeout_s=c.distributed_timeout_s)
 
-    def kv_memory(self) -> dict:
-        """KV memory per GPU and over all of them (tensor parallel: each GPU holds its KV heads of every token)."""
-        per_gpu = self.kv.capacity * self.slot_bytes
-        return {"tensor_parallel_size": self.cfg.tensor_parallel_size, "kv_gib_per_gpu": per_gpu / 2**30,
-                "kv_gib_total": per_gpu * self.cfg.tensor_parallel_size / 2**30, "kv_token_slots": self.kv.capacity}
+    def tensor_parallel(self) -> dict:
+        """GPUs the model is split over, KV memory per GPU and over all of them (each GPU holds its KV heads of every
+        token), and, split, the group's backend and all-reduce bus bandwidth (NCCL's own measure, at
+        ``ALL_REDUCE_PROBE_BYTES``)."""
+        size, per_gpu = self.cfg.tensor_parallel_size, self.kv.capacity * self.slot_bytes
+        info = {"tensor_parallel_size": size, "kv_gib_per_gpu": per_gpu / 2**30, "kv_gib_total": per_gpu * size / 2**30,
+                "kv_token_slots": self.kv.capacity}
+        if isinstance(self.model, ShardedModel):
+            info["backend"] = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                info["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
+            info["all_reduce_bus_bytes_per_s"] = self.model.all_reduce_bus_bandwidth(ALL_REDUCE_PROBE_BYTES)
+        return info
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg) -> "LLMEngine":

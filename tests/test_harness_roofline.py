@@ -38,3 +38,17 @@ def test_efficiency_is_floor_over_measured():
     r = roofline(cfg, [8], [8], [4], concurrency_bound=1, measured_s=2.0, flops_per_s=1e12, bytes_per_s=1e11)
     assert r["roofline_efficiency"] == pytest.approx(r["roofline_floor_s"] / 2.0)
     assert r["roofline_output_tok_s"] == pytest.approx(4 / r["roofline_floor_s"])
+
+
+def test_n_gpus_share_the_work_and_pay_the_all_reduces():
+    """Two GPUs halve the compute and memory terms and add the all-reduced bytes at the bus bandwidth: every token
+    computed (8 prompt + 3 decoded) x (2 per layer + the embedding) rows of hidden x bf16, 2 (N-1)/N of it moved."""
+    cfg = ModelConfig.from_dict(get_preset("tiny-qwen3").config)
+    args = (cfg, [8], [8], [4])
+    one = roofline(*args, concurrency_bound=1, measured_s=1.0, flops_per_s=1e12, bytes_per_s=1e11)
+    two = roofline(*args, concurrency_bound=1, measured_s=1.0, flops_per_s=1e12, bytes_per_s=1e11, num_gpus=2,
+                   bus_bytes_per_s=1e9)
+    moved = (8 + 3) * (2 * cfg.num_layers + 1) * cfg.hidden_size * 2 * (2 * 1 / 2)
+    assert one["roofline_all_reduce_s"] == 0 and one["roofline_num_gpus"] == 1
+    assert two["roofline_all_reduce_s"] == pytest.approx(moved / 1e9)
+    assert two["roofline_floor_s"] == pytest.approx(one["roofline_floor_s"] / 2 + moved / 1e9)

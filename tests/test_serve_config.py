@@ -51,6 +51,8 @@ def test_hydra_overrides_and_flags_mix():
     assert resolved.model.preset == "tiny-mistral"
     resolved, _ = load(["--engine", "hf", "server.host=127.0.0.1"])
     assert resolved.engine.name == "hf"
+    resolved, _ = load(["--tensor-parallel-size", "2"])
+    assert resolved.engine.name == "paged" and resolved.engine.tensor_parallel_size == 2
 
 
 def test_overrides_after_served_names_stay_overrides():
@@ -73,7 +75,8 @@ def test_api_key_from_the_environment(monkeypatch):
     (["server.port=-5"], "server.port"),
     (["server.max_queue=0"], "server.max_queue"),
     (["server.engine_start_timeout_s=0"], "server.engine_start_timeout_s"),
-    (["--tensor-parallel-size", "2"], "tensor-parallel-size"),
+    (["--engine", "hf", "--tensor-parallel-size", "2"], "--tensor-parallel-size: engine hf runs on one device"),
+    (["--model", "tiny-qwen3", "--tensor-parallel-size", "3"], "tensor_parallel_size=3 does not divide"),
     (["--engine", "hf", "--block-size", "16"], "block_size"),
     (["--model", "tiny-qwen3", "--max-model-len", "999999"], "max_model_len 999999"),  # refused in the engine process
 ])

@@ -139,7 +139,7 @@ def test_sizes_that_cannot_work_are_refused_at_start_up(tiny_model, monkeypatch)
 def test_kv_memory_is_reported_per_gpu_and_in_total(tiny_model):
     engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2, kv_budget_gb=0.01))
     try:
-        mem = engine.kv_memory()
+        mem = engine.tensor_parallel()
     finally:
         engine.close()
     one = create_engine(tiny_model("tiny-qwen3"), PagedConfig(kv_budget_gb=0.01))
@@ -147,4 +147,5 @@ def test_kv_memory_is_reported_per_gpu_and_in_total(tiny_model):
     assert mem["kv_token_slots"] == pytest.approx(2 * one.kv.capacity, abs=one.kv.block_size)
     assert mem["kv_gib_per_gpu"] == pytest.approx(0.01, rel=0.02)
     assert mem["kv_gib_total"] == pytest.approx(2 * mem["kv_gib_per_gpu"])
-    assert one.kv_memory()["kv_gib_total"] == one.kv_memory()["kv_gib_per_gpu"]
+    assert mem["backend"] == "gloo" and mem["all_reduce_bus_bytes_per_s"] > 0
+    assert one.tensor_parallel()["kv_gib_total"] == one.tensor_parallel()["kv_gib_per_gpu"]

@@ -27,7 +27,8 @@ from engines.model.loader import load_model
 from engines.model.parallel import TPGroup
 from engines.tensor_parallel.inputs import pack
 from engines.tensor_parallel.worker import (
-    Allocate, Capture, Close, Failed, Forward, Logits, MoveBlocks, Ready, Replay, WorkerSpec, init_group, worker_main,
+    Allocate, Capture, Close, Failed, Forward, Logits, MoveBlocks, ProbeAllReduce, Ready, Replay, WorkerSpec, init_group,
+    probe_all_reduce, worker_main,
 )
 
 WATCH_INTERVAL_S = 0.2  # how often the watchdog looks at the workers
@@ -67,6 +68,7 @@ class ShardedModel:
         devices = worker_devices(device, size)
         self.error: str | None = None
         self._closing = threading.Event()
+        self._bus_bandwidth: dict[int, float] = {}
         backend = "nccl" if device.type == "cuda" else "gloo"
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         # CPU threads shared fairly: the workers take one each on a CPU device
@@ -148,6 +150,18 @@ class ShardedModel:
         """Have the workers replay their CUDA graph ``key`` (rank 0 replays its own next)."""
         with self._guard():
             self._send(Replay(key))
+
+    def all_reduce_bus_bandwidth(self, nbytes: int, runs: int = 10) -> float:
+        """Bytes/s of the group's all-reduce at ``nbytes`` as NCCL's tests report it (bus bandwidth: the bytes each
+        device sends and receives, 2 (N - 1) / N of the buffer, over the time), measured once per size."""
+        if nbytes not in self._bus_bandwidth:
+            numel = max(1, nbytes // self.dtype.itemsize)
+            with self._guard():
+                self._send(ProbeAllReduce(numel, runs))
+                seconds = probe_all_reduce(self.local, numel, runs)
+            n = self.tp.size
+            self._bus_bandwidth[nbytes] = numel * self.dtype.itemsize * 2 * (n - 1) / n / seconds
+        return self._bus_bandwidth[nbytes]
 
     # -- workers ------------------------------------------------------------------------------------------------
     def _send(self, msg: object) -> None:

@@ -78,8 +78,35 @@ class MoveBlocks:
 
 
 @dataclass(frozen=True)
+class ProbeAllReduce:
+    """Time ``runs`` all-reduces of ``numel`` elements (rank 0 times the same ones)."""
+
+    numel: int
+    runs: int
+
+
+@dataclass(frozen=True)
 class Close:
     pass
+
+
+def probe_all_reduce(model: CausalLM, numel: int, runs: int) -> float:
+    """Seconds per all-reduce of ``numel`` elements of the model's dtype, the median of ``runs`` after 3 warm-ups."""
+    import statistics
+    import time
+
+    x = torch.ones(numel, dtype=model.dtype, device=model.device)
+    times = []
+    for i in range(3 + runs):
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        start = time.perf_counter()
+        model.tp.all_reduce(x)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 # -- messages, workers -> rank 0 -------------------------------------------------------------------------------
@@ -133,6 +160,8 @@ class Shard:
             from engines.model_runner import move_blocks
 
             move_blocks(msg.ops, self.model.ops, self.kv_cache, self.host_cache, msg.block_size, self.device)
+        elif isinstance(msg, ProbeAllReduce):
+            probe_all_reduce(self.model, msg.numel, msg.runs)
         elif isinstance(msg, Close):
             return False
         else:

@@ -126,7 +126,7 @@ def _run_figures(spec: JobSpec, record: RunRecord, target: Target) -> tuple[dict
         first = requests.groupby("request_id")["prompt_tokens"].first()
         figures.update(roofline(target.model_cfg, first.tolist(), requests["prompt_tokens"].tolist(),
                                 requests["output_tokens"].tolist(), concurrency_bound(spec, len(requests)), duration,
-                                *ceilings))
+                                *ceilings, *target.parallelism()))
     return figures, requests, steps
 
 

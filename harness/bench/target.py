@@ -86,6 +86,11 @@ class LocalTarget:
     def ceilings(self) -> tuple[float, float] | None:
         return device_ceilings(self.device)
 
+    def parallelism(self) -> tuple[int, float]:
+        """GPUs the model is split over, and the bytes/s of their all-reduce (bus bandwidth; inf on one GPU)."""
+        info = self._engine.tensor_parallel() if hasattr(self._engine, "tensor_parallel") else {}
+        return info.get("tensor_parallel_size", 1), info.get("all_reduce_bus_bytes_per_s", math.inf)
+
     def peak_memory(self) -> float:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else math.nan
 
@@ -100,6 +105,8 @@ class LocalTarget:
             out.update(engine_reused=self.reused, compute_dtype=self.compute_dtype)
             if hasattr(self._engine, "kv_layout"):  # a KV strategy with a layout of its own to record
                 out["kv_layout"] = self._engine.kv_layout()
+            if hasattr(self._engine, "tensor_parallel"):  # ours: GPUs, KV memory per GPU and in all, the all-reduce
+                out["tensor_parallel"] = self._engine.tensor_parallel()
         return out
 
     @property

@@ -157,6 +157,14 @@ PRESETS: dict[str, Preset] = {
             tie_word_embeddings=False, rope_scaling={
                 "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}), LLAMA3),
+        # Llama-3.1-70B: 141 GB of bf16 weights, more than a GPU (or the GPU machines' disks) holds: run it with
+        # model.source=random (each rank draws its shard on its device) and tensor_parallel_size >= 2.
+        Preset("llama-3.1-70b", _llama(
+            hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+            num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+            rope_theta=500000.0, tie_word_embeddings=False, rope_scaling={
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}), LLAMA3),
         # The vLLM paper's memory setting (Kwon et al. 2023, section 6): 40 layers x 40 KV heads x 128 x K and V x
         # 2 bytes = 800 KiB of KV per token, as OPT-13B; 12 GiB of KV is then 15,728 token slots.
         Preset("llama-2-13b", _llama(

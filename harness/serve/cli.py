@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, help="most samples per request (default 64)")
     p.add_argument("--shutdown-timeout", type=float, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
     p.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, help="only 1 is supported")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int,
+                   help="GPUs the model is split over (engine.tensor_parallel_size; our engines only)")
     p.add_argument("--disable-log-requests", action="store_true", help="accepted for vLLM compatibility (requests are not logged)")
     return p
 
@@ -84,10 +85,13 @@ def to_overrides(args: argparse.Namespace) -> tuple[list[str], str | None]:
     from harness.models.presets import PRESETS
 
     out: list[str] = []
-    if args.tensor_parallel_size not in (None, 1):
-        raise UserError("--tensor-parallel-size: only 1 is supported")
     if args.engine:
         out.append(f"engine={args.engine}")
+    if args.tensor_parallel_size is not None:
+        if args.engine in ("hf", "hf_paged"):
+            raise UserError(f"--tensor-parallel-size: engine {args.engine} runs on one device (ours split a model: "
+                            "contiguous, paged)")
+        out.append(f"engine.tensor_parallel_size={args.tensor_parallel_size}")
     model_arg = args.model
     if model_arg is not None:
         if Path(model_arg).is_dir():

@@ -1,0 +1,52 @@
+"""On two GPUs of one host (NCCL): the engines at tensor parallel 2, CUDA graphs included, give one GPU's greedy tokens.
+
+Run with ``pytest -m gpu -s tests/test_gpu_tensor_parallel.py`` to see the agreement and the all-reduce bandwidth.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+
+import pytest
+import torch
+
+from engines import create_engine
+from engines.config import ContiguousConfig, PagedConfig
+from engines.request import Request, SamplingParams
+from harness.models.make_model import ensure_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")]
+
+CASES = {
+    "paged": lambda tp: PagedConfig(block_size=16, dtype="float32", tensor_parallel_size=tp),
+    "paged-eager": lambda tp: PagedConfig(block_size=16, dtype="float32", enforce_eager=True, tensor_parallel_size=tp),
+    "paged-multistep-swap": lambda tp: PagedConfig(block_size=16, dtype="float32", num_scheduler_steps=4, num_blocks=120,
+                                                   preemption_mode="swap", swap_space=1.0, tensor_parallel_size=tp),
+    "contiguous": lambda tp: ContiguousConfig(reservation="pow2", dtype="float32", tensor_parallel_size=tp),
+}
+
+
+def run(cfg, requests) -> tuple[dict, dict]:
+    cfg.gpu_memory_utilization = 0.5
+    engine = create_engine(ensure_model("qwen3-0.6b"), cfg)
+    try:
+        return engine.generate(requests), engine.tensor_parallel()
+    finally:
+        engine.close()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_gpus_give_the_tokens_of_one(name):
+    rng = random.Random(5)
+    requests = [Request(f"r{i}", [rng.randrange(1000, 30000) for _ in range(rng.randint(1, 300))],
+                        SamplingParams(max_tokens=rng.randint(1, 64), temperature=0, ignore_eos=True)) for i in range(32)]
+    one, _ = run(CASES[name](1), requests)
+    two, info = run(CASES[name](2), requests)
+    same = sum(two[k] == one[k] for k in one)
+    print(f"\n{name}: {same}/32 requests equal at TP 2 and TP 1; NCCL {info.get('nccl_version')}, all-reduce bus "
+          f"bandwidth {info['all_reduce_bus_bytes_per_s'] / 1e9:.0f} GB/s; KV {info['kv_gib_per_gpu']:.2f} GiB per GPU")
+    assert info["backend"] == "nccl" and info["tensor_parallel_size"] == 2
+    assert same == 32
