@@ -46,7 +46,10 @@ class LLMEngine(Engine):
         self.device = resolve_device(cfg.device)
         self.runner: ModelRunner | None = None
         self._in_flight: LaunchedStep | None = None  # launched, its tokens not read yet (asynchronous scheduling)
+        self.startup_s: dict[str, float] = {}  # seconds of each start-up phase (a 70B over two GPUs takes a while)
+        start = time.perf_counter()
         self.model = self._load_model()
+        self.startup_s["load"] = time.perf_counter() - start
         try:
             self._build()
         except BaseException:  # the workers of a tensor-parallel model stop with it
@@ -59,7 +62,9 @@ class LLMEngine(Engine):
         # one token's K and V on one GPU: its share of the KV heads (tensor parallel); the token capacity is the same
         # on every GPU
         self.slot_bytes = 2 * mc.num_layers * self.model.num_kv_heads * mc.head_dim * self.model.dtype.itemsize
+        lap = time.perf_counter()
         num_slots = self._kv_slots()
+        self.startup_s["kv_sizing"] = time.perf_counter() - lap
         self.clock = StepClock(self.device, enabled=cfg.step_anatomy)
         self.kv = self.clock.wrap(self.make_kv_manager(num_slots))  # its calls during a step time as `kv`
         self.ledger = self.kv.ledger
@@ -69,14 +74,18 @@ class LLMEngine(Engine):
             enable_chunked_prefill=cfg.enable_chunked_prefill, preemption_mode=cfg.preemption_mode,
             num_scheduler_steps=cfg.num_scheduler_steps,
         )
+        lap = time.perf_counter()
         self.runner = ModelRunner(
             self.model, self.kv, num_slots=self.kv.capacity, num_host_slots=self.host_slots(self.kv.block_size),
             max_model_len=self.max_model_len, use_cuda_graphs=not cfg.enforce_eager,
             cuda_graph_max_batch=min(cfg.cuda_graph_max_batch, cfg.max_num_seqs), clock=self.clock,
             logprobs_mode=cfg.logprobs_mode, storage=self.make_kv_storage(),
         )
+        self.startup_s["runner_and_graphs"] = time.perf_counter() - lap
         if self.device.type == "cuda":
+            lap = time.perf_counter()
             self._warm_up()
+            self.startup_s["warm_up"] = time.perf_counter() - lap
 
     def _load_model(self) -> CausalLM | ShardedModel:
         """The model, or over ``tensor_parallel_size`` devices rank 0's shard with the workers holding the rest."""
@@ -92,7 +101,7 @@ class LLMEngine(Engine):
         ``ALL_REDUCE_PROBE_BYTES``)."""
         size, per_gpu = self.cfg.tensor_parallel_size, self.kv.capacity * self.slot_bytes
         info = {"tensor_parallel_size": size, "kv_gib_per_gpu": per_gpu / 2**30, "kv_gib_total": per_gpu * size / 2**30,
-                "kv_token_slots": self.kv.capacity}
+                "kv_token_slots": self.kv.capacity, "startup_s": dict(self.startup_s)}
         if isinstance(self.model, ShardedModel):
             info["backend"] = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
