@@ -249,7 +249,8 @@ class ShardedModel:
                 return
 
     def close(self) -> None:
-        """Stop the workers (each finishes its message, then exits) and leave the group."""
+        """Stop the workers (each finishes its message, leaves the group and exits) and leave the group: rank 0 leaves
+        while they do, as NCCL's teardown may wait for every rank."""
         import torch.distributed as dist
 
         self._closing.set()
@@ -258,6 +259,11 @@ class ShardedModel:
                 conn.send(Close())
             except OSError:
                 pass
+        if dist.is_initialized():
+            if self.error is not None:
+                _abort_group()
+            else:
+                dist.destroy_process_group()
         for proc in self._procs:
             proc.join(timeout=30)
             if proc.is_alive():
@@ -266,11 +272,6 @@ class ShardedModel:
         for conn in self._conns:
             conn.close()
         self._procs, self._conns = [], []
-        if dist.is_initialized():
-            if self.error is not None:
-                _abort_group()
-            else:
-                dist.destroy_process_group()
         self.local = None
 
 
