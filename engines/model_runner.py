@@ -213,8 +213,8 @@ class ModelRunner:
         self.clock.lap("kv")
         self.storage.apply(ops.unmaps, ops.maps)
         self.clock.lap("map")
-        if isinstance(self.model, ShardedModel) and (ops.swap_out or ops.swap_in or ops.copies):
-            self.model.move_blocks(ops, self.kv.block_size)  # the workers move their shards' blocks alike
+        if isinstance(self.model, ShardedModel) and ops:
+            self.model.cache_ops(ops, self.kv.block_size)  # the workers map and move their shards' pages alike
         move_blocks(ops, self.model.ops, self.kv_cache, self.host_cache, self.kv.block_size, self.device)
 
     # -- the step ----------------------------------------------------------------------------

@@ -9,25 +9,17 @@ elsewhere).
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 from engines.config import VAttentionConfig
-from engines.kv.storage import HostPageStorage, KVStorage, PageGeometry, host_granularity
+from engines.kv.storage import KVStorage, PageGeometry, host_granularity, page_storage
 from engines.kv.virtual_manager import VirtualKVManager
 from engines.llm_engine import LLMEngine
 from engines.scheduler import ScheduledBatch
+from engines.tensor_parallel.driver import ShardedModel
 
 
 class VAttentionEngine(LLMEngine):
     name = "vattention"
     cfg: VAttentionConfig
-
-    def _check_config(self) -> None:
-        super()._check_config()
-        if self.cfg.tensor_parallel_size > 1:
-            raise ValueError(f"engine vattention runs on one GPU: tensor_parallel_size={self.cfg.tensor_parallel_size} "
-                             "is not supported (its page maps would have to be applied on every GPU)")
 
     @property
     def _token_bytes(self) -> int:
@@ -73,17 +65,11 @@ class VAttentionEngine(LLMEngine):
         mc = self.model_config
         geometry = PageGeometry(mc.num_layers, kv.num_request_slots, kv.slot_tokens, kv.tokens_per_page,
                                 self._token_bytes)
-        shape = (mc.num_layers, 2, geometry.plane_tokens, mc.num_kv_heads, mc.head_dim)
-        if self.device.type == "cuda":
-            from engines.kv.cuda_vmm import CudaPageStorage
-
-            storage = CudaPageStorage(geometry, kv.num_groups, shape, self.model.dtype, self.device)
-        else:
-            # calloc'd (numpy's zeros): a large one is an anonymous mapping the OS backs with zero pages on first
-            # touch, so untouched slots cost no memory: the host's own virtual memory stands in for the driver's.
-            zeros = torch.from_numpy(np.zeros(geometry.total_bytes, dtype=np.uint8))
-            storage = HostPageStorage(zeros.view(self.model.dtype).view(shape), geometry)
+        shape = (mc.num_layers, 2, geometry.plane_tokens, self.model.num_kv_heads, mc.head_dim)
         ops = kv.take_ops()  # the premapped pool, mapped now: a start-up cost, not the first step's
+        if isinstance(self.model, ShardedModel):  # every GPU maps its shard of the same pages
+            self.model.page_storage(geometry, kv.num_groups, shape, ops)
+        storage = page_storage(geometry, kv.num_groups, shape, self.model.dtype, self.device)
         storage.apply(ops.unmaps, ops.maps)
         storage.startup_map_seconds, storage.map_seconds = storage.map_seconds, 0.0
         return storage
@@ -108,5 +94,7 @@ class VAttentionEngine(LLMEngine):
         self.kv.map_ahead(batch.decodes, max(batch.decode_steps))
         ops = self.kv.take_ops()
         if ops:
+            if isinstance(self.model, ShardedModel):
+                self.model.cache_ops(ops, self.kv.block_size)
             self.runner.storage.apply_async(ops.unmaps, ops.maps)
         self.clock.lap("map")

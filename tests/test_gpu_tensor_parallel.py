@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engines import create_engine
-from engines.config import ContiguousConfig, PagedConfig
+from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
 from engines.request import Request, SamplingParams
 from harness.models.make_model import ensure_model
 
@@ -24,6 +24,8 @@ CASES = {
     "paged-multistep-swap": lambda tp: PagedConfig(block_size=16, dtype="float32", num_scheduler_steps=4, num_blocks=120,
                                                    preemption_mode="swap", swap_space=1.0, tensor_parallel_size=tp),
     "contiguous": lambda tp: ContiguousConfig(reservation="pow2", dtype="float32", tensor_parallel_size=tp),
+    # fp32 qwen3-0.6b at TP 2: 4 KV heads a GPU, 1,024 tokens a 2 MiB page; every GPU maps its shard of each page
+    "vattention": lambda tp: VAttentionConfig(dtype="float32", max_model_len=2048, tensor_parallel_size=tp),
 }
 
 

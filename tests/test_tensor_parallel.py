@@ -36,6 +36,9 @@ def generate(model_dir, cfg, requests) -> dict:
         out = engine.generate(requests)
         stats = engine.kv_stats()
         assert stats.allocated == 0, "memory still held after every request finished"
+        if isinstance(engine.model, ShardedModel) and cfg.name == "vattention":  # every rank mapped the same pages
+            assert engine.model.mapped_pages() == [engine.runner.storage.mapped] * (cfg.tensor_parallel_size - 1)
+            assert engine.runner.storage.mapped  # deferred reclamation keeps them
         return out
     finally:
         engine.close()
@@ -46,7 +49,10 @@ def generate(model_dir, cfg, requests) -> dict:
 @pytest.mark.parametrize("make", [
     lambda tp: PagedConfig(block_size=4, tensor_parallel_size=tp),
     lambda tp: ContiguousConfig(reservation="oracle", num_kv_slots=600, tensor_parallel_size=tp),
-], ids=["paged", "contiguous"])
+    # 8 KiB pages and no premap: sequences map pages as they grow, on every rank
+    lambda tp: VAttentionConfig(device="cpu", max_model_len=256, num_kv_slots=2048, page_size_kb=8, premap=False,
+                                tensor_parallel_size=tp),
+], ids=["paged", "contiguous", "vattention"])
 def test_two_ranks_give_the_tokens_of_one(tiny_model, preset, make):
     model_dir = tiny_model(preset)
     requests = workload()
@@ -128,8 +134,6 @@ def test_sizes_that_cannot_work_are_refused_at_start_up(tiny_model, monkeypatch)
         create_engine(model_dir, PagedConfig(tensor_parallel_size=3))
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
         create_engine(model_dir, PagedConfig(tensor_parallel_size=0))
-    with pytest.raises(ValueError, match="vattention runs on one GPU: tensor_parallel_size=2"):
-        create_engine(model_dir, VAttentionConfig(device="cpu", tensor_parallel_size=2))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 from cuda:0 needs 2 CUDA devices, 1 are visible"):
         worker_devices(torch.device("cuda", 0), 2)

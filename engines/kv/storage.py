@@ -101,6 +101,21 @@ class PageGeometry:
         return [p * self.plane_bytes for p in range(self.num_planes)]
 
 
+def page_storage(geometry: PageGeometry, num_groups: int, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> KVStorage:
+    """Virtual-contiguous storage of ``shape`` on ``device``: driver pages on CUDA, host accounting elsewhere."""
+    if device.type == "cuda":
+        from engines.kv.cuda_vmm import CudaPageStorage
+
+        return CudaPageStorage(geometry, num_groups, shape, dtype, device)
+    # calloc'd (numpy's zeros): a large one is an anonymous mapping the OS backs with zero pages on first touch, so
+    # untouched slots cost no memory: the host's own virtual memory stands in for the driver's.
+    import numpy as np
+
+    zeros = torch.from_numpy(np.zeros(geometry.total_bytes, dtype=np.uint8))
+    return HostPageStorage(zeros.view(dtype).view(shape), geometry)
+
+
 def host_granularity() -> int:
     """The host's page size: what a CPU stand-in for the driver's allocation granularity maps at."""
     return resource.getpagesize()

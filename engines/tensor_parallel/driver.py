@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from engines.kv.manager import CacheOps
+from engines.kv.storage import PageGeometry
 from engines.kv.metadata import AttentionMetadata
 from engines.model.config import ModelConfig
 from engines.model.decoder import CausalLM
@@ -27,8 +28,9 @@ from engines.model.loader import load_model
 from engines.model.parallel import TPGroup
 from engines.tensor_parallel.inputs import pack
 from engines.tensor_parallel.worker import (
-    Allocate, Capture, Close, Failed, Forward, Logits, MoveBlocks, ProbeAllReduce, Ready, Replay, WorkerSpec, init_group,
-    probe_all_reduce, worker_main,
+    Allocate, CacheMoves, Capture, Close, Failed, Forward, Logits, PageStorage, ProbeAllReduce, Ready, Replay, ReportPages,
+    WorkerSpec,
+    init_group, probe_all_reduce, worker_main,
 )
 
 WATCH_INTERVAL_S = 0.2  # how often the watchdog looks at the workers
@@ -141,10 +143,22 @@ class ShardedModel:
             return self.local.allocate_kv_cache(num_slots, device)
 
     # -- the runner's other calls --------------------------------------------------------------------------------
-    def move_blocks(self, ops: CacheOps, block_size: int) -> None:
-        """Have the workers make a step's swaps and copies in their shards of the cache (rank 0 makes its own)."""
+    def cache_ops(self, ops: CacheOps, block_size: int) -> None:
+        """Have the workers make a step's page maps, swaps and copies in their shards of the cache (rank 0 makes its
+        own)."""
         with self._guard():
-            self._send(MoveBlocks(ops, block_size))
+            self._send(CacheMoves(ops, block_size))
+
+    def page_storage(self, geometry: PageGeometry, num_groups: int, shape: tuple[int, ...], ops: CacheOps) -> None:
+        """Have the workers build their virtual-contiguous caches (their KV heads of the same pages) and map ``ops``."""
+        with self._guard():
+            self._send(PageStorage(geometry, num_groups, shape, ops))
+
+    def mapped_pages(self) -> list[dict]:
+        """Each worker's host page accounting ((request slot, page) -> group), in rank order: rank 0's should match."""
+        with self._guard():
+            self._send(ReportPages())
+            return [conn.recv() for conn in self._conns]
 
     def replay_graph(self, key: int) -> None:
         """Have the workers replay their CUDA graph ``key`` (rank 0 replays its own next)."""

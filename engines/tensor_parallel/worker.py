@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from engines.kv.manager import CacheOps
+from engines.kv.storage import KVStorage, PageGeometry, page_storage
 from engines.model.decoder import CausalLM
 from engines.tensor_parallel.inputs import InputSpec, unpack
 
@@ -72,7 +73,19 @@ class Allocate:
 
 
 @dataclass(frozen=True)
-class MoveBlocks:
+class PageStorage:
+    """Build the virtual-contiguous cache (``engines.kv.storage.page_storage``) and map the start-up pool ``ops``."""
+
+    geometry: PageGeometry
+    num_groups: int
+    shape: tuple[int, ...]
+    ops: CacheOps
+
+
+@dataclass(frozen=True)
+class CacheMoves:
+    """A step's page unmaps and maps, then its swaps and copies (blocks of ``block_size`` slots)."""
+
     ops: CacheOps
     block_size: int
 
@@ -83,6 +96,12 @@ class ProbeAllReduce:
 
     numel: int
     runs: int
+
+
+@dataclass(frozen=True)
+class ReportPages:
+    """Send back which (request slot, page) -> group the worker's host page storage has mapped (its accounting:
+    what a test compares with rank 0's)."""
 
 
 @dataclass(frozen=True)
@@ -133,12 +152,12 @@ class Shard:
     def __init__(self, model: CausalLM) -> None:
         self.model = model
         self.device = model.device
-        self.kv_cache: torch.Tensor | None = None
+        self.storage = KVStorage(None)
         self.host_cache: torch.Tensor | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
-    def handle(self, msg: object) -> bool:
+    def handle(self, msg: object, conn: Connection) -> bool:
         """Do what ``msg`` asks; False once it asks to stop."""
         tp = self.model.tp
         if isinstance(msg, Forward):
@@ -156,17 +175,32 @@ class Shard:
             self.graphs[msg.key] = graph
         elif isinstance(msg, Allocate):
             self._allocate(msg)
-        elif isinstance(msg, MoveBlocks):
+        elif isinstance(msg, CacheMoves):
             from engines.model_runner import move_blocks
 
+            self.storage.apply(msg.ops.unmaps, msg.ops.maps)
             move_blocks(msg.ops, self.model.ops, self.kv_cache, self.host_cache, msg.block_size, self.device)
+        elif isinstance(msg, PageStorage):
+            self._replace_storage(page_storage(msg.geometry, msg.num_groups, msg.shape, self.model.dtype, self.device))
+            self.storage.apply(msg.ops.unmaps, msg.ops.maps)
         elif isinstance(msg, ProbeAllReduce):
             probe_all_reduce(self.model, msg.numel, msg.runs)
+        elif isinstance(msg, ReportPages):
+            conn.send(dict(getattr(self.storage, "mapped", {})))
         elif isinstance(msg, Close):
+            self.storage.close()
             return False
         else:
             raise TypeError(f"unknown message {msg!r}")
         return True
+
+    @property
+    def kv_cache(self) -> torch.Tensor | None:
+        return self.storage.tensor
+
+    def _replace_storage(self, storage: KVStorage) -> None:
+        self.graphs, self.pool = {}, None  # graphs captured over the last cache read it
+        self.storage = storage
 
     def _forward(self, spec: InputSpec) -> None:
         flat = self.model.tp.broadcast(torch.empty(spec.numel, dtype=torch.int64, device=self.device))
@@ -179,9 +213,9 @@ class Shard:
             if self.device.type == "cuda":
                 self.host_cache = self.host_cache.pin_memory()
         else:
-            self.kv_cache = None  # the last one goes first: both at once may not fit
-            self.graphs, self.pool = {}, None  # graphs captured over the last one read it
-            self.kv_cache = self.model.allocate_kv_cache(msg.num_slots)
+            self.storage.close()
+            self._replace_storage(KVStorage(None))  # the last one goes first: both at once may not fit
+            self._replace_storage(KVStorage(self.model.allocate_kv_cache(msg.num_slots)))
 
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
@@ -209,7 +243,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
                     msg = conn.recv()
                 except EOFError:  # rank 0 is gone
                     break
-                if not shard.handle(msg):
+                if not shard.handle(msg, conn):
                     break
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - the whole story goes to rank 0
