@@ -23,7 +23,6 @@ from engines.kv.manager import CacheOps
 from engines.kv.storage import PageGeometry
 from engines.kv.metadata import AttentionMetadata
 from engines.model.config import ModelConfig
-from engines.model.decoder import CausalLM
 from engines.model.loader import load_model
 from engines.model.parallel import TPGroup
 from engines.tensor_parallel.inputs import pack
