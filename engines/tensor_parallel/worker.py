@@ -109,6 +109,17 @@ class Close:
     pass
 
 
+# -- messages, workers -> rank 0 -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    stage: str  # "started": imports done, joining the group; "loaded": the shard is loaded
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+
+
 def probe_all_reduce(model: CausalLM, numel: int, runs: int) -> float:
     """Seconds per all-reduce of ``numel`` elements of the model's dtype, the median of ``runs`` after 3 warm-ups."""
     import statistics
@@ -126,17 +137,6 @@ def probe_all_reduce(model: CausalLM, numel: int, runs: int) -> float:
         if i >= 3:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-# -- messages, workers -> rank 0 -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Ready:
-    stage: str  # "started": imports done, joining the group; "loaded": the shard is loaded
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: str
 
 
 def init_group(backend: str, init_method: str, rank: int, size: int, timeout_s: float) -> None:
