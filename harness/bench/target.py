@@ -106,7 +106,11 @@ class LocalTarget:
             if hasattr(self._engine, "kv_layout"):  # a KV strategy with a layout of its own to record
                 out["kv_layout"] = self._engine.kv_layout()
             if hasattr(self._engine, "tensor_parallel"):  # ours: GPUs, KV memory per GPU and in all, the all-reduce
-                out["tensor_parallel"] = self._engine.tensor_parallel()
+                out["tensor_parallel"] = tp = self._engine.tensor_parallel()
+                n, label = tp["tensor_parallel_size"], out["hardware_label"]
+                if n > 1:  # N GPUs, or N processes sharing one CPU
+                    out["hardware_label"] = f"{n} x {label}" if self.device.type == "cuda" else f"{label}, {n} processes"
+                    out["hardware_label"] += f", tensor parallel {n}"
         return out
 
     @property

@@ -170,7 +170,10 @@ def build_engine(resolved):
     freeze_heap()  # the server's process holds this one engine for its life
     stats = engine.kv_stats()
     slot_bytes = getattr(engine, "slot_bytes", None)
-    size = f" ({stats.capacity * slot_bytes / 2**30:.2f} GiB)" if slot_bytes else ""
+    gpus = getattr(resolved.engine, "tensor_parallel_size", 1)
+    size = f" ({stats.capacity * slot_bytes / 2**30:.2f} GiB" if slot_bytes else ""
+    if size:  # a split model holds its KV heads of every token on each of its GPUs
+        size += f" on each of {gpus} GPUs)" if gpus > 1 else ")"
     block = getattr(getattr(engine, "kv", None), "block_size", None)
     blocks = f", {stats.capacity // block} blocks of {block}" if block and resolved.engine.name == "paged" else ""
     log.info("engine %s (%s) on %s ready in %.1f s: KV capacity %d token slots%s%s; max_model_len %d, "
