@@ -258,6 +258,8 @@ class ModelRunner:
         """Read a launched step's tokens and log-probabilities: the one host sync."""
         if step.ready is not None:
             step.ready.synchronize()
+        if isinstance(self.model, ShardedModel):
+            self.model.check()  # a step a dead worker left half done yields no tokens
         result = StepResult([])
         if step.prompt_logprobs is not None:
             result.prompt_logprobs = _rows(step.prompt_logprobs, 1, len(step.prompt_logprobs.sampled))[0]

@@ -114,6 +114,24 @@ def test_a_killed_worker_is_an_engine_error_not_a_hang(tiny_model):
         engine.close()
 
 
+def test_a_step_in_flight_when_a_worker_dies_gives_no_tokens(tiny_model):
+    """On a GPU a step whose collectives the watchdog aborted may still complete: its tokens are garbage, so reading
+    them raises instead (here the step finished before the kill; its tokens must not be read either)."""
+    engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2))
+    try:
+        for r in workload(2):
+            engine.add_request(r)
+        engine.step()  # asynchronous scheduling: the first step is launched and left in flight
+        assert engine._in_flight is not None
+        (worker,) = engine.model._procs
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        with pytest.raises(WorkerFailed, match="worker rank 1 exited with code -9"):
+            engine.runner.wait(engine._in_flight)
+    finally:
+        engine.close()
+
+
 def test_a_killed_worker_makes_the_server_unhealthy(start_server):
     server = start_server(PagedConfig(num_kv_slots=2048, max_model_len=512, tensor_parallel_size=2))
     engine = server.state.engine

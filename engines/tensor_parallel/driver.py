@@ -153,6 +153,14 @@ class ShardedModel:
         with self._guard():
             self._send(PageStorage(geometry, num_groups, shape, ops))
 
+    def check(self) -> None:
+        """Raise ``WorkerFailed`` if a worker is gone: a step whose collectives the watchdog aborted may still
+        complete on the device (its tokens are garbage), so the runner checks before it reads them."""
+        why = self.error or self._dead_worker()
+        if why is not None:
+            self.error = why
+            raise WorkerFailed(why)
+
     def mapped_pages(self) -> list[dict]:
         """Each worker's host page accounting ((request slot, page) -> group), in rank order: rank 0's should match."""
         with self._guard():
