@@ -72,24 +72,16 @@ class ShardedModel:
         self._bus_bandwidth: dict[int, float] = {}
         backend = "nccl" if device.type == "cuda" else "gloo"
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        # CPU threads shared fairly: the workers take one each on a CPU device
-        threads = 1 if device.type == "cpu" else None
-        ctx = mp.get_context("spawn")
         self._procs: list[mp.process.BaseProcess] = []
         self._conns = []
         self._started: list[bool] = [False] * (size - 1)  # reported "started": its imports ran
         try:
             for rank in range(1, size):
-                parent, child = ctx.Pipe()
-                spec = WorkerSpec(str(model_dir), dtype, str(devices[rank]), attn_backend, rank, size, init_method,
-                                  backend, timeout_s, threads)
-                proc = ctx.Process(target=worker_main, args=(spec, child), name=f"kvbench-tp-rank{rank}", daemon=True)
-                proc.start()
-                child.close()
-                self._procs.append(proc)
-                self._conns.append(parent)
+                # on a CPU the workers take one thread each: the ranks share its cores
+                self._spawn(WorkerSpec(str(model_dir), dtype, str(devices[rank]), attn_backend, rank, size,
+                                       init_method, backend, timeout_s, 1 if device.type == "cpu" else None))
             self._wait_ready("started", timeout_s)
-            init_group(backend, init_method, 0, size, timeout_s)
+            init_group(backend, init_method, 0, size, timeout_s)  # (a worker lost before it joins: a timeout)
             self.tp = TPGroup(0, size, dist.group.WORLD)
             self.local = load_model(model_dir, dtype=dtype, device=device, attn_backend=attn_backend, tp=self.tp)
             self._wait_ready("loaded", timeout_s)
@@ -98,6 +90,15 @@ class ShardedModel:
             raise
         self._watchdog = threading.Thread(target=self._watch, name="kvbench-tp-watchdog", daemon=True)
         self._watchdog.start()
+
+    def _spawn(self, spec: WorkerSpec) -> None:
+        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker_main, args=(spec, child), name=f"kvbench-tp-rank{spec.rank}", daemon=True)
+        proc.start()
+        child.close()  # the worker holds this end now: EOF then means it is gone
+        self._procs.append(proc)
+        self._conns.append(parent)
 
     # -- what a ModelRunner reads of a CausalLM ----------------------------------------------------------------
     @property
