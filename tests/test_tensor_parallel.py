@@ -95,6 +95,31 @@ def test_shard_logits_match_the_whole_model(tiny_model):
     assert not torch.equal(got, torch.zeros_like(got))
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-llama"])  # tied embeddings, and an LM head of its own
+def test_a_vocabulary_that_does_not_split_evenly_is_padded(preset, tmp_path):
+    """1,021 tokens over 2 ranks: 511 rows each, the last rank's extra row zero and its logit dropped."""
+    import dataclasses
+
+    from harness.models.make_model import make_model
+    from harness.models.presets import get_preset
+
+    base = get_preset(preset)
+    odd = dataclasses.replace(base, name=f"{preset}-odd", config={**base.config, "vocab_size": 1021})
+    model_dir = make_model(odd, tmp_path / "odd", dtype="float32", device="cpu")
+    ids = [random.Random(4).randrange(1021) for _ in range(40)] + [1020, 0, 510, 511]  # both ranks' edges
+    whole = load_model(model_dir)
+    expected = forward_once(whole, whole.allocate_kv_cache(len(ids)), ids, 0)
+    sharded = ShardedModel(str(model_dir), size=2, dtype="auto", device=torch.device("cpu"), attn_backend="auto",
+                           timeout_s=60)
+    try:
+        assert sharded.local.embed_tokens.rows == 511
+        got = forward_once(sharded, sharded.allocate_kv_cache(len(ids)), ids, 0)
+    finally:
+        sharded.close()
+    assert got.shape == (1021,)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_killed_worker_is_an_engine_error_not_a_hang(tiny_model):
     engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2))
     try:
