@@ -110,6 +110,9 @@ class HTTPTarget:
     def ceilings(self) -> tuple[float, float] | None:
         return None  # the server's hardware is known by name only: no roofline from here
 
+    def parallelism(self) -> tuple[int, float]:
+        return 1, math.inf  # unused: no roofline from here (ceilings)
+
     def peak_memory(self) -> float:
         return math.nan
 
