@@ -201,6 +201,32 @@ def test_a_server_killed_outright_takes_its_engine_process_along(tiny_model):
             proc.kill()
 
 
+def test_harness_serve_splits_a_model_over_two_processes_and_takes_them_along(tiny_model):
+    """`harness serve --tensor-parallel-size 2`: the engine process (no longer daemonic, so that it may) starts its
+    worker, answers as one process does, and a server killed outright leaves neither behind."""
+    tiny_model("tiny-qwen3")
+    port = free_port()
+    cmd = [sys.executable, "-m", "harness", "serve", "--model", "tiny-qwen3", "--port", str(port),
+           "--num-kv-slots", "4096", "--max-model-len", str(MAX_LEN), "--tensor-parallel-size", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: _healthy(base), 120), "the server did not come up"
+        pid = httpx.get(base + "/kvbench/info").json()["engine_pid"]
+        workers = [c.pid for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 1, "the engine process did not start one worker"
+        body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        got = httpx.post(base + "/v1/completions", json=body, timeout=60).json()
+        assert got["usage"]["completion_tokens"] == 12
+        proc.kill()
+        proc.wait(30)
+        assert wait_for(lambda: not _running(pid) and not any(_running(w) for w in workers), 30), \
+            "the engine process or its worker outlived the server"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_an_engine_process_stops_cleanly_without_a_server(tiny_model):
     import functools
 
