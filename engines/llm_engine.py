@@ -282,13 +282,15 @@ class LLMEngine(Engine):
 
     def close(self) -> None:
         self._in_flight = None
-        if self.runner is not None:
-            self.runner.graphs = None
-            self.runner.storage.close()
-        self.runner = None
-        if isinstance(self.model, ShardedModel):
-            self.model.close()
-        self.model = None
+        try:
+            if self.runner is not None:
+                self.runner.graphs = None
+                self.runner.storage.close()
+        finally:  # the workers of a split model stop whatever happened above
+            self.runner = None
+            if isinstance(self.model, ShardedModel):
+                self.model.close()
+            self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

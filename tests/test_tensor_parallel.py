@@ -157,6 +157,29 @@ def test_a_step_in_flight_when_a_worker_dies_gives_no_tokens(tiny_model):
         engine.close()
 
 
+def test_an_error_of_rank_0_mid_call_fails_the_group(tiny_model):
+    """The workers may be inside collectives rank 0 will never make: every later call is an error, and closing kills
+    them rather than waiting."""
+    sharded = ShardedModel(str(tiny_model("tiny-qwen3")), size=2, dtype="auto", device=torch.device("cpu"),
+                           attn_backend="auto", timeout_s=60)
+    try:
+        cache = sharded.allocate_kv_cache(64)
+
+        def broken(*args):
+            raise RuntimeError("simulated rank-0 failure")
+
+        real, sharded.local.forward = sharded.local.forward, broken
+        with pytest.raises(RuntimeError, match="simulated rank-0 failure"):
+            forward_once(sharded, cache, [1, 2, 3], 0)
+        sharded.local.forward = real
+        with pytest.raises(WorkerFailed, match="rank 0 failed in a tensor-parallel call .* out of step"):
+            forward_once(sharded, cache, [1, 2, 3], 0)
+    finally:
+        start = time.monotonic()
+        sharded.close()
+        assert time.monotonic() - start < 15
+
+
 def test_a_killed_worker_makes_the_server_unhealthy(start_server):
     server = start_server(PagedConfig(num_kv_slots=2048, max_model_len=512, tensor_parallel_size=2))
     engine = server.state.engine

@@ -84,7 +84,7 @@ def _target(model: CausalLM, name: str) -> _Place | None:
         module = model.embed_tokens if name.startswith("model.") else model.lm_head
         if module is None:
             return None
-        start = model.embed_tokens.start
+        start = min(model.embed_tokens.start, cfg.vocab_size)  # a tiny vocabulary may leave the last ranks none
         rows = max(0, min(cfg.vocab_size - start, model.embed_tokens.rows))
         return _Place(module.weight, 0, rows, (0, slice(start, start + rows)))
     if name == "model.norm.weight":
@@ -107,10 +107,15 @@ def _target(model: CausalLM, name: str) -> _Place | None:
         module, offset, rows, share = column[part]
         param = getattr(module, kind, None)
         return None if param is None else _Place(param, offset, rows, (0, share))
-    row = {"self_attn.o_proj": (attn.o_proj, cfg.num_heads * cfg.head_dim), "mlp.down_proj": (mlp.down_proj, cfg.intermediate_size)}
-    if part in row:  # row parallel: this rank's input columns; the bias is added once, by rank 0
-        module, columns = row[part]
+    row = {  # row parallel: this rank's input columns; a bias (the MLP's, if configured) is added once, by rank 0
+        "self_attn.o_proj": (attn.o_proj, cfg.num_heads * cfg.head_dim, False),
+        "mlp.down_proj": (mlp.down_proj, cfg.intermediate_size, cfg.mlp_bias),
+    }
+    if part in row:
+        module, columns, has_bias = row[part]
         if kind == "bias":
+            if not has_bias:
+                return None  # a bias this config has no place for
             return _Place(module.bias, 0, cfg.hidden_size) if tp.rank == 0 else _Place(None, 0, 0)
         return _Place(module.weight, 0, cfg.hidden_size, (1, tp.split(columns)))
     module = layer.get_submodule(part) if _has_submodule(layer, part) else None

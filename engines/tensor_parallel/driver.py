@@ -69,6 +69,9 @@ class ShardedModel:
         devices = worker_devices(device, size)
         self.error: str | None = None
         self._closing = threading.Event()
+        self._lock = threading.Lock()  # the watchdog and the engine's thread both read the pipes and fail the group
+        self._aborted = False
+        self._watchdog: threading.Thread | None = None
         self._bus_bandwidth: dict[int, float] = {}
         backend = "nccl" if device.type == "cuda" else "gloo"
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -85,7 +88,8 @@ class ShardedModel:
             self.tp = TPGroup(0, size, dist.group.WORLD)
             self.local = load_model(model_dir, dtype=dtype, device=device, attn_backend=attn_backend, tp=self.tp)
             self._wait_ready("loaded", timeout_s)
-        except BaseException:
+        except BaseException as e:
+            self.error = f"tensor-parallel start-up failed: {type(e).__name__}: {e}"  # close() kills, aborts
             self.close()
             raise
         self._watchdog = threading.Thread(target=self._watch, name="kvbench-tp-watchdog", daemon=True)
@@ -159,8 +163,8 @@ class ShardedModel:
         complete on the device (its tokens are garbage), so the runner checks before it reads them."""
         why = self.error or self._dead_worker()
         if why is not None:
-            self.error = why
-            raise WorkerFailed(why)
+            self._fail(why)
+            raise WorkerFailed(self.error)
 
     def mapped_pages(self) -> list[dict]:
         """Each worker's host page accounting ((request slot, page) -> group), in rank order: rank 0's should match."""
@@ -197,7 +201,8 @@ class ShardedModel:
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
-        """Turn an error that a dead worker caused (a collective with it failing) into ``WorkerFailed`` naming it."""
+        """Turn an error that a dead worker caused (a collective with it failing) into ``WorkerFailed`` naming it.
+        Any error inside a call fails the group: the workers may be in collectives rank 0 will never make."""
         try:
             yield
         except WorkerFailed:
@@ -205,12 +210,26 @@ class ShardedModel:
         except Exception as e:
             why = self.error or self._dead_worker(wait_s=1.0)
             if why is None:
+                self._fail(f"rank 0 failed in a tensor-parallel call ({type(e).__name__}: {e}); the ranks are out of step")
                 raise
-            self.error = why
-            raise WorkerFailed(why) from e
+            self._fail(why)
+            raise WorkerFailed(self.error) from e
+
+    def _fail(self, why: str) -> None:
+        """Record the first reason the group is unusable, and abort it once (collectives blocked in it return)."""
+        with self._lock:
+            if self.error is None:
+                self.error = why
+            if not self._aborted:
+                self._aborted = True
+                _abort_group()
 
     def _failure(self, rank: int) -> str | None:
         """Why worker ``rank`` is gone (its own traceback if it sent one), or None while it runs."""
+        with self._lock:
+            return self._gone(rank)
+
+    def _gone(self, rank: int) -> str | None:
         proc, conn = self._procs[rank - 1], self._conns[rank - 1]
         proc.join(timeout=0)
         if proc.is_alive():
@@ -263,29 +282,34 @@ class ShardedModel:
 
     def _watch(self) -> None:
         """Abort the group when a worker dies, so that rank 0 blocked in a collective with it gets an error."""
-        while not self._closing.wait(WATCH_INTERVAL_S):
-            why = self._dead_worker()
-            if why is not None:
-                self.error = why
-                _abort_group()
-                return
+        try:
+            while not self._closing.wait(WATCH_INTERVAL_S):
+                why = self._dead_worker()
+                if why is not None:
+                    self._fail(why)
+                    return
+        except Exception as e:  # noqa: BLE001 - a watchdog that dies silently would let a dead worker hang the engine
+            self._fail(f"the tensor-parallel watchdog failed: {type(e).__name__}: {e}")
 
     def close(self) -> None:
         """Stop the workers (each finishes its message, leaves the group and exits) and leave the group: rank 0 leaves
-        while they do, as NCCL's teardown may wait for every rank."""
+        while they do, as NCCL's teardown may wait for every rank. A failed group is aborted and its workers killed."""
         import torch.distributed as dist
 
         self._closing.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
         for conn in self._conns:
             try:
                 conn.send(Close())
             except OSError:
                 pass
-        if dist.is_initialized():
-            if self.error is not None:
-                _abort_group()
-            else:
-                dist.destroy_process_group()
+        if self.error is not None:
+            self._fail(self.error)
+            for proc in self._procs:
+                proc.kill()
+        elif dist.is_initialized():
+            dist.destroy_process_group()
         for proc in self._procs:
             proc.join(timeout=30)
             if proc.is_alive():

@@ -1,4 +1,4 @@
-"""A forward's inputs as one int64 tensor and a small host-side description, so rank 0 sends them in one broadcast.
+"""A forward's inputs as one int32 tensor and a small host-side description, so rank 0 sends them in one broadcast.
 
 Rank 0 packs the token ids, positions and attention metadata it built (device tensors: a decode's token may be one it
 sampled and never read back); a worker receives the tensor and unpacks the same inputs. Inside a CUDA graph the pack,
@@ -14,6 +14,7 @@ import torch
 from engines.kv.metadata import Addressing, AttentionMetadata, DecodeBatch, PrefillBatch
 
 _DTYPES = {"int32": torch.int32, "int64": torch.int64}
+WIRE_DTYPE = torch.int32
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,11 @@ def _tensors(ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
 
 
 def pack(ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> tuple[InputSpec, torch.Tensor]:
-    """The description and one flat int64 tensor of a forward's inputs."""
+    """The description and one flat int32 tensor of a forward's inputs (every value fits: token ids, positions, slots,
+    block numbers and lengths; int32 halves what a replay broadcasts, its whole block-table buffer included)."""
     tensors = _tensors(ids, positions, meta)
     present = [t for t in tensors if t is not None]
-    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in present])
+    flat = torch.cat([t.reshape(-1).to(WIRE_DTYPE) for t in present])
     addressing = (meta.decode or meta.prefill).addressing
     spec = InputSpec(
         shapes=tuple(None if t is None else tuple(t.shape) for t in tensors),

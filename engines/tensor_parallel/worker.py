@@ -20,7 +20,7 @@ import torch
 from engines.kv.manager import CacheOps
 from engines.kv.storage import KVStorage, PageGeometry, page_storage
 from engines.model.decoder import CausalLM
-from engines.tensor_parallel.inputs import InputSpec, unpack
+from engines.tensor_parallel.inputs import WIRE_DTYPE, InputSpec, unpack
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ class Shard:
         elif isinstance(msg, ReportPages):
             conn.send(dict(getattr(self.storage, "mapped", {})))
         elif isinstance(msg, Close):
-            self.storage.close()
+            self._replace_storage(KVStorage(None))  # graphs (their captured collectives) go before the group does
             return False
         else:
             raise TypeError(f"unknown message {msg!r}")
@@ -200,10 +200,11 @@ class Shard:
 
     def _replace_storage(self, storage: KVStorage) -> None:
         self.graphs, self.pool = {}, None  # graphs captured over the last cache read it
+        self.storage.close()
         self.storage = storage
 
     def _forward(self, spec: InputSpec) -> None:
-        flat = self.model.tp.broadcast(torch.empty(spec.numel, dtype=torch.int64, device=self.device))
+        flat = self.model.tp.broadcast(torch.empty(spec.numel, dtype=WIRE_DTYPE, device=self.device))
         ids, positions, meta = unpack(spec, flat)
         self.model(ids, positions, self.kv_cache, meta)
 
@@ -213,7 +214,6 @@ class Shard:
             if self.device.type == "cuda":
                 self.host_cache = self.host_cache.pin_memory()
         else:
-            self.storage.close()
             self._replace_storage(KVStorage(None))  # the last one goes first: both at once may not fit
             self._replace_storage(KVStorage(self.model.allocate_kv_cache(msg.num_slots)))
 
@@ -241,8 +241,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
             while True:
                 try:
                     msg = conn.recv()
-                except EOFError:  # rank 0 is gone
-                    break
+                except EOFError:  # rank 0 is gone: leaving the group would wait for it
+                    os._exit(0)
                 if not shard.handle(msg, conn):
                     break
         dist.destroy_process_group()
