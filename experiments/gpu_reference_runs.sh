@@ -15,9 +15,10 @@
 #   PART paper: the vLLM paper's experiments (`paper_repro`: llama-2-13b, 12 GiB of KV), stopped at LIMIT seconds
 #           (default 550) with Ctrl-C so that one device call stays inside its 10 minutes; RESUME=true continues
 #           the sweep in RUNS; each engine's runs are packed apart (a device call returns files of 16 MiB at most)
-#   PART tp: two GPUs of one host: the tensor-parallel GPU tests (tests/test_gpu_tensor_parallel.py), `seed_8b` for
-#           contiguous and paged at tensor_parallel_size 1 and 2, then `large_model` (llama-3.1-70b, TP 2), each
-#           stopped at LIMIT seconds (default 550; RESUME=true continues it in RUNS)
+#   PART tp: two GPUs of one host: the tensor-parallel GPU tests (tests/test_gpu_tensor_parallel.py, ~4 min), then
+#           `seed_8b` for contiguous and paged at tensor_parallel_size 1 and 2, stopped at LIMIT seconds (default 300)
+#   PART large: two GPUs: `large_model` (llama-3.1-70b, TP 2), stopped at LIMIT seconds (default 550); RESUME=true
+#           continues it in RUNS (a second device call on the same warm machine: 24 runs take about 15 minutes)
 # Each experiment's directory is packed as OUT/NAME.tgz. Reports are generated afterwards, from the
 # unpacked runs, with `harness report`.
 set -uo pipefail
@@ -81,15 +82,17 @@ elif [ "$part" = serve ]; then
     kill -TERM $server; wait $server
     pack serve64_$mode
   done
-elif [ "$part" = tp ]; then
-  $py -m pytest -q -s -m gpu tests/test_gpu_tensor_parallel.py 2>&1 | tee "$out/tp_tests.log"
-  for exp in seed_8b large_model; do
-    extra=$([ $exp = seed_8b ] && echo "engine=contiguous,paged engine.tensor_parallel_size=1,2 model.source=random")
-    timeout -s INT -k 30 ${LIMIT:-550} $py -m harness +experiment=$exp $extra resume=${RESUME:-false} report=false \
-        hydra.sweep.dir="$runs/$exp" 2>&1 | tee -a "$out/$exp.log"
-    find "$runs/$exp" -name '*.csv' -delete  # the Parquet tables hold the same rows
-    pack $exp  # one archive: run directories' names hold "," and "=", which a device call does not return as files
-  done
+elif [ "$part" = tp ] || [ "$part" = large ]; then
+  if [ "$part" = tp ]; then
+    $py -m pytest -q -s -m gpu tests/test_gpu_tensor_parallel.py 2>&1 | tee "$out/tp_tests.log"
+    exp=seed_8b extra="engine=contiguous,paged engine.tensor_parallel_size=1,2 model.source=random" limit=${LIMIT:-300}
+  else
+    exp=large_model extra="" limit=${LIMIT:-550}
+  fi
+  timeout -s INT -k 30 $limit $py -m harness +experiment=$exp $extra resume=${RESUME:-false} report=false \
+      hydra.sweep.dir="$runs/$exp" 2>&1 | tee -a "$out/$exp.log"
+  find "$runs/$exp" -name '*.csv' -delete  # the Parquet tables hold the same rows
+  pack $exp  # one archive: run directories' names hold "," and "=", which a device call does not return as files
 elif [ "$part" = paper ]; then
   timeout -s INT -k 30 ${LIMIT:-550} $py -m harness +experiment=paper_repro resume=${RESUME:-false} report=false \
       hydra.sweep.dir="$runs/paper_repro" 2>&1 | tee -a "$out/paper_repro.log"
