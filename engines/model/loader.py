@@ -66,6 +66,9 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+Share = tuple[int, slice]  # (dim, range) of a checkpoint tensor
+
+
 @dataclass(frozen=True)
 class _Place:
     """Where a checkpoint tensor goes: rows ``offset:offset + rows`` of ``param`` take the tensor's ``take`` (this
@@ -74,7 +77,7 @@ class _Place:
     param: torch.Tensor | None  # None: this rank holds none of it (a row-parallel bias is rank 0's)
     offset: int
     rows: int
-    take: tuple[int, slice] | None = None  # (dim, range) of the checkpoint tensor; None: all of it
+    take: Share | None = None  # (dim, range) of the checkpoint tensor; None: all of it
 
 
 def _target(model: CausalLM, name: str) -> _Place | None:
@@ -138,8 +141,9 @@ def load_model(
     attn_backend: str = "auto",
     tp: TPGroup | None = None,
 ) -> CausalLM:
-    """The model at ``path`` on ``device``, or with ``tp`` this rank's shard of it (every rank reads or draws every
-    checkpoint tensor and keeps its share, so a shard is bit for bit a slice of the whole model)."""
+    """The model at ``path`` on ``device``, or with ``tp`` this rank's shard of it: a rank reads only its share of each
+    tensor from the files, and draws random weights whole and keeps its share, so that a shard is bit for bit a
+    slice of the whole model either way."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     device = torch.device(device)
@@ -149,14 +153,42 @@ def load_model(
     model = model.to(torch_dtype).to_empty(device=device)
     model.rotary.init_table(torch_dtype)
     if drawn_at_load(cfg.raw):
-        _fill_parameters(model, (("random weights", name, t) for name, t in draw_checkpoint(cfg, device)))
+        drawn = (("random weights", name, _Whole(t)) for name, t in draw_checkpoint(cfg, device))
+        _fill_parameters(model, drawn)
     else:
         _fill_parameters(model, _read_checkpoint(checkpoint_files(path)))
     return model.eval().requires_grad_(False)
 
 
-def _read_checkpoint(files: dict[str, Path]) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(file name, tensor name, tensor) of every checkpoint tensor we may need, file by file."""
+class _Whole:
+    """A checkpoint tensor in memory (drawn on the device): its share is a view."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.shape = tensor, tuple(tensor.shape)
+
+    def read(self, share: Share | None) -> torch.Tensor:
+        if share is None:
+            return self.tensor
+        dim, rows = share
+        return self.tensor.narrow(dim, rows.start, rows.stop - rows.start)
+
+
+class _OnDisk:
+    """A checkpoint tensor in a safetensors file: a rank reads only its share of it (a 70B's shard, not the model)."""
+
+    def __init__(self, f, name: str) -> None:
+        self.slice, self.shape = f.get_slice(name), tuple(f.get_slice(name).get_shape())
+
+    def read(self, share: Share | None) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        if share is not None:
+            index[share[0]] = share[1]
+        return self.slice[tuple(index)]
+
+
+def _read_checkpoint(files: dict[str, Path]) -> Iterator[tuple[str, str, _OnDisk]]:
+    """(file name, tensor name, tensor to read) of every checkpoint tensor we may need, file by file (each is read
+    before the next is yielded, while its file is open)."""
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -164,11 +196,11 @@ def _read_checkpoint(files: dict[str, Path]) -> Iterator[tuple[str, str, torch.T
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in names:
                 if not _IGNORED.match(name):
-                    yield file.name, name, f.get_tensor(name)
+                    yield file.name, name, _OnDisk(f, name)
 
 
 @torch.no_grad()
-def _fill_parameters(model: CausalLM, tensors: Iterable[tuple[str, str, torch.Tensor]]) -> None:
+def _fill_parameters(model: CausalLM, tensors: Iterable[tuple[str, str, _Whole | _OnDisk]]) -> None:
     """Copy this rank's share of each (source, name, tensor) into the parameter rows it maps to; every row exactly
     once (the vocabulary's padding rows, on the last rank, are zeros)."""
     expected_shapes = hf_weight_shapes(model.cfg)
@@ -185,15 +217,11 @@ def _fill_parameters(model: CausalLM, tensors: Iterable[tuple[str, str, torch.Te
             unexpected.append(name)
             continue
         expected = expected_shapes.get(name)
-        if expected is not None and tuple(tensor.shape) != expected:
-            raise ModelLoadError(
-                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but config.json implies {expected}"
-            )
+        if expected is not None and tensor.shape != expected:
+            raise ModelLoadError(f"{source}: tensor {name} has shape {tensor.shape}, but config.json implies {expected}")
         if target.param is None:
             continue
-        if target.take is not None:
-            dim, share = target.take
-            tensor = tensor.narrow(dim, share.start, share.stop - share.start)
+        tensor = tensor.read(target.take)
         param, offset, rows = target.param, target.offset, target.rows
         if tuple(tensor.shape) != (rows, *param.shape[1:]):
             raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, but config.json implies "
