@@ -103,8 +103,8 @@ class LLMEngine(Engine):
         info = {"tensor_parallel_size": size, "kv_gib_per_gpu": per_gpu / 2**30, "kv_gib_total": per_gpu * size / 2**30,
                 "kv_token_slots": self.kv.capacity, "startup_s": dict(self.startup_s)}
         if isinstance(self.model, ShardedModel):
-            info["backend"] = "nccl" if self.device.type == "cuda" else "gloo"
-            if self.device.type == "cuda":
+            info["backend"] = self.model.backend
+            if self.model.backend == "nccl":
                 info["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
             info["all_reduce_bus_bytes_per_s"] = self.model.all_reduce_bus_bandwidth(ALL_REDUCE_PROBE_BYTES)
         return info

@@ -152,6 +152,12 @@ def _only_active(sampling: SamplingBatch, active: np.ndarray) -> SamplingBatch:
     return sampling if generators == sampling.generators else dataclasses.replace(sampling, generators=generators)
 
 
+def host_kv_cache(model: CausalLM | ShardedModel, num_slots: int) -> torch.Tensor:
+    """The host cache swapped-out sequences go to: pinned when the model is on a GPU, so swaps are asynchronous copies."""
+    cache = model.allocate_kv_cache(num_slots, device=torch.device("cpu"))
+    return cache.pin_memory() if model.device.type == "cuda" else cache
+
+
 def move_blocks(ops: CacheOps, kernels, kv_cache: torch.Tensor, host_cache: torch.Tensor | None, block_size: int,
                 device: torch.device) -> None:
     """A step's swaps (blocks of ``block_size`` slots) and copies (of ``ops.copy_block_size``), in that order."""
@@ -194,11 +200,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.storage = storage or KVStorage(model.allocate_kv_cache(num_slots))
         self.kv_cache = self.storage.tensor
-        self.host_cache = None
-        if num_host_slots:
-            self.host_cache = model.allocate_kv_cache(num_host_slots, device=torch.device("cpu"))
-            if self.device.type == "cuda":
-                self.host_cache = self.host_cache.pin_memory()
+        self.host_cache = host_kv_cache(model, num_host_slots) if num_host_slots else None
         self.sampler = Sampler()
         # The last launched step's samples on the device, and the index of each sequence's last one in them:
         # the next step reads tokens the host has not (asynchronous scheduling).

@@ -73,7 +73,7 @@ class ShardedModel:
         self._aborted = False
         self._watchdog: threading.Thread | None = None
         self._bus_bandwidth: dict[int, float] = {}
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        self.backend = backend = "nccl" if device.type == "cuda" else "gloo"
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self._procs: list[mp.process.BaseProcess] = []
         self._conns = []

@@ -210,9 +210,9 @@ class Shard:
 
     def _allocate(self, msg: Allocate) -> None:
         if msg.host:
-            self.host_cache = self.model.allocate_kv_cache(msg.num_slots, device=torch.device("cpu"))
-            if self.device.type == "cuda":
-                self.host_cache = self.host_cache.pin_memory()
+            from engines.model_runner import host_kv_cache
+
+            self.host_cache = host_kv_cache(self.model, msg.num_slots)
         else:
             self._replace_storage(KVStorage(None))  # the last one goes first: both at once may not fit
             self._replace_storage(KVStorage(self.model.allocate_kv_cache(msg.num_slots)))
