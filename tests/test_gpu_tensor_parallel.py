@@ -6,7 +6,10 @@ Run with ``pytest -m gpu -s tests/test_gpu_tensor_parallel.py`` to see the agree
 from __future__ import annotations
 
 import gc
+import os
 import random
+import signal
+import time
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import torch
 from engines import create_engine
 from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
 from engines.request import Request, SamplingParams
+from engines.tensor_parallel.driver import WorkerFailed
 from harness.models.make_model import ensure_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")]
@@ -52,3 +56,48 @@ def test_two_gpus_give_the_tokens_of_one(name):
           f"bandwidth {info['all_reduce_bus_bytes_per_s'] / 1e9:.0f} GB/s; KV {info['kv_gib_per_gpu']:.2f} GiB per GPU")
     assert info["backend"] == "nccl" and info["tensor_parallel_size"] == 2
     assert same == 32
+
+
+def test_closing_a_healthy_group_is_prompt():
+    """Every rank leaves the NCCL group at once (rank 0 while its workers do): close() takes seconds, never the
+    30 s a worker is given before it is killed."""
+    engine = create_engine(ensure_model("qwen3-0.6b"), PagedConfig(tensor_parallel_size=2, gpu_memory_utilization=0.5))
+    engine.generate([Request("r", [5] * 100, SamplingParams(max_tokens=8, temperature=0))])
+    (worker,) = engine.model._procs
+    start = time.monotonic()
+    engine.close()
+    took = time.monotonic() - start
+    print(f"\nclose() of a TP 2 engine (CUDA graphs, NCCL): {took:.2f} s; the worker exited with {worker.exitcode}")
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert worker.exitcode == 0, "the worker was killed, not stopped"
+    assert took < 20
+
+
+def test_a_killed_worker_over_nccl_is_an_engine_error_not_a_hang():
+    """SIGKILL a worker while the engine decodes through CUDA graphs: the watchdog aborts the NCCL group, the engine
+    raises WorkerFailed naming the rank, every later call raises at once, and close() returns."""
+    engine = create_engine(ensure_model("qwen3-0.6b"), PagedConfig(tensor_parallel_size=2, gpu_memory_utilization=0.5))
+    try:
+        for i in range(16):
+            engine.add_request(Request(f"r{i}", [7 + i] * 200, SamplingParams(max_tokens=4000, temperature=0,
+                                                                               ignore_eos=True)))
+        for _ in range(20):
+            engine.step()
+        (worker,) = engine.model._procs
+        os.kill(worker.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailed, match=r"worker rank 1 exited with code -9"):
+            while engine.has_unfinished():
+                engine.step()
+        took = time.monotonic() - start
+        with pytest.raises(WorkerFailed, match="rank 1"):
+            engine.step()
+        print(f"\nkilled worker: WorkerFailed after {took:.2f} s")
+        assert took < 30
+    finally:
+        start = time.monotonic()
+        engine.close()
+        print(f"close() of the failed group: {time.monotonic() - start:.2f} s")
+    gc.collect()
+    torch.cuda.empty_cache()
