@@ -120,20 +120,60 @@ def test_a_vocabulary_that_does_not_split_evenly_is_padded(preset, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_killed_worker_is_an_engine_error_not_a_hang(tiny_model):
+@pytest.mark.parametrize("inside_a_step", [False, True], ids=["between-steps", "inside-a-step"])
+def test_a_killed_worker_is_an_engine_error_not_a_hang(tiny_model, inside_a_step):
+    """Killed between steps, or right after it was sent a forward (rank 0's collectives then wait on a dead peer, and
+    the next message finds its pipe closed): either way the group fails, and closing does not wait on the dead rank."""
     engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2))
     try:
         for r in workload(4):
             engine.add_request(r)
         engine.step()
-        (worker,) = engine.model._procs
-        os.kill(worker.pid, signal.SIGKILL)
+        sharded = engine.model
+        (worker,) = sharded._procs
+        if inside_a_step:
+            send = sharded._send
+
+            def send_then_kill(msg):
+                send(msg)
+                sharded._send = send
+                os.kill(worker.pid, signal.SIGKILL)
+
+            sharded._send = send_then_kill
+        else:
+            os.kill(worker.pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(WorkerFailed, match=r"worker rank 1 exited with code -9"):
             while engine.has_unfinished():
                 engine.step()
         assert time.monotonic() - start < 30
         with pytest.raises(WorkerFailed, match="rank 1"):  # and every later call, at once
+            engine.step()
+    finally:
+        start = time.monotonic()
+        engine.close()
+        assert time.monotonic() - start < 15
+
+
+def test_a_worker_found_gone_by_a_send_fails_the_group(tiny_model):
+    """With no watchdog to notice first, the closed pipe is how rank 0 learns: the group fails (left as it is, NCCL's
+    teardown would wait on the dead rank forever), naming the worker's exit, and so does every later call."""
+    engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2))
+    try:
+        for r in workload(4):
+            engine.add_request(r)
+        engine.step()
+        sharded = engine.model
+        sharded._closing.set()
+        sharded._watchdog.join()
+        (worker,) = sharded._procs
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        with pytest.raises(WorkerFailed, match=r"worker rank 1 exited with code -9"):
+            while engine.has_unfinished():
+                engine.step()
+        assert sharded.error is not None and "code -9" in sharded.error
+        with pytest.raises(WorkerFailed, match=r"exited with code -9"):
             engine.step()
     finally:
         engine.close()

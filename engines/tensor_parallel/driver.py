@@ -13,6 +13,7 @@ import multiprocessing as mp
 import socket
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Iterator
@@ -33,6 +34,7 @@ from engines.tensor_parallel.worker import (
 )
 
 WATCH_INTERVAL_S = 0.2  # how often the watchdog looks at the workers
+ABORT_WAIT_S = 10.0  # how long close() waits for the group's abort before it leaves it running
 
 
 class WorkerFailed(RuntimeError):
@@ -70,7 +72,7 @@ class ShardedModel:
         self.error: str | None = None
         self._closing = threading.Event()
         self._lock = threading.Lock()  # the watchdog and the engine's thread both read the pipes and fail the group
-        self._aborted = False
+        self._abort: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._bus_bandwidth: dict[int, float] = {}
         self.backend = backend = "nccl" if device.type == "cuda" else "gloo"
@@ -197,7 +199,10 @@ class ShardedModel:
             try:
                 conn.send(msg)
             except OSError as e:
-                raise WorkerFailed(self._failure(rank) or f"tensor-parallel rank {rank}: {e}") from e
+                # the worker is dying: it may still be in the last step's collectives, so the group is aborted (left
+                # as it is, NCCL's teardown would wait for it forever); its exit code follows its pipe's end shortly
+                self._fail(self._dead_worker(wait_s=5.0) or f"tensor-parallel worker rank {rank}: {e}")
+                raise WorkerFailed(self.error) from e
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -216,13 +221,16 @@ class ShardedModel:
             raise WorkerFailed(self.error) from e
 
     def _fail(self, why: str) -> None:
-        """Record the first reason the group is unusable, and abort it once (collectives blocked in it return)."""
+        """Record the first reason the group is unusable, and abort it once (collectives blocked in it return).
+
+        The abort runs on a thread of its own: with a CUDA graph's collectives waiting on a dead peer, NCCL's abort
+        may never return, and the caller must still raise."""
         with self._lock:
             if self.error is None:
                 self.error = why
-            if not self._aborted:
-                self._aborted = True
-                _abort_group()
+            if self._abort is None:
+                self._abort = threading.Thread(target=_abort_group, name="kvbench-tp-abort", daemon=True)
+                self._abort.start()
 
     def _failure(self, rank: int) -> str | None:
         """Why worker ``rank`` is gone (its own traceback if it sent one), or None while it runs."""
@@ -299,15 +307,24 @@ class ShardedModel:
         self._closing.set()
         if self._watchdog is not None:
             self._watchdog.join()
+        lost = False
         for conn in self._conns:
             try:
                 conn.send(Close())
             except OSError:
-                pass
+                lost = True
+        if self.error is None and self._conns:  # a worker lost since the last call: leaving the group would wait for it
+            why = self._dead_worker(wait_s=5.0 if lost else 0.0)
+            if why is not None or lost:
+                self.error = why or "a tensor-parallel worker closed its pipe"
         if self.error is not None:
             self._fail(self.error)
             for proc in self._procs:
                 proc.kill()
+            self._abort.join(ABORT_WAIT_S)
+            if self._abort.is_alive():
+                warnings.warn(f"the tensor-parallel group's abort did not return in {ABORT_WAIT_S:.0f} s: rank 0's "
+                              "device may hold a collective that waits forever; restart the process to use it")
         elif dist.is_initialized():
             dist.destroy_process_group()
         for proc in self._procs:
