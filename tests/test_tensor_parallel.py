@@ -3,14 +3,18 @@ engine error (and a 503 from the server), never a hang; sizes that cannot work a
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import random
 import signal
+import threading
 import time
+from datetime import timedelta
 
 import httpx
 import pytest
 import torch
+import torch.distributed as dist
 
 from engines import create_engine
 from engines.config import ContiguousConfig, PagedConfig, VAttentionConfig
@@ -153,6 +157,26 @@ def test_a_killed_worker_is_an_engine_error_not_a_hang(tiny_model, inside_a_step
         start = time.monotonic()
         engine.close()
         assert time.monotonic() - start < 15
+
+
+def test_a_worker_lost_before_it_joins_the_group_is_an_error_at_once():
+    """Rank 0 joins the group once every worker has said on the store that it is joining: a worker lost before then
+    is an error at once (the group's rendezvous would wait the whole distributed timeout for a rank that never
+    comes), and rank 0 is left waiting in nothing."""
+    ctx = mp.get_context("spawn")
+    worker = ctx.Process(target=os._exit, args=(3,))  # started, then gone before it joined
+    worker.start()
+    worker.join()
+    conn, theirs = ctx.Pipe()
+    theirs.close()
+    sharded = ShardedModel.__new__(ShardedModel)
+    sharded._procs, sharded._conns, sharded._started, sharded._lock = [worker], [conn], [True], threading.Lock()
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=120), wait_for_workers=False)
+    start = time.monotonic()
+    with pytest.raises(WorkerFailed, match=r"worker rank 1 exited with code 3 \(before it joined the group\)"):
+        sharded._join_group(store, "gloo", 2, timeout_s=120)
+    assert time.monotonic() - start < 10
+    assert not dist.is_initialized()
 
 
 def test_a_worker_found_gone_by_a_send_fails_the_group(tiny_model):

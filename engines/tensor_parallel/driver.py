@@ -10,10 +10,10 @@ group, so a call blocked in a collective returns), never a hang.
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import threading
 import time
 import warnings
+from datetime import timedelta
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Iterator
@@ -30,7 +30,7 @@ from engines.tensor_parallel.inputs import pack
 from engines.tensor_parallel.worker import (
     Allocate, CacheMoves, Capture, Close, Failed, Forward, Logits, PageStorage, ProbeAllReduce, Ready, Replay, ReportPages,
     WorkerSpec,
-    init_group, probe_all_reduce, worker_main,
+    init_group, joined_key, probe_all_reduce, worker_main,
 )
 
 WATCH_INTERVAL_S = 0.2  # how often the watchdog looks at the workers
@@ -39,12 +39,6 @@ ABORT_WAIT_S = 10.0  # how long close() waits for the group's abort before it le
 
 class WorkerFailed(RuntimeError):
     """A tensor-parallel worker died or raised; the message says which and why."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_devices(device: torch.device, size: int) -> list[torch.device]:
@@ -76,7 +70,9 @@ class ShardedModel:
         self._watchdog: threading.Thread | None = None
         self._bus_bandwidth: dict[int, float] = {}
         self.backend = backend = "nccl" if device.type == "cuda" else "gloo"
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        # rank 0's rendezvous store, on a port the system picks (no free-port guess that another process could take)
+        store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
         self._procs: list[mp.process.BaseProcess] = []
         self._conns = []
         self._started: list[bool] = [False] * (size - 1)  # reported "started": its imports ran
@@ -84,9 +80,9 @@ class ShardedModel:
             for rank in range(1, size):
                 # on a CPU the workers take one thread each: the ranks share its cores
                 self._spawn(WorkerSpec(str(model_dir), dtype, str(devices[rank]), attn_backend, rank, size,
-                                       init_method, backend, timeout_s, 1 if device.type == "cpu" else None))
+                                       store.port, backend, timeout_s, 1 if device.type == "cpu" else None))
             self._wait_ready("started", timeout_s)
-            init_group(backend, init_method, 0, size, timeout_s)  # (a worker lost before it joins: a timeout)
+            self._join_group(store, backend, size, timeout_s)
             self.tp = TPGroup(0, size, dist.group.WORLD)
             self.local = load_model(model_dir, dtype=dtype, device=device, attn_backend=attn_backend, tp=self.tp)
             self._wait_ready("loaded", timeout_s)
@@ -96,6 +92,21 @@ class ShardedModel:
             raise
         self._watchdog = threading.Thread(target=self._watch, name="kvbench-tp-watchdog", daemon=True)
         self._watchdog.start()
+
+    def _join_group(self, store: "torch.distributed.Store", backend: str, size: int, timeout_s: float) -> None:
+        """Join the group as rank 0 once every worker has said, on the store, that it is joining: the group's
+        rendezvous would wait ``timeout_s`` for a rank that never comes, so a worker lost before then is an error at
+        once, and nothing is left waiting."""
+        keys = [joined_key(rank) for rank in range(1, size)]
+        deadline = time.monotonic() + timeout_s
+        while not store.check(keys):
+            why = self._dead_worker()
+            if why is not None:
+                raise WorkerFailed(f"{why} (before it joined the group)")
+            if time.monotonic() > deadline:
+                raise WorkerFailed(f"the tensor-parallel workers did not join the group in {timeout_s} s")
+            time.sleep(0.02)
+        init_group(backend, store, 0, size, timeout_s)
 
     def _spawn(self, spec: WorkerSpec) -> None:
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child

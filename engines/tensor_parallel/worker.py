@@ -33,7 +33,7 @@ class WorkerSpec:
     attn_backend: str
     rank: int
     size: int
-    init_method: str  # tcp://host:port of rank 0's store
+    store_port: int  # of rank 0's rendezvous store, on 127.0.0.1
     backend: str  # nccl | gloo
     timeout_s: float
     num_threads: int | None  # torch's CPU threads (None: its default)
@@ -139,11 +139,15 @@ def probe_all_reduce(model: CausalLM, numel: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def init_group(backend: str, init_method: str, rank: int, size: int, timeout_s: float) -> None:
+def joined_key(rank: int) -> str:
+    """The store key a worker sets just before it joins the group: rank 0 joins once every worker has set its own."""
+    return f"kvbench/joining/{rank}"
+
+
+def init_group(backend: str, store: "torch.distributed.Store", rank: int, size: int, timeout_s: float) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
 
 
 class Shard:
@@ -232,7 +236,10 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         conn.send(Ready("started"))
-        init_group(spec.backend, spec.init_method, spec.rank, spec.size, spec.timeout_s)
+        store = dist.TCPStore("127.0.0.1", spec.store_port, spec.size, is_master=False,
+                              timeout=timedelta(seconds=spec.timeout_s))
+        store.set(joined_key(spec.rank), "1")
+        init_group(spec.backend, store, spec.rank, spec.size, spec.timeout_s)
         tp = TPGroup(spec.rank, spec.size, dist.group.WORLD)
         model = load_model(spec.model_dir, dtype=spec.dtype, device=device, attn_backend=spec.attn_backend, tp=tp)
         shard = Shard(model)
