@@ -124,15 +124,21 @@ def test_a_vocabulary_that_does_not_split_evenly_is_padded(preset, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def stepping(tiny_model, n: int = 4):
+    """A paged tiny-qwen3 engine at TP 2 with ``n`` requests and its first step taken."""
+    engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2))
+    for r in workload(n):
+        engine.add_request(r)
+    engine.step()
+    return engine
+
+
 @pytest.mark.parametrize("inside_a_step", [False, True], ids=["between-steps", "inside-a-step"])
 def test_a_killed_worker_is_an_engine_error_not_a_hang(tiny_model, inside_a_step):
     """Killed between steps, or right after it was sent a forward (rank 0's collectives then wait on a dead peer, and
     the next message finds its pipe closed): either way the group fails, and closing does not wait on the dead rank."""
-    engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2))
+    engine = stepping(tiny_model)
     try:
-        for r in workload(4):
-            engine.add_request(r)
-        engine.step()
         sharded = engine.model
         (worker,) = sharded._procs
         if inside_a_step:
@@ -182,11 +188,8 @@ def test_a_worker_lost_before_it_joins_the_group_is_an_error_at_once():
 def test_a_worker_found_gone_by_a_send_fails_the_group(tiny_model):
     """With no watchdog to notice first, the closed pipe is how rank 0 learns: the group fails (left as it is, NCCL's
     teardown would wait on the dead rank forever), naming the worker's exit, and so does every later call."""
-    engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2))
+    engine = stepping(tiny_model)
     try:
-        for r in workload(4):
-            engine.add_request(r)
-        engine.step()
         sharded = engine.model
         sharded._closing.set()
         sharded._watchdog.join()
@@ -206,11 +209,8 @@ def test_a_worker_found_gone_by_a_send_fails_the_group(tiny_model):
 def test_a_step_in_flight_when_a_worker_dies_gives_no_tokens(tiny_model):
     """On a GPU a step whose collectives the watchdog aborted may still complete: its tokens are garbage, so reading
     them raises instead (here the step finished before the kill; its tokens must not be read either)."""
-    engine = create_engine(tiny_model("tiny-qwen3"), PagedConfig(tensor_parallel_size=2))
+    engine = stepping(tiny_model, 2)  # asynchronous scheduling: the first step is launched and left in flight
     try:
-        for r in workload(2):
-            engine.add_request(r)
-        engine.step()  # asynchronous scheduling: the first step is launched and left in flight
         assert engine._in_flight is not None
         (worker,) = engine.model._procs
         os.kill(worker.pid, signal.SIGKILL)
