@@ -177,7 +177,8 @@ class _OnDisk:
     """A checkpoint tensor in a safetensors file: a rank reads only its share of it (a 70B's shard, not the model)."""
 
     def __init__(self, f, name: str) -> None:
-        self.slice, self.shape = f.get_slice(name), tuple(f.get_slice(name).get_shape())
+        self.slice = f.get_slice(name)
+        self.shape = tuple(self.slice.get_shape())
 
     def read(self, share: Share | None) -> torch.Tensor:
         index = [slice(None)] * len(self.shape)
