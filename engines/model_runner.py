@@ -215,9 +215,17 @@ class ModelRunner:
         self.clock.lap("kv")
         self.storage.apply(ops.unmaps, ops.maps)
         self.clock.lap("map")
+        self._mirror(ops)
+        move_blocks(ops, self.model.ops, self.kv_cache, self.host_cache, self.kv.block_size, self.device)
+
+    def map_ahead(self, ops: CacheOps) -> None:
+        """Page maps and unmaps made while the device runs a step (the storage's own stream or thread)."""
+        self._mirror(ops)
+        self.storage.apply_async(ops.unmaps, ops.maps)
+
+    def _mirror(self, ops: CacheOps) -> None:
         if isinstance(self.model, ShardedModel) and ops:
             self.model.cache_ops(ops, self.kv.block_size)  # the workers map and move their shards' pages alike
-        move_blocks(ops, self.model.ops, self.kv_cache, self.host_cache, self.kv.block_size, self.device)
 
     # -- the step ----------------------------------------------------------------------------
     def _sampling_batch(self, rows: list[SampleRow]) -> SamplingBatch:

@@ -94,7 +94,5 @@ class VAttentionEngine(LLMEngine):
         self.kv.map_ahead(batch.decodes, max(batch.decode_steps))
         ops = self.kv.take_ops()
         if ops:
-            if isinstance(self.model, ShardedModel):
-                self.model.cache_ops(ops, self.kv.block_size)
-            self.runner.storage.apply_async(ops.unmaps, ops.maps)
+            self.runner.map_ahead(ops)
         self.clock.lap("map")
