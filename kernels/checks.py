@@ -88,6 +88,14 @@ def check_addressing(
                      f"a contiguous region runs past the cache's {num_slots} slots")
 
 
+def check_out(out: torch.Tensor, q: torch.Tensor) -> None:
+    """An attention output to write into: q's shape, dtype and device, unit stride in the head dim."""
+    _require(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device,
+             lambda: f"out must be {tuple(q.shape)} {q.dtype} on {q.device} like q, got {tuple(out.shape)} "
+                     f"{out.dtype} on {out.device}")
+    _require(out.stride(-1) == 1, lambda: f"out must have unit stride in its last dim, got strides {out.stride()}")
+
+
 def check_query(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """Shapes, dtypes and devices of the query against the cache (no device sync)."""
     check_cache_pair(k_cache, v_cache)

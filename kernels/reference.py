@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.checks import check_attention_args, check_copy_args, check_write_args
+from kernels.checks import check_attention_args, check_copy_args, check_out, check_write_args
 
 
 def context_slots(
@@ -75,17 +75,22 @@ def prefill_attention(
     max_seq_len: int | None = None,
     window: int | None = None,
     validate: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention: q [T, Hq, D], query tokens of sequence b are
     ``q[query_start_loc[b]:query_start_loc[b+1]]``; keys and values come from the cache. A sliding ``window``
     (Mistral's): the query at position i sees the keys i - window < j <= i, and no other is read.
 
     ``max_query_len`` / ``max_seq_len`` are host-side upper bounds that a GPU kernel sizes its
-    grid with (the engine knows them without a device sync); the reference ignores them."""
+    grid with (the engine knows them without a device sync); the reference ignores them. ``out``: a [T, Hq, D]
+    tensor to write the result into (and return), else a new one."""
     if validate:
         check_attention_args(q, k_cache, v_cache, seq_lens, block_tables, seq_starts, block_size, query_start_loc)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        check_out(out, q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     for b, n in enumerate(lens):
@@ -111,15 +116,21 @@ def decode_attention(
     max_seq_len: int | None = None,
     window: int | None = None,
     validate: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (q: [B, Hq, D]) attending to its whole context, or with a sliding ``window``
-    to its last ``window`` tokens (no other is read).
+    to its last ``window`` tokens (no other is read); ``out`` as ``prefill_attention``'s.
 
     All sequences at once, padded to the longest context and masked: the CPU engines decode
     hundreds of sequences per step, and a loop over them would dominate the step.
     """
     if validate:
         check_attention_args(q, k_cache, v_cache, seq_lens, block_tables, seq_starts, block_size)
+    if out is not None:
+        check_out(out, q)
+        out.copy_(decode_attention(q, k_cache, v_cache, seq_lens, block_tables=block_tables, seq_starts=seq_starts,
+                                   block_size=block_size, scale=scale, window=window, validate=False))
+        return out
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, num_heads, d = q.shape
     if batch == 0:
@@ -163,6 +174,28 @@ def write_kv(
     slots = slot_mapping[keep].long()
     k_cache[slots] = key[keep].to(k_cache.dtype)
     v_cache[slots] = value[keep].to(v_cache.dtype)
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """``rotary_embedding`` of q and k, then ``write_kv`` of the rotated k and of v [T, Hkv, D]: the step's keys
+    and values go to the cache, and the rotated q is returned (a GPU backend does both in one launch)."""
+    q, k = rotary_embedding(positions, q, k, cos_sin, q_norm_weight, k_norm_weight, eps)
+    write_kv(k, v, k_cache, v_cache, slot_mapping, validate=validate)
+    return q
 
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:

@@ -176,6 +176,7 @@ def decode(
     window: int | None = None,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch without checks. ``addr`` is the block table (paged) or ``seq_starts``.
 
@@ -190,7 +191,8 @@ def decode(
     if num_splits is None:
         span = max_seq_len if not window else min(max_seq_len, window + config.block_n)
         num_splits = num_kv_splits(batch, num_kv_heads, span, sm_count(q.device), config)
-    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:  # else the caller's [B, Hq, D] view (unit stride in D), written in place
+        out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     split = num_splits > 1

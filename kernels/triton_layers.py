@@ -191,12 +191,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rope_heads(
-    src, dst, w_ptr, cos, sin, num_heads, head0, stride_h, eps, inv_dim,
+    src, dst, w_ptr, cos, sin, num_heads, head0, stride_h, dst_stride_h, eps, inv_dim,
     HEADS: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-    NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, LIBDEVICE: tl.constexpr,
+    NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
-    """Heads ``head0 .. head0 + HEADS`` of one token: optional RMSNorm, then rotate-half RoPE.
-    Each head is handled as its two halves, so the rotation needs no shuffle."""
+    """Heads ``head0 .. head0 + HEADS`` of one token: optional RMSNorm, then rotate-half RoPE, rounded to
+    ``OUT_DTYPE`` and stored in ``dst``'s dtype (a cache's, if it differs). Each head is handled as its two
+    halves, so the rotation needs no shuffle."""
     heads = head0 + tl.arange(0, HEADS)
     dims = tl.arange(0, HALF_P)
     dim_ok = dims < HALF
@@ -213,24 +214,27 @@ def _rope_heads(
         x1 = (w1 * (x1f * rstd).to(x1.dtype).to(tl.float32)).to(NORM_DTYPE)
         x2 = (w2 * (x2f * rstd).to(x2.dtype).to(tl.float32)).to(NORM_DTYPE)
     # q * cos + rotate_half(q) * sin, each product and the sum rounded to the output dtype.
-    out_ty = dst.dtype.element_ty
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
-    o1 = (x1f * cos).to(out_ty).to(tl.float32) + (-x2f * sin).to(out_ty).to(tl.float32)
-    o2 = (x2f * cos).to(out_ty).to(tl.float32) + (x1f * sin).to(out_ty).to(tl.float32)
-    out_ptrs = dst + heads[:, None] * (2 * HALF) + dims[None, :]
-    tl.store(out_ptrs, o1.to(out_ty), mask=mask)
-    tl.store(out_ptrs + HALF, o2.to(out_ty), mask=mask)
+    o1 = (x1f * cos).to(OUT_DTYPE).to(tl.float32) + (-x2f * sin).to(OUT_DTYPE).to(tl.float32)
+    o2 = (x2f * cos).to(OUT_DTYPE).to(tl.float32) + (x1f * sin).to(OUT_DTYPE).to(tl.float32)
+    out_ptrs = dst + heads[:, None] * dst_stride_h + dims[None, :]
+    tl.store(out_ptrs, o1.to(OUT_DTYPE).to(dst.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs + HALF, o2.to(OUT_DTYPE).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(
-    pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr,
-    num_q_heads, num_kv_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs, eps, inv_dim,
+    pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slot_ptr,
+    num_q_heads, num_kv_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ko, stride_koh, stride_vo, stride_voh, stride_cs, eps, inv_dim,
     HEADS: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-    NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, LIBDEVICE: tl.constexpr,
+    NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, CACHE: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
 ):
-    """Grid (tokens, head blocks of q then of k): q and k in one launch, one cos/sin row per token."""
+    """Grid (tokens, head blocks of q then of k): q and k in one launch, one cos/sin row per token. With
+    ``CACHE`` the k blocks store their rows, and copy the same heads of v, into the cache's slot of the token
+    (``write_kv``'s store; a negative slot is padding, skipped); else k goes to ``k_out`` row ``t``."""
     t = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     q_blocks = tl.cdiv(num_q_heads, HEADS)
@@ -242,12 +246,62 @@ def _rotary_kernel(
     sin = tl.load(table + HALF, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
     if block < q_blocks:
         _rope_heads(q_ptr + t * stride_qt, q_out_ptr + t * num_q_heads * (2 * HALF), q_w_ptr, cos, sin,
-                    num_q_heads, block * HEADS, stride_qh, eps, inv_dim,
-                    HEADS, HALF, HALF_P, NORM, NORM_DTYPE, LIBDEVICE)
+                    num_q_heads, block * HEADS, stride_qh, 2 * HALF, eps, inv_dim,
+                    HEADS, HALF, HALF_P, NORM, NORM_DTYPE, OUT_DTYPE, LIBDEVICE)
     else:
-        _rope_heads(k_ptr + t * stride_kt, k_out_ptr + t * num_kv_heads * (2 * HALF), k_w_ptr, cos, sin,
-                    num_kv_heads, (block - q_blocks) * HEADS, stride_kh, eps, inv_dim,
-                    HEADS, HALF, HALF_P, NORM, NORM_DTYPE, LIBDEVICE)
+        row = t
+        if CACHE:
+            row = tl.load(slot_ptr + t).to(tl.int64)
+        if row >= 0:
+            head0 = (block - q_blocks) * HEADS
+            _rope_heads(k_ptr + t * stride_kt, k_out_ptr + row * stride_ko, k_w_ptr, cos, sin,
+                        num_kv_heads, head0, stride_kh, stride_koh, eps, inv_dim,
+                        HEADS, HALF, HALF_P, NORM, NORM_DTYPE, OUT_DTYPE, LIBDEVICE)
+            if CACHE:
+                heads = head0 + tl.arange(0, HEADS)
+                full = tl.arange(0, 2 * HALF_P)
+                mask = (heads < num_kv_heads)[:, None] & (full < 2 * HALF)[None, :]
+                value = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + full[None, :], mask=mask)
+                tl.store(v_out_ptr + row * stride_vo + heads[:, None] * stride_voh + full[None, :],
+                         value.to(v_out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotary_launch(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q's rotated copy, and k's (None when ``cache`` = (v, k_cache, v_cache, slot_mapping) takes k and v)."""
+    tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    norm = q_norm_weight is not None
+    norm_dtype = torch.promote_types(q_norm_weight.dtype, q.dtype) if norm else q.dtype
+    out_dtype = torch.promote_types(norm_dtype, cos_sin.dtype)
+    q_out = torch.empty((tokens, num_q_heads, head_dim), dtype=out_dtype, device=q.device)
+    if cache is None:
+        k_out = torch.empty((tokens, num_kv_heads, head_dim), dtype=out_dtype, device=q.device)
+        v, v_out, slots = k, k_out, positions  # placeholders the kernel never touches
+    else:
+        k_out = None
+        v, k_cache, v_out, slots = cache
+    if tokens == 0 or head_dim == 0:
+        return q_out, k_out
+    q, k, v, cos_sin = _unit_stride(q), _unit_stride(k), _unit_stride(v), _unit_stride(cos_sin)
+    k_dst = k_cache if cache is not None else k_out
+    half = head_dim // 2
+    half_p = triton.next_power_of_2(half)
+    heads = min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, _ROPE_TILE // (2 * half_p)))
+    grid = (tokens, triton.cdiv(num_q_heads, heads) + triton.cdiv(num_kv_heads, heads))
+    _rotary_kernel[grid](
+        positions, q, k, v, cos_sin, q_norm_weight if norm else q, k_norm_weight if norm else k, q_out, k_dst,
+        v_out, slots, num_q_heads, num_kv_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), k_dst.stride(0), k_dst.stride(1), v_out.stride(0), v_out.stride(1),
+        cos_sin.stride(0), eps, 1.0 / head_dim,
+        HEADS=heads, HALF=half, HALF_P=half_p, NORM=norm, NORM_DTYPE=_TL_DTYPES[norm_dtype],
+        OUT_DTYPE=_TL_DTYPES[out_dtype], CACHE=cache is not None, LIBDEVICE=use_libdevice(q.device),
+        num_warps=min(4, max(1, heads * half_p // 128)), enable_fp_fusion=False,
+    )
+    return q_out, k_out
 
 
 def rotary_embedding(
@@ -265,15 +319,27 @@ def rotary_embedding(
     contiguous tensors. Positions are not bounds-checked on the device (that would sync):
     each must index a row of ``cos_sin``."""
     check_rotary_args(positions, q, k, cos_sin, q_norm_weight, k_norm_weight)
-    tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    norm = q_norm_weight is not None
-    norm_dtype = torch.promote_types(q_norm_weight.dtype, q.dtype) if norm else q.dtype
-    out_dtype = torch.promote_types(norm_dtype, cos_sin.dtype)
-    q_out = torch.empty((tokens, num_q_heads, head_dim), dtype=out_dtype, device=q.device)
-    k_out = torch.empty((tokens, num_kv_heads, head_dim), dtype=out_dtype, device=q.device)
-    if tokens == 0 or head_dim == 0:
-        return q_out, k_out
+    return _rotary_launch(positions, q, k, cos_sin, q_norm_weight, k_norm_weight, eps, None)
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """``rotary_embedding`` then ``write_kv`` of the rotated k and of v, in one launch: returns the rotated q.
+    Launch without the cache's checks (``kernels.triton_ops.rotary_write_kv`` makes them)."""
+    check_rotary_args(positions, q, k, cos_sin, q_norm_weight, k_norm_weight)
+    return _rotary_launch(positions, q, k, cos_sin, q_norm_weight, k_norm_weight, eps,
+                          (v, k_cache, v_cache, slot_mapping))[0]
     q, k, cos_sin = _unit_stride(q), _unit_stride(k), _unit_stride(cos_sin)
     half = head_dim // 2
     half_p = triton.next_power_of_2(half)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 
 from kernels import reference, triton_cache, triton_decode, triton_prefill
+from kernels import triton_layers
 from kernels.triton_layers import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul  # noqa: F401
 from kernels.checks import (
     check_addressing_mode,
+    check_out,
     check_attention_args,
     check_blocks_disjoint,
     check_cache_planes,
@@ -30,6 +32,13 @@ from kernels.checks import (
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     """The kernels index rows with unit stride; copy only a tensor that lacks it."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _checked_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """An output view the kernels can write: q's shape and dtype, unit stride in the head dim."""
+    if out is not None:
+        check_out(out, q)
+    return out
 
 
 def _addressing(block_tables: torch.Tensor | None, seq_starts: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
@@ -62,8 +71,10 @@ def prefill_attention(
     max_seq_len: int | None = None,
     window: int | None = None,
     validate: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Varlen causal attention over the cache (see ``kernels.reference.prefill_attention``; ``window``: sliding).
+    """Varlen causal attention over the cache (see ``kernels.reference.prefill_attention``; ``window``: sliding;
+    ``out``: where to write it, a [T, Hq, D] view with unit stride in D, else a new tensor).
 
     ``max_query_len`` sizes the grid; without it the grid covers ``q.shape[0]`` tokens per
     sequence (or the exact longest query when ``validate`` already syncs). ``max_seq_len``
@@ -79,7 +90,7 @@ def prefill_attention(
     return triton_prefill.prefill(
         _unit_stride(q), k_cache, v_cache, query_start_loc, seq_lens, addr,
         paged=paged, block_size=block_size, scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        max_query_len=q.shape[0] if max_query_len is None else max_query_len, window=window,
+        max_query_len=q.shape[0] if max_query_len is None else max_query_len, window=window, out=_checked_out(out, q),
     )
 
 
@@ -96,8 +107,10 @@ def decode_attention(
     max_seq_len: int | None = None,
     window: int | None = None,
     validate: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence (see ``kernels.reference.decode_attention``; ``window``: sliding), split-KV.
+    """One query token per sequence (see ``kernels.reference.decode_attention``; ``window``: sliding;
+    ``out``: as ``prefill_attention``'s), split-KV.
 
     ``max_seq_len`` only caps the number of KV splits; the split bounds come from
     ``seq_lens`` on the device. A sequence of length 0 (a padding row of a CUDA-graph
@@ -113,7 +126,33 @@ def decode_attention(
         _unit_stride(q), k_cache, v_cache, seq_lens, addr,
         paged=paged, block_size=block_size, scale=q.shape[-1] ** -0.5 if scale is None else scale,
         max_seq_len=seq_len_bound(k_cache, block_tables, block_size, max_seq_len), window=window,
+        out=_checked_out(out, q),
     )
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """``rotary_embedding`` of q and k, then ``write_kv`` of k and v, in one launch (see
+    ``kernels.reference.rotary_write_kv``): returns the rotated q."""
+    if validate:
+        check_write_args(k, v, k_cache, v_cache, slot_mapping)
+    check_write_shapes(k, v, k_cache, v_cache, slot_mapping)
+    check_triton_cache(k_cache, v_cache)
+    return triton_layers.rotary_write_kv(positions, q, k, v, cos_sin, q_norm_weight, k_norm_weight, eps,
+                                         k_cache, v_cache, slot_mapping)
 
 
 def write_kv(

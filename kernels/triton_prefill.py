@@ -123,13 +123,15 @@ def prefill(
     max_query_len: int,
     window: int | None = None,
     config: PrefillConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch without checks. ``addr`` is the block table (paged) or ``seq_starts``;
     ``max_query_len`` (a host-side bound) sizes the grid; ``window``: a sliding window (None: none)."""
     tokens, num_heads, head_dim = q.shape
     batch = query_start_loc.shape[0] - 1
     config = config or prefill_config(head_dim, q.dtype, q.device)
-    out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:  # else the caller's [T, Hq, D] view (unit stride in D), written in place
+        out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0 or batch == 0 or max_query_len <= 0:
         return out
     grid = (num_heads, triton.cdiv(max_query_len, config.block_m), batch)

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels import reference
+from kernels.checks import KernelArgumentError
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -384,6 +385,62 @@ def test_rotary_embedding_matches_reference(dtype, norm, heads, kv_heads, head_d
             assert_rotary_close(out, ref, reference.rms_norm(x, weight, 1e-6))
         else:
             assert torch.equal(out, ref)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 32), (6, 6, 256), (3, 1, 16)])
+def test_rotary_write_kv_is_rotary_then_write_kv_bit_for_bit(dtype, norm, heads, kv_heads, head_dim):
+    """The fused launch against the two it replaces, on q/k/v views of one projection: the same rotated q, the
+    same cache contents (padding slots skipped, every other slot untouched); several k head blocks (6 heads of
+    256 dims, 4 per program) and MQA."""
+    gen = torch.Generator().manual_seed(29 + head_dim)
+    tokens = 5
+    qkv = (2 * torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)).to(dtype)
+    q, k, v = (x.view(tokens, -1, head_dim) for x in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                                  kv_heads * head_dim], dim=-1))
+    positions = torch.tensor([3, 0, 63, 17, 17], dtype=torch.int32)
+    cos_sin = rope_table(64, head_dim, dtype)
+    weights = [(1 + torch.randn(head_dim, generator=gen) / 4).to(dtype) for _ in range(2)] if norm else [None, None]
+    slots = torch.tensor([7, -1, 11, 0, -1])
+    k_cache, v_cache = make_cache(12, kv_heads, head_dim, dtype, gen)
+    k_two, v_two = k_cache.clone(), v_cache.clone()
+    fused_q = triton_ops.rotary_write_kv(positions, q, k, v, cos_sin, *weights, 1e-6, k_cache, v_cache, slots)
+    two_q, two_k = triton_ops.rotary_embedding(positions, q, k, cos_sin, *weights, 1e-6)
+    triton_ops.write_kv(two_k, v, k_two, v_two, slots)
+    assert torch.equal(fused_q, two_q) and torch.equal(k_cache, k_two) and torch.equal(v_cache, v_two)
+    ref_k, ref_v = make_cache(12, kv_heads, head_dim, dtype, torch.Generator().manual_seed(0))
+    ref_q = reference.rotary_write_kv(positions, q, k, v, cos_sin, *weights, 1e-6, ref_k, ref_v, slots)
+    assert torch.equal(ref_v[slots[slots >= 0]], v_cache[slots[slots >= 0]])
+    if not norm:  # the reference rounds as the kernel does (see the rotary test)
+        assert torch.equal(ref_q, fused_q) and torch.equal(ref_k[slots[slots >= 0]], k_cache[slots[slots >= 0]])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_attention_writes_into_a_given_output_view(backend):
+    """``out=``: decode and prefill write their rows into a view of a larger buffer (the layer's one output for a
+    mixed step), return it, and leave the rest of the buffer alone."""
+    ops = triton_ops if backend == "triton" else reference
+    gen = torch.Generator().manual_seed(41)
+    addr, slots = addressing("paged", [9, 14], 4, gen)
+    k, v = make_cache(slots, 2, 16, torch.float32, gen)
+    seq_lens = torch.tensor([9, 14], dtype=torch.int32)
+    q = torch.randn(2, 4, 16, generator=gen)
+    buffer = torch.full((5, 4, 16), 7.0)
+    got = ops.decode_attention(q, k, v, seq_lens, **addr, out=buffer[1:3])
+    assert got.data_ptr() == buffer[1:3].data_ptr()
+    assert torch.equal(buffer[1:3], ops.decode_attention(q, k, v, seq_lens, **addr))
+    assert (buffer[[0, 3, 4]] == 7.0).all()
+    qp = torch.randn(5, 4, 16, generator=gen)
+    qsl = torch.tensor([0, 2, 5], dtype=torch.int32)
+    buffer = torch.full((8, 4, 16), 7.0)
+    ops.prefill_attention(qp, k, v, qsl, seq_lens, **addr, out=buffer[3:])
+    assert torch.equal(buffer[3:], ops.prefill_attention(qp, k, v, qsl, seq_lens, **addr))
+    assert (buffer[:3] == 7.0).all()
+    with pytest.raises(KernelArgumentError, match="out must be"):
+        ops.decode_attention(q, k, v, seq_lens, **addr, out=buffer[:3])
 
 
 def poison_outside_window(k, v, addr, lens, first_seen, block_size):

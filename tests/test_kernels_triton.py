@@ -17,7 +17,7 @@ from kernels import KernelArgumentError, load_backend, reference
 triton_ops = pytest.importorskip("kernels.triton_ops")
 
 FUNCTIONS = ("write_kv", "prefill_attention", "decode_attention", "copy_blocks", "swap_blocks",
-             "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding")
+             "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "rotary_write_kv")
 
 
 def test_same_functions_and_signatures_as_reference():
@@ -451,6 +451,29 @@ def test_gpu_rotary_embedding_matches_reference(tokens, heads, kv_heads, head_di
             assert_rotary_close(out, ref, reference.rms_norm(x, weight, 1e-6))
         else:
             assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, heads, kv_heads, head_dim, norm, dtype", ROPE_CASES)
+def test_gpu_rotary_write_kv_is_rotary_then_write_kv_bit_for_bit(tokens, heads, kv_heads, head_dim, norm, dtype):
+    """The fused launch the model runs, against the two launches it replaces: the same q, the same cache, padding
+    slots (-1) skipped."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens + 1)
+    qkv = (2 * torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device="cuda", generator=gen)).to(dtype)
+    q, k, v = (x.view(tokens, -1, head_dim) for x in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                                  kv_heads * head_dim], dim=-1))
+    cos_sin = rope_cos_sin(40960, head_dim, dtype)
+    positions = torch.randint(0, 40960, (tokens,), device="cuda", generator=gen)
+    weights = [(1 + torch.randn(head_dim, device="cuda", generator=gen) / 4).to(dtype) for _ in range(2)] if norm else [None, None]
+    slots = torch.randperm(2 * tokens, device="cuda", generator=gen)[:tokens]
+    slots[::7] = -1
+    k_cache = torch.randn(2 * tokens, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
+    v_cache = torch.randn(2 * tokens, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
+    k_two, v_two = k_cache.clone(), v_cache.clone()
+    fused_q = triton_ops.rotary_write_kv(positions, q, k, v, cos_sin, *weights, 1e-6, k_cache, v_cache, slots)
+    two_q, two_k = triton_ops.rotary_embedding(positions, q, k, cos_sin, *weights, 1e-6)
+    triton_ops.write_kv(two_k, v, k_two, v_two, slots)
+    assert torch.equal(fused_q, two_q) and torch.equal(k_cache, k_two) and torch.equal(v_cache, v_two)
 
 
 @pytest.mark.gpu

@@ -47,21 +47,22 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
-        q, k = ops.rotary_embedding(positions, q, k, self.rotary.cos_sin, *norms, self.rms_eps)
-        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False)
+        # the step's keys and values go straight to the cache; attention writes its output rows in place
+        q = ops.rotary_write_kv(positions, q, k, v, self.rotary.cos_sin, *norms, self.rms_eps, k_cache, v_cache,
+                                meta.slot_mapping, validate=False)
         out = torch.empty_like(q)
         n = meta.num_decode_tokens
         if meta.decode is not None:
             d = meta.decode
-            out[:n] = ops.decode_attention(
+            ops.decode_attention(
                 q[:n], k_cache, v_cache, d.seq_lens, **d.addressing.kernel_kwargs(),
-                scale=self.scale, max_seq_len=d.max_seq_len, window=self.window, validate=False,
+                scale=self.scale, max_seq_len=d.max_seq_len, window=self.window, validate=False, out=out[:n],
             )
         if meta.prefill is not None:
             p = meta.prefill
-            out[n:] = ops.prefill_attention(
+            ops.prefill_attention(
                 q[n:], k_cache, v_cache, p.query_start_loc, p.seq_lens, **p.addressing.kernel_kwargs(),
                 scale=self.scale, max_query_len=p.max_query_len, max_seq_len=p.max_seq_len, window=self.window,
-                validate=False,
+                validate=False, out=out[n:],
             )
         return self.tp.all_reduce(self.o_proj(out.view(-1, self.q_size)))
