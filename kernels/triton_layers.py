@@ -340,16 +340,3 @@ def rotary_write_kv(
     check_rotary_args(positions, q, k, cos_sin, q_norm_weight, k_norm_weight)
     return _rotary_launch(positions, q, k, cos_sin, q_norm_weight, k_norm_weight, eps,
                           (v, k_cache, v_cache, slot_mapping))[0]
-    q, k, cos_sin = _unit_stride(q), _unit_stride(k), _unit_stride(cos_sin)
-    half = head_dim // 2
-    half_p = triton.next_power_of_2(half)
-    heads = min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, _ROPE_TILE // (2 * half_p)))
-    grid = (tokens, triton.cdiv(num_q_heads, heads) + triton.cdiv(num_kv_heads, heads))
-    _rotary_kernel[grid](
-        positions, q, k, cos_sin, q_norm_weight if norm else q, k_norm_weight if norm else k, q_out, k_out,
-        num_q_heads, num_kv_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
-        eps, 1.0 / head_dim,
-        HEADS=heads, HALF=half, HALF_P=half_p, NORM=norm, NORM_DTYPE=_TL_DTYPES[norm_dtype],
-        LIBDEVICE=use_libdevice(q.device), num_warps=min(4, max(1, heads * half_p // 128)), enable_fp_fusion=False,
-    )
-    return q_out, k_out
