@@ -31,15 +31,15 @@ def _require(cond: bool, message: str | Callable[[], str]) -> None:
 def check_block_size(block_size: int) -> None:
     _require(
         isinstance(block_size, int) and 1 <= block_size <= 256 and block_size & (block_size - 1) == 0,
-        f"block_size must be a power of two in [1, 256], got {block_size!r}",
+        lambda: f"block_size must be a power of two in [1, 256], got {block_size!r}",
     )
 
 
 def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    _require(k_cache.dim() == 3, f"k_cache must be [num_slots, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
-    _require(k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    _require(k_cache.dtype == v_cache.dtype, f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
-    _require(k_cache.dtype in _FLOAT_TYPES, f"cache dtype must be fp16, bf16 or fp32, got {k_cache.dtype}")
+    _require(k_cache.dim() == 3, lambda: f"k_cache must be [num_slots, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
+    _require(k_cache.shape == v_cache.shape, lambda: f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _require(k_cache.dtype == v_cache.dtype, lambda: f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    _require(k_cache.dtype in _FLOAT_TYPES, lambda: f"cache dtype must be fp16, bf16 or fp32, got {k_cache.dtype}")
     _require(k_cache.device == v_cache.device, "k_cache and v_cache are on different devices")
 
 
@@ -56,18 +56,18 @@ def check_addressing(
         (block_tables is None) != (seq_starts is None),
         "pass exactly one of block_tables (paged) or seq_starts (contiguous)",
     )
-    _require(seq_lens.dim() == 1 and seq_lens.shape[0] == batch, f"seq_lens must be [{batch}], got {tuple(seq_lens.shape)}")
-    _require(seq_lens.dtype in _INDEX_TYPES, f"seq_lens must be int32 or int64, got {seq_lens.dtype}")
+    _require(seq_lens.dim() == 1 and seq_lens.shape[0] == batch, lambda: f"seq_lens must be [{batch}], got {tuple(seq_lens.shape)}")
+    _require(seq_lens.dtype in _INDEX_TYPES, lambda: f"seq_lens must be int32 or int64, got {seq_lens.dtype}")
     max_len = int(seq_lens.max()) if batch else 0
     if block_tables is not None:
         check_block_size(block_size)
         _require(block_tables.dim() == 2 and block_tables.shape[0] == batch,
-                 f"block_tables must be [{batch}, max_blocks], got {tuple(block_tables.shape)}")
-        _require(block_tables.dtype in _INDEX_TYPES, f"block_tables must be int32 or int64, got {block_tables.dtype}")
-        _require(num_slots % block_size == 0, f"cache of {num_slots} slots is not a whole number of {block_size}-slot blocks")
+                 lambda: f"block_tables must be [{batch}, max_blocks], got {tuple(block_tables.shape)}")
+        _require(block_tables.dtype in _INDEX_TYPES, lambda: f"block_tables must be int32 or int64, got {block_tables.dtype}")
+        _require(num_slots % block_size == 0, lambda: f"cache of {num_slots} slots is not a whole number of {block_size}-slot blocks")
         needed = -(-max_len // block_size)
         _require(block_tables.shape[1] >= needed,
-                 f"block_tables has {block_tables.shape[1]} columns but a sequence of {max_len} tokens needs {needed}")
+                 lambda: f"block_tables has {block_tables.shape[1]} columns but a sequence of {max_len} tokens needs {needed}")
         if batch and block_tables.numel():
             num_blocks = num_slots // block_size
             # Only the entries a sequence actually uses must be valid; padding entries may hold anything.
@@ -78,14 +78,14 @@ def check_addressing(
             if entries.numel():
                 lo, hi = int(entries.min()), int(entries.max())
                 _require(lo >= 0 and hi < num_blocks,
-                         f"block table entry {hi if hi >= num_blocks else lo} is outside the cache's {num_blocks} blocks")
+                         lambda: f"block table entry {hi if hi >= num_blocks else lo} is outside the cache's {num_blocks} blocks")
     else:
-        _require(seq_starts.dim() == 1 and seq_starts.shape[0] == batch, f"seq_starts must be [{batch}], got {tuple(seq_starts.shape)}")
-        _require(seq_starts.dtype in _INDEX_TYPES, f"seq_starts must be int32 or int64, got {seq_starts.dtype}")
+        _require(seq_starts.dim() == 1 and seq_starts.shape[0] == batch, lambda: f"seq_starts must be [{batch}], got {tuple(seq_starts.shape)}")
+        _require(seq_starts.dtype in _INDEX_TYPES, lambda: f"seq_starts must be int32 or int64, got {seq_starts.dtype}")
         if batch:
             ends = seq_starts.long() + seq_lens.to(seq_starts.device).long()
             _require(int(seq_starts.min()) >= 0 and int(ends.max()) <= num_slots,
-                     f"a contiguous region runs past the cache's {num_slots} slots")
+                     lambda: f"a contiguous region runs past the cache's {num_slots} slots")
 
 
 def check_out(out: torch.Tensor, q: torch.Tensor) -> None:
@@ -99,12 +99,12 @@ def check_out(out: torch.Tensor, q: torch.Tensor) -> None:
 def check_query(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """Shapes, dtypes and devices of the query against the cache (no device sync)."""
     check_cache_pair(k_cache, v_cache)
-    _require(q.dim() == 3, f"q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
-    _require(q.dtype == k_cache.dtype, f"q is {q.dtype} but the cache is {k_cache.dtype}")
-    _require(q.device == k_cache.device, f"q is on {q.device} but the cache is on {k_cache.device}")
-    _require(q.shape[2] == k_cache.shape[2], f"q head_dim {q.shape[2]} != cache head_dim {k_cache.shape[2]}")
+    _require(q.dim() == 3, lambda: f"q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
+    _require(q.dtype == k_cache.dtype, lambda: f"q is {q.dtype} but the cache is {k_cache.dtype}")
+    _require(q.device == k_cache.device, lambda: f"q is on {q.device} but the cache is on {k_cache.device}")
+    _require(q.shape[2] == k_cache.shape[2], lambda: f"q head_dim {q.shape[2]} != cache head_dim {k_cache.shape[2]}")
     _require(q.shape[1] % k_cache.shape[1] == 0,
-             f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[1]} KV heads")
+             lambda: f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[1]} KV heads")
 
 
 def check_attention_args(
@@ -126,7 +126,7 @@ def check_attention_args(
         if batch:
             q_lens = (query_start_loc[1:] - query_start_loc[:-1]).to(seq_lens.device)
             _require(int(query_start_loc[-1]) == q.shape[0],
-                     f"query_start_loc ends at {int(query_start_loc[-1])} but q has {q.shape[0]} tokens")
+                     lambda: f"query_start_loc ends at {int(query_start_loc[-1])} but q has {q.shape[0]} tokens")
             _require(bool((q_lens >= 0).all()) and bool((q_lens <= seq_lens).all()),
                      "each sequence needs 0 <= query length <= seq_len")
     check_addressing(batch, k_cache.shape[0], block_tables, seq_starts, block_size, seq_lens)
@@ -138,7 +138,7 @@ def check_write_args(
     check_write_shapes(key, value, k_cache, v_cache, slot_mapping)
     if slot_mapping.numel():
         _require(int(slot_mapping.max()) < k_cache.shape[0],
-                 f"slot {int(slot_mapping.max())} is outside the cache's {k_cache.shape[0]} slots")
+                 lambda: f"slot {int(slot_mapping.max())} is outside the cache's {k_cache.shape[0]} slots")
 
 
 def check_write_shapes(
@@ -146,18 +146,18 @@ def check_write_shapes(
 ) -> None:
     """Shapes and dtypes of a K/V write (no device sync)."""
     check_cache_pair(k_cache, v_cache)
-    _require(key.shape == value.shape, f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
+    _require(key.shape == value.shape, lambda: f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
     _require(key.dim() == 3 and key.shape[1:] == k_cache.shape[1:],
-             f"key must be [tokens, {k_cache.shape[1]}, {k_cache.shape[2]}], got {tuple(key.shape)}")
+             lambda: f"key must be [tokens, {k_cache.shape[1]}, {k_cache.shape[2]}], got {tuple(key.shape)}")
     _require(slot_mapping.dim() == 1 and slot_mapping.shape[0] == key.shape[0],
-             f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
-    _require(slot_mapping.dtype in _INDEX_TYPES, f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+             lambda: f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
+    _require(slot_mapping.dtype in _INDEX_TYPES, lambda: f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
 
 
 def check_copy_args(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
     check_block_size(block_size)
     _require(kv_cache.dim() == 5 and kv_cache.shape[1] == 2,
-             f"kv_cache must be [num_layers, 2, num_slots, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+             lambda: f"kv_cache must be [num_layers, 2, num_slots, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
     _require(src.shape == dst.shape and src.dim() == 1, "src and dst must be 1-D block lists of equal length")
     num_blocks = kv_cache.shape[2] // block_size
     for name, blocks in (("src", src), ("dst", dst)):
@@ -240,9 +240,10 @@ def check_triton_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """A power-of-two head_dim (a tile dimension) and unit-stride rows."""
     head_dim = k_cache.shape[-1]
     _require(16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0,
-             f"the Triton kernels need a power-of-two head_dim in [16, 256], got {head_dim}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _require(cache.stride(-1) == 1, f"{name} rows must be contiguous (stride(-1) == 1), got strides {cache.stride()}")
+             lambda: f"the Triton kernels need a power-of-two head_dim in [16, 256], got {head_dim}")
+    _require(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1,
+             lambda: f"k_cache and v_cache rows must be contiguous (stride(-1) == 1), got strides {k_cache.stride()} "
+                     f"and {v_cache.stride()}")
 
 
 def check_addressing_mode(block_tables: torch.Tensor | None, seq_starts: torch.Tensor | None, block_size: int) -> None:
@@ -257,13 +258,13 @@ def check_cache_planes(kv_cache: torch.Tensor) -> None:
     """Each ``[num_slots, Hkv, D]`` plane of a whole cache is contiguous, so a block is one run of memory."""
     _, _, _, heads, head_dim = kv_cache.shape
     _require(kv_cache.stride()[2:] == (heads * head_dim, head_dim, 1),
-             f"each [num_slots, Hkv, D] plane of the cache must be contiguous, got strides {kv_cache.stride()}")
+             lambda: f"each [num_slots, Hkv, D] plane of the cache must be contiguous, got strides {kv_cache.stride()}")
 
 
 def check_swap_pair(src_cache: torch.Tensor, dst_cache: torch.Tensor) -> None:
-    _require(src_cache.dtype == dst_cache.dtype, f"src_cache is {src_cache.dtype} but dst_cache is {dst_cache.dtype}")
+    _require(src_cache.dtype == dst_cache.dtype, lambda: f"src_cache is {src_cache.dtype} but dst_cache is {dst_cache.dtype}")
     _require(src_cache.shape[:2] == dst_cache.shape[:2] and src_cache.shape[3:] == dst_cache.shape[3:],
-             f"caches {tuple(src_cache.shape)} and {tuple(dst_cache.shape)} differ beyond their slot count")
+             lambda: f"caches {tuple(src_cache.shape)} and {tuple(dst_cache.shape)} differ beyond their slot count")
 
 
 def check_blocks_disjoint(src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_common import cdiv, next_power_of_2
+
 # Elements each copy program moves: 16 KiB of bf16.
 _COPY_CHUNK = 8192
 # Elements of one token's K (or V) each write program stores at most.
@@ -43,8 +45,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     tokens, num_heads, head_dim = key.shape
     if tokens == 0:
         return
-    heads = min(triton.next_power_of_2(num_heads), max(1, _WRITE_TILE // head_dim))
-    _write_kv_kernel[(tokens, triton.cdiv(num_heads, heads))](
+    heads = min(next_power_of_2(num_heads), max(1, _WRITE_TILE // head_dim))
+    _write_kv_kernel[(tokens, cdiv(num_heads, heads))](
         key, value, k_cache, v_cache, slot_mapping, num_heads,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -79,9 +81,9 @@ def copy_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Ten
     block_elems = block_size * src_cache.shape[3] * src_cache.shape[4]
     if src.numel() == 0:
         return
-    grid = (src.numel(), num_layers * 2, triton.cdiv(block_elems, _COPY_CHUNK))
+    grid = (src.numel(), num_layers * 2, cdiv(block_elems, _COPY_CHUNK))
     _copy_blocks_kernel[grid](
         src_cache, dst_cache, src, dst, block_elems,
         src_cache.stride(0), src_cache.stride(1), dst_cache.stride(0), dst_cache.stride(1),
-        CHUNK=min(_COPY_CHUNK, triton.next_power_of_2(block_elems)), num_warps=4,
+        CHUNK=min(_COPY_CHUNK, next_power_of_2(block_elems)), num_warps=4,
     )

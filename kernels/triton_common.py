@@ -25,6 +25,18 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host ints. Triton's own ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
+    functions whose every host call goes through Triton's JIT call machinery (~3 µs each): a launch
+    wrapper calling five of them spent more than its kernel launch on them."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` for host ints, as ``triton.next_power_of_2`` (0 for 0; see ``cdiv``)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of ``device`` (cached: no driver call in the hot path)."""
     if device.type != "cuda":

@@ -19,8 +19,10 @@ import triton.language as tl
 from kernels.triton_common import (
     LOG2E,
     attend_slots,
+    cdiv,
     dot_precision,
     interpreter_upcast,
+    next_power_of_2,
     sequence_base,
     sm_count,
     tile_blocks,
@@ -63,9 +65,9 @@ def num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
     ctx 512, 16.7 -> 13.7 µs). Where four-tile splits already give every SM a program, the
     shorter ones cost time (batch 16 ctx 512: 4 splits 26.2 µs, 2 splits 24.8 µs)."""
     programs = max(1, batch * num_kv_heads)
-    wanted = triton.cdiv(config.waves * num_sms, programs)
-    tiles = triton.cdiv(max(1, max_seq_len), config.block_n)
-    useful = triton.cdiv(tiles, config.min_tiles_per_split)
+    wanted = cdiv(config.waves * num_sms, programs)
+    tiles = cdiv(max(1, max_seq_len), config.block_n)
+    useful = cdiv(tiles, config.min_tiles_per_split)
     if programs * useful < num_sms:
         useful = tiles
     return max(1, min(wanted, useful))
@@ -205,7 +207,7 @@ def decode(
         scale * LOG2E, num_splits, addr.shape[1] * block_size if paged else 0, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), addr.stride(0),
-        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        GROUP=group, GROUP_P=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size if paged else 1, PAGED=paged, SPLIT=split,
         WINDOWED=bool(window), UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -213,6 +215,6 @@ def decode(
     if split:
         _decode_merge_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_P=triton.next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=head_dim, SPLITS_P=next_power_of_2(num_splits), num_warps=4,
         )
     return out

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from kernels.checks import check_norm_args, check_norm_width, check_rotary_args, check_silu_and_mul_args
-from kernels.triton_common import sm_count
+from kernels.triton_common import cdiv, next_power_of_2, sm_count
 
 # Widest row the RMSNorm holds in registers (16 warps, 64 float32 values per thread).
 MAX_NORM_COLS = 32768
@@ -101,8 +101,8 @@ def norm_rows_per_program(n_rows: int, block: int, device: torch.device) -> int:
     """One row per program while the grid is short of four programs per SM (decode batches);
     more rows, up to a tile of ``_NORM_TILE`` elements, once the rows outnumber that (prefill,
     narrow rows), so each program moves enough bytes to amortize its start."""
-    wanted = triton.cdiv(n_rows, 4 * sm_count(device))
-    return min(max(1, _NORM_TILE // block), triton.next_power_of_2(wanted))
+    wanted = cdiv(n_rows, 4 * sm_count(device))
+    return min(max(1, _NORM_TILE // block), next_power_of_2(wanted))
 
 
 def _launch_norm(
@@ -118,9 +118,9 @@ def _launch_norm(
     res2 = x2 if residual is None else _as_rows(residual)  # placeholder when there is no residual
     out2 = out.view(n_rows, width)
     summed2 = out2 if summed is None else summed.view(n_rows, width)
-    block = triton.next_power_of_2(width)
+    block = next_power_of_2(width)
     rows = norm_rows_per_program(n_rows, block, x.device)
-    _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
+    _rms_norm_kernel[(cdiv(n_rows, rows),)](
         x2, res2, weight, out2, summed2, n_rows, width,
         x2.stride(0), res2.stride(0), out2.stride(0), summed2.stride(0), eps, 1.0 / width,
         ROWS=rows, BLOCK=block, RESIDUAL=residual is not None, LIBDEVICE=use_libdevice(x.device),
@@ -178,8 +178,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     rows = _as_rows(gate_up)
     out2 = out.view(-1, inter)
-    block = min(_SILU_BLOCK, triton.next_power_of_2(inter))
-    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inter, block))](
+    block = min(_SILU_BLOCK, next_power_of_2(inter))
+    _silu_and_mul_kernel[(rows.shape[0], cdiv(inter, block))](
         rows, out2, inter, rows.stride(0), out2.stride(0),
         BLOCK=block, LIBDEVICE=use_libdevice(gate_up.device), num_warps=4, enable_fp_fusion=False,
     )
@@ -289,9 +289,9 @@ def _rotary_launch(
     q, k, v, cos_sin = _unit_stride(q), _unit_stride(k), _unit_stride(v), _unit_stride(cos_sin)
     k_dst = k_cache if cache is not None else k_out
     half = head_dim // 2
-    half_p = triton.next_power_of_2(half)
-    heads = min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, _ROPE_TILE // (2 * half_p)))
-    grid = (tokens, triton.cdiv(num_q_heads, heads) + triton.cdiv(num_kv_heads, heads))
+    half_p = next_power_of_2(half)
+    heads = min(next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, _ROPE_TILE // (2 * half_p)))
+    grid = (tokens, cdiv(num_q_heads, heads) + cdiv(num_kv_heads, heads))
     _rotary_kernel[grid](
         positions, q, k, v, cos_sin, q_norm_weight if norm else q, k_norm_weight if norm else k, q_out, k_dst,
         v_out, slots, num_q_heads, num_kv_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),

@@ -77,8 +77,10 @@ def prefill_attention(
     ``out``: where to write it, a [T, Hq, D] view with unit stride in D, else a new tensor).
 
     ``max_query_len`` sizes the grid; without it the grid covers ``q.shape[0]`` tokens per
-    sequence (or the exact longest query when ``validate`` already syncs). ``max_seq_len``
-    is accepted for the common signature; the kernel reads lengths on the device."""
+    sequence (or the exact longest query when ``validate`` already syncs). ``max_seq_len``, a
+    bound of ``seq_lens`` (else one from the shapes, or the exact longest when ``validate``
+    syncs), picks the tile shape (``triton_prefill.prefill_config``); the kernel reads the
+    lengths themselves on the device."""
     check_query(q, k_cache, v_cache)
     check_triton_cache(k_cache, v_cache)
     check_addressing_mode(block_tables, seq_starts, block_size)
@@ -86,11 +88,15 @@ def prefill_attention(
         check_attention_args(q, k_cache, v_cache, seq_lens, block_tables, seq_starts, block_size, query_start_loc)
         if max_query_len is None and query_start_loc.shape[0] > 1:
             max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+        if max_seq_len is None and seq_lens.numel():
+            max_seq_len = int(seq_lens.max())
     addr, paged = _addressing(block_tables, seq_starts)
     return triton_prefill.prefill(
         _unit_stride(q), k_cache, v_cache, query_start_loc, seq_lens, addr,
         paged=paged, block_size=block_size, scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        max_query_len=q.shape[0] if max_query_len is None else max_query_len, window=window, out=_checked_out(out, q),
+        max_query_len=q.shape[0] if max_query_len is None else max_query_len,
+        max_seq_len=seq_len_bound(k_cache, block_tables, block_size, max_seq_len), window=window,
+        out=_checked_out(out, q),
     )
 
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from kernels.triton_common import (
     LOG2E,
     attend_tile,
+    cdiv,
     dot_precision,
     interpreter_upcast,
     pipeline_stages,
@@ -32,16 +33,28 @@ class PrefillConfig:
     num_stages: int  # K/V pipeline depth (``pipeline_stages`` adds paging's stage)
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
-    """Tile shape for ``head_dim``, from the compiler's register report for sm_90 (no spills for
-    16-bit types; fp32's split tf32 products get small tiles and still spill a little) and an
-    H100 sweep (``python -m kernels.bench --sections tune``)."""
+# Keys per sequence (a host-side bound) up to which 16-bit prefill takes the small tile.
+SHORT_SEQUENCE = 1024
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device, max_seq_len: int | None = None
+                   ) -> PrefillConfig:
+    """Tile shape for ``head_dim`` and the longest sequence, from the compiler's register report for sm_90 (no
+    spills for 16-bit types; fp32's split tf32 products get small tiles and still spill a little) and H100 sweeps
+    (``python -m kernels.bench --sections tune``; ``experiments/h100-2026-11-26-roofline/``). For 16-bit types
+    and head_dim <= 128, sequences of at most ``SHORT_SEQUENCE`` keys take 64 x 32 tiles: a query tile then has
+    few key tiles to loop over, and more, smaller programs fill the device (16 x 512: 149 µs contiguous and 171
+    µs paged against 181 and 211 with 128 x 128 tiles). Longer ones take 128 x 128 tiles three K/V stages deep
+    (1 x 4,096: 312 and 394 µs, against 334 and 397 two deep). The choice depends on shapes alone, never on the
+    addressing: both run the same pipeline."""
     if device.type != "cuda":
         return PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         return PrefillConfig(64, 32, 4, 2) if head_dim <= 128 else PrefillConfig(32, 32, 4, 1)
     if head_dim <= 128:
-        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
+        if max_seq_len is not None and max_seq_len <= SHORT_SEQUENCE:
+            return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
+        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
     return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
@@ -121,20 +134,22 @@ def prefill(
     block_size: int,
     scale: float,
     max_query_len: int,
+    max_seq_len: int | None = None,
     window: int | None = None,
     config: PrefillConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch without checks. ``addr`` is the block table (paged) or ``seq_starts``;
-    ``max_query_len`` (a host-side bound) sizes the grid; ``window``: a sliding window (None: none)."""
+    ``max_query_len`` (a host-side bound) sizes the grid, ``max_seq_len`` (another, or None) picks the tile;
+    ``window``: a sliding window (None: none)."""
     tokens, num_heads, head_dim = q.shape
     batch = query_start_loc.shape[0] - 1
-    config = config or prefill_config(head_dim, q.dtype, q.device)
+    config = config or prefill_config(head_dim, q.dtype, q.device, max_seq_len)
     if out is None:  # else the caller's [T, Hq, D] view (unit stride in D), written in place
         out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0 or batch == 0 or max_query_len <= 0:
         return out
-    grid = (num_heads, triton.cdiv(max_query_len, config.block_m), batch)
+    grid = (num_heads, cdiv(max_query_len, config.block_m), batch)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, addr, scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),

@@ -11,6 +11,8 @@ import inspect
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kernels import KernelArgumentError, load_backend, reference
 
@@ -23,6 +25,16 @@ FUNCTIONS = ("write_kv", "prefill_attention", "decode_attention", "copy_blocks",
 def test_same_functions_and_signatures_as_reference():
     for name in FUNCTIONS:
         assert inspect.signature(getattr(triton_ops, name)) == inspect.signature(getattr(reference, name)), name
+
+
+@given(n=st.integers(0, 1 << 40), b=st.integers(1, 1 << 12))
+def test_host_int_helpers_equal_tritons(n, b):
+    """The launch wrappers' own cdiv and next_power_of_2 (Triton's cost a JIT call each) give Triton's values."""
+    triton = pytest.importorskip("triton")
+    from kernels.triton_common import cdiv, next_power_of_2
+
+    assert next_power_of_2(n) == triton.next_power_of_2(n)
+    assert cdiv(n, b) == triton.cdiv(n, b)
 
 
 def test_load_backend_picks_triton_by_name():
