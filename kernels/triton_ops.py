@@ -41,6 +41,13 @@ def _checked_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | No
     return out
 
 
+def _check_write(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, validate: bool) -> None:
+    """A K/V write's shapes and cache layout; with ``validate`` also its slots (a device sync)."""
+    (check_write_args if validate else check_write_shapes)(key, value, k_cache, v_cache, slot_mapping)
+    check_triton_cache(k_cache, v_cache)
+
+
 def _addressing(block_tables: torch.Tensor | None, seq_starts: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
     return (block_tables, True) if block_tables is not None else (seq_starts, False)
 
@@ -153,10 +160,7 @@ def rotary_write_kv(
 ) -> torch.Tensor:
     """``rotary_embedding`` of q and k, then ``write_kv`` of k and v, in one launch (see
     ``kernels.reference.rotary_write_kv``): returns the rotated q."""
-    if validate:
-        check_write_args(k, v, k_cache, v_cache, slot_mapping)
-    check_write_shapes(k, v, k_cache, v_cache, slot_mapping)
-    check_triton_cache(k_cache, v_cache)
+    _check_write(k, v, k_cache, v_cache, slot_mapping, validate)
     return triton_layers.rotary_write_kv(positions, q, k, v, cos_sin, q_norm_weight, k_norm_weight, eps,
                                          k_cache, v_cache, slot_mapping)
 
@@ -171,10 +175,7 @@ def write_kv(
     validate: bool = True,
 ) -> None:
     """Store new K/V rows at ``slot_mapping``; a negative slot is padding, skipped."""
-    if validate:
-        check_write_args(key, value, k_cache, v_cache, slot_mapping)
-    check_write_shapes(key, value, k_cache, v_cache, slot_mapping)
-    check_triton_cache(k_cache, v_cache)
+    _check_write(key, value, k_cache, v_cache, slot_mapping, validate)
     triton_cache.write_kv(_unit_stride(key), _unit_stride(value), k_cache, v_cache, slot_mapping)
 
 
