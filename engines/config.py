@@ -65,26 +65,37 @@ class KVBudgetConfig:
 
 
 @dataclass
-class PagedConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig):
+class CudaGraphConfig:
+    """CUDA graphs of our engines' steps on a GPU, shared by the paged, contiguous and vattention engines."""
+
+    enforce_eager: bool = False  # True turns CUDA graphs off
+    cuda_graph_max_batch: int = 256  # decode batches up to this size replay a graph of the whole step
+    # Other steps (prompt chunks, larger decode batches) of up to this many tokens replay piecewise graphs: all but
+    # attention, which runs eagerly between them (vLLM's piecewise mode). None: the step budget
+    # (max_num_batched_tokens); 0: those steps run eagerly. Not yet with tensor_parallel_size > 1.
+    cuda_graph_max_tokens: Optional[int] = None
+    # The piecewise graphs' token counts: powers of two from 8 below this, then its multiples; a step pads up to
+    # the next one (more sizes pad less, and take longer to capture)
+    cuda_graph_token_step: int = 256
+
+
+@dataclass
+class PagedConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig, CudaGraphConfig):
     name: str = "paged"
     block_size: int = 16
     num_blocks: Optional[int] = None  # overrides the budget when set
     enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # True turns CUDA graphs off
-    cuda_graph_max_batch: int = 256  # decode batches up to this size replay captured graphs
 
 
 @dataclass
-class ContiguousConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig):
+class ContiguousConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig, CudaGraphConfig):
     name: str = "contiguous"
     reservation: str = "max"  # max | pow2 | oracle
     allocator: str = "first_fit"  # first_fit | best_fit
-    enforce_eager: bool = False
-    cuda_graph_max_batch: int = 256
 
 
 @dataclass
-class VAttentionConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig):
+class VAttentionConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig, CudaGraphConfig):
     """Virtual-contiguous KV (vAttention): contiguous addresses per request, physical pages mapped on demand."""
 
     name: str = "vattention"
@@ -99,8 +110,6 @@ class VAttentionConfig(RuntimeConfig, SchedulerConfig, KVBudgetConfig):
     # After launching a step, map the pages each decoding sequence's next step will need, on a worker thread,
     # while the device runs (the paper's overlap of allocation with compute).
     overlap_mapping: bool = True
-    enforce_eager: bool = False
-    cuda_graph_max_batch: int = 256
 
 
 @dataclass

@@ -22,6 +22,7 @@ from engines.model.decoder import CausalLM
 from engines.model.loader import load_model, resolve_device
 from engines.model.parallel import check_divides
 from engines.model_runner import LaunchedStep, ModelRunner, SampleRow
+from engines.piecewise_graphs import PieceBuffers
 from engines.request import Request, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from engines.sampling import sample_seed, uses_history
 from engines.scheduler import ScheduledBatch, Scheduler
@@ -78,7 +79,9 @@ class LLMEngine(Engine):
         self.runner = ModelRunner(
             self.model, self.kv, num_slots=self.kv.capacity, num_host_slots=self.host_slots(self.kv.block_size),
             max_model_len=self.max_model_len, use_cuda_graphs=not cfg.enforce_eager,
-            cuda_graph_max_batch=min(cfg.cuda_graph_max_batch, cfg.max_num_seqs), clock=self.clock,
+            cuda_graph_max_batch=min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
+            cuda_graph_max_tokens=self._piecewise_max_tokens(), cuda_graph_token_step=cfg.cuda_graph_token_step,
+            clock=self.clock,
             logprobs_mode=cfg.logprobs_mode, storage=self.make_kv_storage(),
         )
         self.startup_s["runner_and_graphs"] = time.perf_counter() - lap
@@ -140,11 +143,23 @@ class LLMEngine(Engine):
             (c.num_scheduler_steps >= 1, f"num_scheduler_steps must be >= 1, got {c.num_scheduler_steps}"),
             (c.logprobs_mode in ("raw", "processed"), f"logprobs_mode must be raw or processed, got {c.logprobs_mode!r}"),
             (c.distributed_timeout_s > 0, f"distributed_timeout_s must be > 0, got {c.distributed_timeout_s}"),
+            (c.cuda_graph_max_batch >= 1, f"cuda_graph_max_batch must be >= 1, got {c.cuda_graph_max_batch}"),
+            (c.cuda_graph_max_tokens is None or c.cuda_graph_max_tokens >= 0,
+             f"cuda_graph_max_tokens must be >= 0 (0: no piecewise graphs), got {c.cuda_graph_max_tokens}"),
+            (c.cuda_graph_token_step >= 1, f"cuda_graph_token_step must be >= 1, got {c.cuda_graph_token_step}"),
         ]
         for ok, message in problems:
             if not ok:
                 raise ValueError(message)
         check_divides(self.model_config, c.tensor_parallel_size)
+
+    def _piecewise_max_tokens(self) -> int:
+        """Tokens the piecewise graphs are captured up to (0: none): at most a step's budget, on a GPU, untensored."""
+        c = self.cfg
+        if c.enforce_eager or self.device.type != "cuda" or c.tensor_parallel_size > 1:
+            return 0
+        budget = min(c.max_num_batched_tokens, self.max_model_len * c.max_num_seqs)
+        return budget if c.cuda_graph_max_tokens is None else min(c.cuda_graph_max_tokens, budget)
 
     def _kv_slots(self) -> int:
         """Token slots of KV memory: explicit, a budget in GB, or what the device has left after a profile run."""
@@ -181,7 +196,11 @@ class LLMEngine(Engine):
         free, total = torch.cuda.mem_get_info(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         others = total - free - torch.cuda.memory_reserved(self.device)
-        return total * self.cfg.gpu_memory_utilization - others - peak
+        # The piecewise graphs' pool takes the activations' place (it needs no more than this forward did: its
+        # pieces are this forward's, one at a time), but their buffers are memory of their own.
+        pieces = PieceBuffers.nbytes(self.model, self._piecewise_max_tokens())
+        torch.cuda.empty_cache()  # the graphs' private pool takes its blocks from the device, not from this cache
+        return total * self.cfg.gpu_memory_utilization - others - peak - pieces
 
     def host_slots(self, block_size: int) -> int:
         """Pinned host slots for swapped-out sequences (whole blocks); none unless preemption swaps."""

@@ -2,7 +2,9 @@
 
 Shared by the paged and contiguous engines; the KV manager supplies slots and addressing.
 Pure-decode batches replay CUDA graphs captured for a ladder of batch sizes (the model's
-forward with the KV cache and static input buffers); everything else runs eagerly.
+forward with the KV cache and static input buffers); other steps (prompt chunks, larger batches)
+replay piecewise graphs of everything but attention (``engines.piecewise_graphs``), or run eagerly
+where there are none (graphs off, a tensor-parallel model, more tokens than captured).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from engines.kv.manager import CacheOps, KVManager
 from engines.kv.metadata import Addressing, AttentionMetadata, DecodeBatch, StepSequence, build_metadata
 from engines.kv.storage import KVStorage
 from engines.model.decoder import CausalLM
+from engines.piecewise_graphs import PiecewiseGraphs
 from engines.sampling import Logprobs, Sampler, SamplingBatch, uses_history
 from engines.scheduler import ScheduledBatch
 from engines.sequence import Sequence
@@ -188,6 +191,8 @@ class ModelRunner:
         max_model_len: int,
         use_cuda_graphs: bool,
         cuda_graph_max_batch: int,
+        cuda_graph_max_tokens: int = 0,
+        cuda_graph_token_step: int = 256,
         clock: StepClock | None = None,
         logprobs_mode: str = "raw",
         storage: KVStorage | None = None,
@@ -206,9 +211,12 @@ class ModelRunner:
         # the next step reads tokens the host has not (asynchronous scheduling).
         self._last_sampled = torch.zeros(0, dtype=torch.long, device=self.device)
         self._last_index: dict[int, int] = {}
-        self.graphs = None
+        self.graphs = self.pieces = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = _DecodeGraphs(self, cuda_graph_max_batch, kv.max_blocks_per_seq(max_model_len), max_model_len)
+            if cuda_graph_max_tokens > 0 and isinstance(model, CausalLM):  # (a tensor-parallel model: not yet)
+                self.pieces = PiecewiseGraphs(model, self.kv_cache, cuda_graph_max_tokens, cuda_graph_token_step,
+                                              capture=True)
 
     # -- cache moves -------------------------------------------------------------------------
     def apply(self, ops: CacheOps) -> None:
@@ -396,7 +404,7 @@ class ModelRunner:
                 clock.lap("prepare")
                 if not j:  # the device span starts with the first forward, after its inputs are built
                     clock.begin()
-                hidden = self.model(ids, position, self.kv_cache, meta)
+                hidden = self._forward(ids, position, meta)
             logits = self.model.compute_logits(hidden, upcast=sampling.needs_float)
             step_sampling = sampling if j < min(steps) else _only_active(sampling, active[j])
             ids = self.sampler(logits, step_sampling)
@@ -427,4 +435,10 @@ class ModelRunner:
         ids_d = self._ids_on_device(packed, index is not None)
         self.clock.lap("prepare")
         self.clock.begin()
-        return self.model(ids_d, packed[-1], self.kv_cache, meta)
+        return self._forward(ids_d, packed[-1], meta)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The model's forward of a step no whole-step graph holds: piecewise graphs if it fits them, else eager."""
+        if self.pieces is not None and self.pieces.padded_size(ids.shape[0]) is not None:
+            return self.pieces.forward(ids, positions, meta)
+        return self.model(ids, positions, self.kv_cache, meta)

@@ -273,6 +273,22 @@ def check_blocks_disjoint(src: torch.Tensor, dst: torch.Tensor) -> None:
         _require(not bool(torch.isin(dst.to(src.device), src).any()), "a dst block is also a src block")
 
 
+def check_buffer(name: str, given: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """A caller's buffer for a result (``out=`` and the like): contiguous, of the result's shape, dtype and device."""
+    _require(given.shape == shape and given.dtype == dtype and given.device == device and given.is_contiguous(),
+             lambda: f"{name} must be a contiguous {tuple(shape)} {dtype} tensor on {device}, got "
+                     f"{tuple(given.shape)} {given.dtype} on {given.device} (strides {given.stride()})")
+
+
+def check_norm_outputs(x: torch.Tensor, dtypes: tuple[torch.dtype, torch.dtype], out: torch.Tensor | None,
+                       residual_out: torch.Tensor | None) -> None:
+    """Buffers for ``add_rms_norm``'s two results, of x's shape and ``dtypes`` (normed, summed)."""
+    for name, given, dtype in (("out", out, dtypes[0]), ("residual_out", residual_out, dtypes[1])):
+        if given is not None:
+            check_buffer(name, given, x.shape, dtype, x.device)
+
+
 def check_norm_width(width: int, limit: int) -> None:
     """The Triton RMSNorm holds a whole row in registers."""
     _require(width <= limit, lambda: f"the Triton RMSNorm handles rows of at most {limit} elements, got {width}")

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.checks import check_attention_args, check_copy_args, check_out, check_write_args
+from kernels.checks import (
+    check_attention_args, check_buffer, check_copy_args, check_norm_args, check_norm_outputs, check_out, check_write_args,
+)
 
 
 def context_slots(
@@ -190,12 +192,16 @@ def rotary_write_kv(
     slot_mapping: torch.Tensor,
     *,
     validate: bool = True,
+    q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``rotary_embedding`` of q and k, then ``write_kv`` of the rotated k and of v [T, Hkv, D]: the step's keys
-    and values go to the cache, and the rotated q is returned (a GPU backend does both in one launch)."""
+    and values go to the cache, and the rotated q is returned (a GPU backend does both in one launch), in ``q_out``
+    when given (a buffer a CUDA graph reads)."""
     q, k = rotary_embedding(positions, q, k, cos_sin, q_norm_weight, k_norm_weight, eps)
+    if q_out is not None:
+        check_buffer("q_out", q_out, q.shape, q.dtype, q.device)
     write_kv(k, v, k_cache, v_cache, slot_mapping, validate=validate)
-    return q
+    return q if q_out is None else q_out.copy_(q)
 
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
@@ -243,11 +249,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+    out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``residual + x`` (the new residual stream, in the input dtype) and its RMSNorm."""
+    """The RMSNorm of ``residual + x``, and ``residual + x`` (the new residual stream, in the input dtype). Either
+    goes to a given buffer instead of a new tensor: ``residual_out`` may be ``residual`` itself (updated in place)."""
+    check_norm_args(x, weight, residual)
     summed = residual + x
-    return rms_norm(summed, weight, eps), summed
+    normed = rms_norm(summed, weight, eps)
+    check_norm_outputs(x, (normed.dtype, summed.dtype), out, residual_out)
+    return (normed if out is None else out.copy_(normed)), (summed if residual_out is None else residual_out.copy_(summed))
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels.checks import check_norm_args, check_norm_width, check_rotary_args, check_silu_and_mul_args
+from kernels.checks import (
+    check_buffer, check_norm_args, check_norm_outputs, check_norm_width, check_rotary_args, check_silu_and_mul_args,
+)
 from kernels.triton_common import cdiv, next_power_of_2, sm_count
 
 # Widest row the RMSNorm holds in registers (16 warps, 64 float32 values per thread).
@@ -138,14 +140,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+    out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(residual + x), residual + x)`` in one launch that reads x and residual once;
-    both outputs are new tensors (the inputs are left as they were)."""
+    """``(rms_norm(residual + x), residual + x)`` in one launch that reads x and residual once: new tensors, or
+    the given buffers (``residual_out`` may be ``residual``: each program reads its rows before it writes them)."""
     check_norm_args(x, weight, residual)
     check_norm_width(x.shape[-1], MAX_NORM_COLS)
-    summed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, summed.dtype), device=x.device)
+    summed_dtype = torch.promote_types(x.dtype, residual.dtype)
+    out_dtype = torch.promote_types(weight.dtype, summed_dtype)
+    check_norm_outputs(x, (out_dtype, summed_dtype), out, residual_out)
+    summed = torch.empty(x.shape, dtype=summed_dtype, device=x.device) if residual_out is None else residual_out
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device) if out is None else out
     _launch_norm(x, residual, weight, out, summed, eps)
     return out, summed
 
@@ -269,15 +275,19 @@ def _rotary_kernel(
 def _rotary_launch(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
     q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
-    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None, q_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q's rotated copy, and k's (None when ``cache`` = (v, k_cache, v_cache, slot_mapping) takes k and v)."""
+    """q's rotated copy (into ``q_out`` if given), and k's (None when ``cache`` = (v, k_cache, v_cache,
+    slot_mapping) takes k and v)."""
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     norm = q_norm_weight is not None
     norm_dtype = torch.promote_types(q_norm_weight.dtype, q.dtype) if norm else q.dtype
     out_dtype = torch.promote_types(norm_dtype, cos_sin.dtype)
-    q_out = torch.empty((tokens, num_q_heads, head_dim), dtype=out_dtype, device=q.device)
+    if q_out is None:
+        q_out = torch.empty((tokens, num_q_heads, head_dim), dtype=out_dtype, device=q.device)
+    else:
+        check_buffer("q_out", q_out, (tokens, num_q_heads, head_dim), out_dtype, q.device)
     if cache is None:
         k_out = torch.empty((tokens, num_kv_heads, head_dim), dtype=out_dtype, device=q.device)
         v, v_out, slots = k, k_out, positions  # placeholders the kernel never touches
@@ -334,9 +344,11 @@ def rotary_write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``rotary_embedding`` then ``write_kv`` of the rotated k and of v, in one launch: returns the rotated q.
-    Launch without the cache's checks (``kernels.triton_ops.rotary_write_kv`` makes them)."""
+    """``rotary_embedding`` then ``write_kv`` of the rotated k and of v, in one launch: returns the rotated q (in
+    ``q_out``, a contiguous buffer, if given). Launch without the cache's checks (``kernels.triton_ops
+    .rotary_write_kv`` makes them)."""
     check_rotary_args(positions, q, k, cos_sin, q_norm_weight, k_norm_weight)
     return _rotary_launch(positions, q, k, cos_sin, q_norm_weight, k_norm_weight, eps,
-                          (v, k_cache, v_cache, slot_mapping))[0]
+                          (v, k_cache, v_cache, slot_mapping), q_out)[0]

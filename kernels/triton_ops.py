@@ -157,12 +157,13 @@ def rotary_write_kv(
     slot_mapping: torch.Tensor,
     *,
     validate: bool = True,
+    q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``rotary_embedding`` of q and k, then ``write_kv`` of k and v, in one launch (see
-    ``kernels.reference.rotary_write_kv``): returns the rotated q."""
+    ``kernels.reference.rotary_write_kv``): returns the rotated q (in ``q_out`` if given)."""
     _check_write(k, v, k_cache, v_cache, slot_mapping, validate)
     return triton_layers.rotary_write_kv(positions, q, k, v, cos_sin, q_norm_weight, k_norm_weight, eps,
-                                         k_cache, v_cache, slot_mapping)
+                                         k_cache, v_cache, slot_mapping, q_out)
 
 
 def write_kv(

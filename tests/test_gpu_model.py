@@ -86,6 +86,8 @@ ENGINE_CASES = {
     "paged1": PagedConfig(block_size=1, dtype="float32"),
     "paged256": PagedConfig(block_size=256, dtype="float32"),
     "paged-chunked": PagedConfig(block_size=16, dtype="float32", max_num_batched_tokens=64, max_num_seqs=32),
+    # steps with prompt chunks run eagerly (every other case replays them as piecewise graphs)
+    "paged-eager-mixed": PagedConfig(block_size=16, dtype="float32", cuda_graph_max_tokens=0),
     "paged-multistep": PagedConfig(block_size=16, dtype="float32", num_scheduler_steps=8),
     "paged-recompute": PagedConfig(block_size=16, dtype="float32", num_blocks=120),
     "paged-swap": PagedConfig(block_size=16, dtype="float32", num_blocks=120, preemption_mode="swap", swap_space=1.0),
@@ -118,6 +120,7 @@ def test_engines_match_one_at_a_time_on_gpu(name, shared_prefix_workload):
     cfg = ENGINE_CASES[name]
     cfg.gpu_memory_utilization = 0.5
     engine = create_engine(path, cfg)
+    assert (engine.runner.pieces is None) == (cfg.cuda_graph_max_tokens == 0)
     requests = [Request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
                 for i, (p, n) in enumerate(zip(batch, lengths))]
     got = engine.generate(requests[:1])  # the first publishes the shared prefix; the rest find it cached

@@ -33,24 +33,22 @@ class Attention(nn.Module):
         self.rms_eps = cfg.rms_norm_eps
         self.window = cfg.sliding_window  # None: full attention
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        ops: ModuleType,
-    ) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            slot_mapping: torch.Tensor, ops: ModuleType, q_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rotated queries [T, heads, head_dim] (in ``q_out`` if given); the step's keys and values go straight
+        to the cache at ``slot_mapping`` (a negative slot writes nothing)."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
-        # the step's keys and values go straight to the cache; attention writes its output rows in place
-        q = ops.rotary_write_kv(positions, q, k, v, self.rotary.cos_sin, *norms, self.rms_eps, k_cache, v_cache,
-                                meta.slot_mapping, validate=False)
-        out = torch.empty_like(q)
+        return ops.rotary_write_kv(positions, q, k, v, self.rotary.cos_sin, *norms, self.rms_eps, k_cache, v_cache,
+                                   slot_mapping, validate=False, q_out=q_out)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               ops: ModuleType, out: torch.Tensor) -> None:
+        """Attention of the step's queries over the cache, written into ``out`` (q's shape): the decodes' rows
+        first, then the prompt chunks'. The one part of a layer whose launch depends on the batch's makeup."""
         n = meta.num_decode_tokens
         if meta.decode is not None:
             d = meta.decode
@@ -65,4 +63,7 @@ class Attention(nn.Module):
                 scale=self.scale, max_query_len=p.max_query_len, max_seq_len=p.max_seq_len, window=self.window,
                 validate=False, out=out[n:],
             )
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of attention's rows (their partial sums joined over the ranks)."""
         return self.tp.all_reduce(self.o_proj(out.view(-1, self.q_size)))

@@ -20,6 +20,9 @@ from engines.model.parallel import TPGroup
 
 
 class DecoderLayer(nn.Module):
+    """One layer, in the two halves either side of attention (``Attention.attend``), which a step launches on its
+    own: it is the one op whose launch depends on the batch's makeup (the rest can replay as CUDA graphs)."""
+
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -27,17 +30,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, tp)
 
-    def forward(self, x, residual, positions, k_cache, v_cache, meta, ops) -> tuple[torch.Tensor, torch.Tensor]:
-        """Takes the previous layer's output and the residual stream before it was added (None
-        for the first layer); returns the same pair, so each add fuses with the next norm."""
+    def pre_attention(self, x, residual, positions, k_cache, v_cache, slot_mapping, ops, *, q_out=None,
+                      residual_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the previous layer's output and the residual stream before it was added (None for the first
+        layer; the add fuses with this norm); returns the rotated queries (their K/V written to the cache) and the
+        residual stream. ``q_out`` / ``residual_out`` are buffers to write them into (else new tensors)."""
         norm = self.input_layernorm
         if residual is None:
-            h, residual = ops.rms_norm(x, norm.weight, norm.eps), x
+            h = ops.rms_norm(x, norm.weight, norm.eps)
+            residual = x if residual_out is None else residual_out.copy_(x)
         else:
-            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
-        h = self.self_attn(h, positions, k_cache, v_cache, meta, ops)
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps, residual_out=residual_out)
+        return self.self_attn.qkv(h, positions, k_cache, v_cache, slot_mapping, ops, q_out=q_out), residual
+
+    def post_attention(self, attn_out, residual, ops, *, residual_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection, the residual add with the second norm, and the MLP: the layer's output and the
+        residual stream it is not yet added to."""
         norm = self.post_attention_layernorm
-        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        h, residual = ops.add_rms_norm(self.self_attn.project(attn_out), residual, norm.weight, norm.eps,
+                                       residual_out=residual_out)
         return self.mlp(h, ops), residual
 
 
@@ -69,11 +80,39 @@ class CausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of the step's tokens (their K/V are written to the cache)."""
-        x, residual = self.embed_tokens(input_ids), None
+        """Hidden states [T, hidden] of the step's tokens (their K/V are written to the cache): the pieces below,
+        with each layer's attention between them."""
+        slots = meta.slot_mapping
+        q, residual = self.first_piece(input_ids, positions, kv_cache, slots)
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, kv_cache[i, 0], kv_cache[i, 1], meta, self.ops)
-        return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
+            out = torch.empty_like(q)
+            layer.self_attn.attend(q, kv_cache[i, 0], kv_cache[i, 1], meta, self.ops, out)
+            if i + 1 < len(self.layers):
+                q, residual = self.middle_piece(i + 1, out, residual, positions, kv_cache, slots)
+        return self.last_piece(out, residual)
+
+    # The forward between attentions, in pieces. Given buffers (``q_out``, ``residual_out``, ``out``), a piece
+    # writes its results into them, and the residual stream is updated in place: a piece then reads and writes
+    # only buffers its caller owns, so it can be captured as a CUDA graph and replayed for any batch of its size.
+    def first_piece(self, input_ids, positions, kv_cache, slot_mapping, *, q_out=None, residual_out=None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding and layer 0 up to its attention: (queries, residual stream)."""
+        return self.layers[0].pre_attention(self.embed_tokens(input_ids), None, positions, kv_cache[0, 0],
+                                            kv_cache[0, 1], slot_mapping, self.ops, q_out=q_out,
+                                            residual_out=residual_out)
+
+    def middle_piece(self, i: int, attn_out, residual, positions, kv_cache, slot_mapping, *, q_out=None,
+                     residual_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i - 1 after its attention, then layer i up to its attention: (queries, residual stream)."""
+        x, residual = self.layers[i - 1].post_attention(attn_out, residual, self.ops, residual_out=residual_out)
+        return self.layers[i].pre_attention(x, residual, positions, kv_cache[i, 0], kv_cache[i, 1], slot_mapping,
+                                            self.ops, q_out=q_out, residual_out=residual_out)
+
+    def last_piece(self, attn_out, residual, *, out=None, residual_out=None) -> torch.Tensor:
+        """The last layer after its attention, and the final norm: the hidden states."""
+        x, residual = self.layers[-1].post_attention(attn_out, residual, self.ops, residual_out=residual_out)
+        return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps, out=out,
+                                     residual_out=residual_out)[0]
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Logits [N, vocab] for the rows that sample a token: float32, or in the model's dtype without ``upcast``
