@@ -190,6 +190,10 @@ def test_unknown_engine_and_config_errors(model_dir):
         create_engine(model_dir, ContiguousConfig(reservation="half"))
     with pytest.raises(ValueError, match="cannot swap"):
         create_engine(model_dir, ContiguousConfig(preemption_mode="swap"))
+    with pytest.raises(ValueError, match=r"cuda_graph_max_tokens must be >= 0 \(0: no piecewise graphs\), got -1"):
+        create_engine(model_dir, PagedConfig(cuda_graph_max_tokens=-1))
+    with pytest.raises(ValueError, match="cuda_graph_token_step must be >= 1, got 0"):
+        create_engine(model_dir, ContiguousConfig(cuda_graph_token_step=0))
     assert issubclass(EngineNotAvailable, RuntimeError)
 
 

@@ -529,3 +529,37 @@ def test_windowed_reference_is_brute_force_attention():
     dec = reference.decode_attention(q[-1:], k, v, torch.tensor([n], dtype=torch.int32), seq_starts=starts,
                                      window=window)
     assert torch.allclose(dec, got[-1:], atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_layer_ops_write_into_given_buffers(backend):
+    """``add_rms_norm(out=, residual_out=)`` (the residual updated in place, as the piecewise graphs do) and
+    ``rotary_write_kv(q_out=)``: the same values as new tensors, in the caller's buffers; a wrong buffer is an
+    error naming it."""
+    ops = triton_ops if backend == "triton" else reference
+    gen = torch.Generator().manual_seed(43)
+    x, residual, weight = torch.randn(6, 64, generator=gen), torch.randn(6, 64, generator=gen), torch.rand(64) + 0.5
+    want, want_sum = ops.add_rms_norm(x, residual, weight, 1e-6)
+    out, in_place = torch.full((6, 64), 7.0), residual.clone()
+    got, got_sum = ops.add_rms_norm(x, in_place, weight, 1e-6, out=out, residual_out=in_place)
+    assert got.data_ptr() == out.data_ptr() and got_sum.data_ptr() == in_place.data_ptr()
+    assert torch.equal(got, want) and torch.equal(in_place, want_sum)
+    for kwargs, name in (({"out": torch.empty(6, 32)}, "out must be"),
+                         ({"residual_out": torch.empty(64, 6).t()}, "residual_out must be a contiguous"),
+                         ({"out": torch.empty(6, 64, dtype=torch.float16)}, "out must be")):
+        with pytest.raises(KernelArgumentError, match=name):
+            ops.add_rms_norm(x, residual, weight, 1e-6, **kwargs)
+    q, k, v = (torch.randn(3, h, 16, generator=gen) for h in (4, 2, 2))
+    positions, cos_sin = torch.tensor([0, 5, 9]), rope_table(16, 16, torch.float32)
+    k_cache, v_cache = make_cache(8, 2, 16, torch.float32, gen)
+    slots = torch.tensor([1, -1, 6])
+    want = ops.rotary_write_kv(positions, q, k, v, cos_sin, None, None, 1e-6, k_cache.clone(), v_cache.clone(), slots)
+    buffer = torch.full((5, 4, 16), 7.0)
+    got = ops.rotary_write_kv(positions, q, k, v, cos_sin, None, None, 1e-6, k_cache, v_cache, slots,
+                              q_out=buffer[1:4])
+    assert got.data_ptr() == buffer[1:4].data_ptr() and torch.equal(buffer[1:4], want)
+    assert (buffer[[0, 4]] == 7.0).all()
+    with pytest.raises(KernelArgumentError, match="q_out must be"):
+        ops.rotary_write_kv(positions, q, k, v, cos_sin, None, None, 1e-6, k_cache, v_cache, slots,
+                            q_out=buffer[:3, :2])
