@@ -130,8 +130,13 @@ class PiecewiseGraphs:
         buf.slots[n:b].fill_(-1)  # padding rows write no K/V (an earlier step left real slots there)
         pieces, ops = self.pieces[b], self.model.ops
         q, out = buf.q[:n], buf.attn_out[:n]
+        attention = self.model.layers[0].self_attn  # every layer's alike (heads, scale, window): one call repeats
+        attend = lambda k, v: attention.attend(q, k, v, meta, ops, out)  # noqa: E731
         pieces[0]()
-        for (k_cache, v_cache), layer, piece in zip(self.caches, self.model.layers, pieces[1:]):
-            layer.self_attn.attend(q, k_cache, v_cache, meta, ops, out)
+        for i, ((k_cache, v_cache), piece) in enumerate(zip(self.caches, pieces[1:])):
+            if i == 0:  # later layers repeat its launches over their planes (the same buffers, refilled)
+                attend = ops.repeatable(attend, k_cache, v_cache)
+            else:
+                attend(k_cache, v_cache)
             piece()
         return buf.hidden[:n]

@@ -16,6 +16,8 @@ Math runs in float32 whatever the storage dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kernels.checks import (
@@ -203,6 +205,14 @@ def rotary_write_kv(
     write_kv(k, v, k_cache, v_cache, slot_mapping, validate=validate)
     return q if q_out is None else q_out.copy_(q)
 
+
+
+def repeatable(attend: Callable[[torch.Tensor, torch.Tensor], object], k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], object]:
+    """Run ``attend(k_cache, v_cache)`` (one layer's attention calls) and return what runs the same calls over
+    another layer's cache planes: here ``attend`` itself (a GPU backend repeats its launches more cheaply)."""
+    attend(k_cache, v_cache)
+    return attend
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
     """Copy whole blocks ``src[i] -> dst[i]`` in every layer (copy-on-write).

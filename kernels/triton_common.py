@@ -7,11 +7,19 @@ of one against the other measures the addressing alone.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.compiler import CompiledKernel
+from triton.runtime.jit import JITFunction
 
 LOG2E = 1.4426950408889634
 
@@ -177,3 +185,77 @@ def attend_slots(
         v = tl.load(v_ptrs)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)
     return acc, m_new, l_i
+
+
+# -- repeating a recorded launch ------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    """A launch of a compiled kernel: its grid and every argument in the kernel's signature order (constexprs
+    included), as ``CompiledKernel[grid]`` takes them."""
+
+    compiled: Any
+    grid: tuple[int, int, int]
+    args: list
+
+
+_RECORDING: contextvars.ContextVar[list[Launch | None] | None] = contextvars.ContextVar("launches", default=None)
+
+
+def launch(fn: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """``fn[grid](*args, **kwargs)``; inside ``recording()`` it also keeps what launching it again takes (None
+    where it cannot: the interpreter's functions, a launch Triton compiles asynchronously)."""
+    compiled = fn[grid](*args, **kwargs)
+    recorded = _RECORDING.get()
+    if recorded is None:
+        return
+    if not isinstance(fn, JITFunction) or not isinstance(compiled, CompiledKernel):
+        recorded.append(None)
+        return
+    names, defaults = _signature(fn)
+    values = list(args) + [kwargs[name] if name in kwargs else defaults[name] for name in names[len(args):]]
+    recorded.append(Launch(compiled, tuple(grid) + (1,) * (3 - len(grid)), values))
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(fn: JITFunction) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """A kernel's parameter names in order, and the defaults of those that have one."""
+    params = inspect.signature(fn.fn).parameters.values()
+    return tuple(p.name for p in params), {p.name: p.default for p in params if p.default is not p.empty}
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch | None]]:
+    """The launches made inside, through ``launch``, in order."""
+    token = _RECORDING.set([])
+    try:
+        yield _RECORDING.get()
+    finally:
+        _RECORDING.reset(token)
+
+
+def repeater(launches: list[Launch | None], replaced: tuple[torch.Tensor, ...]) -> Callable[..., None] | None:
+    """A function that makes ``launches`` again with the tensors ``replaced`` swapped for its arguments (tensors of
+    the same shape, strides, dtype and device), through the compiled kernels: no argument binding, no specialization
+    key, no stream query. None if a launch was not recorded. The other arguments (buffers included) are reused as
+    they are, so a repeat must come after the launches it repeats, on the same stream."""
+    if not launches or any(x is None for x in launches):
+        return None
+    slots = [[(i, replaced.index(a)) for i, a in enumerate(x.args) if any(a is r for r in replaced)]
+             for x in launches]
+    stream = torch.cuda.current_stream(replaced[0].device).cuda_stream
+    runners = [x.compiled[x.grid] for x in launches]
+    like = [(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in replaced]
+
+    def again(*tensors: torch.Tensor) -> None:
+        if [(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors] != like:
+            raise ValueError("a repeated launch takes tensors of the recorded ones' shape, strides, dtype, device "
+                             "and 16-byte alignment")
+        for x, run, where in zip(launches, runners, slots):
+            args = x.args
+            for i, j in where:
+                args[i] = tensors[j]
+            run(*args, stream=stream)
+
+    return again

@@ -22,6 +22,7 @@ from kernels.triton_common import (
     cdiv,
     dot_precision,
     interpreter_upcast,
+    launch,
     next_power_of_2,
     sequence_base,
     sm_count,
@@ -202,7 +203,8 @@ def decode(
     if split:
         part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    launch(
+        _decode_split_kernel, (batch, num_kv_heads, num_splits),
         q, k_cache, v_cache, seq_lens, addr, out, part_out, part_lse,
         scale * LOG2E, num_splits, addr.shape[1] * block_size if paged else 0, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -213,7 +215,8 @@ def decode(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
-        _decode_merge_kernel[(batch, num_heads)](
+        launch(
+            _decode_merge_kernel, (batch, num_heads),
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLITS_P=next_power_of_2(num_splits), num_warps=4,
         )

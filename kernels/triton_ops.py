@@ -9,9 +9,11 @@ bounds ``max_seq_len`` / ``max_query_len``, so decode can be captured in a CUDA 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from kernels import reference, triton_cache, triton_decode, triton_prefill
+from kernels import reference, triton_cache, triton_common, triton_decode, triton_prefill
 from kernels import triton_layers
 from kernels.triton_layers import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul  # noqa: F401
 from kernels.checks import (
@@ -179,6 +181,18 @@ def write_kv(
     _check_write(key, value, k_cache, v_cache, slot_mapping, validate)
     triton_cache.write_kv(_unit_stride(key), _unit_stride(value), k_cache, v_cache, slot_mapping)
 
+
+
+def repeatable(attend: Callable[[torch.Tensor, torch.Tensor], object], k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], object]:
+    """Run ``attend(k_cache, v_cache)`` (one layer's attention calls) and return what runs the same launches over
+    another layer's cache planes, through the compiled kernels (``triton_common.repeater``): ~10 µs a launch
+    instead of a wrapper's ~80. Every other argument is reused as it is, so ``attend`` must read buffers the caller
+    refills between repeats, not copies it makes (as the piecewise graphs' queries and outputs are). Where the
+    launches cannot be repeated so (the interpreter), it returns ``attend``."""
+    with triton_common.recording() as launches:
+        attend(k_cache, v_cache)
+    return triton_common.repeater(launches, (k_cache, v_cache)) or attend
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
     """Copy whole blocks ``src[i] -> dst[i]`` in every layer (copy-on-write); the blocks of

@@ -20,6 +20,7 @@ from kernels.triton_common import (
     cdiv,
     dot_precision,
     interpreter_upcast,
+    launch,
     pipeline_stages,
     sequence_base,
 )
@@ -150,7 +151,8 @@ def prefill(
     if tokens == 0 or batch == 0 or max_query_len <= 0:
         return out
     grid = (num_heads, cdiv(max_query_len, config.block_m), batch)
-    _prefill_kernel[grid](
+    launch(
+        _prefill_kernel, grid,
         q, k_cache, v_cache, out, query_start_loc, seq_lens, addr, scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), addr.stride(0),

@@ -19,7 +19,7 @@ from kernels import KernelArgumentError, load_backend, reference
 triton_ops = pytest.importorskip("kernels.triton_ops")
 
 FUNCTIONS = ("write_kv", "prefill_attention", "decode_attention", "copy_blocks", "swap_blocks",
-             "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "rotary_write_kv")
+             "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "rotary_write_kv", "repeatable")
 
 
 def test_same_functions_and_signatures_as_reference():
@@ -553,3 +553,54 @@ def test_gpu_tiny_qwen3_same_logits_with_triton_layers(tiny_model):
           f"bf16 triton vs torch {rel_err(logits['triton', 'bfloat16'], logits['torch', 'bfloat16']):.2e}")
     assert fp32_err < 1e-4
     assert bf16_err["triton"] < 2 * bf16_err["torch"]
+
+
+def test_repeater_refuses_what_was_not_recorded():
+    """No launch, or one the interpreter made (recorded as None): no repeater, the caller runs its call again."""
+    from kernels.triton_common import repeater
+
+    planes = (torch.empty(4, 2, 8), torch.empty(4, 2, 8))
+    assert repeater([], planes) is None
+    assert repeater([None], planes) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "contiguous"])
+@pytest.mark.parametrize("decodes, chunks", [([1500] * 8, []), ([3, 4000], [(100, 700), (0, 33)]), ([], [(0, 900)])])
+def test_gpu_repeated_attention_equals_a_call_per_layer(paged, decodes, chunks):
+    """One mixed step's attention (decodes split over the KV range or not, prompt chunks), recorded over layer 0's
+    planes and repeated over layers 1-3 through the compiled kernels, with new queries written into the same
+    buffer each time: every layer's output equals a call of its own."""
+    lens = decodes + [c + q for c, q in chunks]
+    k0, v0, addr, gen = gpu_case(lens, 32, 8, 128, torch.bfloat16, 16, paged, seed=2)
+    layers = [(k0, v0)] + [(torch.randn_like(k0), torch.randn_like(v0)) for _ in range(3)]
+    n, q_lens = len(decodes), [q for _, q in chunks]
+    tokens = n + sum(q_lens)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    dec = {key: t[:n] for key, t in addr.items() if isinstance(t, torch.Tensor)}
+    pre = {key: t[n:] for key, t in addr.items() if isinstance(t, torch.Tensor)}
+    size = {key: t for key, t in addr.items() if not isinstance(t, torch.Tensor)}
+    qsl = torch.tensor([0] + q_lens, device="cuda").cumsum(0).to(torch.int32)
+    q, out = (torch.empty(tokens, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def attend(k, v):
+        if n:
+            triton_ops.decode_attention(q[:n], k, v, seq_lens[:n], **dec, **size, max_seq_len=max(lens),
+                                        validate=False, out=out[:n])
+        if chunks:
+            triton_ops.prefill_attention(q[n:], k, v, qsl, seq_lens[n:], **pre, **size, max_query_len=max(q_lens),
+                                         max_seq_len=max(lens), validate=False, out=out[n:])
+
+    again = None
+    for i, (k, v) in enumerate(layers):
+        q.copy_(torch.randn(q.shape, device="cuda", generator=gen))
+        if i == 0:
+            again = triton_ops.repeatable(attend, k, v)
+            assert again is not attend  # the compiled kernels repeat
+        else:
+            again(k, v)
+        got = out.clone()
+        attend(k, v)
+        assert torch.equal(got, out), f"layer {i}"
+    with pytest.raises(ValueError, match="shape, strides"):
+        again(k0[:-1], v0[:-1])

@@ -3,7 +3,7 @@
 The serve shape (qwen3-0.6b, 48 sequences decoding at ~600 context) takes a step of prompts: 16 x 512 (the admission
 wave of the serve workload) or 1 x 512 (one arrival). A sleep kernel is queued first, so the step's launch phase is
 host work alone; the step clock's device span gives its GPU time. Engines alternate: piecewise, eager, twice.
-Run from the repo root: ``python3 experiments/h100-2026-11-26-piecewise/launch_ab.py``.
+Run from the repo root: ``python3 experiments/h100-2026-11-26-piecewise/launch_ab.py [MODE...]`` (default: both).
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def trials(mode: str, prompts: int, repeats: int = 4) -> list[tuple[float, float
 
 
 if __name__ == "__main__":
+    modes = sys.argv[1:] or ["piecewise", "eager"]
     rows = []
     for rnd in (1, 2):
-        for mode in ("piecewise", "eager"):
+        for mode in modes:
             for prompts in (16, 1):
                 for trial, (wall, launch, gpu) in enumerate(trials(mode, prompts)):
                     if trial:  # an engine's first such step warms up
@@ -55,7 +56,7 @@ if __name__ == "__main__":
                     print(f"round {rnd} {mode:9s} {prompts:2d} x 512 + 48 decodes: step wall {wall * 1e3:7.2f} ms, "
                           f"launch {launch * 1e3:6.2f} ms, gpu {gpu * 1e3:6.2f} ms", flush=True)
     print("\n| mode | step | launch ms (host), median [min-max] | GPU ms, median [min-max] |\n| --- | --- | ---: | ---: |")
-    for mode in ("piecewise", "eager"):
+    for mode in modes:
         for prompts in (16, 1):
             sel = [r for r in rows if r[1] == mode and r[2] == prompts]
             launch = sorted(r[4] * 1e3 for r in sel)
