@@ -242,9 +242,9 @@ def repeater(launches: list[Launch | None], replaced: tuple[torch.Tensor, ...]) 
     they are, so a repeat must come after the launches it repeats, on the same stream."""
     if not launches or any(x is None for x in launches):
         return None
-    slots = [[(i, replaced.index(a)) for i, a in enumerate(x.args) if any(a is r for r in replaced)]
-             for x in launches]
-    stream = torch.cuda.current_stream(replaced[0].device).cuda_stream
+    slots = [[(i, j) for i, a in enumerate(x.args) for j, r in enumerate(replaced) if a is r] for x in launches]
+    device = replaced[0].device
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     runners = [x.compiled[x.grid] for x in launches]
     like = [(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in replaced]
 

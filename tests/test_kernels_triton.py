@@ -604,3 +604,31 @@ def test_gpu_repeated_attention_equals_a_call_per_layer(paged, decodes, chunks):
         assert torch.equal(got, out), f"layer {i}"
     with pytest.raises(ValueError, match="shape, strides"):
         again(k0[:-1], v0[:-1])
+
+
+def test_repeater_swaps_exactly_the_recorded_planes():
+    """Fake compiled kernels record what they are launched with: each repeat passes the recorded arguments with
+    the planes (found by identity, wherever they stand) swapped, and the other arguments, buffers included, as
+    they were."""
+    from kernels.triton_common import Launch, repeater
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args, stream=None: calls.append((grid, args, stream))
+
+    k0, v0, q, part = torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(3, 2, 8), torch.zeros(3)
+    launches = [Launch(Compiled(), (3, 2, 1), [q, k0, v0, 1.5, part, 16]),
+                Launch(Compiled(), (3, 1, 1), [part, q, 7]),
+                Launch(Compiled(), (2, 1, 1), [v0, q, k0])]
+    again = repeater(launches, (k0, v0))
+    k1, v1 = torch.ones(4, 2, 8), torch.ones(4, 2, 8)
+    again(k1, v1)
+    assert [grid for grid, _, _ in calls] == [(3, 2, 1), (3, 1, 1), (2, 1, 1)]
+    expected = [[q, k1, v1, 1.5, part, 16], [part, q, 7], [v1, q, k1]]
+    for (_, args, stream), want in zip(calls, expected):
+        assert stream is None and len(args) == len(want)
+        assert all(a is w if isinstance(w, torch.Tensor) else a == w for a, w in zip(args, want))
+    with pytest.raises(ValueError, match="shape, strides"):
+        again(k1.double(), v1)

@@ -8,6 +8,7 @@
 #                off (engine.cuda_graph_max_tokens=0) alternating, twice each: both in one call, on one host.
 #   PART throughput: `throughput` (contiguous, paged; 3 repeats), graphs on and off, one after the other.
 #   PART seed_8b: `seed_8b` (contiguous, paged; 3 repeats), the head.
+#   PART repeat: the repeated attention launches against the commit before (OLD): launch_ab.py, serve offline.
 #   PART http:   the serve workload through `harness serve` + `harness bench-serve` (seeds 0-2), the head.
 set -uo pipefail
 out=${1:?output directory}; part=${2:?part}
@@ -48,4 +49,19 @@ elif [ "$part" = http ]; then  # as experiments/h100-2026-11-26-roofline/run.sh 
   curl -s http://127.0.0.1:8000/kvbench/info > "$out/serve_info_after.json"
   kill -TERM $server; wait $server
   tar czf "$out/http.tgz" -C "$runs" http
+fi
+if [ "$part" = repeat ]; then  # the repeated attention launches (HEAD) against the piecewise graphs without (OLD)
+  base=${BASE_PYTHONPATH:?the PYTHONPATH without the repo}
+  for side in new old; do
+    root=$PWD; [ $side = old ] && root=$PWD/${OLD:?OLD=dir of the old tree}
+    echo "### $side: launch_ab piecewise"
+    PYTHONPATH=$root:$base timeout 150 $py experiments/h100-2026-11-26-piecewise/launch_ab.py piecewise 2>&1 | grep "^|"
+  done
+  for pass in 1 2; do for side in new old; do
+    root=$PWD; [ $side = old ] && root=$PWD/$OLD
+    echo "### serve offline, $side, pass $pass"
+    PYTHONPATH=$root:$base timeout 120 $py -m harness -m "${serve[@]}" seed=0,1,2 reuse_engine=true \
+        name=offline64-$side report=false hydra.sweep.dir="$runs/repeat/offline64-$side-$pass" 2>&1 | grep -E "ok in|sweep:"
+  done; done
+  tar czf "$out/repeat.tgz" -C "$runs" repeat
 fi
