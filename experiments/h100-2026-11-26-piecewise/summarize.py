@@ -83,3 +83,8 @@ if __name__ == "__main__":
         table(s8, ["engine", "mode"], "seed_8b, call 5 (piecewise sweep, then eager; 3 repeats each)")
         ratio(s8, "mode", "piecewise", "eager", within="engine")
         ratio(s8[s8["mode"] == "piecewise"], "engine", "paged", "contiguous")
+        rep = load(root, "repeat.tgz", "repeat")
+        rep["mode"] = rep["set"].str.extract(r"offline64-(\w+)-")[0]
+        table(rep, ["mode"], "serve offline, call 10: repeated attention launches (new) against the commit before "
+                             "(old), alternating, twice each")
+        ratio(rep, "mode", "new", "old")
