@@ -74,7 +74,6 @@ class PiecewiseGraphs:
         self.buffers = PieceBuffers.allocate(model, self.sizes[-1])
         self.caches = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(len(model.layers))]
         self.kv_cache = kv_cache
-        self.capture = capture
         self.pieces: dict[int, list[Callable[[], None]]] = {}
         pool = None
         for b in reversed(self.sizes):  # largest first: smaller sizes reuse its pool's blocks

@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 
 from kernels.checks import (
-    check_attention_args, check_buffer, check_copy_args, check_norm_args, check_norm_outputs, check_out, check_write_args,
+    check_attention_args, check_buffer, check_copy_args, check_norm_args, check_norm_outputs, check_out,
+    check_write_args,
 )
 
 
@@ -206,13 +207,13 @@ def rotary_write_kv(
     return q if q_out is None else q_out.copy_(q)
 
 
-
 def repeatable(attend: Callable[[torch.Tensor, torch.Tensor], object], k_cache: torch.Tensor,
                v_cache: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], object]:
     """Run ``attend(k_cache, v_cache)`` (one layer's attention calls) and return what runs the same calls over
     another layer's cache planes: here ``attend`` itself (a GPU backend repeats its launches more cheaply)."""
     attend(k_cache, v_cache)
     return attend
+
 
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
     """Copy whole blocks ``src[i] -> dst[i]`` in every layer (copy-on-write).
@@ -268,7 +269,8 @@ def add_rms_norm(
     summed = residual + x
     normed = rms_norm(summed, weight, eps)
     check_norm_outputs(x, (normed.dtype, summed.dtype), out, residual_out)
-    return (normed if out is None else out.copy_(normed)), (summed if residual_out is None else residual_out.copy_(summed))
+    normed = normed if out is None else out.copy_(normed)
+    return normed, (summed if residual_out is None else residual_out.copy_(summed))
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

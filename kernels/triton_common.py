@@ -242,7 +242,7 @@ def repeater(launches: list[Launch | None], replaced: tuple[torch.Tensor, ...]) 
     they are, so a repeat must come after the launches it repeats, on the same stream."""
     if not launches or any(x is None for x in launches):
         return None
-    slots = [[(i, j) for i, a in enumerate(x.args) for j, r in enumerate(replaced) if a is r] for x in launches]
+    swaps = [[(i, j) for i, a in enumerate(x.args) for j, r in enumerate(replaced) if a is r] for x in launches]
     device = replaced[0].device
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     runners = [x.compiled[x.grid] for x in launches]
@@ -252,7 +252,7 @@ def repeater(launches: list[Launch | None], replaced: tuple[torch.Tensor, ...]) 
         if [(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors] != like:
             raise ValueError("a repeated launch takes tensors of the recorded ones' shape, strides, dtype, device "
                              "and 16-byte alignment")
-        for x, run, where in zip(launches, runners, slots):
+        for x, run, where in zip(launches, runners, swaps):
             args = x.args
             for i, j in where:
                 args[i] = tensors[j]
