@@ -43,6 +43,7 @@ import numpy as np
 from engines.base import Engine, KVStats
 from engines.request import FinishReason, Request, RequestError, RequestOutput
 from engines.step_clock import StepTimes
+from harness.bench.http.config import HTTPConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "synthetic"
@@ -211,7 +212,7 @@ def server(root: Path, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
     port = free_port()
     code = (f"import sys; sys.path[:0] = [{str(root)!r}, {str(ROOT)!r}]; import benchmarks.http_path as h; "
             f"h.serve({port}, {args.preset!r}, {args.device_ms / 1e3!r})")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -269,14 +270,17 @@ async def run_http(base: str, api_pid: int, args: argparse.Namespace) -> dict[st
             await open_connections(streams, view, args.concurrency)  # as bench-serve does before a closed loop
         pids = {"api": api_pid, "engine": view.info["engine_pid"]}
         before = await loop_state(http, base, pids)
-        async with KVPoller(http, view, 0.02).polling():
+        client_cpu = time.process_time()
+        async with KVPoller(http, view, args.kv_poll_interval).polling():
             record = await run_streams(client, requests, None, args.concurrency, progress=False)
+        client_cpu = time.process_time() - client_cpu
         after = await loop_state(http, base, pids)
     out = figures(record)
     tokens = max(out["output_tokens"], 1)
     steps = max(after["steps"] - before["steps"], 1)
     for who in pids:
         out[f"{who}_cpu_us_per_token"] = 1e6 * (after[who] - before[who]) / tokens
+    out["client_cpu_us_per_token"] = 1e6 * client_cpu / tokens
     loop = {k: after["loop"].get(k, 0.0) - before["loop"].get(k, 0.0) for k in after["loop"]}
     if loop:
         outside = loop["wall"] - loop["step"] - loop["idle"]
@@ -339,7 +343,8 @@ def print_table(result: dict[str, dict[str, float]]) -> None:
 
 ORDER = ["output_tok_s", "tok_s_ratio", "ttft_p95", "ttft_p95_ratio", "failed", "in_step_share",
          "outside_step_us_per_step", "outputs_us_per_step", "kv_us_per_step", "pickle_us_per_step", "send_us_per_step",
-         "drain_us_per_step", "rest_us_per_step", "api_cpu_us_per_token", "engine_cpu_us_per_token"]
+         "drain_us_per_step", "rest_us_per_step", "api_cpu_us_per_token", "engine_cpu_us_per_token",
+         "client_cpu_us_per_token"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kv-poll-interval", type=float, default=HTTPConfig.kv_poll_interval,
+                   help="seconds between the client's reads of the server's KV log (bench-serve's engine.kv_poll_interval)")
     p.add_argument("--preset", default="tiny-qwen3", help="whose config and tokenizer the synthetic engine uses")
     p.add_argument("--server-root", type=Path, action="append",
                    help="a checkout whose server to measure (repeatable, e.g. a baseline copy); default: this one")
