@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from itertools import repeat
 from dataclasses import dataclass, field
 
 
@@ -116,7 +117,8 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise RequestError(f"request {self.request_id!r}: the prompt is empty")
-        if any((not isinstance(t, int)) or t < 0 for t in self.prompt_token_ids):
+        ids = self.prompt_token_ids  # map and min loop in C: a long prompt is checked at every add
+        if not all(map(isinstance, ids, repeat(int))) or min(ids) < 0:
             raise RequestError(f"request {self.request_id!r}: prompt token ids must be non-negative integers")
 
     @property

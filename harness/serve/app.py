@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engines.base import Engine
 from engines.detokenizer import load_tokenizer
 from engines.request import RequestError
+from harness.common.engine import freeze_heap
 from harness.serve.chat import ChatTemplate
 from harness.serve.chat_completions import create_chat_completion
 from harness.serve.completions import create_completion
@@ -108,6 +109,8 @@ def validation_error(e: pydantic.ValidationError) -> APIError:
     leaf = next((x for x in reversed(field_path) if not x.isdigit()), None)
     same_field = [err for err in errors if [str(x) for x in err.get("loc", ())][:1] == loc[:1]]
     if leaf in UNION_HINTS and len(same_field) > 1:
+        # the union field itself, not an item of one of its members (``prompt``, not ``prompt.1``)
+        param = ".".join(field_path[:len(field_path) - field_path[::-1].index(leaf)])
         return bad_request(UNION_HINTS[leaf] + (f" ({param})" if param != leaf else ""), param)
     if first.get("type") == "missing":
         return bad_request(f"{param} is required", param)
@@ -167,6 +170,9 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
             loop.attach(serving.aio_loop)  # its messages are read on this event loop
         log.info("engine loop started: %s serving %s on %s%s", engine_info.name, served_names[0], server_info["device"],
                  f" (engine process {loop.pid})" if isinstance(loop, EngineProcess) else "")
+        # the server's start-up heap (its modules, the tokenizer) out of the collector's scans: a full collection of
+        # it stalled every stream for 70-150 ms, once in a while
+        freeze_heap()
         try:
             yield
         finally:

@@ -69,7 +69,7 @@ def _logprobs(token_text: TokenText, gen: Generation, c: Choice, body: Completio
 def _prompts(serving: Serving, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
-    elif prompt and all(isinstance(t, int) for t in prompt):
+    elif _token_ids(prompt):
         items = [prompt]
     else:
         items = list(prompt)
@@ -80,10 +80,16 @@ def _prompts(serving: Serving, prompt: Any) -> list[list[int]]:
     return [serving.tokenizer.encode(p, add_special_tokens=True).ids if isinstance(p, str) else list(p) for p in items]
 
 
+def _token_ids(prompt: Any) -> bool:
+    """Whether a validated prompt is one list of token ids: its members' items are all of one type, so the first
+    item tells (a loop over a long prompt's every id cost more than anything else per request)."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+
+
 def _echo_text(tokenizer: Tokenizer, prompt: Any, i: int) -> str:
     if isinstance(prompt, str):
         return prompt
-    if prompt and all(isinstance(t, int) for t in prompt):
+    if _token_ids(prompt):
         return tokenizer.decode(prompt, skip_special_tokens=True)
     item = prompt[i]
     return item if isinstance(item, str) else tokenizer.decode(item, skip_special_tokens=True)

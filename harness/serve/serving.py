@@ -297,7 +297,9 @@ class Serving:
         limit = self.info.max_model_len
         if not ids:
             raise bad_request(f"{where} is empty", where)
-        bad = next((t for t in ids if t < 0 or t >= self.info.vocab_size), None)
+        bad = None
+        if min(ids) < 0 or max(ids) >= self.info.vocab_size:  # min and max loop in C; find the culprit only when needed
+            bad = next(t for t in ids if t < 0 or t >= self.info.vocab_size)
         if bad is not None:
             raise bad_request(f"{where}: token id {bad} is outside the vocabulary [0, {self.info.vocab_size})", where)
         if len(ids) >= limit:

@@ -29,7 +29,7 @@ from harness.bench.http.kv_poller import KVPoller
 from harness.bench.http.server import discover, engine_of, open_connections, takes_token_ids, tokenizer_dir
 from harness.bench.runner import RunRecord, run_streams
 from harness.bench.workload import PlannedRequest
-from harness.common.engine import regular_token_ids, warmup_requests
+from harness.common.engine import freeze_heap, regular_token_ids, warmup_requests
 from harness.common.system_info import model_shape, versions
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class HTTPTarget:
         if offsets is None:
             await open_connections(self.streams, self.view, min(concurrency, len(requests)))
         poller = KVPoller(self.http, self.view, self.cfg.kv_poll_interval, self.cfg.kv_source)
+        freeze_heap()  # as before an offline run (harness.bench.engine_keeper): no full collection of this heap mid-run
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         async with poller.polling():
             record = await run_streams(self.client, requests, offsets, concurrency, desc=desc, progress=progress)
