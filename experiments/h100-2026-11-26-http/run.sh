@@ -18,7 +18,7 @@ serve=(model=qwen3-0.6b engine=paged workload=fixed workload.num_requests=256 wo
        workload.output.value=128 arrival=closed arrival.concurrency=64)
 cpu_s() { awk '{print ($14 + $15) / 100}' /proc/$1/stat; }  # utime + stime, in clock ticks of 1/100 s
 if [ "$part" = http_path ]; then
-  PYTHONPATH=$PWD:$base timeout 300 $py -m benchmarks.http_path --device-ms 2.75 --repeats 3 --server-root "$old" \
+  PYTHONPATH=$PWD:$base timeout 300 $py -m benchmarks.http_path --device-ms 2.75 --repeats ${REPEATS:-2} --server-root "$old" \
       --server-root . --out "$out/http_path.json" 2>&1 | grep -v "HTTP Request" | tail -24
 elif [ "$part" = serve ]; then
   PYTHONPATH=$PWD:$base timeout 200 $py -m harness -m "${serve[@]}" seed=0,1,2 reuse_engine=true name=offline64 \
