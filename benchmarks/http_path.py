@@ -153,19 +153,32 @@ def synthetic_setup(preset: str, device_s: float) -> tuple[Engine, dict[str, Any
 
 
 # -- the API process (``python -m benchmarks.http_path serve``) ---------------------------------------
-def serve(port: int, preset: str, device_s: float) -> None:
-    """The server as ``harness serve`` runs it (an engine process, uvicorn), over the synthetic engine."""
-    from harness.serve.app import create_app
+def serve(port: int, preset: str, device_s: float, api_server_count: int = 1) -> None:
+    """The server as ``harness serve`` runs it (an engine process, uvicorn; several API processes sharing it when
+    ``api_server_count`` > 1), over the synthetic engine."""
+    from harness.serve.api_servers import serve_shared
     from harness.serve.config import ServerConfig
     from harness.serve.engine_process import EngineProcess
     from harness.serve.lifecycle import make_server
 
-    loop = EngineProcess(functools.partial(synthetic_setup, preset, device_s))
+    cfg = ServerConfig(port=port, warmup=False, log_level="warning", api_server_count=api_server_count,
+                       shutdown_timeout_s=1.0)
+    setup = functools.partial(synthetic_setup, preset, device_s)
+    if api_server_count > 1:
+        serve_shared(setup, functools.partial(synthetic_app, preset, cfg), cfg)
+        return
+    loop = EngineProcess(setup)
     loop.start()
-    cfg = ServerConfig(port=port, warmup=False, log_level="warning")
-    app = create_app(loop, model_dir=loop.extra.pop("model_dir"), served_names=[MODEL_NAME], cfg=cfg,
-                     engine_label=SyntheticEngine.name, extra_info={"model_preset": preset})
-    make_server(app, cfg.host, port, drain_s=1.0, log_level=cfg.log_level).run()
+    app = synthetic_app(preset, cfg, loop, loop.extra)
+    make_server(app, cfg.host, port, drain_s=cfg.shutdown_timeout_s, log_level=cfg.log_level).run()
+
+
+def synthetic_app(preset: str, cfg, loop, facts: dict[str, Any]):
+    """The app over the synthetic engine's process."""
+    from harness.serve.app import create_app
+
+    return create_app(loop, model_dir=facts["model_dir"], served_names=[MODEL_NAME], cfg=cfg,
+                      engine_label=SyntheticEngine.name, extra_info={"model_preset": preset})
 
 
 # -- the client ---------------------------------------------------------------------------------------
@@ -211,7 +224,8 @@ def server(root: Path, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
 
     port = free_port()
     code = (f"import sys; sys.path[:0] = [{str(root)!r}, {str(ROOT)!r}]; import benchmarks.http_path as h; "
-            f"h.serve({port}, {args.preset!r}, {args.device_ms / 1e3!r})")
+            f"h.serve({port}, {args.preset!r}, {args.device_ms / 1e3!r}"
+            + (f", api_server_count={args.api_server_count})" if args.api_server_count > 1 else ")"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -236,11 +250,14 @@ def server(root: Path, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
             proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, but: int | None = None) -> float:
+    """CPU seconds of a process, and of its children but ``but`` when given (the API processes of a server with
+    several, not its engine process)."""
     import psutil
 
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
+    process = psutil.Process(pid)
+    processes = [process] + ([c for c in process.children() if c.pid != but] if but is not None else [])
+    return sum(t.user + t.system for t in (p.cpu_times() for p in processes))
 
 
 async def run_http(base: str, api_pid: int, args: argparse.Namespace) -> dict[str, float]:
@@ -295,7 +312,7 @@ async def run_http(base: str, api_pid: int, args: argparse.Namespace) -> dict[st
 async def loop_state(http, base: str, pids: dict[str, int]) -> dict[str, Any]:
     info = (await http.get(base + "/kvbench/info")).json()
     return {"steps": info["num_steps"], "loop": info.get("loop_seconds", {}),
-            **{who: cpu_seconds(pid) for who, pid in pids.items()}}
+            "api": cpu_seconds(pids["api"], but=pids["engine"]), "engine": cpu_seconds(pids["engine"])}
 
 
 # -- the comparison -----------------------------------------------------------------------------------
@@ -355,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--api-server-count", type=int, default=1,
+                   help="API processes of each server (server.api_server_count; a checkout that has them)")
     p.add_argument("--kv-poll-interval", type=float, default=HTTPConfig.kv_poll_interval,
                    help="seconds between the client's reads of the server's KV log (bench-serve's engine.kv_poll_interval)")
     p.add_argument("--preset", default="tiny-qwen3", help="whose config and tokenizer the synthetic engine uses")

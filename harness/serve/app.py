@@ -316,7 +316,8 @@ def create_app(loop: EngineLoop | EngineProcess, *, model_dir: str | Path, serve
     async def kvbench_info(request: HTTPRequest) -> Any:
         authorize(request)
         return {**server_info, "alive": loop.alive, "max_batch_size": loop.max_batch_size, "num_steps": loop.num_steps,
-                "engine_pid": getattr(loop, "pid", None) or os.getpid(), "loop_seconds": dict(loop.loop_seconds)}
+                "engine_pid": getattr(loop, "pid", None) or os.getpid(), "api_pid": os.getpid(),
+                "loop_seconds": dict(loop.loop_seconds)}
 
     @app.get("/kvbench/kv_stats")
     async def kvbench_kv_stats(request: HTTPRequest) -> Any:

@@ -34,7 +34,7 @@ EXIT_USER_ERROR = 2
 SERVER_FLAGS = {
     "host": "server.host", "port": "server.port", "api_key": "server.api_key", "max_queue": "server.max_queue",
     "max_body_bytes": "server.max_body_bytes", "max_n": "server.max_n", "shutdown_timeout": "server.shutdown_timeout_s",
-    "uvicorn_log_level": "server.log_level",
+    "uvicorn_log_level": "server.log_level", "api_server_count": "server.api_server_count",
 }
 ENGINE_FLAGS = ("max_model_len", "gpu_memory_utilization", "block_size", "max_num_seqs", "max_num_batched_tokens",
                 "swap_space", "dtype", "kv_budget_gb", "num_kv_slots", "preemption_mode", "device")
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
     p.add_argument("--max-n", type=int, help="most samples per request (default 64)")
     p.add_argument("--shutdown-timeout", type=float, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    p.add_argument("--api-server-count", type=int,
+                   help="API processes behind the port, sharing one engine process (default 1)")
     p.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.add_argument("--tensor-parallel-size", "-tp", type=int,
                    help="GPUs the model is split over (engine.tensor_parallel_size; our engines only)")
@@ -224,11 +226,22 @@ def make_app(resolved, names, loop, model_dir, facts):
                       extra_info={**facts, "config": resolved.config})
 
 
-def run_uvicorn(app, server_cfg) -> int:
+def app_over(resolved, names, loop, facts: dict[str, Any]):
+    """The app of one of several API processes, over its link to the shared engine process."""
+    facts = dict(facts)
+    return make_app(resolved, names, loop, Path(facts.pop("model_dir")), facts)
+
+
+def run_uvicorn(app, server_cfg, sockets=None, until: int | None = None) -> int:
+    """Serve ``app`` until a signal (on ``sockets`` if given, else on the configured host and port), or until the
+    ``until`` sentinel is ready (an API process whose launcher is gone); an exit status."""
+    from harness.serve.api_servers import watch
     from harness.serve.lifecycle import make_server
 
     server = make_server(app, server_cfg.host, server_cfg.port, drain_s=server_cfg.shutdown_timeout_s,
                          log_level=server_cfg.log_level, access_log=server_cfg.access_log)
+    if until is not None:
+        watch(until, server)
     received: list[int] = []
 
     def note(sig, frame) -> None:  # uvicorn re-raises the signal it handled once it has shut down
@@ -236,7 +249,7 @@ def run_uvicorn(app, server_cfg) -> int:
 
     previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=sockets)
     except SystemExit as e:  # uvicorn exits 1 when it cannot bind
         return e.code if isinstance(e.code, int) else 1
     finally:
@@ -257,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         resolved, names = load(argv)
+        if resolved.server.api_server_count > 1:
+            from harness.serve.api_servers import serve_shared
+
+            log.info("serving %s (engine %s)%s", ", ".join(names), resolved.engine_label,
+                     "; API key required" if resolved.server.api_key else "")
+            return serve_shared(functools.partial(open_engine, resolved), functools.partial(app_over, resolved, names),
+                                resolved.server)
         loop, model_dir, facts = start_engine(resolved)
     except USER_ERRORS as e:
         print(f"error: {describe_error(e)}", file=sys.stderr)

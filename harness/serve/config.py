@@ -37,6 +37,9 @@ class ServerConfig:
     # work never wait on one interpreter lock; false: a thread of the server process
     engine_process: bool = True
     engine_start_timeout_s: float = 1800.0  # how long the engine process may take to load and warm up
+    # API processes behind the port (vLLM's --api-server-count), sharing the one engine process: more than one
+    # when one process's streams use up its core (harness.serve.api_servers); needs engine_process
+    api_server_count: int = 1
     log_level: str = "info"
     access_log: bool = False
 
@@ -51,6 +54,9 @@ class ServerConfig:
             (self.engine_start_timeout_s > 0,
              f"server.engine_start_timeout_s must be > 0, got {self.engine_start_timeout_s}"),
             (self.api_key is None or self.api_key != "", "server.api_key must not be empty (leave it unset for no key)"),
+            (self.api_server_count >= 1, f"server.api_server_count must be >= 1, got {self.api_server_count}"),
+            (self.api_server_count == 1 or self.engine_process,
+             "server.api_server_count > 1 needs server.engine_process=true (the API processes share it)"),
         ]
         for ok, message in problems:
             if not ok:

@@ -41,6 +41,8 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 from engines.base import KVStats
@@ -69,6 +71,7 @@ from harness.serve.messages import (
     Event,
     KVSnapshot,
     Outputs,
+    Ready,
     StartFailed,
     Step,
     Stop,
@@ -88,12 +91,66 @@ class EngineStartError(RuntimeError):
         self.user_error = user_error
 
 
-class EngineProcess:
-    """The ``EngineLoop`` interface, over an engine loop in a child process (see the module's docstring)."""
+@dataclass
+class EngineLink:
+    """An engine process started for several API processes (``start_shared``): one pair of pipes for each, and its
+    ``Ready`` answer. Picklable: each API process gets its own and attaches an ``EngineProcess`` to it."""
 
-    def __init__(self, setup: EngineSetup, on_outputs: OutputsCallback | None = None, *, max_queue: int = 1024,
-                 observer: LoopObserver | None = None, startup_timeout_s: float = 1800.0) -> None:
+    commands: Connection  # this end writes commands to the engine
+    events: Connection  # this end reads the engine's events
+    ready: Ready
+    engine_pid: int
+
+
+def start_shared(setup: EngineSetup, count: int, startup_timeout_s: float = 1800.0
+                 ) -> tuple[multiprocessing.process.BaseProcess, list[EngineLink]]:
+    """Start one engine process for ``count`` API processes and wait until its engine is ready; raises
+    ``EngineStartError`` as ``EngineProcess.start`` does. The caller hands each link to one API process."""
+    context = multiprocessing.get_context("spawn")
+    pairs = [context.Pipe(duplex=False) for _ in range(2 * count)]
+    events, child_events = zip(*pairs[:count])  # child -> parent
+    child_commands, commands = zip(*pairs[count:])  # parent -> child
+    process = context.Process(target=worker_main, name="kvbench-engine", daemon=False,
+                              args=(setup, list(child_commands), list(child_events)))
+    process.start()
+    for conn in (*child_commands, *child_events):
+        conn.close()
+    links = []
+    for command, event in zip(commands, events):
+        links.append(EngineLink(command, event, _ready(process, event, startup_timeout_s), process.pid))
+    return process, links
+
+
+def _ready(process: multiprocessing.process.BaseProcess, events: Connection, timeout_s: float) -> Ready:
+    """The engine process's first answer: ``Ready``, or why it could not start (``EngineStartError``)."""
+    if not events.poll(timeout_s):
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+        raise EngineStartError(f"the engine process did not become ready in {timeout_s:.0f} s", False)
+    try:
+        message = events.recv()
+    except EOFError:
+        process.join(5)
+        raise EngineStartError(f"the engine process exited while starting (exit code {process.exitcode})",
+                               False) from None
+    if isinstance(message, StartFailed):
+        process.join(30)
+        raise EngineStartError(message.message, message.user_error)
+    return message
+
+
+class EngineProcess:
+    """The ``EngineLoop`` interface, over an engine loop in a child process (see the module's docstring): one it
+    starts itself, from ``setup``, or one started for several API processes (``link``, from ``start_shared``)."""
+
+    def __init__(self, setup: EngineSetup | None = None, on_outputs: OutputsCallback | None = None, *,
+                 max_queue: int = 1024, observer: LoopObserver | None = None, startup_timeout_s: float = 1800.0,
+                 link: EngineLink | None = None) -> None:
+        if (setup is None) == (link is None):
+            raise ValueError("an EngineProcess needs a setup to start its engine process, or a link to a shared one")
         self.setup = setup
+        self.link = link
         self.on_outputs: OutputsCallback = on_outputs or (lambda grouped: None)
         self.observer = observer
         self.max_queue = max_queue
@@ -110,8 +167,11 @@ class EngineProcess:
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         # two one-way pipes: the parent's end of each can block or not on its own (the event loop's poller
         # makes the fd it watches non-blocking), and neither side's writes wait on the other's
-        self._events, self._child_events = self._context.Pipe(duplex=False)  # child -> parent
-        self._child_commands, self._commands = self._context.Pipe(duplex=False)  # parent -> child
+        if link is None:
+            self._events, self._child_events = self._context.Pipe(duplex=False)  # child -> parent
+            self._child_commands, self._commands = self._context.Pipe(duplex=False)  # parent -> child
+        else:
+            self._events, self._commands = link.events, link.commands
         self._command_capacity = enlarge(self._commands)
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # pickled commands, for the writer thread
         self._queued = 0  # commands handed to the writer thread and not yet written (guarded by _send_lock)
@@ -127,8 +187,14 @@ class EngineProcess:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the child and wait until its engine is ready (once; later calls do nothing)."""
-        if self._process is not None:
+        """Start the child and wait until its engine is ready (once; later calls do nothing). Attached to a shared
+        engine process (``link``), that one is ready already."""
+        if self._writer is not None:
+            return
+        if self.link is not None:
+            ready = self.link.ready
+            self.info, self.extra, self.snapshot = ready.info, dict(ready.extra), ready.snapshot
+            self._start_writer()
             return
         # not daemonic: a daemonic process may not start children (a tensor-parallel engine's workers); stop(), or EOF
         # on its command pipe, ends it
@@ -137,19 +203,11 @@ class EngineProcess:
         self._process.start()
         self._child_commands.close()  # the child holds these ends now: EOF then means the other side is gone
         self._child_events.close()
-        if not self._events.poll(self.startup_timeout_s):
-            self._kill()
-            raise EngineStartError(f"the engine process did not become ready in {self.startup_timeout_s:.0f} s", False)
-        try:
-            message = self._events.recv()
-        except EOFError:
-            self._process.join(5)
-            raise EngineStartError(f"the engine process exited while starting (exit code {self._process.exitcode})",
-                                   False) from None
-        if isinstance(message, StartFailed):
-            self._process.join(30)
-            raise EngineStartError(message.message, message.user_error)
+        message = _ready(self._process, self._events, self.startup_timeout_s)
         self.info, self.extra, self.snapshot = message.info, message.extra, message.snapshot
+        self._start_writer()
+
+    def _start_writer(self) -> None:
         self._writer = threading.Thread(target=self._write, name="engine-process-writer", daemon=True)
         self._writer.start()
 
@@ -162,6 +220,8 @@ class EngineProcess:
 
     @property
     def pid(self) -> int | None:
+        if self.link is not None:
+            return self.link.engine_pid
         return self._process.pid if self._process is not None else None
 
     @property
@@ -172,7 +232,7 @@ class EngineProcess:
     def stop(self, timeout: float | None = 30.0) -> None:
         """Abort what is still open, stop the child (its engine closes there) and wait for it."""
         self._stopping.set()
-        if self._process is None:
+        if self._writer is None:
             return
         self._send(Stop())
         self._outbox.put(None)  # the writer's last item
@@ -181,6 +241,8 @@ class EngineProcess:
             self._stopped.wait(wait)  # the event loop reads the child's last messages
         else:
             self._read_until_stopped(wait)
+        if self._process is None:  # a shared engine process: it stops once every API process has said Stop
+            return
         self._process.join(10)
         if self._process.is_alive():
             log.warning("the engine process did not stop in time; killing it")
@@ -374,10 +436,11 @@ class EngineProcess:
         if self._process is not None:
             self._process.join(1)
         code = self._process.exitcode if self._process is not None else None
-        if self._stopping.is_set() and code == 0:
+        if self._stopping.is_set() and (code == 0 or self.link is not None):  # a shared one is not ours to wait for
             self._close("the engine loop stopped")
             return
-        self.error = self.error or f"engine loop died: the engine process exited (exit code {code})"
+        exited = "exited" if code is None else f"exited (exit code {code})"
+        self.error = self.error or f"engine loop died: the engine process {exited}"
         log.error("%s", self.error)
         with self._lock:
             entries, self._open = self._open, {}

@@ -19,7 +19,7 @@ import concurrent.futures
 import logging
 import signal
 import time
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
 from engines.base import Engine, KVStats
@@ -52,12 +52,15 @@ log = logging.getLogger(__name__)
 EngineSetup = Callable[[], tuple[Engine, dict[str, Any]]]
 
 
-def worker_main(setup: EngineSetup, commands: Connection, events: Connection) -> None:
-    """The engine process: build the engine, say whether that worked, then run the loop until it stops (``Stop``,
-    the parent gone, or the engine failed) and say so last."""
+def worker_main(setup: EngineSetup, commands: Connection | list[Connection], events: Connection | list[Connection]) -> None:
+    """The engine process: build the engine, say whether that worked (on every link), then run the loop until it
+    stops (every link said ``Stop`` or closed, or the engine failed) and say so last. One link (a pair of pipes) per
+    API process: ``server.api_server_count`` of them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    commands = commands if isinstance(commands, list) else [commands]
+    events = events if isinstance(events, list) else [events]
     try:
         engine, extra = setup()
     except BaseException as e:  # noqa: BLE001 - the parent reports it and exits
@@ -66,81 +69,160 @@ def worker_main(setup: EngineSetup, commands: Connection, events: Connection) ->
         user = isinstance(e, USER_ERRORS) or isinstance(e, ValueError)
         if not user:
             log.exception("building the engine failed")
-        events.send(StartFailed(describe_error(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}", user))
+        failed = StartFailed(describe_error(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}", user)
+        for conn in events:
+            conn.send(failed)
         return
     loop = _ForwardingLoop(engine, commands, events)
-    events.send(Ready(loop.info, extra, loop.snapshot))
+    for conn in events:
+        conn.send(Ready(loop.info, extra, loop.snapshot))
     loop.run()
-    try:
-        loop.flush(block=True)
-        events.send(Stopped(loop.error))
-        events.close()
-    except (OSError, EOFError):
-        pass
+    for link in loop.links:
+        if link.gone:
+            continue
+        try:
+            link.outbox.flush(block=True)
+            link.outbox.conn.send(Stopped(loop.error))
+            link.outbox.conn.close()
+        except (OSError, EOFError):
+            pass
+
+
+class _Link:
+    """One API process's pair of pipes: its commands in, and what concerns it out."""
+
+    def __init__(self, commands: Connection, events: Connection) -> None:
+        self.commands = commands
+        self.outbox = Outbox(events)
+        self.stopped = False  # it said Stop (it still reads: what its requests' aborts send, then Stopped)
+        self.gone = False  # its pipes broke: its API process has exited
 
 
 class _ForwardingLoop(EngineLoop):
-    """The engine loop of the engine process, on its main thread: commands come from the pipe between steps, and
-    whatever the loop would tell the server goes down the pipe.
+    """The engine loop of the engine process, on its main thread: commands come from the pipes between steps, and
+    whatever the loop would tell the server goes down them. Each request's outputs and end go to the link that
+    added it; KV snapshots and logs, step timings and failures go to every link.
 
-    One thread only: a second one reading the pipe would wait for the interpreter lock behind every
+    One thread only: a second one reading the pipes would wait for the interpreter lock behind every
     step, and a burst of new requests would reach the engine one switch interval at a time.
     """
 
-    def __init__(self, engine: Engine, commands: Connection, events: Connection) -> None:
-        self._commands = commands
-        self._outbox = Outbox(events)
+    def __init__(self, engine: Engine, commands: list[Connection], events: list[Connection]) -> None:
+        self.links = [_Link(c, e) for c, e in zip(commands, events)]
+        self._owner: dict[str, _Link] = {}  # request id -> the link that added it, while it is open
         self._sent: KVStats | None = None
-        super().__init__(engine, lambda grouped: self._send(Outputs(pack_outputs(grouped))), max_queue=2**62,
-                         observer=_EndForwarder(self._send))
+        super().__init__(engine, self._send_outputs, max_queue=2**62, observer=_EndForwarder(self._send_end))
 
-    def _send(self, message: Event) -> None:
-        """Queue a message for the parent (pickled now); ``flush`` writes it."""
+    def _send(self, message: Event, link: _Link | None = None) -> None:
+        """Queue a message for one link, or every open one (pickled now, once per link); ``flush`` writes it."""
         t0 = time.perf_counter()
-        self._outbox.put(message)
+        for target in (link,) if link is not None else self.links:
+            if not target.gone:
+                target.outbox.put(message)
         self.loop_seconds["pickle"] += time.perf_counter() - t0
 
+    def _routed(self, grouped: dict[str, list[RequestOutput]]) -> dict[_Link, dict[str, list[RequestOutput]]]:
+        """Outputs split by the link that owns their request; a request that has ended is forgotten."""
+        if len(self.links) == 1:
+            routed = {self.links[0]: grouped}
+        else:
+            routed = {}
+            for rid, outs in grouped.items():
+                link = self._owner.get(rid)
+                if link is not None:
+                    routed.setdefault(link, {})[rid] = outs
+        for rid in grouped:
+            if rid not in self._open:
+                self._owner.pop(rid, None)
+        return routed
+
+    def _send_outputs(self, grouped: dict[str, list[RequestOutput]]) -> None:
+        for link, outs in self._routed(grouped).items():
+            self._send(Outputs(pack_outputs(outs)), link)
+
+    def _send_end(self, request_id: str, reason: FinishReason) -> None:
+        link = self._owner.get(request_id)
+        if request_id not in self._open:  # else its final outputs follow, and are routed by it
+            self._owner.pop(request_id, None)
+        if link is not None:
+            self._send(Ended(request_id, reason), link)
+
     def flush(self, block: bool = False) -> None:
-        """Write what is queued if the pipe has room (or ``block``): a parent busy with its streams never stalls the
-        engine; what it has not read yet goes later, with what came since, as one message."""
+        """Write what is queued if the pipes have room (or ``block``): an API process busy with its streams never
+        stalls the engine; what it has not read yet goes later, with what came since, as one message."""
         t0 = time.perf_counter()
-        try:
-            self._outbox.flush(block)
-        except (OSError, EOFError):  # the parent is gone: stop
-            self._stopping.set()
+        for link in self.links:
+            if not link.gone:
+                try:
+                    link.outbox.flush(block)
+                except (OSError, EOFError):  # that API process is gone
+                    self._close_link(link, gone=True)
         self.loop_seconds["send"] += time.perf_counter() - t0
 
-    def _drain_inbox(self) -> None:
-        """Apply every command waiting in the pipe (answers to adds go out at once, if the pipe has room)."""
-        try:
-            while self._commands.poll(0):
-                for command in unbatch(self._commands.recv()):
-                    self._command(command)
-        except (OSError, EOFError):  # the parent is gone: stop
+    def _close_link(self, link: _Link, gone: bool) -> None:
+        """An API process said Stop, or went away (``gone``): abort what it still had open; stop when every link
+        has closed."""
+        if link.gone or link.stopped and not gone:
+            return
+        link.gone = link.gone or gone
+        self._abort_owned(link, "aborted: the server is shutting down")
+        link.stopped = True
+        if all(l.stopped for l in self.links):
             self._stopping.set()
-        if self._outbox.pending:
+
+    def _abort_owned(self, link: _Link, reason: str) -> None:
+        """``EngineLoop._abort_all`` for one link's requests: each gets a final ABORT output."""
+        owned = [rid for rid, owner in self._owner.items() if owner is link and rid in self._open]
+        grouped = {}
+        for rid in owned:
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001
+                log.exception("aborting %s failed", rid)
+            entry = self._open[rid]
+            self._observe("on_end", entry.request, FinishReason.ABORT)
+            grouped[rid] = entry.final_outputs(FinishReason.ABORT, reason)
+        for rid in owned:
+            del self._open[rid]
+        self._publish_safely()
+        if grouped:
+            self._send_outputs(grouped)
+
+    def _drain_inbox(self) -> None:
+        """Apply every command waiting in the pipes (answers to adds go out at once, if the pipe has room)."""
+        for link in self.links:
+            try:
+                while not link.gone and link.commands.poll(0):
+                    for command in unbatch(link.commands.recv()):
+                        self._command(command, link)
+            except (OSError, EOFError):  # that API process is gone
+                self._close_link(link, gone=True)
+        if any(l.outbox.pending for l in self.links if not l.gone):
             self.flush()
 
     def _idle(self) -> None:
         self.flush(block=True)  # nothing to run: no reason to hold anything back
         try:
-            self._commands.poll(self.idle_wait_s)
+            wait([l.commands for l in self.links if not l.gone], self.idle_wait_s)
         except (OSError, EOFError):
-            self._stopping.set()
+            pass  # the next drain finds which pipe closed
 
-    def _command(self, command: Command) -> None:
+    def _command(self, command: Command, link: _Link) -> None:
         match command:
             case AddRequest(request=request):
                 future: concurrent.futures.Future = concurrent.futures.Future()
                 self._add(request, future)
                 e = future.exception()
-                self._send(Added(request.request_id) if e is None else Added.refused(request.request_id, e))
+                if e is None:
+                    self._owner[request.request_id] = link
+                self._send(Added(request.request_id) if e is None else Added.refused(request.request_id, e), link)
             case AbortRequest(request_id=request_id):
-                self._abort(request_id)
+                if self._owner.get(request_id) is link:
+                    self._abort(request_id)
             case AbortAll():
-                self._abort_all("aborted: the server is shutting down")
+                self._abort_owned(link, "aborted: the server is shutting down")
             case Stop():
-                self._stopping.set()
+                self._close_link(link, gone=False)
 
     def _kv_update(self) -> tuple[KVStats | None, KVLog | None]:
         """The KV snapshot when it changed since the last message, and the engine's log since then (None: empty)."""
@@ -158,34 +240,38 @@ class _ForwardingLoop(EngineLoop):
             self._send(KVSnapshot(self.snapshot, kv_log))
 
     def _deliver_step(self, info: StepInfo, grouped: dict[str, list[RequestOutput]], requests: dict[str, Request]) -> None:
-        """One message per step: its outputs, the KV snapshot after it when that changed, and the KV log."""
+        """One message per step and link: its outputs, the KV snapshot after it when that changed, and the KV log."""
         snapshot, kv_log = self._kv_update()
-        self._send(Step(info, pack_outputs(grouped), snapshot, kv_log, tuple(self.loop_seconds.values())))
+        routed = self._routed(grouped)
+        seconds = tuple(self.loop_seconds.values())
+        for link in self.links:
+            self._send(Step(info, pack_outputs(routed.get(link, {})), snapshot, kv_log, seconds), link)
         self.flush()
 
     def _fail_all(self, error: str) -> None:
-        self._send(Dead(error))  # first, so the server refuses new requests before it sees the failures
+        self._send(Dead(error))  # first, so the servers refuse new requests before they see the failures
         super()._fail_all(error)
 
     def _refuse_inbox(self, error: str) -> None:
-        """Commands still in the pipe after the engine died: refuse the adds."""
-        try:
-            while self._commands.poll(0):
-                for command in unbatch(self._commands.recv()):
-                    if isinstance(command, AddRequest):
-                        self._send(Added.refused(command.request.request_id, EngineDead(error)))
-        except (OSError, EOFError):
-            pass
+        """Commands still in the pipes after the engine died: refuse the adds."""
+        for link in self.links:
+            try:
+                while link.commands.poll(0):
+                    for command in unbatch(link.commands.recv()):
+                        if isinstance(command, AddRequest):
+                            self._send(Added.refused(command.request.request_id, EngineDead(error)), link)
+            except (OSError, EOFError):
+                pass
 
 
 class _EndForwarder(LoopObserver):
-    """Tells the parent of requests that ended early; the parent's observer (the server's metrics) sees them there."""
+    """Tells the owning API process of requests that ended early; its observer (the server's metrics) sees them."""
 
-    def __init__(self, send: Callable[[Event], None]) -> None:
+    def __init__(self, send: Callable[[str, FinishReason], None]) -> None:
         self.send = send
 
-    def on_step(self, info, outputs, requests) -> None:  # steps go down the pipe whole, see _ForwardingLoop
+    def on_step(self, info, outputs, requests) -> None:  # steps go down the pipes whole, see _ForwardingLoop
         pass
 
     def on_end(self, request: Request, reason: FinishReason) -> None:
-        self.send(Ended(request.request_id, reason))
+        self.send(request.request_id, reason)
