@@ -4,8 +4,9 @@
 #           served over HTTP (bench-serve, 64 closed-loop streams) beside the same workload offline
 #   PART b: the `memory_waste` experiment at full size
 #   PART serve: where the HTTP path's time goes: the serve workload offline (token ids only, and with
-#           text as a server makes it), then served with the engine in its own process and on a thread
-#           of the server, with the CPU seconds of every process and thread (experiments/proc_cpu.py)
+#           text as a server makes it), then served with the engine in its own process (behind one API
+#           process, and behind two: server.api_server_count=2) and on a thread of the server, with the CPU
+#           seconds of every process and thread (experiments/proc_cpu.py)
 #   PART measure: what KV accounting costs a step (benchmarks/kv_accounting.py), the prefill kernel's
 #           extra paged stage (benchmarks/prefill_stages.py), and `throughput` for contiguous and paged,
 #           3 interleaved repeats
@@ -66,10 +67,11 @@ elif [ "$part" = serve ]; then
   $py -m harness -m engine=paged "${serve_workload[@]}" workload.detokenize=true seed=$seeds name=offline64_text \
       hydra.sweep.dir="$out/offline64_text"
   pack offline64_text
-  for mode in process thread; do
-    flag=$([ $mode = process ] && echo true || echo false)
+  for mode in process processes thread; do  # processes: two API processes sharing the engine process
+    flag=$([ $mode = thread ] && echo false || echo true)
+    count=$([ $mode = processes ] && echo 2 || echo 1)
     $py -m harness serve model=$model engine=paged server.port=8000 server.engine_process=$flag \
-        > "$out/serve_$mode.log" 2>&1 &
+        server.api_server_count=$count > "$out/serve_$mode.log" 2>&1 &
     server=$!
     for _ in $(seq 180); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
     before=$($py experiments/proc_cpu.py $server)
