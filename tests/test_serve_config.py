@@ -79,6 +79,9 @@ def test_api_key_from_the_environment(monkeypatch):
     (["--model", "tiny-qwen3", "--tensor-parallel-size", "3"], "tensor_parallel_size=3 does not divide"),
     (["--engine", "hf", "--block-size", "16"], "block_size"),
     (["--model", "tiny-qwen3", "--max-model-len", "999999"], "max_model_len 999999"),  # refused in the engine process
+    (["server.api_server_count=0"], "server.api_server_count must be >= 1"),
+    (["--api-server-count", "2", "server.engine_process=false"], "needs server.engine_process=true"),
+    (["--model", "tiny-qwen3", "--api-server-count", "2", "--max-model-len", "999999"], "max_model_len 999999"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, words, capsys):
     assert cli.main(["serve", *argv]) == 2
@@ -99,7 +102,8 @@ def test_help_lists_the_vllm_flags(capsys):
         cli.main(["serve", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--port", "--max-model-len", "--gpu-memory-utilization", "--served-model-name", "--api-key"):
+    for flag in ("--model", "--port", "--max-model-len", "--gpu-memory-utilization", "--served-model-name", "--api-key",
+                 "--api-server-count"):
         assert flag in out
 
 

@@ -72,7 +72,11 @@ def serve_shared(setup: EngineSetup, build_app: AppBuilder, server: ServerConfig
         log.error("cannot bind %s:%d: %s", host, server.port, e)
         return 1
     port = reserved.getsockname()[1]
-    engine, links = start_shared(setup, count, server.engine_start_timeout_s)
+    try:
+        engine, links = start_shared(setup, count, server.engine_start_timeout_s)
+    except BaseException:
+        reserved.close()
+        raise
     context = multiprocessing.get_context("spawn")
     apis = [context.Process(target=api_main, args=(build_app, server, link, i, port), name=f"kvbench-api-{i}")
             for i, link in enumerate(links)]
@@ -89,8 +93,8 @@ def serve_shared(setup: EngineSetup, build_app: AppBuilder, server: ServerConfig
 
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, pass_on),
                 signal.SIGINT: signal.signal(signal.SIGINT, lambda sig, frame: None)}  # the group has it already
-    log.info("serving at http://%s:%d/v1 from %d API processes (%s), engine process %d", host, port, count,
-             ", ".join(str(p.pid) for p in apis), engine.pid)
+    log.info("serving at http://%s:%d/v1 from %d API processes (%s), engine process %d%s", host, port, count,
+             ", ".join(str(p.pid) for p in apis), engine.pid, "; API key required" if server.api_key else "")
     try:
         for process in apis:
             process.join()

@@ -273,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         if resolved.server.api_server_count > 1:
             from harness.serve.api_servers import serve_shared
 
-            log.info("serving %s (engine %s)%s", ", ".join(names), resolved.engine_label,
-                     "; API key required" if resolved.server.api_key else "")
             return serve_shared(functools.partial(open_engine, resolved), functools.partial(app_over, resolved, names),
                                 resolved.server)
         loop, model_dir, facts = start_engine(resolved)
