@@ -126,7 +126,6 @@ class ServerMetrics(LoopObserver):
         self.steps = Counter("kvbench:engine_steps", "Engine steps run.", labels, registry=r)
         self.http = Counter("kvbench:http_requests", "HTTP requests answered, by route and status.",
                             labels + ["route", "status"], registry=r)
-        r.register(_HistogramCollector(self))
         r.register(_SnapshotCollector(self))
 
     def attach(self, loop: EngineLoop) -> None:
@@ -204,23 +203,8 @@ class ServerMetrics(LoopObserver):
         self.success.labels(self.model_name, reason.value).inc(request.sampling_params.n)
 
 
-class _HistogramCollector:
-    """The step histograms, labelled with the model's name, at scrape time."""
-
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self.metrics = metrics
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        m = self.metrics
-        for histogram in m.histograms:
-            yield histogram.family(["model_name"], [m.model_name])
-
-
 class _SnapshotCollector:
-    """State read from the engine loop's latest KV snapshot at scrape time."""
+    """What is read at scrape time: the step histograms, and the state in the engine loop's latest KV snapshot."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
@@ -232,6 +216,8 @@ class _SnapshotCollector:
         m = self.metrics
         loop = m.loop
         labels = [m.model_name]
+        for histogram in m.histograms:
+            yield histogram.family(["model_name"], labels)
 
         def gauge(name: str, doc: str, value: float):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
