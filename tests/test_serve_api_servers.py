@@ -118,8 +118,8 @@ def test_abort_all_and_stop_from_one_link_leave_the_other_running(shared_engine)
     a.until(lambda: "a1" in a.finished)
     assert a.finished["a1"] == FinishReason.ABORT
     assert [m.request_id for m in a.of(Ended)] == ["a1"]
-    a.send(Stop())  # a's API process is gone for good; b's carries on, and may still add
-    time.sleep(0.2)
+    a.send(Stop())  # a's API process stops (it hears so at once); b's carries on, and may still add
+    a.until(lambda: a.of(Stopped))
     assert process.is_alive()
     b.send(AddRequest(_request("b2", 10)))
     b.until(lambda: "b1" in b.finished and "b2" in b.finished, timeout=60)

@@ -26,6 +26,10 @@ of one writer-thread wake-up at a time (each waits for the interpreter lock from
 event loop). Every step message carries the child loop's own timings (``loop_seconds``,
 harness.serve.engine_loop.LOOP_PHASES); ``/kvbench/info`` shows them.
 
+Several API processes may share one engine process (harness.serve.api_servers): ``start_shared``
+starts it with a pair of pipes per API process, and each attaches an ``EngineProcess`` to its
+own (``link``); that one never starts or stops the child itself.
+
 If the child dies (a crash, the OOM killer), every open request gets a final ERROR output
 and the server answers 503, as when ``step()`` raises. Only the parent stops the child: it
 ignores SIGINT and SIGTERM, and exits when the parent is gone (harness.serve.engine_worker).

@@ -7,7 +7,8 @@ the parent's commands; whatever it would tell the server (KV snapshots, each ste
 with its ``StepInfo``, requests that ended early) goes to the parent as events
 (harness.serve.messages), in order, without ever waiting on the parent's reading
 (harness.serve.pipe.Outbox). The loop times itself (``loop_seconds``) and sends the totals with
-every step.
+every step. With several API processes (``server.api_server_count``) it has a pair of pipes, a
+link, for each: a request's answers go to the link that added it, KV state and failures to all.
 
 The worker ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group): the parent
 decides when it stops, and a worker whose parent is gone sees the pipe close and exits.
@@ -168,7 +169,14 @@ class _ForwardingLoop(EngineLoop):
         self._abort_owned(link, "aborted: the server is shutting down")
         link.stopped = True
         if all(l.stopped for l in self.links):
-            self._stopping.set()
+            self._stopping.set()  # the loop ends, and worker_main tells every link that is still there
+        elif not link.gone:  # the others carry on: this one's API process is told now, and hears nothing more
+            self._send(Stopped(None), link)
+            try:
+                link.outbox.flush(block=True)
+            except (OSError, EOFError):
+                pass
+            link.gone = True
 
     def _abort_owned(self, link: _Link, reason: str) -> None:
         """``EngineLoop._abort_all`` for one link's requests: each gets a final ABORT output."""
