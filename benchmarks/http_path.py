@@ -226,7 +226,8 @@ def server(root: Path, args: argparse.Namespace) -> Iterator[tuple[str, int]]:
     code = (f"import sys; sys.path[:0] = [{str(root)!r}, {str(ROOT)!r}]; import benchmarks.http_path as h; "
             f"h.serve({port}, {args.preset!r}, {args.device_ms / 1e3!r}"
             + (f", api_server_count={args.api_server_count})" if args.api_server_count > 1 else ")"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    paths = (str(root), str(ROOT), os.environ.get("PYTHONPATH"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -375,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-server-count", type=int, default=1,
                    help="API processes of each server (server.api_server_count; a checkout that has them)")
     p.add_argument("--kv-poll-interval", type=float, default=HTTPConfig.kv_poll_interval,
-                   help="seconds between the client's reads of the server's KV log (bench-serve's engine.kv_poll_interval)")
+                   help="seconds between the client's reads of the server's KV log (engine.kv_poll_interval)")
     p.add_argument("--preset", default="tiny-qwen3", help="whose config and tokenizer the synthetic engine uses")
     p.add_argument("--server-root", type=Path, action="append",
                    help="a checkout whose server to measure (repeatable, e.g. a baseline copy); default: this one")

@@ -223,9 +223,8 @@ def test_two_api_processes_answer_on_one_port_as_one_does(two_api_server):
     assert len({i["api_pid"] for i in infos}) == 2, "connections did not reach both API processes"
     assert len({i["engine_pid"] for i in infos}) == 1 and {i["api_server"]["count"] for i in infos} == {2}
     # the same greedy answers streamed concurrently (spread over both processes) as asked one at a time
-    alone = [httpx.post(base + "/v1/completions", timeout=60, json={
-        "prompt": PROMPT[: 4 + i % 4], "max_tokens": 16, "temperature": 0, "ignore_eos": True}).json()["choices"][0]["text"]
-        for i in range(4)]
+    bodies = [{"prompt": PROMPT[: 4 + i % 4], "max_tokens": 16, "temperature": 0, "ignore_eos": True} for i in range(4)]
+    alone = [httpx.post(base + "/v1/completions", timeout=60, json=b).json()["choices"][0]["text"] for b in bodies]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(functools.partial(_stream, base), range(16)))
     assert [t for t, _ in answers] == [alone[i % 4] for i in range(16)]

@@ -17,8 +17,8 @@ import torch
 from engines.model.config import ModelConfig
 
 # the server stack too: uvicorn parses HTTP with httptools when it is installed, else with h11 (pure Python, slower)
-PACKAGES = ("kvbench", "torch", "transformers", "tokenizers", "triton", "hydra-core", "omegaconf", "numpy", "pandas", "pyarrow",
-            "fastapi", "uvicorn", "httptools", "uvloop")
+PACKAGES = ("kvbench", "torch", "transformers", "tokenizers", "triton", "hydra-core", "omegaconf", "numpy", "pandas",
+            "pyarrow", "fastapi", "uvicorn", "httptools", "uvloop")
 REPO = Path(__file__).resolve().parents[2]
 
 

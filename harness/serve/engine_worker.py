@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 EngineSetup = Callable[[], tuple[Engine, dict[str, Any]]]
 
 
-def worker_main(setup: EngineSetup, commands: Connection | list[Connection], events: Connection | list[Connection]) -> None:
+def worker_main(setup: EngineSetup, commands: Connection | list[Connection],
+                events: Connection | list[Connection]) -> None:
     """The engine process: build the engine, say whether that worked (on every link), then run the loop until it
     stops (every link said ``Stop`` or closed, or the engine failed) and say so last. One link (a pair of pipes) per
     API process: ``server.api_server_count`` of them."""

@@ -100,16 +100,17 @@ class ServerMetrics(LoopObserver):
         self._lock = threading.Lock()
         labels = ["model_name"]
         r = self.registry
-        self.ttft = StepHistogram("vllm:time_to_first_token_seconds", "Time to first token (server receipt to first token).",
-                                  TTFT_BUCKETS)
+        self.ttft = StepHistogram("vllm:time_to_first_token_seconds",
+                                  "Time to first token (server receipt to first token).", TTFT_BUCKETS)
         self.itl = StepHistogram("vllm:inter_token_latency_seconds", "Gaps between consecutive tokens of a sample.",
                                  ITL_BUCKETS)
-        self.tpot_gap = StepHistogram("vllm:time_per_output_token_seconds",
-                                      "Gaps between consecutive tokens (vLLM's older name for the inter-token latency).",
-                                      ITL_BUCKETS)
+        self.tpot_gap = StepHistogram(
+            "vllm:time_per_output_token_seconds",
+            "Gaps between consecutive tokens (vLLM's older name for the inter-token latency).", ITL_BUCKETS)
         self.tpot = StepHistogram("vllm:request_time_per_output_token_seconds",
                                   "Per sample: (finish - first token) / (output tokens - 1).", ITL_BUCKETS)
-        self.e2e = StepHistogram("vllm:e2e_request_latency_seconds", "Receipt to the last token of a sample.", E2E_BUCKETS)
+        self.e2e = StepHistogram("vllm:e2e_request_latency_seconds", "Receipt to the last token of a sample.",
+                                 E2E_BUCKETS)
         self.queue = StepHistogram("vllm:request_queue_time_seconds", "Receipt to first scheduled.", E2E_BUCKETS)
         self.prompt_len = StepHistogram("vllm:request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
         self.gen_len = StepHistogram("vllm:request_generation_tokens", "Generated tokens per sample.", TOKEN_BUCKETS)
