@@ -2,7 +2,7 @@
 
 One API process streams every token of every request: JSON, server-sent events, a socket write
 per chunk. On a slow host it runs out of CPU before a small model's engine does (qwen3-0.6b on
-an H100: ~54 µs per output token, a whole core at 17,500 tok/s). With ``api_server_count = N``
+an H100: ~54 µs per output token, a whole core near 18,500 tok/s). With ``api_server_count = N``
 the work is split N ways:
 
 - this process (the launcher) starts one engine process with one pair of pipes per API process
