@@ -26,6 +26,7 @@ from engines.request import FinishReason, Request, SamplingParams
 from harness.serve.engine_process import start_shared
 from harness.serve.messages import AbortAll, Added, AddRequest, Ended, KVSnapshot, Outputs, Ready, Step, Stop, Stopped
 from harness.serve.pipe import pickled, unbatch
+from test_serve_engine_process import _healthy, _running, free_port, wait_for
 
 PROMPT = [11, 42, 7, 99, 5, 23, 64, 8]
 MAX_LEN = 512
@@ -150,37 +151,6 @@ def test_an_api_process_that_goes_away_frees_its_requests(shared_engine):
 
 
 # -- harness serve --api-server-count 2 --------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return httpx.get(base + "/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def _spawned(pid: int) -> list[int]:
     """The processes ``pid`` spawned (multiprocessing's resource tracker aside)."""
     return [c.pid for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
@@ -189,13 +159,13 @@ def _spawned(pid: int) -> list[int]:
 @pytest.fixture
 def two_api_server(tiny_model):
     tiny_model("tiny-qwen3")
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "harness", "serve", "--model", "tiny-qwen3", "--port", str(port),
            "--num-kv-slots", "4096", "--max-model-len", str(MAX_LEN), "--api-server-count", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
     try:
-        assert _wait(lambda: _healthy(base), 120), "the server did not come up"
+        assert wait_for(lambda: _healthy(base), 120), "the server did not come up"
         yield proc, base
     finally:
         if proc.poll() is None:
@@ -234,7 +204,7 @@ def test_two_api_processes_answer_on_one_port_as_one_does(two_api_server):
     assert len(family) == 3  # the engine process and two API processes
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
-    assert _wait(lambda: all(_gone(p) for p in family), 30), "a process outlived the server"
+    assert wait_for(lambda: not any(_running(p) for p in family), 30), "a process outlived the server"
 
 
 def test_a_launcher_killed_outright_takes_its_processes_along(two_api_server):
@@ -243,4 +213,4 @@ def test_a_launcher_killed_outright_takes_its_processes_along(two_api_server):
     assert len(family) == 3
     proc.kill()
     proc.wait(30)
-    assert _wait(lambda: all(_gone(p) for p in family), 60), "a process outlived its launcher"
+    assert wait_for(lambda: not any(_running(p) for p in family), 60), "a process outlived its launcher"

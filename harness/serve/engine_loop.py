@@ -325,12 +325,17 @@ class EngineLoop:
         self.kv_feed.add(self.engine.kv_log())
         self.loop_seconds["kv"] += time.perf_counter() - t0
 
-    def _final(self, reason: FinishReason, error: str | None) -> dict[str, list[RequestOutput]]:
+    def _final(self, reason: FinishReason, error: str | None, rids: list[str] | None = None
+               ) -> dict[str, list[RequestOutput]]:
+        """End the open requests ``rids`` (default: all): their last outputs, each observed as ended."""
+        rids = list(self._open) if rids is None else rids
         grouped = {}
-        for rid, entry in self._open.items():
+        for rid in rids:
+            entry = self._open[rid]
             self._observe("on_end", entry.request, reason)
             grouped[rid] = entry.final_outputs(reason, error)
-        self._open.clear()
+        for rid in rids:
+            del self._open[rid]
         return grouped
 
     def _fail_all(self, error: str) -> None:
@@ -339,12 +344,16 @@ class EngineLoop:
             self.on_outputs(grouped)
 
     def _abort_all(self, reason: str = "aborted: the server is shutting down") -> None:
-        for rid in list(self._open):
+        self._abort_open(list(self._open), reason)
+
+    def _abort_open(self, rids: list[str], reason: str) -> None:
+        """Abort these open requests; each gets a final ABORT output (its stream ends cleanly)."""
+        for rid in rids:
             try:
                 self.engine.abort(rid)
             except Exception:  # noqa: BLE001
                 log.exception("aborting %s failed", rid)
-        grouped = self._final(FinishReason.ABORT, reason)
+        grouped = self._final(FinishReason.ABORT, reason, rids)
         self._publish_safely()
         if grouped:
             self.on_outputs(grouped)

@@ -203,7 +203,7 @@ class EngineProcess:
         # not daemonic: a daemonic process may not start children (a tensor-parallel engine's workers); stop(), or EOF
         # on its command pipe, ends it
         self._process = self._context.Process(target=worker_main, name="kvbench-engine", daemon=False,
-                                              args=(self.setup, self._child_commands, self._child_events))
+                                              args=(self.setup, [self._child_commands], [self._child_events]))
         self._process.start()
         self._child_commands.close()  # the child holds these ends now: EOF then means the other side is gone
         self._child_events.close()

@@ -53,16 +53,13 @@ log = logging.getLogger(__name__)
 EngineSetup = Callable[[], tuple[Engine, dict[str, Any]]]
 
 
-def worker_main(setup: EngineSetup, commands: Connection | list[Connection],
-                events: Connection | list[Connection]) -> None:
+def worker_main(setup: EngineSetup, commands: list[Connection], events: list[Connection]) -> None:
     """The engine process: build the engine, say whether that worked (on every link), then run the loop until it
     stops (every link said ``Stop`` or closed, or the engine failed) and say so last. One link (a pair of pipes) per
     API process: ``server.api_server_count`` of them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
-    commands = commands if isinstance(commands, list) else [commands]
-    events = events if isinstance(events, list) else [events]
     try:
         engine, extra = setup()
     except BaseException as e:  # noqa: BLE001 - the parent reports it and exits
@@ -180,22 +177,8 @@ class _ForwardingLoop(EngineLoop):
             link.gone = True
 
     def _abort_owned(self, link: _Link, reason: str) -> None:
-        """``EngineLoop._abort_all`` for one link's requests: each gets a final ABORT output."""
-        owned = [rid for rid, owner in self._owner.items() if owner is link and rid in self._open]
-        grouped = {}
-        for rid in owned:
-            try:
-                self.engine.abort(rid)
-            except Exception:  # noqa: BLE001
-                log.exception("aborting %s failed", rid)
-            entry = self._open[rid]
-            self._observe("on_end", entry.request, FinishReason.ABORT)
-            grouped[rid] = entry.final_outputs(FinishReason.ABORT, reason)
-        for rid in owned:
-            del self._open[rid]
-        self._publish_safely()
-        if grouped:
-            self._send_outputs(grouped)
+        """``_abort_all`` for one link's requests."""
+        self._abort_open([rid for rid, owner in self._owner.items() if owner is link and rid in self._open], reason)
 
     def _drain_inbox(self) -> None:
         """Apply every command waiting in the pipes (answers to adds go out at once, if the pipe has room)."""
