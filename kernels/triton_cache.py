@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_power_of_2
+from kernels.triton_common import cdiv, next_power_of_2, programmatic_launch, wait_for_inputs
 
 # Elements each copy program moves: 16 KiB of bf16.
 _COPY_CHUNK = 8192
@@ -24,8 +24,9 @@ _WRITE_TILE = 4096
 def _write_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_heads,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ks, stride_kch, stride_vs, stride_vch,
-    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -50,7 +51,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
         key, value, k_cache, v_cache, slot_mapping, num_heads,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        HEADS=heads, HEAD_DIM=head_dim, num_warps=4,
+        HEADS=heads, HEAD_DIM=head_dim, PDL=(pdl := programmatic_launch(key.device)), launch_pdl=pdl, num_warps=4,
     )
 
 

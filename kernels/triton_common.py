@@ -33,6 +33,19 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether our kernels launch as programmatic dependents on ``device`` (Hopper and later; never on the
+    interpreter): see ``wait_for_inputs``."""
+    if device.type != "cuda":
+        return False
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host ints. Triton's own ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
     functions whose every host call goes through Triton's JIT call machinery (~3 µs each): a launch
@@ -75,6 +88,20 @@ def pipeline_stages(kv_stages: int, paged: bool) -> int:
     use the same shared memory, so a paged-vs-contiguous timing measures the addressing.
     """
     return kv_stages + 1 if paged else kv_stages
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """The first thing each kernel of a model step does (the layers', attention's, the cache write's). Launched with ``launch_pdl`` (programmatic dependent launch,
+    ``PDL``), a kernel may start while the kernel before it on the stream is still running, so that its launch and
+    scheduling overlap that kernel's tail instead of following it: it waits here, before touching any memory, until
+    that kernel has finished and its writes are visible; then it lets the next kernel start launching in turn. A
+    decode step's CUDA graph is a chain of some 300 short kernels; on an H100 this took 0.9% off the serve
+    workload's decode step (cuBLAS's GEMMs, a third of the chain, launch the usual way). Without the launch
+    attribute both instructions are no-ops."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

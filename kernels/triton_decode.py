@@ -24,10 +24,12 @@ from kernels.triton_common import (
     interpreter_upcast,
     launch,
     next_power_of_2,
+    programmatic_launch,
     sequence_base,
     sm_count,
     tile_blocks,
     tile_slots,
+    wait_for_inputs,
 )
 
 
@@ -83,8 +85,9 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_addr,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr,
-    WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -147,8 +150,9 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_P: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P)
@@ -212,12 +216,13 @@ def decode(
         GROUP=group, GROUP_P=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size if paged else 1, PAGED=paged, SPLIT=split,
         WINDOWED=bool(window), UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PDL=(pdl := programmatic_launch(q.device)), launch_pdl=pdl, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if split:
         launch(
             _decode_merge_kernel, (batch, num_heads),
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_P=next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=head_dim, SPLITS_P=next_power_of_2(num_splits), PDL=pdl, launch_pdl=pdl, num_warps=4,
         )
     return out

@@ -24,7 +24,7 @@ from triton.language.extra import libdevice
 from kernels.checks import (
     check_buffer, check_norm_args, check_norm_outputs, check_norm_width, check_rotary_args, check_silu_and_mul_args,
 )
-from kernels.triton_common import cdiv, next_power_of_2, sm_count
+from kernels.triton_common import cdiv, next_power_of_2, programmatic_launch, sm_count, wait_for_inputs
 
 # Widest row the RMSNorm holds in registers (16 warps, 64 float32 values per thread).
 MAX_NORM_COLS = 32768
@@ -68,8 +68,9 @@ def _rsqrt(x, LIBDEVICE: tl.constexpr):
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_cols,
     stride_x, stride_r, stride_o, stride_ro, eps, inv_cols,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, LIBDEVICE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
@@ -126,6 +127,7 @@ def _launch_norm(
         x2, res2, weight, out2, summed2, n_rows, width,
         x2.stride(0), res2.stride(0), out2.stride(0), summed2.stride(0), eps, 1.0 / width,
         ROWS=rows, BLOCK=block, RESIDUAL=residual is not None, LIBDEVICE=use_libdevice(x.device),
+        PDL=(pdl := programmatic_launch(x.device)), launch_pdl=pdl,
         num_warps=min(16, max(1, rows * block // 256)), enable_fp_fusion=False,
     )
 
@@ -162,7 +164,9 @@ def add_rms_norm(
 @triton.jit
 def _silu_and_mul_kernel(
     gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -187,7 +191,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(_SILU_BLOCK, next_power_of_2(inter))
     _silu_and_mul_kernel[(rows.shape[0], cdiv(inter, block))](
         rows, out2, inter, rows.stride(0), out2.stride(0),
-        BLOCK=block, LIBDEVICE=use_libdevice(gate_up.device), num_warps=4, enable_fp_fusion=False,
+        BLOCK=block, LIBDEVICE=use_libdevice(gate_up.device), PDL=(pdl := programmatic_launch(gate_up.device)),
+        launch_pdl=pdl, num_warps=4, enable_fp_fusion=False,
     )
     return out
 
@@ -236,11 +241,12 @@ def _rotary_kernel(
     stride_ko, stride_koh, stride_vo, stride_voh, stride_cs, eps, inv_dim,
     HEADS: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
     NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, CACHE: tl.constexpr,
-    LIBDEVICE: tl.constexpr,
+    LIBDEVICE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (tokens, head blocks of q then of k): q and k in one launch, one cos/sin row per token. With
     ``CACHE`` the k blocks store their rows, and copy the same heads of v, into the cache's slot of the token
     (``write_kv``'s store; a negative slot is padding, skipped); else k goes to ``k_out`` row ``t``."""
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     q_blocks = tl.cdiv(num_q_heads, HEADS)
@@ -309,7 +315,7 @@ def _rotary_launch(
         cos_sin.stride(0), eps, 1.0 / head_dim,
         HEADS=heads, HALF=half, HALF_P=half_p, NORM=norm, NORM_DTYPE=_TL_DTYPES[norm_dtype],
         OUT_DTYPE=_TL_DTYPES[out_dtype], CACHE=cache is not None, LIBDEVICE=use_libdevice(q.device),
-        num_warps=min(4, max(1, heads * half_p // 128)), enable_fp_fusion=False,
+        PDL=(pdl := programmatic_launch(q.device)), launch_pdl=pdl, num_warps=min(4, max(1, heads * half_p // 128)), enable_fp_fusion=False,
     )
     return q_out, k_out
 

@@ -22,7 +22,9 @@ from kernels.triton_common import (
     interpreter_upcast,
     launch,
     pipeline_stages,
+    programmatic_launch,
     sequence_base,
+    wait_for_inputs,
 )
 
 
@@ -65,8 +67,9 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_addr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     head = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.program_id(2)
@@ -159,6 +162,7 @@ def prefill(
         GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_SIZE=block_size if paged else 1, PAGED=paged, WINDOWED=bool(window),
         UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
+        PDL=(pdl := programmatic_launch(q.device)), launch_pdl=pdl,
         num_warps=config.num_warps, num_stages=pipeline_stages(config.num_stages, paged),
     )
     return out

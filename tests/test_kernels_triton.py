@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from kernels import KernelArgumentError, load_backend, reference
 
 triton_ops = pytest.importorskip("kernels.triton_ops")
+triton_common = pytest.importorskip("kernels.triton_common")
 
 FUNCTIONS = ("write_kv", "prefill_attention", "decode_attention", "copy_blocks", "swap_blocks",
              "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "rotary_write_kv", "repeatable")
@@ -632,3 +633,27 @@ def test_repeater_swaps_exactly_the_recorded_planes():
         assert all(a is w if isinstance(w, torch.Tensor) else a == w for a, w in zip(args, want))
     with pytest.raises(ValueError, match="shape, strides"):
         again(k1.double(), v1)
+
+
+def test_programmatic_launch_is_for_hopper_and_later_only():
+    assert not triton_common.programmatic_launch(torch.device("cpu"))
+    if torch.cuda.is_available():
+        expected = torch.cuda.get_device_capability() >= (9, 0)
+        assert triton_common.programmatic_launch(torch.device("cuda")) == expected
+
+
+@pytest.mark.gpu
+def test_gpu_our_kernels_launch_as_programmatic_dependents_on_hopper():
+    """On sm_90 and later every attention launch is compiled with ``launch_pdl`` (and waits for its inputs first,
+    which the GPU exactness tests check by their results)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(64, 2, 64, device="cuda", dtype=torch.bfloat16)
+    seq_lens = torch.tensor([40, 7], dtype=torch.int32, device="cuda")
+    starts = torch.tensor([0, 40], dtype=torch.int32, device="cuda")
+    with triton_common.recording() as launches:
+        triton_ops.decode_attention(q, k, k, seq_lens, seq_starts=starts, validate=False)
+        triton_ops.prefill_attention(q, k, k, torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda"), seq_lens,
+                                     seq_starts=starts, validate=False)
+    assert launches and all(x.compiled.metadata.launch_pdl for x in launches)
