@@ -1,0 +1,49 @@
+"""Old against new on the serve workload offline: medians with 95% bootstrap intervals (harness.bench.stats).
+
+``python summarize.py RUNS`` where RUNS holds ``offline64_old/`` and ``offline64_new/`` (Hydra sweeps), or a
+``.tgz`` of that folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from harness.bench.stats import median_ci, ratio_ci
+
+COLUMNS = {"output_tok_s": "{:,.0f}", "roofline_efficiency": "{:.1%}", "gpu_busy_frac": "{:.1%}",
+           "tpot_p50": "{:.5f}", "ttft_p95": "{:.4f}"}
+
+
+def table(runs: Path) -> None:
+    frames = {}
+    for side in ("old", "new"):
+        files = glob.glob(str(runs / f"offline64_{side}" / "*" / "run.parquet"))
+        if files:
+            frames[side] = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    print("| side | n | " + " | ".join(COLUMNS) + " |")
+    print("| --- | ---: |" + " ---: |" * len(COLUMNS))
+    for side, d in frames.items():
+        cells = []
+        for c, spec in COLUMNS.items():
+            e = median_ci(d[c]) if c in d else None
+            cells.append("-" if e is None else f"{spec.format(e.value)} [{spec.format(e.low)}-{spec.format(e.high)}]")
+        print(f"| {side} | {len(d)} | " + " | ".join(cells) + " |")
+    if len(frames) == 2:
+        r = ratio_ci(frames["new"]["output_tok_s"], frames["old"]["output_tok_s"])
+        print(f"\nnew / old output tok/s: {r.value:.3f} [{r.low:.3f}-{r.high:.3f}]")
+
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1])
+    if src.suffix == ".tgz":
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(src) as t:
+            t.extractall(tmp, filter="data")
+            table(Path(tmp) / "runs")
+    else:
+        table(src)
