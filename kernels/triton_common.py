@@ -92,13 +92,13 @@ def pipeline_stages(kv_stages: int, paged: bool) -> int:
 
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
-    """The first thing each kernel of a model step does (the layers', attention's, the cache write's). Launched with ``launch_pdl`` (programmatic dependent launch,
-    ``PDL``), a kernel may start while the kernel before it on the stream is still running, so that its launch and
-    scheduling overlap that kernel's tail instead of following it: it waits here, before touching any memory, until
-    that kernel has finished and its writes are visible; then it lets the next kernel start launching in turn. A
-    decode step's CUDA graph is a chain of some 300 short kernels; on an H100 this took 0.9% off the serve
-    workload's decode step (cuBLAS's GEMMs, a third of the chain, launch the usual way). Without the launch
-    attribute both instructions are no-ops."""
+    """The first thing each kernel of a model step does (the layers', attention's, the cache write's). Launched with
+    ``launch_pdl`` (programmatic dependent launch, ``PDL``), a kernel may start while the kernel before it on the
+    stream is still running, so that its launch and scheduling overlap that kernel's tail instead of following it: it
+    waits here, before touching any memory, until that kernel has finished and its writes are visible; then it lets
+    the next kernel start launching in turn. A decode step's CUDA graph is a chain of some 300 short kernels; on an
+    H100 this took 0.9% off the serve workload's decode step (cuBLAS's GEMMs, a third of the chain, launch the usual
+    way). Without the launch attribute both instructions are no-ops."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

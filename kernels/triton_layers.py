@@ -315,7 +315,8 @@ def _rotary_launch(
         cos_sin.stride(0), eps, 1.0 / head_dim,
         HEADS=heads, HALF=half, HALF_P=half_p, NORM=norm, NORM_DTYPE=_TL_DTYPES[norm_dtype],
         OUT_DTYPE=_TL_DTYPES[out_dtype], CACHE=cache is not None, LIBDEVICE=use_libdevice(q.device),
-        PDL=(pdl := programmatic_launch(q.device)), launch_pdl=pdl, num_warps=min(4, max(1, heads * half_p // 128)), enable_fp_fusion=False,
+        PDL=(pdl := programmatic_launch(q.device)), launch_pdl=pdl, num_warps=min(4, max(1, heads * half_p // 128)),
+        enable_fp_fusion=False,
     )
     return q_out, k_out
 
