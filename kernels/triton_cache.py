@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import cdiv, next_power_of_2, programmatic_launch, wait_for_inputs
+from kernels.triton_common import cdiv, launch, next_power_of_2, pdl_options, wait_for_inputs
 
 # Elements each copy program moves: 16 KiB of bf16.
 _COPY_CHUNK = 8192
@@ -47,11 +47,12 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     if tokens == 0:
         return
     heads = min(next_power_of_2(num_heads), max(1, _WRITE_TILE // head_dim))
-    _write_kv_kernel[(tokens, cdiv(num_heads, heads))](
+    launch(
+        _write_kv_kernel, (tokens, cdiv(num_heads, heads)),
         key, value, k_cache, v_cache, slot_mapping, num_heads,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        HEADS=heads, HEAD_DIM=head_dim, PDL=(pdl := programmatic_launch(key.device)), launch_pdl=pdl, num_warps=4,
+        HEADS=heads, HEAD_DIM=head_dim, **pdl_options(key.device), num_warps=4,
     )
 
 

@@ -1,4 +1,5 @@
-"""Triton building blocks shared by the decode and prefill attention kernels.
+"""Triton building blocks shared by our kernels: the attention kernels' addressing and tiles, and every model-step
+kernel's launch as a programmatic dependent.
 
 Paged and contiguous addressing differ only in ``token_slots``, selected by the
 ``PAGED`` constexpr, so the two variants compile from one kernel body and a benchmark
@@ -11,6 +12,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +40,29 @@ def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+try:  # programmatic dependent launch came with Triton 3.4 (these two and the ``launch_pdl`` option)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    _TRITON_HAS_PDL = True
+except ImportError:
+    _TRITON_HAS_PDL = False
+# The interpreter has no inline assembly; Triton reads the variable once, at import, and so does this.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def programmatic_launch(device: torch.device) -> bool:
-    """Whether our kernels launch as programmatic dependents on ``device`` (Hopper and later; never on the
-    interpreter): see ``wait_for_inputs``."""
-    if device.type != "cuda":
+    """Whether our kernels launch as programmatic dependents on ``device``: a CUDA device of sm_90 (Hopper) or later,
+    a Triton that has it, and not the interpreter. See ``wait_for_inputs``."""
+    if device.type != "cuda" or not _TRITON_HAS_PDL or _INTERPRETED:
         return False
     return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+def pdl_options(device: torch.device) -> dict[str, bool]:
+    """A model-step kernel's ``PDL`` constexpr and Triton's ``launch_pdl`` option, always together: a kernel launched
+    as a programmatic dependent must wait for its inputs (``wait_for_inputs``), and one that waits costs nothing
+    when launched the usual way."""
+    on = programmatic_launch(device)
+    return {"PDL": on, "launch_pdl": on}
 
 
 def cdiv(a: int, b: int) -> int:
@@ -92,13 +111,13 @@ def pipeline_stages(kv_stages: int, paged: bool) -> int:
 
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
-    """The first thing each kernel of a model step does (the layers', attention's, the cache write's). Launched with
-    ``launch_pdl`` (programmatic dependent launch, ``PDL``), a kernel may start while the kernel before it on the
-    stream is still running, so that its launch and scheduling overlap that kernel's tail instead of following it: it
-    waits here, before touching any memory, until that kernel has finished and its writes are visible; then it lets
-    the next kernel start launching in turn. A decode step's CUDA graph is a chain of some 300 short kernels; on an
-    H100 this took 0.9% off the serve workload's decode step (cuBLAS's GEMMs, a third of the chain, launch the usual
-    way). Without the launch attribute both instructions are no-ops."""
+    """The first statement of each kernel of a model step (the layers', attention's, the cache write's; launched with
+    ``pdl_options``). Launched with ``launch_pdl`` (programmatic dependent launch), a kernel may start before the
+    grids ahead of it on the stream have finished, so that its launch and scheduling overlap their tail: it waits
+    here, before it reads or writes any memory, until they have all finished and their writes are visible; then it
+    lets the kernel after it launch, which happens once every program of this one has said so or exited. Without the
+    launch option both instructions do nothing. A decode step's CUDA graph is a chain of a few hundred short kernels;
+    what this saves is measured in ``experiments/h100-2026-11-26-decode-step/``."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

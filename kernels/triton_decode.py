@@ -24,7 +24,7 @@ from kernels.triton_common import (
     interpreter_upcast,
     launch,
     next_power_of_2,
-    programmatic_launch,
+    pdl_options,
     sequence_base,
     sm_count,
     tile_blocks,
@@ -216,13 +216,12 @@ def decode(
         GROUP=group, GROUP_P=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size if paged else 1, PAGED=paged, SPLIT=split,
         WINDOWED=bool(window), UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
-        PDL=(pdl := programmatic_launch(q.device)), launch_pdl=pdl, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **pdl_options(q.device), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
         launch(
             _decode_merge_kernel, (batch, num_heads),
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_P=next_power_of_2(num_splits), PDL=pdl, launch_pdl=pdl, num_warps=4,
+            HEAD_DIM=head_dim, SPLITS_P=next_power_of_2(num_splits), **pdl_options(q.device), num_warps=4,
         )
     return out

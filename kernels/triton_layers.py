@@ -24,7 +24,7 @@ from triton.language.extra import libdevice
 from kernels.checks import (
     check_buffer, check_norm_args, check_norm_outputs, check_norm_width, check_rotary_args, check_silu_and_mul_args,
 )
-from kernels.triton_common import cdiv, next_power_of_2, programmatic_launch, sm_count, wait_for_inputs
+from kernels.triton_common import cdiv, launch, next_power_of_2, pdl_options, sm_count, wait_for_inputs
 
 # Widest row the RMSNorm holds in registers (16 warps, 64 float32 values per thread).
 MAX_NORM_COLS = 32768
@@ -123,11 +123,12 @@ def _launch_norm(
     summed2 = out2 if summed is None else summed.view(n_rows, width)
     block = next_power_of_2(width)
     rows = norm_rows_per_program(n_rows, block, x.device)
-    _rms_norm_kernel[(cdiv(n_rows, rows),)](
+    launch(
+        _rms_norm_kernel, (cdiv(n_rows, rows),),
         x2, res2, weight, out2, summed2, n_rows, width,
         x2.stride(0), res2.stride(0), out2.stride(0), summed2.stride(0), eps, 1.0 / width,
         ROWS=rows, BLOCK=block, RESIDUAL=residual is not None, LIBDEVICE=use_libdevice(x.device),
-        PDL=(pdl := programmatic_launch(x.device)), launch_pdl=pdl,
+        **pdl_options(x.device),
         num_warps=min(16, max(1, rows * block // 256)), enable_fp_fusion=False,
     )
 
@@ -189,10 +190,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = _as_rows(gate_up)
     out2 = out.view(-1, inter)
     block = min(_SILU_BLOCK, next_power_of_2(inter))
-    _silu_and_mul_kernel[(rows.shape[0], cdiv(inter, block))](
+    launch(
+        _silu_and_mul_kernel, (rows.shape[0], cdiv(inter, block)),
         rows, out2, inter, rows.stride(0), out2.stride(0),
-        BLOCK=block, LIBDEVICE=use_libdevice(gate_up.device), PDL=(pdl := programmatic_launch(gate_up.device)),
-        launch_pdl=pdl, num_warps=4, enable_fp_fusion=False,
+        BLOCK=block, LIBDEVICE=use_libdevice(gate_up.device), **pdl_options(gate_up.device),
+        num_warps=4, enable_fp_fusion=False,
     )
     return out
 
@@ -308,15 +310,15 @@ def _rotary_launch(
     half_p = next_power_of_2(half)
     heads = min(next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, _ROPE_TILE // (2 * half_p)))
     grid = (tokens, cdiv(num_q_heads, heads) + cdiv(num_kv_heads, heads))
-    _rotary_kernel[grid](
+    launch(
+        _rotary_kernel, grid,
         positions, q, k, v, cos_sin, q_norm_weight if norm else q, k_norm_weight if norm else k, q_out, k_dst,
         v_out, slots, num_q_heads, num_kv_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), k_dst.stride(0), k_dst.stride(1), v_out.stride(0), v_out.stride(1),
         cos_sin.stride(0), eps, 1.0 / head_dim,
         HEADS=heads, HALF=half, HALF_P=half_p, NORM=norm, NORM_DTYPE=_TL_DTYPES[norm_dtype],
         OUT_DTYPE=_TL_DTYPES[out_dtype], CACHE=cache is not None, LIBDEVICE=use_libdevice(q.device),
-        PDL=(pdl := programmatic_launch(q.device)), launch_pdl=pdl, num_warps=min(4, max(1, heads * half_p // 128)),
-        enable_fp_fusion=False,
+        **pdl_options(q.device), num_warps=min(4, max(1, heads * half_p // 128)), enable_fp_fusion=False,
     )
     return q_out, k_out
 

@@ -22,7 +22,7 @@ from kernels.triton_common import (
     interpreter_upcast,
     launch,
     pipeline_stages,
-    programmatic_launch,
+    pdl_options,
     sequence_base,
     wait_for_inputs,
 )
@@ -162,7 +162,7 @@ def prefill(
         GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_SIZE=block_size if paged else 1, PAGED=paged, WINDOWED=bool(window),
         UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
-        PDL=(pdl := programmatic_launch(q.device)), launch_pdl=pdl,
+        **pdl_options(q.device),
         num_warps=config.num_warps, num_stages=pipeline_stages(config.num_stages, paged),
     )
     return out

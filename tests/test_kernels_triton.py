@@ -7,7 +7,9 @@ The CPU runs of the kernels themselves live in test_kernels_interpreter.py.
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -635,25 +637,79 @@ def test_repeater_swaps_exactly_the_recorded_planes():
         again(k1.double(), v1)
 
 
-def test_programmatic_launch_is_for_hopper_and_later_only():
+def _jit_kernels_and_launches() -> tuple[dict[str, ast.FunctionDef], list[tuple[str, ast.Call]]]:
+    """Every @triton.jit function of the Triton backend's modules, and every launch of one: ``launch(K, grid, ...)``
+    or ``K[grid](...)``, with the name of K."""
+    kernels_dir = Path(triton_common.__file__).parent
+    jitted, launches = {}, []
+    for path in sorted(kernels_dir.glob("triton_*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                jitted[node.name] = node
+            if isinstance(node, ast.Call):
+                if isinstance(node.func, ast.Name) and node.func.id == "launch" and node.args:
+                    launches.append((ast.unparse(node.args[0]), node))
+                elif isinstance(node.func, ast.Subscript):
+                    launches.append((ast.unparse(node.func.value), node))
+    return jitted, launches
+
+
+def test_every_kernel_that_may_launch_as_a_programmatic_dependent_waits_for_its_inputs_first():
+    """The one mistake that would race: a kernel launched with ``launch_pdl`` that touches memory before
+    ``griddepcontrol.wait``. So every kernel with a ``PDL`` parameter starts with ``wait_for_inputs(PDL)``, every
+    launch of one takes ``**pdl_options(...)`` (the constexpr and the launch option together), and nothing else sets
+    ``launch_pdl``."""
+    jitted, launches = _jit_kernels_and_launches()
+    dependents = {name for name, fn in jitted.items()
+                  if "PDL" in [a.arg for a in fn.args.args] and name != "wait_for_inputs"}
+    assert {"_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel", "_write_kv_kernel", "_decode_split_kernel",
+            "_decode_merge_kernel", "_prefill_kernel"} <= dependents
+    for name in dependents:
+        body = jitted[name].body
+        body = body[1:] if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else body
+        assert ast.unparse(body[0]) == "wait_for_inputs(PDL)", f"{name} does not start by waiting for its inputs"
+    launched = {name for name, _ in launches}
+    assert dependents <= launched
+    for name, call in launches:
+        spread = [ast.unparse(k.value) for k in call.keywords if k.arg is None]
+        named = {k.arg for k in call.keywords}
+        assert not {"PDL", "launch_pdl"} & named, f"{name} sets PDL or launch_pdl by hand"
+        assert any(s.startswith("pdl_options(") for s in spread) == (name in dependents), name
+
+
+def test_programmatic_launch_is_off_the_gpu():
     assert not triton_common.programmatic_launch(torch.device("cpu"))
-    if torch.cuda.is_available():
-        expected = torch.cuda.get_device_capability() >= (9, 0)
-        assert triton_common.programmatic_launch(torch.device("cuda")) == expected
+    assert triton_common.pdl_options(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
 
 
 @pytest.mark.gpu
-def test_gpu_our_kernels_launch_as_programmatic_dependents_on_hopper():
-    """On sm_90 and later every attention launch is compiled with ``launch_pdl`` (and waits for its inputs first,
-    which the GPU exactness tests check by their results)."""
+def test_gpu_model_step_kernels_launch_as_programmatic_dependents_on_hopper():
+    """On sm_90 and later every kernel of a model step is compiled with ``launch_pdl``, and its code waits
+    (``griddepcontrol.wait``) before its first global memory access."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
-    q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(64, 2, 64, device="cuda", dtype=torch.bfloat16)
-    seq_lens = torch.tensor([40, 7], dtype=torch.int32, device="cuda")
-    starts = torch.tensor([0, 40], dtype=torch.int32, device="cuda")
+    dev = torch.device("cuda")
+    q = torch.randn(2, 4, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(64, 2, 64, device=dev, dtype=torch.bfloat16)
+    seq_lens = torch.tensor([40, 7], dtype=torch.int32, device=dev)
+    starts = torch.tensor([0, 40], dtype=torch.int32, device=dev)
+    x = torch.randn(3, 256, device=dev, dtype=torch.bfloat16)
+    w = torch.ones(256, device=dev, dtype=torch.bfloat16)
     with triton_common.recording() as launches:
-        triton_ops.decode_attention(q, k, k, seq_lens, seq_starts=starts, validate=False)
-        triton_ops.prefill_attention(q, k, k, torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda"), seq_lens,
+        triton_ops.decode_attention(q, k, k, seq_lens, seq_starts=starts, max_seq_len=4096, validate=False)
+        triton_ops.prefill_attention(q, k, k, torch.tensor([0, 1, 2], dtype=torch.int32, device=dev), seq_lens,
                                      seq_starts=starts, validate=False)
-    assert launches and all(x.compiled.metadata.launch_pdl for x in launches)
+        triton_ops.add_rms_norm(x, x, w, 1e-6)
+        triton_ops.silu_and_mul(x)
+        triton_ops.write_kv(k[:2], k[:2], k, k, torch.tensor([5, 9], device=dev), validate=False)
+        cos_sin = torch.randn(64, 64, device=dev, dtype=torch.bfloat16)
+        triton_ops.rotary_embedding(torch.tensor([1, 2], device=dev), q, k[:2], cos_sin)
+    names = {x.compiled.name for x in launches}
+    assert {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel", "_rms_norm_kernel",
+            "_silu_and_mul_kernel", "_write_kv_kernel", "_rotary_kernel"} <= names, names
+    for x in launches:
+        ptx = x.compiled.asm["ptx"]
+        body = ptx[ptx.index("griddepcontrol.wait"):]
+        assert x.compiled.metadata.launch_pdl, x.compiled.name
+        assert "ld.global" not in ptx[:len(ptx) - len(body)] and "st.global" not in ptx[:len(ptx) - len(body)]
