@@ -2,7 +2,7 @@
 
 Every backend module exposes the same functions, with the layout and addressing that
 ``kernels.reference`` documents: ``write_kv``, ``prefill_attention``, ``decode_attention``,
-``copy_blocks`` and ``swap_blocks``, and the decoder's elementwise layers ``rms_norm``,
+``copy_blocks`` and ``swap_blocks``, and the decoder's ``linear`` layers and elementwise layers ``rms_norm``,
 ``add_rms_norm``, ``silu_and_mul``, ``rotary_embedding`` and ``rotary_write_kv`` (the rotation with the
 step's K/V write, one launch on the GPU).
 

@@ -252,6 +252,11 @@ def swap_blocks(
 # results rounded to the input dtype before the weight multiplies.
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer, ``x @ weight.T + bias`` (x: [..., K], weight: [N, K])."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (x: [..., H], weight: [H])."""
     xf = x.float()

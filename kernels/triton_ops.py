@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import reference, triton_cache, triton_common, triton_decode, triton_prefill
+from kernels import reference, triton_cache, triton_common, triton_decode, triton_linear, triton_prefill
 from kernels import triton_layers
 from kernels.triton_layers import add_rms_norm, rms_norm, rotary_embedding, silu_and_mul  # noqa: F401
 from kernels.checks import (
@@ -166,6 +166,22 @@ def rotary_write_kv(
     _check_write(k, v, k_cache, v_cache, slot_mapping, validate)
     return triton_layers.rotary_write_kv(positions, q, k, v, cos_sin, q_norm_weight, k_norm_weight, eps,
                                          k_cache, v_cache, slot_mapping, q_out)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``: cuBLAS (``torch.nn.functional.linear``), except while a CUDA graph is captured on a
+    GPU whose kernels launch as programmatic dependents (sm_90 and later), where 16-bit inputs of at most
+    ``triton_linear.MAX_ROWS`` rows (a decode step's) take ``triton_linear.skinny_linear``. Its launches overlap
+    their neighbours' on the device, which replays the graph; called eagerly, a Triton launch costs the host more
+    than cuBLAS's, so eager steps keep cuBLAS."""
+    if (x.is_cuda and x.numel() <= triton_linear.MAX_ROWS * x.shape[-1] and x.dtype in _SKINNY_DTYPES
+            and weight.dtype == x.dtype and torch.cuda.is_current_stream_capturing()
+            and triton_common.programmatic_launch(x.device)):
+        return triton_linear.skinny_linear(x, weight, bias)
+    return reference.linear(x, weight, bias)
+
+
+_SKINNY_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def write_kv(

@@ -21,7 +21,7 @@ from kernels import KernelArgumentError, load_backend, reference
 triton_ops = pytest.importorskip("kernels.triton_ops")
 triton_common = pytest.importorskip("kernels.triton_common")
 
-FUNCTIONS = ("write_kv", "prefill_attention", "decode_attention", "copy_blocks", "swap_blocks",
+FUNCTIONS = ("write_kv", "prefill_attention", "decode_attention", "copy_blocks", "swap_blocks", "linear",
              "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "rotary_write_kv", "repeatable")
 
 
@@ -683,17 +683,89 @@ def test_programmatic_launch_is_off_the_gpu():
     assert triton_common.pdl_options(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
 
 
+def test_linear_off_a_graph_is_torchs():
+    """Outside a CUDA graph's capture (and on the CPU) ``linear`` is cuBLAS's, bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(3, 16, generator=gen), torch.randn(8, 16, generator=gen), torch.randn(8, generator=gen)
+    assert torch.equal(triton_ops.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert torch.equal(triton_ops.linear(x, w), reference.linear(x, w))
+
+
+def test_skinny_linear_tiles_depend_on_the_weight_alone(monkeypatch):
+    """On 132 SMs: qwen3-0.6b's qkv and gate_up unsplit, its o and down K in four (64 programs each); llama-3.1-8b's
+    wide projections unsplit. The rule reads no batch size, so a row's result cannot depend on the batch."""
+    from kernels import triton_linear
+
+    monkeypatch.setattr(triton_linear, "sm_count", lambda device: 132)
+    dev = torch.device("cuda")
+    splits = {shape: triton_linear.choose_tiles(*shape, dev).split_k
+              for shape in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (28672, 4096), (4096, 14336))}
+    assert list(splits.values()) == [1, 4, 1, 4, 1, 1]
+    assert "rows" not in inspect.signature(triton_linear.choose_tiles).parameters
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (1536, 896)])
+def test_gpu_skinny_linear_is_as_accurate_as_cublas_and_batch_invariant(n, k):
+    """Against float32, each decode-sized batch's error is cuBLAS's (within 10%), with and without a bias; and each
+    row is its one-row result bit for bit, at every batch size up to 64."""
+    from kernels.triton_linear import skinny_linear
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    w = (torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", generator=gen).to(torch.bfloat16)
+    x = torch.randn(64, k, device="cuda", generator=gen).to(torch.bfloat16)
+    alone = torch.stack([skinny_linear(x[i:i + 1], w)[0] for i in range(64)])
+    for m in (1, 7, 16, 33, 64):
+        for bias in (None, b):
+            want = torch.nn.functional.linear(x[:m].float(), w.float(), None if bias is None else bias.float())
+            err = lambda y: ((y.float() - want).norm() / want.norm()).item()  # noqa: E731
+            got = skinny_linear(x[:m], w, bias)
+            assert err(got) <= 1.1 * err(torch.nn.functional.linear(x[:m], w, bias)) + 1e-4, (m, bias is None)
+        assert torch.equal(skinny_linear(x[:m], w), alone[:m]), m
+
+
+@pytest.mark.gpu
+def test_gpu_linear_takes_the_skinny_kernel_in_a_graph_capture_only():
+    """Captured, a decode-sized bf16 ``linear`` launches our kernel on sm_90+ (cuBLAS above 64 rows, for float32, or
+    before Hopper); eagerly it is cuBLAS's. The graph's replays give the kernel's result."""
+    from kernels.triton_linear import skinny_linear
+
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    w = torch.randn(256, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    small, big = (torch.randn(m, 128, device="cuda", generator=gen).to(torch.bfloat16) for m in (8, 65))
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    with triton_common.recording() as eager:
+        triton_ops.linear(small, w)
+    assert eager == []
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        skinny_linear(small, w)  # compile before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with triton_common.recording() as captured, torch.cuda.graph(graph):
+        outs = [triton_ops.linear(small, w), triton_ops.linear(big, w), triton_ops.linear(small.float(), w.float())]
+    assert [x.compiled.name for x in captured] == (["_linear_kernel"] if hopper else [])
+    small.copy_(torch.randn(small.shape, device="cuda", generator=gen))
+    graph.replay()
+    assert torch.equal(outs[0], skinny_linear(small, w) if hopper else torch.nn.functional.linear(small, w))
+    assert torch.equal(outs[1], torch.nn.functional.linear(big, w))
+
+
 @pytest.mark.gpu
 def test_gpu_model_step_kernels_launch_as_programmatic_dependents_on_hopper():
     """On sm_90 and later every kernel of a model step is compiled with ``launch_pdl``, and its code waits
     (``griddepcontrol.wait``) before its first global memory access."""
+    from kernels.triton_linear import skinny_linear
+
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     dev = torch.device("cuda")
     q = torch.randn(2, 4, 64, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(64, 2, 64, device=dev, dtype=torch.bfloat16)
-    seq_lens = torch.tensor([40, 7], dtype=torch.int32, device=dev)
-    starts = torch.tensor([0, 40], dtype=torch.int32, device=dev)
+    k = torch.randn(1024, 2, 64, device=dev, dtype=torch.bfloat16)  # room for 8 tiles: decode splits and merges
+    seq_lens = torch.tensor([900, 7], dtype=torch.int32, device=dev)
+    starts = torch.tensor([0, 900], dtype=torch.int32, device=dev)
     x = torch.randn(3, 256, device=dev, dtype=torch.bfloat16)
     w = torch.ones(256, device=dev, dtype=torch.bfloat16)
     with triton_common.recording() as launches:
@@ -705,9 +777,10 @@ def test_gpu_model_step_kernels_launch_as_programmatic_dependents_on_hopper():
         triton_ops.write_kv(k[:2], k[:2], k, k, torch.tensor([5, 9], device=dev), validate=False)
         cos_sin = torch.randn(64, 64, device=dev, dtype=torch.bfloat16)
         triton_ops.rotary_embedding(torch.tensor([1, 2], device=dev), q, k[:2], cos_sin)
+        skinny_linear(x, torch.ones(512, 256, device=dev, dtype=torch.bfloat16))
     names = {x.compiled.name for x in launches}
     assert {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel", "_rms_norm_kernel",
-            "_silu_and_mul_kernel", "_write_kv_kernel", "_rotary_kernel"} <= names, names
+            "_silu_and_mul_kernel", "_write_kv_kernel", "_rotary_kernel", "_linear_kernel"} <= names, names
     for x in launches:
         ptx = x.compiled.asm["ptx"]
         body = ptx[ptx.index("griddepcontrol.wait"):]

@@ -47,7 +47,7 @@ class DecoderLayer(nn.Module):
         """The output projection, the residual add with the second norm, and the MLP: the layer's output and the
         residual stream it is not yet added to."""
         norm = self.post_attention_layernorm
-        h, residual = ops.add_rms_norm(self.self_attn.project(attn_out), residual, norm.weight, norm.eps,
+        h, residual = ops.add_rms_norm(self.self_attn.project(attn_out, ops), residual, norm.weight, norm.eps,
                                        residual_out=residual_out)
         return self.mlp(h, ops), residual
 

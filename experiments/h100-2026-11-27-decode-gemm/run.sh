@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 13, session 15: decode-sized linear layers that read their weight before the wait. On the GPU machine,
+# from the repo root:
+#   experiments/h100-2026-11-27-decode-gemm/run.sh OUT PART
+#   PART probe: probe.py all (the tried kernel, tried/triton_linear_prefetch.py.txt, copied over
+#               kernels/triton_linear.py for the run, against cuBLAS, alone and in a 28-layer decode chain)
+#   PART tests: the GPU tests session 14 could not run (kernels, step anatomy, vattention, kernel peers)
+#   PART check: the kernel GPU tests, step anatomy's, the engines' (test_gpu_model.py) and async scheduling's
+#   PART ab:    ab.py (decode steps at 64/32/16/8 running, engine CUDA events): OLD (a git archive of the session's
+#               start, 13df8ff) and this tree, old, new, old, new
+#   PART serve: the serve workload offline (qwen3-0.6b, 512/128, paged), 64 and 16 closed-loop clients, seeds 0-2,
+#               old then new
+set -uo pipefail
+out=${1:?output directory}; part=${2:?part}
+py=${PYTHON:-python3}
+here=$PWD/experiments/h100-2026-11-27-decode-gemm
+mkdir -p "$out"
+root_of() { if [ "$1" = old ]; then echo "${OLD:?OLD=dir of the old tree}"; else echo "$PWD"; fi; }
+if [ "$part" = probe ]; then
+  cp kernels/triton_linear.py "$out/kept_linear.py"
+  cp $here/tried/triton_linear_prefetch.py.txt kernels/triton_linear.py
+  (cd $here && timeout 300 $py probe.py all) 2>&1 | grep -v Warning | tee "$out/probe.log"
+  mv "$out/kept_linear.py" kernels/triton_linear.py
+elif [ "$part" = check ]; then
+  timeout 150 $py -m pytest -q -m gpu tests/test_kernels_triton.py --tb=short 2>&1 | tail -40 > "$out/check_kernels.log"
+  timeout 150 $py -m pytest -q -m gpu tests/test_step_anatomy.py tests/test_async_scheduling.py --tb=short 2>&1 \
+      | tail -60 > "$out/check_anatomy_async.log"
+  timeout 400 $py -m pytest -q -m gpu -s tests/test_gpu_model.py --tb=short 2>&1 \
+      | grep -E "requests equal|agreeing|passed|failed|Error|assert" | tail -30 > "$out/check_model.log"
+  tail -n 3 "$out"/check_*.log
+elif [ "$part" = ab ]; then
+  for pass in 1 2; do for side in old new; do
+    root=$(root_of $side)
+    (cd "$root" && PYTHONPATH=$root:${PYTHONPATH:-} timeout 150 $py "$here/ab.py" "$side" 2>&1 \
+        | grep -E "^AB|Error" | head -12)
+  done; done | tee "$out/ab.log"
+elif [ "$part" = serve ]; then
+  for clients in 64 16; do
+    serve=(model=qwen3-0.6b engine=paged workload=fixed workload.num_requests=$((4 * clients)) workload.prompt.value=512
+           workload.output.value=128 arrival=closed arrival.concurrency=$clients)
+    for side in old new; do
+      root=$(root_of $side)
+      (cd "$root" && PYTHONPATH=$root:${PYTHONPATH:-} timeout 200 $py -m harness -m "${serve[@]}" seed=0,1,2 \
+          reuse_engine=true name=offline${clients}_$side report=false \
+          hydra.sweep.dir="$out/runs/offline${clients}_$side" 2>&1 | grep -v WARNING | tail -2)
+    done
+  done | tee "$out/serve.log"
+  $py "$here/summarize.py" "$out/runs" | tee -a "$out/serve.log"
+  tar czf "$out/serve_runs.tgz" -C "$out" runs && rm -rf "$out/runs"
+elif [ "$part" = tests ]; then
+  timeout 240 $py -m pytest -q -m gpu tests/test_kernels_triton.py 2>&1 | tail -3 | tee "$out/tests_kernels.log"
+  timeout 240 $py -m pytest -q -m gpu tests/test_step_anatomy.py tests/test_gpu_vattention.py tests/test_kernel_peers.py \
+      2>&1 | tail -5 | tee "$out/tests_other.log"
+fi

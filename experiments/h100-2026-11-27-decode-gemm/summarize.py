@@ -1,0 +1,54 @@
+"""Old against new on the serve workload offline: medians with 95% bootstrap intervals (harness.bench.stats).
+
+``python summarize.py RUNS`` where RUNS holds ``offline{C}_old/`` and ``offline{C}_new/`` (Hydra sweeps, C clients), or a
+``.tgz`` of that folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from harness.bench.stats import median_ci, ratio_ci
+
+COLUMNS = {"output_tok_s": "{:,.0f}", "roofline_efficiency": "{:.1%}", "gpu_busy_frac": "{:.1%}",
+           "tpot_p50": "{:.5f}", "ttft_p95": "{:.4f}"}
+
+
+def table(runs: Path, clients: int) -> None:
+    frames = {}
+    for side in ("old", "new"):
+        files = glob.glob(str(runs / f"offline{clients}_{side}" / "*" / "run.parquet"))
+        if files:
+            frames[side] = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    if not frames:
+        return
+    print(f"\n{clients} clients\n")
+    print("| side | n | " + " | ".join(COLUMNS) + " |")
+    print("| --- | ---: |" + " ---: |" * len(COLUMNS))
+    for side, d in frames.items():
+        cells = []
+        for c, spec in COLUMNS.items():
+            e = median_ci(d[c]) if c in d else None
+            cells.append("-" if e is None else f"{spec.format(e.value)} [{spec.format(e.low)}-{spec.format(e.high)}]")
+        print(f"| {side} | {len(d)} | " + " | ".join(cells) + " |")
+    if len(frames) == 2:
+        r = ratio_ci(frames["new"]["output_tok_s"], frames["old"]["output_tok_s"])
+        print(f"\nnew / old output tok/s: {r.value:.3f} [{r.low:.3f}-{r.high:.3f}]")
+
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1])
+    if src.suffix == ".tgz":
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(src) as t:
+            t.extractall(tmp, filter="data")
+            for clients in (64, 16):
+                table(Path(tmp) / "runs", clients)
+    else:
+        for clients in (64, 16):
+            table(src, clients)
