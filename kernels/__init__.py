@@ -2,9 +2,9 @@
 
 Every backend module exposes the same functions, with the layout and addressing that
 ``kernels.reference`` documents: ``write_kv``, ``prefill_attention``, ``decode_attention``,
-``copy_blocks`` and ``swap_blocks``, and the decoder's ``linear`` layers and elementwise layers ``rms_norm``,
-``add_rms_norm``, ``silu_and_mul``, ``rotary_embedding`` and ``rotary_write_kv`` (the rotation with the
-step's K/V write, one launch on the GPU).
+``copy_blocks`` and ``swap_blocks``, and the decoder's layers ``linear``, ``linear_silu_and_mul``
+(SwiGLU's gate and up projections with its activation), ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``,
+``rotary_embedding`` and ``rotary_write_kv`` (the rotation with the step's K/V write, one launch on the GPU).
 
 This package shares its name with Hugging Face's ``kernels``; it must never pass for it
 (no ``__version__`` here; see tests/test_kernels_name_clash.py).

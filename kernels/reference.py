@@ -257,6 +257,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU's gate and up projections with its activation: ``silu_and_mul(linear(x, weight, bias))``, the weight
+    ``[gate | up]`` ([2I, K]; x: [..., K] -> [..., I])."""
+    return silu_and_mul(linear(x, weight, bias))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (x: [..., H], weight: [H])."""
     xf = x.float()

@@ -33,6 +33,7 @@ from kernels.triton_common import (
     sm_count,
     wait_for_inputs,
 )
+from kernels.triton_layers import _exp, use_libdevice
 
 # The most rows the kernel takes: above it a linear layer has enough rows to be cuBLAS's kind of GEMM.
 MAX_ROWS = 64
@@ -70,16 +71,24 @@ def _linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.arange(0, BLOCK_N)
+    if SILU_AND_MUL:  # the tile's rows pair gate row j with up row N/2 + j: (2i, 2i + 1) -> output column j
+        cols = pid_n * (BLOCK_N // 2) + r // 2
+        n_ok = cols < N // 2
+        w_row = (r % 2) * (N // 2) + cols
+    else:
+        cols = pid_n * BLOCK_N + r
+        n_ok = cols < N
+        w_row = cols
     offs_m = tl.arange(0, BLOCK_M)
-    n_ok = offs_n < N
     m_ok = offs_m < M
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    w_rows = w_ptr + w_row.to(tl.int64)[:, None] * stride_wn
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = pid_k * k_per_split
@@ -95,7 +104,7 @@ def _linear_kernel(
     if SPLIT_K > 1:
         # this tile's partials: [SPLIT_K, BLOCK_N, BLOCK_M] float32 in the workspace
         tile_base = ws_ptr + pid_n.to(tl.int64) * (SPLIT_K * BLOCK_N * BLOCK_M)
-        local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]
+        local = r[:, None] * BLOCK_M + offs_m[None, :]
         tl.store(tile_base + pid_k * (BLOCK_N * BLOCK_M) + local, acc)
         tl.debug_barrier()  # every thread's partial is written before the ticket releases them
         ticket = tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -104,19 +113,31 @@ def _linear_kernel(
             for s in tl.static_range(1, SPLIT_K):
                 acc += tl.load(tile_base + s * (BLOCK_N * BLOCK_M) + local, cache_modifier=".cg")
             tl.atomic_xchg(tickets_ptr + pid_n, 0)  # reset for the next launch (or graph replay)
-            _store_rows(acc, b_ptr, y_ptr, offs_n, offs_m, n_ok, m_ok, stride_ym, HAS_BIAS)
+            _store(acc, b_ptr, y_ptr, w_row, cols, n_ok, offs_m, m_ok, stride_ym, BLOCK_N, BLOCK_M, HAS_BIAS,
+                   SILU_AND_MUL, LIBDEVICE)
     else:
-        _store_rows(acc, b_ptr, y_ptr, offs_n, offs_m, n_ok, m_ok, stride_ym, HAS_BIAS)
+        _store(acc, b_ptr, y_ptr, w_row, cols, n_ok, offs_m, m_ok, stride_ym, BLOCK_N, BLOCK_M, HAS_BIAS,
+               SILU_AND_MUL, LIBDEVICE)
 
 
 @triton.jit
-def _store_rows(acc, b_ptr, y_ptr, offs_n, offs_m, n_ok, m_ok, stride_ym, HAS_BIAS: tl.constexpr):
-    """The transposed tile [BLOCK_N, BLOCK_M] to y[m, n], the bias added to the float32 sums (as cuBLAS's
-    epilogue adds it), rounded once."""
+def _store(acc, b_ptr, y_ptr, w_row, cols, n_ok, offs_m, m_ok, stride_ym, BLOCK_N: tl.constexpr,
+           BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """The transposed tile [BLOCK_N, BLOCK_M] to y[m, col], the bias added to the float32 sums (as cuBLAS's
+    epilogue adds it), rounded once. With ``SILU_AND_MUL``, the (gate, up) row pairs rounded so, then
+    ``silu_and_mul``'s numerics: silu in float32 with an IEEE division, rounded; then the product, rounded."""
+    dtype = y_ptr.dtype.element_ty
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    out = acc.to(y_ptr.dtype.element_ty)
-    ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+        acc += tl.load(b_ptr + w_row, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    out = acc.to(dtype)
+    if SILU_AND_MUL:
+        pairs = tl.permute(tl.reshape(out.to(tl.float32), (BLOCK_N // 2, 2, BLOCK_M)), (0, 2, 1))
+        gate, up = tl.split(pairs)
+        act = tl.math.div_rn(gate, 1.0 + _exp(-gate, LIBDEVICE)).to(dtype)
+        out = (act.to(tl.float32) * up).to(dtype)
+        cols = tl.max(tl.reshape(cols, (BLOCK_N // 2, 2)), 1)  # each pair's column
+        n_ok = tl.max(tl.reshape(n_ok.to(tl.int32), (BLOCK_N // 2, 2)), 1) > 0
+    ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + cols[:, None]
     tl.store(ptrs, out, mask=n_ok[:, None] & m_ok[None, :])
 
 
@@ -133,12 +154,16 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  tiles: LinearTiles | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for ``x`` of at most ``MAX_ROWS`` rows (over its last dimension). 16-bit inputs on
-    CUDA, any on the interpreter; ``tiles`` overrides ``choose_tiles`` (tests and tuning)."""
+                  silu_and_mul: bool = False, tiles: LinearTiles | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x`` of at most ``MAX_ROWS`` rows (over its last dimension); with
+    ``silu_and_mul``, SwiGLU's ``silu_and_mul`` of it (``weight`` is ``[gate | up]``, [2I, K] -> [..., I]), equal
+    bit for bit to the two calls. 16-bit inputs on CUDA, any on the interpreter; ``tiles`` overrides
+    ``choose_tiles`` (tests and tuning)."""
     n, k = weight.shape
     if x.shape[-1] != k:
         raise KernelArgumentError(f"skinny_linear: input width {x.shape[-1]} does not match the weight's {k}")
+    if silu_and_mul and n % 2:
+        raise KernelArgumentError(f"skinny_linear: silu_and_mul needs a [gate | up] weight, got {n} rows (odd)")
     rows = x.reshape(-1, k)
     m = rows.shape[0]
     if m > MAX_ROWS:
@@ -146,22 +171,25 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=weight.dtype, device=x.device)
+    width = n // 2 if silu_and_mul else n
+    y = torch.empty((*x.shape[:-1], width), dtype=weight.dtype, device=x.device)
     if m == 0:
         return y
+    # The same tiles and splits with or without the activation: a tile then holds half as many output columns,
+    # each computed as the plain layer computes it (the same K order), so the two agree bit for bit.
     t = tiles or choose_tiles(n, k, x.device)
     block_m = max(16, next_power_of_2(m))
     n_tiles = cdiv(n, t.block_n)
     k_per_split = cdiv(cdiv(k, t.split_k), t.block_k) * t.block_k
     ws = rows if t.split_k == 1 else torch.empty(n_tiles * t.split_k * t.block_n * block_m, dtype=torch.float32,
                                                   device=x.device)
-    y2 = y.view(m, n)
+    y2 = y.view(m, width)
     launch(
         _linear_kernel, (n_tiles, t.split_k),
         rows, weight, weight if bias is None else bias, y2, ws, _tickets(x.device, n_tiles),
         m, n, k, rows.stride(0), weight.stride(0), y2.stride(0), k_per_split,
         BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k, HAS_BIAS=bias is not None,
-        UPCAST=interpreter_upcast(x.device), **pdl_options(x.device),
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        SILU_AND_MUL=silu_and_mul, UPCAST=interpreter_upcast(x.device), LIBDEVICE=use_libdevice(x.device),
+        **pdl_options(x.device), num_warps=t.num_warps, num_stages=t.num_stages, enable_fp_fusion=False,
     )
     return y

@@ -168,20 +168,33 @@ def rotary_write_kv(
                                          k_cache, v_cache, slot_mapping, q_out)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``: cuBLAS (``torch.nn.functional.linear``), except while a CUDA graph is captured on a
-    GPU whose kernels launch as programmatic dependents (sm_90 and later), where 16-bit inputs of at most
-    ``triton_linear.MAX_ROWS`` rows (a decode step's) take ``triton_linear.skinny_linear``. Its launches overlap
-    their neighbours' on the device, which replays the graph; called eagerly, a Triton launch costs the host more
-    than cuBLAS's, so eager steps keep cuBLAS."""
-    if (x.is_cuda and x.numel() <= triton_linear.MAX_ROWS * x.shape[-1] and x.dtype in _SKINNY_DTYPES
+_SKINNY_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a linear layer takes ``triton_linear.skinny_linear``: while a CUDA graph is captured on a GPU whose
+    kernels launch as programmatic dependents (sm_90 and later), for 16-bit inputs of at most
+    ``triton_linear.MAX_ROWS`` rows (a decode step's). Its launches overlap their neighbours' on the device, which
+    replays the graph; called eagerly, a Triton launch costs the host more than cuBLAS's, so eager steps keep
+    cuBLAS."""
+    return (x.is_cuda and x.numel() <= triton_linear.MAX_ROWS * x.shape[-1] and x.dtype in _SKINNY_DTYPES
             and weight.dtype == x.dtype and torch.cuda.is_current_stream_capturing()
-            and triton_common.programmatic_launch(x.device)):
+            and triton_common.programmatic_launch(x.device))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``: cuBLAS (``torch.nn.functional.linear``), or our kernel where ``_skinny`` says."""
+    if _skinny(x, weight):
         return triton_linear.skinny_linear(x, weight, bias)
     return reference.linear(x, weight, bias)
 
 
-_SKINNY_DTYPES = (torch.float16, torch.bfloat16)
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu_and_mul(linear(x, weight, bias))`` (see the reference): where ``_skinny`` says, one launch of our
+    kernel with the activation in its epilogue (bit for bit the two calls); else cuBLAS, then ``silu_and_mul``."""
+    if _skinny(x, weight):
+        return triton_linear.skinny_linear(x, weight, bias, silu_and_mul=True)
+    return silu_and_mul(reference.linear(x, weight, bias))
 
 
 def write_kv(

@@ -30,7 +30,7 @@ if INTERPRETED:
     from test_kernels_triton import assert_close_ulps, assert_rotary_close
     from triton.runtime import interpreter
 
-    from kernels import triton_decode, triton_ops
+    from kernels import triton_decode, triton_linear, triton_ops
 
     _patch_lang_tensor = interpreter._patch_lang_tensor
 
@@ -563,3 +563,32 @@ def test_layer_ops_write_into_given_buffers(backend):
     with pytest.raises(KernelArgumentError, match="q_out must be"):
         ops.rotary_write_kv(positions, q, k, v, cos_sin, None, None, 1e-6, k_cache, v_cache, slots,
                             q_out=buffer[:3, :2])
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 5, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_matches_torch_linear(split_k, rows, bias):
+    """Every row and column of ``x @ W.T + b``, with widths that are no multiple of the tiles (masked edges), K
+    split into slices (the partials summed by the tile's last program; a slice past K adds nothing) or not."""
+    gen = torch.Generator().manual_seed(split_k * 100 + rows)
+    x, w = torch.randn(rows, 72, generator=gen), torch.randn(40, 72, generator=gen)
+    b = torch.randn(40, generator=gen) if bias else None
+    tiles = triton_linear.LinearTiles(block_n=16, block_k=16, split_k=split_k, num_stages=1, num_warps=1)
+    got = triton_linear.skinny_linear(x.view(1, rows, 72), w, b, tiles=tiles)
+    assert got.shape == (1, rows, 40)
+    torch.testing.assert_close(got[0], torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    again = triton_linear.skinny_linear(x, w, b, tiles=tiles)  # the tickets were reset for the next launch
+    assert torch.equal(again, got[0])
+    swiglu = triton_linear.skinny_linear(x, w, b, tiles=tiles, silu_and_mul=True)  # w as [gate | up]: 20 columns
+    assert torch.equal(swiglu, triton_ops.silu_and_mul(got[0]))
+
+
+def test_skinny_linear_refuses_what_it_does_not_take():
+    w = torch.randn(8, 16)
+    with pytest.raises(KernelArgumentError, match="at most 64 rows, got 65"):
+        triton_linear.skinny_linear(torch.randn(65, 16), w)
+    with pytest.raises(KernelArgumentError, match="input width 12 does not match the weight's 16"):
+        triton_linear.skinny_linear(torch.randn(3, 12), w)
+    with pytest.raises(KernelArgumentError, match=r"\[gate \| up\] weight, got 7 rows"):
+        triton_linear.skinny_linear(torch.randn(3, 16), torch.randn(7, 16), silu_and_mul=True)

@@ -21,7 +21,7 @@ from kernels import KernelArgumentError, load_backend, reference
 triton_ops = pytest.importorskip("kernels.triton_ops")
 triton_common = pytest.importorskip("kernels.triton_common")
 
-FUNCTIONS = ("write_kv", "prefill_attention", "decode_attention", "copy_blocks", "swap_blocks", "linear",
+FUNCTIONS = ("write_kv", "prefill_attention", "decode_attention", "copy_blocks", "swap_blocks", "linear", "linear_silu_and_mul",
              "rms_norm", "add_rms_norm", "silu_and_mul", "rotary_embedding", "rotary_write_kv", "repeatable")
 
 
@@ -707,8 +707,9 @@ def test_skinny_linear_tiles_depend_on_the_weight_alone(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (1536, 896)])
 def test_gpu_skinny_linear_is_as_accurate_as_cublas_and_batch_invariant(n, k):
-    """Against float32, each decode-sized batch's error is cuBLAS's (within 10%), with and without a bias; and each
-    row is its one-row result bit for bit, at every batch size up to 64."""
+    """Against float32, each decode-sized batch's error is cuBLAS's (within 10%), with and without a bias; with the
+    SwiGLU epilogue it equals ``silu_and_mul`` of the plain result bit for bit; and each row is its one-row result
+    bit for bit, at every batch size up to 64."""
     from kernels.triton_linear import skinny_linear
 
     gen = torch.Generator(device="cuda").manual_seed(n + k)
@@ -722,13 +723,15 @@ def test_gpu_skinny_linear_is_as_accurate_as_cublas_and_batch_invariant(n, k):
             err = lambda y: ((y.float() - want).norm() / want.norm()).item()  # noqa: E731
             got = skinny_linear(x[:m], w, bias)
             assert err(got) <= 1.1 * err(torch.nn.functional.linear(x[:m], w, bias)) + 1e-4, (m, bias is None)
+            assert torch.equal(skinny_linear(x[:m], w, bias, silu_and_mul=True), triton_ops.silu_and_mul(got))
         assert torch.equal(skinny_linear(x[:m], w), alone[:m]), m
 
 
 @pytest.mark.gpu
 def test_gpu_linear_takes_the_skinny_kernel_in_a_graph_capture_only():
-    """Captured, a decode-sized bf16 ``linear`` launches our kernel on sm_90+ (cuBLAS above 64 rows, for float32, or
-    before Hopper); eagerly it is cuBLAS's. The graph's replays give the kernel's result."""
+    """Captured, a decode-sized bf16 ``linear`` (and ``linear_silu_and_mul``) launches our kernel on sm_90+ (cuBLAS
+    above 64 rows, for float32, or before Hopper); eagerly it is cuBLAS's. The graph's replays give the kernel's
+    result."""
     from kernels.triton_linear import skinny_linear
 
     gen = torch.Generator(device="cuda").manual_seed(9)
@@ -741,16 +744,20 @@ def test_gpu_linear_takes_the_skinny_kernel_in_a_graph_capture_only():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        skinny_linear(small, w)  # compile before capture
+        skinny_linear(small, w), skinny_linear(small, w, silu_and_mul=True)  # compile before capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with triton_common.recording() as captured, torch.cuda.graph(graph):
-        outs = [triton_ops.linear(small, w), triton_ops.linear(big, w), triton_ops.linear(small.float(), w.float())]
-    assert [x.compiled.name for x in captured] == (["_linear_kernel"] if hopper else [])
+        outs = [triton_ops.linear(small, w), triton_ops.linear(big, w), triton_ops.linear(small.float(), w.float()),
+                triton_ops.linear_silu_and_mul(small, w), triton_ops.linear_silu_and_mul(big, w)]
+    skinny = [x.compiled.name for x in captured if x.compiled.name == "_linear_kernel"]
+    assert len(skinny) == (2 if hopper else 0)
     small.copy_(torch.randn(small.shape, device="cuda", generator=gen))
     graph.replay()
     assert torch.equal(outs[0], skinny_linear(small, w) if hopper else torch.nn.functional.linear(small, w))
     assert torch.equal(outs[1], torch.nn.functional.linear(big, w))
+    assert torch.equal(outs[3], triton_ops.silu_and_mul(outs[0]))
+    assert torch.equal(outs[4], triton_ops.silu_and_mul(outs[1]))
 
 
 @pytest.mark.gpu
@@ -778,6 +785,7 @@ def test_gpu_model_step_kernels_launch_as_programmatic_dependents_on_hopper():
         cos_sin = torch.randn(64, 64, device=dev, dtype=torch.bfloat16)
         triton_ops.rotary_embedding(torch.tensor([1, 2], device=dev), q, k[:2], cos_sin)
         skinny_linear(x, torch.ones(512, 256, device=dev, dtype=torch.bfloat16))
+        skinny_linear(x, torch.ones(512, 256, device=dev, dtype=torch.bfloat16), silu_and_mul=True)
     names = {x.compiled.name for x in launches}
     assert {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel", "_rms_norm_kernel",
             "_silu_and_mul_kernel", "_write_kv_kernel", "_rotary_kernel", "_linear_kernel"} <= names, names

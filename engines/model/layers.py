@@ -69,8 +69,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(local, hidden, bias=bias and tp.rank == 0)
 
     def forward(self, x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
-        gate_up = ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-        return self.tp.all_reduce(ops.linear(ops.silu_and_mul(gate_up), self.down_proj.weight, self.down_proj.bias))
+        act = ops.linear_silu_and_mul(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        return self.tp.all_reduce(ops.linear(act, self.down_proj.weight, self.down_proj.bias))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -7,7 +7,7 @@
 #   PART tests: the GPU tests session 14 could not run (kernels, step anatomy, vattention, kernel peers)
 #   PART check: the kernel GPU tests, step anatomy's, the engines' (test_gpu_model.py) and async scheduling's
 #   PART ab:    ab.py (decode steps at 64/32/16/8 running, engine CUDA events): OLD (a git archive of the session's
-#               start, 13df8ff) and this tree, old, new, old, new
+#               start, 13df8ff), MID (one of 0e05464) and this tree, in the order SIDES (default "old new"), twice
 #   PART serve: the serve workload offline (qwen3-0.6b, 512/128, paged), 64 and 16 closed-loop clients, seeds 0-2,
 #               old then new
 set -uo pipefail
@@ -15,7 +15,9 @@ out=${1:?output directory}; part=${2:?part}
 py=${PYTHON:-python3}
 here=$PWD/experiments/h100-2026-11-27-decode-gemm
 mkdir -p "$out"
-root_of() { if [ "$1" = old ]; then echo "${OLD:?OLD=dir of the old tree}"; else echo "$PWD"; fi; }
+root_of() {  # old: the session's start (13df8ff); mid: the GEMM without the SwiGLU epilogue (0e05464); new: this tree
+  case $1 in old) echo "${OLD:?OLD=dir of the old tree}";; mid) echo "${MID:?MID=dir of the mid tree}";; *) echo "$PWD";; esac
+}
 if [ "$part" = probe ]; then
   cp kernels/triton_linear.py "$out/kept_linear.py"
   cp $here/tried/triton_linear_prefetch.py.txt kernels/triton_linear.py
@@ -29,7 +31,7 @@ elif [ "$part" = check ]; then
       | grep -E "requests equal|agreeing|passed|failed|Error|assert" | tail -30 > "$out/check_model.log"
   tail -n 3 "$out"/check_*.log
 elif [ "$part" = ab ]; then
-  for pass in 1 2; do for side in old new; do
+  for pass in 1 2; do for side in ${SIDES:-old new}; do
     root=$(root_of $side)
     (cd "$root" && PYTHONPATH=$root:${PYTHONPATH:-} timeout 150 $py "$here/ab.py" "$side" 2>&1 \
         | grep -E "^AB|Error" | head -12)
@@ -38,7 +40,7 @@ elif [ "$part" = serve ]; then
   for clients in 64 16; do
     serve=(model=qwen3-0.6b engine=paged workload=fixed workload.num_requests=$((4 * clients)) workload.prompt.value=512
            workload.output.value=128 arrival=closed arrival.concurrency=$clients)
-    for side in old new; do
+    for side in ${SIDES:-old new}; do
       root=$(root_of $side)
       (cd "$root" && PYTHONPATH=$root:${PYTHONPATH:-} timeout 200 $py -m harness -m "${serve[@]}" seed=0,1,2 \
           reuse_engine=true name=offline${clients}_$side report=false \
