@@ -8,6 +8,8 @@
 #   PART check: the kernel GPU tests, step anatomy's, the engines' (test_gpu_model.py) and async scheduling's
 #   PART ab:    ab.py (decode steps at 64/32/16/8 running, engine CUDA events): OLD (a git archive of the session's
 #               start, 13df8ff), MID (one of 0e05464) and this tree, in the order SIDES (default "old new"), twice
+#   PART heads: throughput and seed_8b (python -m harness +experiment=EXP engine=contiguous,paged repeats=3;
+#               model.source=random for seed_8b), old then new
 #   PART serve: the serve workload offline (qwen3-0.6b, 512/128, paged), 64 and 16 closed-loop clients, seeds 0-2,
 #               old then new
 set -uo pipefail
@@ -49,6 +51,18 @@ elif [ "$part" = serve ]; then
   done | tee "$out/serve.log"
   $py "$here/summarize.py" "$out/runs" | tee -a "$out/serve.log"
   tar czf "$out/serve_runs.tgz" -C "$out" runs && rm -rf "$out/runs"
+elif [ "$part" = heads ]; then
+  for exp in throughput seed_8b; do
+    extra=(); [ $exp = seed_8b ] && extra=(model.source=random)
+    for side in old new; do
+      root=$(root_of $side)
+      (cd "$root" && PYTHONPATH=$root:${PYTHONPATH:-} timeout 240 $py -m harness +experiment=$exp \
+          engine=contiguous,paged repeats=3 report=false hydra.sweep.dir="$out/runs/${exp}_$side" "${extra[@]}" 2>&1 \
+          | grep -v WARNING | tail -1)
+    done
+  done | tee "$out/heads.log"
+  $py "$here/summarize.py" "$out/runs" | tee -a "$out/heads.log"
+  tar czf "$out/heads_runs.tgz" -C "$out" runs && rm -rf "$out/runs"
 elif [ "$part" = tests ]; then
   timeout 240 $py -m pytest -q -m gpu tests/test_kernels_triton.py 2>&1 | tail -3 | tee "$out/tests_kernels.log"
   timeout 240 $py -m pytest -q -m gpu tests/test_step_anatomy.py tests/test_gpu_vattention.py tests/test_kernel_peers.py \

@@ -1,4 +1,5 @@
-"""Old against new on the serve workload offline: medians with 95% bootstrap intervals (harness.bench.stats).
+"""Old against new on the serve workload offline, and on the head workloads: medians with 95% bootstrap intervals
+(harness.bench.stats).
 
 ``python summarize.py RUNS`` where RUNS holds ``offline{C}_old/`` and ``offline{C}_new/`` (Hydra sweeps, C clients), or a
 ``.tgz`` of that folder.
@@ -42,6 +43,26 @@ def table(runs: Path, clients: int) -> None:
         print(f"\nnew / old output tok/s: {r.value:.3f} [{r.low:.3f}-{r.high:.3f}]")
 
 
+def heads(runs: Path) -> None:
+    """The head workloads (``{exp}_{side}/``, both engines, 3 repeats each): medians per engine, old against new."""
+    for exp in ("throughput", "seed_8b"):
+        frames = {side: pd.concat([pd.read_parquet(f) for f in glob.glob(str(runs / f"{exp}_{side}" / "*" / "run.parquet"))],
+                                  ignore_index=True)
+                  for side in ("old", "new") if glob.glob(str(runs / f"{exp}_{side}" / "*" / "run.parquet"))}
+        if len(frames) < 2:
+            continue
+        print(f"\n{exp}\n\n| engine | side | n | output_tok_s | roofline_efficiency | new / old tok/s |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        for engine in sorted(frames["old"]["engine"].unique()):
+            d = {side: f[f["engine"] == engine] for side, f in frames.items()}
+            r = ratio_ci(d["new"]["output_tok_s"], d["old"]["output_tok_s"])
+            for side in ("old", "new"):
+                t, e = median_ci(d[side]["output_tok_s"]), median_ci(d[side]["roofline_efficiency"])
+                ratio = f"{r.value:.3f} [{r.low:.3f}-{r.high:.3f}]" if side == "new" else ""
+                print(f"| {engine} | {side} | {len(d[side])} | {t.value:,.0f} [{t.low:,.0f}-{t.high:,.0f}] | "
+                      f"{e.value:.1%} [{e.low:.1%}-{e.high:.1%}] | {ratio} |")
+
+
 if __name__ == "__main__":
     src = Path(sys.argv[1])
     if src.suffix == ".tgz":
@@ -49,6 +70,8 @@ if __name__ == "__main__":
             t.extractall(tmp, filter="data")
             for clients in (64, 16):
                 table(Path(tmp) / "runs", clients)
+            heads(Path(tmp) / "runs")
     else:
         for clients in (64, 16):
             table(src, clients)
+        heads(src)
