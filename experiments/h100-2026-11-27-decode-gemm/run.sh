@@ -10,6 +10,8 @@
 #               start, 13df8ff), MID (one of 0e05464) and this tree, in the order SIDES (default "old new"), twice
 #   PART heads: throughput and seed_8b (python -m harness +experiment=EXP engine=contiguous,paged repeats=3;
 #               model.source=random for seed_8b), old then new
+#   PART http:  this tree's serve workload offline, then through `harness serve` (two API processes,
+#               server.api_server_count=2) + `harness bench-serve`, seeds 0-2 each, twice over
 #   PART serve: the serve workload offline (qwen3-0.6b, 512/128, paged), 64 and 16 closed-loop clients, seeds 0-2,
 #               old then new
 set -uo pipefail
@@ -63,6 +65,23 @@ elif [ "$part" = heads ]; then
   done | tee "$out/heads.log"
   $py "$here/summarize.py" "$out/runs" | tee -a "$out/heads.log"
   tar czf "$out/heads_runs.tgz" -C "$out" runs && rm -rf "$out/runs"
+elif [ "$part" = http ]; then
+  serve=(model=qwen3-0.6b engine=paged workload=fixed workload.num_requests=256 workload.prompt.value=512
+         workload.output.value=128 arrival=closed arrival.concurrency=64)
+  for pass in 1 2; do
+    timeout 200 $py -m harness -m "${serve[@]}" seed=0,1,2 reuse_engine=true name=offline64_$pass report=false \
+        hydra.sweep.dir="$out/runs/offline64_$pass" 2>&1 | grep -E "sweep:" | tail -1
+    $py -m harness serve model=qwen3-0.6b engine=paged server.port=8000 server.api_server_count=2 \
+        > "$out/server_$pass.log" 2>&1 &
+    server=$!
+    for _ in $(seq 240); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 1; done
+    timeout 200 $py -m harness bench-serve -m --base-url http://127.0.0.1:8000 --model qwen3-0.6b \
+        --out "$out/runs/http64_$pass" "${serve[@]}" seed=0,1,2 name=http64_$pass report=false 2>&1 \
+        | grep -E "sweep:" | tail -1
+    kill -TERM $server; wait $server
+  done | tee "$out/http.log"
+  $py "$here/summarize.py" "$out/runs" | tee -a "$out/http.log"
+  tar czf "$out/http_runs.tgz" -C "$out" runs && rm -rf "$out/runs" "$out"/server_*.log
 elif [ "$part" = tests ]; then
   timeout 240 $py -m pytest -q -m gpu tests/test_kernels_triton.py 2>&1 | tail -3 | tee "$out/tests_kernels.log"
   timeout 240 $py -m pytest -q -m gpu tests/test_step_anatomy.py tests/test_gpu_vattention.py tests/test_kernel_peers.py \

@@ -63,6 +63,27 @@ def heads(runs: Path) -> None:
                       f"{e.value:.1%} [{e.low:.1%}-{e.high:.1%}] | {ratio} |")
 
 
+def http(runs: Path) -> None:
+    """The serve workload offline against through HTTP (``offline64_{pass}/``, ``http64_{pass}/``): this tree alone."""
+    sides = {}
+    for side in ("offline64", "http64"):
+        files = glob.glob(str(runs / f"{side}_*" / "**" / "run.parquet"), recursive=True)
+        if files:
+            sides[side] = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    if len(sides) < 2:
+        return
+    print("\nHTTP against offline (64 streams, two API processes)\n")
+    print("| path | n | output_tok_s | ttft_p95 | tpot_p50 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for side, d in sides.items():
+        t, f, p = median_ci(d["output_tok_s"]), median_ci(d["ttft_p95"]), median_ci(d["tpot_p50"])
+        print(f"| {side} | {len(d)} | {t.value:,.0f} [{t.low:,.0f}-{t.high:,.0f}] | {f.value:.4f} [{f.low:.4f}-{f.high:.4f}]"
+              f" | {p.value:.5f} [{p.low:.5f}-{p.high:.5f}] |")
+    for col in ("output_tok_s", "ttft_p95"):
+        r = ratio_ci(sides["http64"][col], sides["offline64"][col])
+        print(f"\nHTTP / offline {col}: {r.value:.3f} [{r.low:.3f}-{r.high:.3f}]")
+
+
 if __name__ == "__main__":
     src = Path(sys.argv[1])
     if src.suffix == ".tgz":
@@ -71,7 +92,9 @@ if __name__ == "__main__":
             for clients in (64, 16):
                 table(Path(tmp) / "runs", clients)
             heads(Path(tmp) / "runs")
+            http(Path(tmp) / "runs")
     else:
         for clients in (64, 16):
             table(src, clients)
         heads(src)
+        http(src)
