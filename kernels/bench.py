@@ -71,8 +71,10 @@ class Row:
     peer_status: str = ""
     # Decode with --peers: per call of Plan.graph_calls calls captured in one CUDA graph (median of replays).
     graph_us: float = math.nan
-    # Eager wall time per call at Plan.host_cases: at small batch, the host's launch cost.
+    # Eager wall time per call at Plan.host_cases: at small batch, the host's launch cost (the median of
+    # Plan.decode_passes interleaved passes of 200 calls, each pass's in host_us_passes).
     host_us: float = math.nan
+    host_us_passes: str = ""
     # Peers: time_us over our best (fastest of our paged and contiguous) in the same case; > 1: ours is faster.
     ratio_to_ours: float = math.nan
     # Prefill: achieved share of the measured bf16 matmul peak F.
@@ -326,8 +328,9 @@ def decode_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torc
                 timers |= {(*key, "graph"): measured(v, lambda fn: graph_us(fn, plan.graph_calls), "graph")
                            for key, v in variants.items() if v.fn}
         times = interleaved(timers, plan.decode_passes)
-        host = ({key: measured(v, eager_us, "host")() for key, v in variants.items() if v.fn}
-                if (batch, context) in plan.host_cases else {})
+        host_times = (interleaved({key: measured(v, eager_us, "host") for key, v in variants.items() if v.fn},
+                                  plan.decode_passes) if (batch, context) in plan.host_cases else {})
+        host = {key: median_us(t) for key, t in host_times.items()}
         medians = {key: median_us(t) for key, t in times.items()}
         best = _ours_best(medians, "decode")
         for key in order:
@@ -337,6 +340,7 @@ def decode_rows(plan: Plan, peaks: DevicePeaks, dtype: torch.dtype, device: torc
                       nbytes / (t * 1e-6) / peaks.read_bw_bytes_per_s, 0.0, v.config,
                       time_us_passes=format_passes(times.get(key, [])), peer_status=v.status,
                       graph_us=medians.get((*key, "graph"), math.nan), host_us=host.get(key, math.nan),
+                      host_us_passes=format_passes(host_times.get(key, [])),
                       ratio_to_ours=t / best if v.status else math.nan)
         del cache, timers, variants
 

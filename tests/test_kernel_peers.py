@@ -242,6 +242,7 @@ def test_decode_rows_put_peers_beside_ours(fake_bench):
     assert good.time_us == 8.0 and good.time_us_passes == "8.000;8.000;8.000"
     assert good.ratio_to_ours == pytest.approx(0.8)  # 8 us over our best, contiguous at 10
     assert good.graph_us == 7.0 and good.host_us == 100.0 and by_name["paged"].host_us == 50.0
+    assert by_name["paged"].host_us_passes == "50.000;50.000;50.000"  # the host cost too: a median of 3 passes
     assert by_name["flex"].peer_status.startswith("mismatch") and math.isnan(by_name["flex"].time_us)
     assert by_name["sdpa_flash"].peer_status == "unavailable: no flash here" and by_name["sdpa_flash"].block_size == 0
     assert by_name["sdpa_cudnn"].peer_status == "failed: RuntimeError: boom"
