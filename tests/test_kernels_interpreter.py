@@ -565,6 +565,7 @@ def test_layer_ops_write_into_given_buffers(backend):
                             q_out=buffer[:3, :2])
 
 
+@needs_interpreter
 @pytest.mark.parametrize("split_k", [1, 2, 3])
 @pytest.mark.parametrize("rows", [1, 5, 17])
 @pytest.mark.parametrize("bias", [False, True])
@@ -584,6 +585,7 @@ def test_skinny_linear_matches_torch_linear(split_k, rows, bias):
     assert torch.equal(swiglu, triton_ops.silu_and_mul(got[0]))
 
 
+@needs_interpreter
 def test_skinny_linear_refuses_what_it_does_not_take():
     w = torch.randn(8, 16)
     with pytest.raises(KernelArgumentError, match="at most 64 rows, got 65"):
