@@ -90,7 +90,9 @@ class _DecodeGraphs:
         pool = None
         for b in reversed(self.sizes):
             meta = self.metadata(b)
-            for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
+            # warm up outside the capture: Triton compiles, cuBLAS picks kernels, the decode-sized GEMM reserves its
+            # counters (kernels.triton_ops.linear; that GEMM itself runs, and compiles, only in the captures)
+            for _ in range(2):
                 runner.model(self.input_ids[:b], self.positions[:b], runner.kv_cache, meta)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()

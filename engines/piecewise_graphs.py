@@ -79,7 +79,7 @@ class PiecewiseGraphs:
         for b in reversed(self.sizes):  # largest first: smaller sizes reuse its pool's blocks
             pieces = self._pieces(b)
             if capture:
-                for piece in pieces:  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
+                for piece in pieces:  # warm up outside the capture, as _DecodeGraphs does
                     piece()
                 torch.cuda.synchronize()
                 graphs = []

@@ -252,17 +252,6 @@ def swap_blocks(
 # results rounded to the input dtype before the weight multiplies.
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A linear layer, ``x @ weight.T + bias`` (x: [..., K], weight: [N, K])."""
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """SwiGLU's gate and up projections with its activation: ``silu_and_mul(linear(x, weight, bias))``, the weight
-    ``[gate | up]`` ([2I, K]; x: [..., K] -> [..., I])."""
-    return silu_and_mul(linear(x, weight, bias))
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (x: [..., H], weight: [H])."""
     xf = x.float()
@@ -288,6 +277,20 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation: silu(gate) * up for gate_up = [gate | up] ([T, 2I] -> [T, I])."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+# The linear layers: torch's (cuBLAS on a GPU); the Triton backend's differ only inside a CUDA graph's capture.
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer, ``x @ weight.T + bias`` (x: [..., K], weight: [N, K])."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU's gate and up projections with its activation: ``silu_and_mul(linear(x, weight, bias))``, the weight
+    ``[gate | up]`` ([2I, K]; x: [..., K] -> [..., I])."""
+    return silu_and_mul(linear(x, weight, bias))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,15 @@ def add_rms_norm(
 
 
 @triton.jit
+def silu_mul(gate, up, DTYPE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """``silu(gate) * up`` of float32 values rounded from ``DTYPE``, in torch's numerics: silu as x / (1 + exp(-x)) in
+    float32 with an IEEE division, rounded to ``DTYPE``; then the product, rounded. Shared by ``silu_and_mul`` and
+    the decode GEMM's SwiGLU epilogue (``triton_linear``), which must agree bit for bit."""
+    act = tl.math.div_rn(gate, 1.0 + _exp(-gate, LIBDEVICE)).to(DTYPE)
+    return (act.to(tl.float32) * up).to(DTYPE)
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
     PDL: tl.constexpr,
@@ -174,10 +183,7 @@ def _silu_and_mul_kernel(
     gate_ptrs = gate_up_ptr + row * stride_in + cols
     gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_ptrs + n_cols, mask=mask, other=0.0).to(tl.float32)
-    # torch's silu: x / (1 + exp(-x)) in float32 with an IEEE division, rounded; then the product, rounded.
-    act = tl.math.div_rn(gate, 1.0 + _exp(-gate, LIBDEVICE)).to(out_ptr.dtype.element_ty)
-    out = act.to(tl.float32) * up
-    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_out + cols, silu_mul(gate, up, out_ptr.dtype.element_ty, LIBDEVICE), mask=mask)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

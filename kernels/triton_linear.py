@@ -17,12 +17,14 @@ the same at every batch size up to ``MAX_ROWS``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import triton_layers
 from kernels.checks import KernelArgumentError
 from kernels.triton_common import (
     cdiv,
@@ -33,10 +35,15 @@ from kernels.triton_common import (
     sm_count,
     wait_for_inputs,
 )
-from kernels.triton_layers import _exp, use_libdevice
+from kernels.triton_layers import silu_mul, use_libdevice
 
 # The most rows the kernel takes: above it a linear layer has enough rows to be cuBLAS's kind of GEMM.
 MAX_ROWS = 64
+# Weight rows per program (``choose_tiles``): 64 x 128 bf16 weight tiles, the best at every qwen3-0.6b projection.
+BLOCK_N = 64
+# The fewest batch rows a tile holds: tl.dot's smallest dimension.
+MIN_BLOCK_M = 16
+_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def choose_tiles(n: int, k: int, device: torch.device) -> LinearTiles:
     qkv and gate_up, 64 and 96 programs; in four for o and down, 64 programs:
     ``experiments/h100-2026-11-26-decode-step/probe_call1.log``): more programs cost more in partial sums than
     they gain in bandwidth."""
-    block_n, block_k = 64, 128
+    block_n, block_k = BLOCK_N, 128
     tiles = cdiv(n, block_n)
     split = 1
     while 2 * tiles * split <= sm_count(device) // 2 and cdiv(k, block_k * split * 2) >= 2:
@@ -125,7 +132,7 @@ def _store(acc, b_ptr, y_ptr, w_row, cols, n_ok, offs_m, m_ok, stride_ym, BLOCK_
            BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, LIBDEVICE: tl.constexpr):
     """The transposed tile [BLOCK_N, BLOCK_M] to y[m, col], the bias added to the float32 sums (as cuBLAS's
     epilogue adds it), rounded once. With ``SILU_AND_MUL``, the (gate, up) row pairs rounded so, then
-    ``silu_and_mul``'s numerics: silu in float32 with an IEEE division, rounded; then the product, rounded."""
+    ``silu_and_mul``'s numerics (``triton_layers.silu_mul``)."""
     dtype = y_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(b_ptr + w_row, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -133,24 +140,41 @@ def _store(acc, b_ptr, y_ptr, w_row, cols, n_ok, offs_m, m_ok, stride_ym, BLOCK_
     if SILU_AND_MUL:
         pairs = tl.permute(tl.reshape(out.to(tl.float32), (BLOCK_N // 2, 2, BLOCK_M)), (0, 2, 1))
         gate, up = tl.split(pairs)
-        act = tl.math.div_rn(gate, 1.0 + _exp(-gate, LIBDEVICE)).to(dtype)
-        out = (act.to(tl.float32) * up).to(dtype)
+        out = silu_mul(gate, up, dtype, LIBDEVICE)
         cols = tl.max(tl.reshape(cols, (BLOCK_N // 2, 2)), 1)  # each pair's column
         n_ok = tl.max(tl.reshape(n_ok.to(tl.int32), (BLOCK_N // 2, 2)), 1) > 0
     ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + cols[:, None]
     tl.store(ptrs, out, mask=n_ok[:, None] & m_ok[None, :])
 
 
+# Output tiles a launch may have: the ticket counters one array per device holds.
+MAX_TILES = 4096
 _TICKETS: dict[torch.device, torch.Tensor] = {}
 
 
-def _tickets(device: torch.device, count: int) -> torch.Tensor:
+def reserve(device: torch.device) -> None:
+    """Allocate ``device``'s ticket counters, zeroed, if it has none yet. Call it outside a CUDA graph's capture
+    before the first capture that launches the kernel: inside one, the allocation and its zeroing would be recorded
+    into the graph rather than done, and another graph could replay first over counters that were never zeroed."""
+    if device not in _TICKETS:
+        _TICKETS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+
+
+def reserved(device: torch.device) -> bool:
+    return device in _TICKETS
+
+
+def _tickets(device: torch.device, tiles: int) -> torch.Tensor:
     """The per-tile counters of a device, zero between launches (each launch's last programs reset theirs).
-    Kernels on one stream run in order, so one array serves every launch on it."""
-    have = _TICKETS.get(device)
-    if have is None or have.numel() < count:
-        have = _TICKETS[device] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-    return have
+    Kernels on one stream run in order, so one array serves every launch on it, graphs' replays included; launches
+    on two streams at once would share counters (nothing of ours does that)."""
+    if tiles > MAX_TILES:
+        raise KernelArgumentError(f"skinny_linear: {tiles} output tiles, more than its {MAX_TILES} ticket counters")
+    if device.type == "cuda" and not reserved(device) and torch.cuda.is_current_stream_capturing():
+        raise KernelArgumentError("skinny_linear: no ticket counters on this device yet; call "
+                                  "triton_linear.reserve(device) (or run the kernel once) before capturing a graph")
+    reserve(device)
+    return _TICKETS[device]
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -164,29 +188,35 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise KernelArgumentError(f"skinny_linear: input width {x.shape[-1]} does not match the weight's {k}")
     if silu_and_mul and n % 2:
         raise KernelArgumentError(f"skinny_linear: silu_and_mul needs a [gate | up] weight, got {n} rows (odd)")
-    rows = x.reshape(-1, k)
-    m = rows.shape[0]
+    if x.is_cuda and not (x.dtype in _DTYPES and weight.dtype == x.dtype):  # float32 would run as TF32
+        raise KernelArgumentError(f"skinny_linear takes fp16 or bf16 on CUDA, got {x.dtype} and {weight.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise KernelArgumentError(f"skinny_linear: bias of shape {tuple(bias.shape)}, wanted ({n},)")
+    m = math.prod(x.shape[:-1])
     if m > MAX_ROWS:
         raise KernelArgumentError(f"skinny_linear takes at most {MAX_ROWS} rows, got {m}")
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    if m == 0 or k == 0:  # nothing to launch: the rows are empty or sums of nothing (the bias alone)
+        y = torch.nn.functional.linear(x, weight, bias)
+        return triton_layers.silu_and_mul(y) if silu_and_mul else y
+    rows = x.reshape(m, k)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
     width = n // 2 if silu_and_mul else n
     y = torch.empty((*x.shape[:-1], width), dtype=weight.dtype, device=x.device)
-    if m == 0:
-        return y
     # The same tiles and splits with or without the activation: a tile then holds half as many output columns,
     # each computed as the plain layer computes it (the same K order), so the two agree bit for bit.
     t = tiles or choose_tiles(n, k, x.device)
-    block_m = max(16, next_power_of_2(m))
+    block_m = max(MIN_BLOCK_M, next_power_of_2(m))
     n_tiles = cdiv(n, t.block_n)
     k_per_split = cdiv(cdiv(k, t.split_k), t.block_k) * t.block_k
-    ws = rows if t.split_k == 1 else torch.empty(n_tiles * t.split_k * t.block_n * block_m, dtype=torch.float32,
-                                                  device=x.device)
+    split = t.split_k > 1  # else the workspace and the counters are placeholders, never touched
+    ws = torch.empty(n_tiles * t.split_k * t.block_n * block_m, dtype=torch.float32, device=x.device) if split else rows
+    tickets = _tickets(x.device, n_tiles) if split else rows
     y2 = y.view(m, width)
     launch(
         _linear_kernel, (n_tiles, t.split_k),
-        rows, weight, weight if bias is None else bias, y2, ws, _tickets(x.device, n_tiles),
+        rows, weight, weight if bias is None else bias, y2, ws, tickets,
         m, n, k, rows.stride(0), weight.stride(0), y2.stride(0), k_per_split,
         BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k, HAS_BIAS=bias is not None,
         SILU_AND_MUL=silu_and_mul, UPCAST=interpreter_upcast(x.device), LIBDEVICE=use_libdevice(x.device),

@@ -168,23 +168,30 @@ def rotary_write_kv(
                                          k_cache, v_cache, slot_mapping, q_out)
 
 
-_SKINNY_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether a linear layer takes ``triton_linear.skinny_linear``: while a CUDA graph is captured on a GPU whose
     kernels launch as programmatic dependents (sm_90 and later), for 16-bit inputs of at most
     ``triton_linear.MAX_ROWS`` rows (a decode step's). Its launches overlap their neighbours' on the device, which
     replays the graph; called eagerly, a Triton launch costs the host more than cuBLAS's, so eager steps keep
+    cuBLAS. The two round differently, so a replayed step and an eager one of the same rows may differ in the last
+    bits (docs/methodology.md, "What a comparison holds equal"). An eager call that a capture would give the kernel
+    reserves the kernel's ticket counters (``triton_linear.reserve``): graphs are captured after eager warm-up runs
+    of the same shapes, and a capture must not allocate them. A capture that finds none (no warm-up) keeps
     cuBLAS."""
-    return (x.is_cuda and x.numel() <= triton_linear.MAX_ROWS * x.shape[-1] and x.dtype in _SKINNY_DTYPES
-            and weight.dtype == x.dtype and torch.cuda.is_current_stream_capturing()
-            and triton_common.programmatic_launch(x.device))
+    if not (x.is_cuda and x.numel() <= triton_linear.MAX_ROWS * x.shape[-1]
+            and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+            and weight.shape[0] <= triton_linear.MAX_TILES * triton_linear.BLOCK_N
+            and triton_common.programmatic_launch(x.device)):
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return triton_linear.reserved(x.device)
+    triton_linear.reserve(x.device)
+    return False
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``: cuBLAS (``torch.nn.functional.linear``), or our kernel where ``_skinny`` says."""
-    if _skinny(x, weight):
+    if _skinny(x, weight, bias):
         return triton_linear.skinny_linear(x, weight, bias)
     return reference.linear(x, weight, bias)
 
@@ -192,7 +199,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(linear(x, weight, bias))`` (see the reference): where ``_skinny`` says, one launch of our
     kernel with the activation in its epilogue (bit for bit the two calls); else cuBLAS, then ``silu_and_mul``."""
-    if _skinny(x, weight):
+    if _skinny(x, weight, bias):
         return triton_linear.skinny_linear(x, weight, bias, silu_and_mul=True)
     return silu_and_mul(reference.linear(x, weight, bias))
 

@@ -566,17 +566,19 @@ def test_layer_ops_write_into_given_buffers(backend):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("split_k", [1, 2, 3])
+@pytest.mark.parametrize("split_k", [1, 2, 3, 4])
 @pytest.mark.parametrize("rows", [1, 5, 17])
+@pytest.mark.parametrize("k", [72, 33])
 @pytest.mark.parametrize("bias", [False, True])
-def test_skinny_linear_matches_torch_linear(split_k, rows, bias):
-    """Every row and column of ``x @ W.T + b``, with widths that are no multiple of the tiles (masked edges), K
-    split into slices (the partials summed by the tile's last program; a slice past K adds nothing) or not."""
-    gen = torch.Generator().manual_seed(split_k * 100 + rows)
-    x, w = torch.randn(rows, 72, generator=gen), torch.randn(40, 72, generator=gen)
+def test_skinny_linear_matches_torch_linear(split_k, rows, k, bias):
+    """Every row and column of ``x @ W.T + b``, with widths that are no multiple of the tiles (masked edges), rows
+    strided in memory, K split into slices (the partials summed by the tile's last program; at K = 33 in four, the
+    last slice lies wholly past K and adds nothing) or not; and SwiGLU's epilogue."""
+    gen = torch.Generator().manual_seed(split_k * 100 + rows + k)
+    x, w = torch.randn(rows, k + 7, generator=gen)[:, :k], torch.randn(40, k, generator=gen)
     b = torch.randn(40, generator=gen) if bias else None
     tiles = triton_linear.LinearTiles(block_n=16, block_k=16, split_k=split_k, num_stages=1, num_warps=1)
-    got = triton_linear.skinny_linear(x.view(1, rows, 72), w, b, tiles=tiles)
+    got = triton_linear.skinny_linear(x.unsqueeze(0), w, b, tiles=tiles)
     assert got.shape == (1, rows, 40)
     torch.testing.assert_close(got[0], torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
     again = triton_linear.skinny_linear(x, w, b, tiles=tiles)  # the tickets were reset for the next launch
@@ -586,7 +588,7 @@ def test_skinny_linear_matches_torch_linear(split_k, rows, bias):
 
 
 @needs_interpreter
-def test_skinny_linear_refuses_what_it_does_not_take():
+def test_skinny_linear_refuses_what_it_does_not_take_and_launches_nothing_for_empty_sums():
     w = torch.randn(8, 16)
     with pytest.raises(KernelArgumentError, match="at most 64 rows, got 65"):
         triton_linear.skinny_linear(torch.randn(65, 16), w)
@@ -594,3 +596,8 @@ def test_skinny_linear_refuses_what_it_does_not_take():
         triton_linear.skinny_linear(torch.randn(3, 12), w)
     with pytest.raises(KernelArgumentError, match=r"\[gate \| up\] weight, got 7 rows"):
         triton_linear.skinny_linear(torch.randn(3, 16), torch.randn(7, 16), silu_and_mul=True)
+    with pytest.raises(KernelArgumentError, match=r"bias of shape \(4,\), wanted \(8,\)"):
+        triton_linear.skinny_linear(torch.randn(3, 16), w, torch.randn(4))
+    b = torch.randn(8)
+    assert torch.equal(triton_linear.skinny_linear(torch.randn(3, 0), torch.randn(8, 0), b), b.expand(3, 8))
+    assert triton_linear.skinny_linear(torch.randn(0, 16), w).shape == (0, 8)

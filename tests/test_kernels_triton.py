@@ -688,7 +688,6 @@ def test_linear_off_a_graph_is_torchs():
     gen = torch.Generator().manual_seed(5)
     x, w, b = torch.randn(3, 16, generator=gen), torch.randn(8, 16, generator=gen), torch.randn(8, generator=gen)
     assert torch.equal(triton_ops.linear(x, w, b), torch.nn.functional.linear(x, w, b))
-    assert torch.equal(triton_ops.linear(x, w), reference.linear(x, w))
 
 
 def test_skinny_linear_tiles_depend_on_the_weight_alone(monkeypatch):
@@ -702,6 +701,19 @@ def test_skinny_linear_tiles_depend_on_the_weight_alone(monkeypatch):
               for shape in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (28672, 4096), (4096, 14336))}
     assert list(splits.values()) == [1, 4, 1, 4, 1, 1]
     assert "rows" not in inspect.signature(triton_linear.choose_tiles).parameters
+
+
+def test_skinny_linear_never_allocates_its_counters_inside_a_capture(monkeypatch):
+    """A capture would record the counters' allocation and zeroing instead of doing them: one that finds none is
+    refused with what to do, and so is a launch with more output tiles than the counters."""
+    from kernels import triton_linear
+
+    monkeypatch.setattr(triton_linear, "_TICKETS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(KernelArgumentError, match=r"call triton_linear.reserve\(device\)"):
+        triton_linear._tickets(torch.device("cuda", 0), 4)
+    with pytest.raises(KernelArgumentError, match="4097 output tiles, more than its 4096 ticket counters"):
+        triton_linear._tickets(torch.device("cpu"), triton_linear.MAX_TILES + 1)
 
 
 @pytest.mark.gpu
@@ -725,27 +737,41 @@ def test_gpu_skinny_linear_is_as_accurate_as_cublas_and_batch_invariant(n, k):
             assert err(got) <= 1.1 * err(torch.nn.functional.linear(x[:m], w, bias)) + 1e-4, (m, bias is None)
             assert torch.equal(skinny_linear(x[:m], w, bias, silu_and_mul=True), triton_ops.silu_and_mul(got))
         assert torch.equal(skinny_linear(x[:m], w), alone[:m]), m
+    with pytest.raises(KernelArgumentError, match="fp16 or bf16 on CUDA"):  # float32 would run as TF32
+        skinny_linear(x.float(), w.float())
 
 
 @pytest.mark.gpu
-def test_gpu_linear_takes_the_skinny_kernel_in_a_graph_capture_only():
+def test_gpu_linear_takes_the_skinny_kernel_in_a_graph_capture_only(monkeypatch):
     """Captured, a decode-sized bf16 ``linear`` (and ``linear_silu_and_mul``) launches our kernel on sm_90+ (cuBLAS
-    above 64 rows, for float32, or before Hopper); eagerly it is cuBLAS's. The graph's replays give the kernel's
-    result."""
+    above 64 rows, for float32, or before Hopper); eagerly it is cuBLAS's, and it reserves the kernel's ticket
+    counters for the captures to come; a capture before any such eager call keeps cuBLAS. The graph's replays give
+    the kernel's result."""
+    from kernels import triton_linear
     from kernels.triton_linear import skinny_linear
 
+    monkeypatch.setattr(triton_linear, "_TICKETS", {})  # as in a process that has not run the kernel yet
     gen = torch.Generator(device="cuda").manual_seed(9)
     w = torch.randn(256, 128, device="cuda", generator=gen).to(torch.bfloat16)
     small, big = (torch.randn(m, 128, device="cuda", generator=gen).to(torch.bfloat16) for m in (8, 65))
     hopper = torch.cuda.get_device_capability() >= (9, 0)
+
+    def captured_kernels() -> list[str]:
+        graph = torch.cuda.CUDAGraph()
+        with triton_common.recording() as captured, torch.cuda.graph(graph):
+            triton_ops.linear(small, w)
+        return [x.compiled.name for x in captured]
+
+    assert captured_kernels() == [] and not triton_linear.reserved(small.device)
     with triton_common.recording() as eager:
         triton_ops.linear(small, w)
-    assert eager == []
+    assert eager == [] and triton_linear.reserved(small.device) == hopper
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         skinny_linear(small, w), skinny_linear(small, w, silu_and_mul=True)  # compile before capture
     torch.cuda.current_stream().wait_stream(stream)
+    assert captured_kernels() == (["_linear_kernel"] if hopper else [])
     graph = torch.cuda.CUDAGraph()
     with triton_common.recording() as captured, torch.cuda.graph(graph):
         outs = [triton_ops.linear(small, w), triton_ops.linear(big, w), triton_ops.linear(small.float(), w.float()),
@@ -784,8 +810,9 @@ def test_gpu_model_step_kernels_launch_as_programmatic_dependents_on_hopper():
         triton_ops.write_kv(k[:2], k[:2], k, k, torch.tensor([5, 9], device=dev), validate=False)
         cos_sin = torch.randn(64, 64, device=dev, dtype=torch.bfloat16)
         triton_ops.rotary_embedding(torch.tensor([1, 2], device=dev), q, k[:2], cos_sin)
-        skinny_linear(x, torch.ones(512, 256, device=dev, dtype=torch.bfloat16))
-        skinny_linear(x, torch.ones(512, 256, device=dev, dtype=torch.bfloat16), silu_and_mul=True)
+        wide = torch.randn(3, 1024, device=dev, dtype=torch.bfloat16)  # K split in four: the partials' path too
+        skinny_linear(wide, torch.ones(512, 1024, device=dev, dtype=torch.bfloat16))
+        skinny_linear(wide, torch.ones(512, 1024, device=dev, dtype=torch.bfloat16), silu_and_mul=True)
     names = {x.compiled.name for x in launches}
     assert {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel", "_rms_norm_kernel",
             "_silu_and_mul_kernel", "_write_kv_kernel", "_rotary_kernel", "_linear_kernel"} <= names, names

@@ -37,7 +37,8 @@ class Attention(nn.Module):
             slot_mapping: torch.Tensor, ops: ModuleType, q_out: torch.Tensor | None = None) -> torch.Tensor:
         """The rotated queries [T, heads, head_dim] (in ``q_out`` if given); the step's keys and values go straight
         to the cache at ``slot_mapping`` (a negative slot writes nothing)."""
-        q, k, v = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -66,4 +67,4 @@ class Attention(nn.Module):
 
     def project(self, out: torch.Tensor, ops: ModuleType) -> torch.Tensor:
         """The output projection of attention's rows (their partial sums joined over the ranks)."""
-        return self.tp.all_reduce(ops.linear(out.view(-1, self.q_size), self.o_proj.weight))
+        return self.tp.all_reduce(ops.linear(out.view(-1, self.q_size), self.o_proj.weight, self.o_proj.bias))
