@@ -171,8 +171,9 @@ def rotary_write_kv(
 def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether a linear layer takes ``triton_linear.skinny_linear``: while a CUDA graph is captured on a GPU whose
     kernels launch as programmatic dependents (sm_90 and later), for 16-bit inputs of at most
-    ``triton_linear.MAX_ROWS`` rows (a decode step's). Its launches overlap their neighbours' on the device, which
-    replays the graph; called eagerly, a Triton launch costs the host more than cuBLAS's, so eager steps keep
+    ``triton_linear.MAX_ROWS`` rows (a decode step's). What it saves is its launches' overlap with their
+    neighbours' on the device, which shows where the graph's replay keeps the host off the critical path; eager
+    steps, whose Triton launches cost the host 23-35 µs each (experiments/h100-2026-11-26-roofline/), keep
     cuBLAS. The two round differently, so a replayed step and an eager one of the same rows may differ in the last
     bits (docs/methodology.md, "What a comparison holds equal"). An eager call that a capture would give the kernel
     reserves the kernel's ticket counters (``triton_linear.reserve``): graphs are captured after eager warm-up runs
