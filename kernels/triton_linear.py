@@ -39,11 +39,13 @@ from kernels.triton_layers import silu_mul, use_libdevice
 
 # The most rows the kernel takes: above it a linear layer has enough rows to be cuBLAS's kind of GEMM.
 MAX_ROWS = 64
-# Weight rows per program (``choose_tiles``): 64 x 128 bf16 weight tiles, the best at every qwen3-0.6b projection.
-BLOCK_N = 64
+# Weight rows and K columns per program step (``choose_tiles``): 64 x 128 weight tiles, the best at every
+# qwen3-0.6b projection.
+BLOCK_N, BLOCK_K = 64, 128
 # The fewest batch rows a tile holds: tl.dot's smallest dimension.
 MIN_BLOCK_M = 16
-_DTYPES = (torch.float16, torch.bfloat16)
+# What it takes on CUDA (float32 would run as TF32).
+DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def choose_tiles(n: int, k: int, device: torch.device) -> LinearTiles:
     qkv and gate_up, 64 and 96 programs; in four for o and down, 64 programs:
     ``experiments/h100-2026-11-26-decode-step/probe_call1.log``): more programs cost more in partial sums than
     they gain in bandwidth."""
-    block_n, block_k = BLOCK_N, 128
+    block_n, block_k = BLOCK_N, BLOCK_K
     tiles = cdiv(n, block_n)
     split = 1
     while 2 * tiles * split <= sm_count(device) // 2 and cdiv(k, block_k * split * 2) >= 2:
@@ -147,8 +149,10 @@ def _store(acc, b_ptr, y_ptr, w_row, cols, n_ok, offs_m, m_ok, stride_ym, BLOCK_
     tl.store(ptrs, out, mask=n_ok[:, None] & m_ok[None, :])
 
 
-# Output tiles a launch may have: the ticket counters one array per device holds.
+# Output tiles a launch may have: the ticket counters one array per device holds; with ``choose_tiles``, a weight
+# of up to MAX_WEIGHT_ROWS rows.
 MAX_TILES = 4096
+MAX_WEIGHT_ROWS = MAX_TILES * BLOCK_N
 _TICKETS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -188,7 +192,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise KernelArgumentError(f"skinny_linear: input width {x.shape[-1]} does not match the weight's {k}")
     if silu_and_mul and n % 2:
         raise KernelArgumentError(f"skinny_linear: silu_and_mul needs a [gate | up] weight, got {n} rows (odd)")
-    if x.is_cuda and not (x.dtype in _DTYPES and weight.dtype == x.dtype):  # float32 would run as TF32
+    if x.is_cuda and not (x.dtype in DTYPES and weight.dtype == x.dtype):
         raise KernelArgumentError(f"skinny_linear takes fp16 or bf16 on CUDA, got {x.dtype} and {weight.dtype}")
     if bias is not None and bias.shape != (n,):
         raise KernelArgumentError(f"skinny_linear: bias of shape {tuple(bias.shape)}, wanted ({n},)")

@@ -180,9 +180,8 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     of the same shapes, and a capture must not allocate them. A capture that finds none (no warm-up) keeps
     cuBLAS."""
     if not (x.is_cuda and x.numel() <= triton_linear.MAX_ROWS * x.shape[-1]
-            and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
-            and (bias is None or bias.dtype == x.dtype)
-            and weight.shape[0] <= triton_linear.MAX_TILES * triton_linear.BLOCK_N
+            and x.dtype in triton_linear.DTYPES and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and weight.shape[0] <= triton_linear.MAX_WEIGHT_ROWS
             and triton_common.programmatic_launch(x.device)):
         return False
     if torch.cuda.is_current_stream_capturing():
