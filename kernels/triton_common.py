@@ -1,9 +1,9 @@
 """Triton building blocks shared by our kernels: the attention kernels' addressing and tiles, and every model-step
 kernel's launch as a programmatic dependent.
 
-Paged and contiguous addressing differ only in ``token_slots``, selected by the
-``PAGED`` constexpr, so the two variants compile from one kernel body and a benchmark
-of one against the other measures the addressing alone.
+Paged and contiguous addressing differ only in ``tile_blocks`` and ``tile_slots``, selected by the
+``PAGED`` constexpr, so the two variants compile from one kernel body, with the same Triton options, and a
+benchmark of one against the other measures the addressing alone.
 """
 
 from __future__ import annotations
@@ -95,20 +95,6 @@ def interpreter_upcast(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def pipeline_stages(kv_stages: int, paged: bool) -> int:
-    """Triton ``num_stages`` for a K/V pipeline ``kv_stages`` deep (prefill; decode loads its
-    block-table entries a tile ahead itself, see ``triton_decode``).
-
-    Paged addressing needs one stage more: Triton's pipeliner then copies the block-table
-    entries asynchronously one stage before the K/V tiles they address (checked in the sm_90
-    SASS: no block-table load in the loop waits before a K/V copy). With equal stages it loads
-    them in the same stage as the K/V copies, which wait on them every tile: a memory latency
-    per tile that a small batch cannot hide. Both variants then buffer the same K/V tiles and
-    use the same shared memory, so a paged-vs-contiguous timing measures the addressing.
-    """
-    return kv_stages + 1 if paged else kv_stages
-
-
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
     """The first statement of each kernel of a model step (the layers', attention's, the cache write's; launched with
@@ -154,12 +140,6 @@ def tile_slots(blocks, start, pos, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr
 
 
 @triton.jit
-def token_slots(table, start, pos, mask, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr):
-    """Cache slot (int64) of each token position ``pos`` of one sequence."""
-    return tile_slots(tile_blocks(table, pos, mask, BLOCK_SIZE, PAGED), start, pos, BLOCK_SIZE, PAGED)
-
-
-@triton.jit
 def mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``a @ b`` with fp32 accumulation."""
     if UPCAST:
@@ -168,26 +148,35 @@ def mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def attend_tile(
-    q, acc, m_i, l_i,
-    k_base, v_base, table, start_slot, start, limit, q_pos, lo, window,
+def attend_tiles(
+    q, acc, m_i, l_i, blocks,
+    k_base, v_base, table, start_slot, first, end, step, limit, q_pos, lo, window,
     stride_ks, stride_vs, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
     BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One online-softmax step over the keys ``start .. start+BLOCK_N`` (``m_i`` in log2 units).
+    """``attend_slots`` over the tiles of ``BLOCK_N`` keys that start at ``first, first + step, ...`` before ``end``
+    (``m_i`` in log2 units). ``blocks`` holds the first tile's ``tile_blocks`` entries; each next tile's are loaded,
+    masked by ``limit``, while this one is attended (software pipelining by hand), and the last ones loaded are
+    returned with the state: the entries of the tile at ``end``, where a following range starts.
 
-    ``BOUNDED`` masks keys at or past ``limit``; ``CAUSAL`` also masks keys after each
-    query's position ``q_pos``; ``WINDOWED`` (a bounded tile) masks keys before ``lo`` too, and,
-    causal, keys at or before each query's ``q_pos - window``. Full interior tiles skip the masks.
-    """
-    pos = start + tl.arange(0, BLOCK_N)
-    slots = token_slots(table, start_slot, pos, pos < limit, BLOCK_SIZE, PAGED)
-    return attend_slots(
-        q, acc, m_i, l_i, k_base, v_base, slots, pos, limit, q_pos, lo, window, stride_ks, stride_vs, qk_scale,
-        HEAD_DIM, BOUNDED, CAUSAL, WINDOWED, UPCAST, PRECISION,
-    )
+    Loaded inside the tile, the entries would be a load that the K/V copies depend on: Triton's pipeliner then
+    buffers one K/V tile fewer for the paged variant than for the contiguous one at the same ``num_stages``
+    (sm_90, Triton 3.6; ``tests/test_kernels_sm90.py`` compiles both and compares their shared memory). Loaded a
+    tile ahead, both addressings compile with the same options and buffer the same K/V tiles."""
+    offs = tl.arange(0, BLOCK_N)
+    for start in range(first, end, step):
+        pos = start + offs
+        nxt = pos + step
+        next_blocks = tile_blocks(table, nxt, nxt < limit, BLOCK_SIZE, PAGED)
+        acc, m_i, l_i = attend_slots(
+            q, acc, m_i, l_i, k_base, v_base, tile_slots(blocks, start_slot, pos, BLOCK_SIZE, PAGED), pos, limit,
+            q_pos, lo, window, stride_ks, stride_vs, qk_scale,
+            HEAD_DIM, BOUNDED, CAUSAL, WINDOWED, UPCAST, PRECISION,
+        )
+        blocks = next_blocks
+    return acc, m_i, l_i, blocks
 
 
 @triton.jit
@@ -198,8 +187,12 @@ def attend_slots(
     HEAD_DIM: tl.constexpr, BOUNDED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``attend_tile`` over the key positions ``pos`` stored at the cache ``slots``. Keys a window hides are
-    never loaded: their memory may be gone (a freed block, an unmapped page)."""
+    """One online-softmax step over the keys at positions ``pos``, stored at the cache ``slots``.
+
+    ``BOUNDED`` masks keys at or past ``limit``; ``CAUSAL`` also masks keys after each query's position ``q_pos``;
+    ``WINDOWED`` (a bounded tile) masks keys before ``lo`` too, and, causal, keys at or before each query's
+    ``q_pos - window``. Full interior tiles skip the masks. Keys a window hides are never loaded: their memory may
+    be gone (a freed block, an unmapped page)."""
     dims = tl.arange(0, HEAD_DIM)
     valid = pos < limit
     if WINDOWED:

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels.triton_common import (
     LOG2E,
-    attend_slots,
+    attend_tiles,
     cdiv,
     dot_precision,
     interpreter_upcast,
@@ -28,7 +28,6 @@ from kernels.triton_common import (
     sequence_base,
     sm_count,
     tile_blocks,
-    tile_slots,
     wait_for_inputs,
 )
 
@@ -38,7 +37,7 @@ class DecodeConfig:
     block_n: int
     num_warps: int
     # Triton ``num_stages``, the same for both addressings: the kernel loads the block-table
-    # entries one tile ahead itself, so paging needs no pipeline stage of its own.
+    # entries one tile ahead itself (``triton_common.attend_tiles``), so paging needs no pipeline stage of its own.
     num_stages: int
     # Programs to aim for per SM when choosing the split count: enough to hide a wave tail.
     waves: int = 3
@@ -121,18 +120,11 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
-    for start in range(first, seq_len, step):
-        # The next tile's entries are loaded one tile ahead (software pipelining by hand).
-        pos = start + offs
-        nxt = pos + step
-        next_blocks = tile_blocks(table, nxt, nxt < seq_len, BLOCK_SIZE, PAGED)
-        slots = tile_slots(blocks, start_slot, pos, BLOCK_SIZE, PAGED)
-        acc, m_i, l_i = attend_slots(
-            q, acc, m_i, l_i, k_base, v_base, slots, pos, seq_len, rows, lo, window,
-            stride_ks, stride_vs, qk_scale,
-            HEAD_DIM, True, False, WINDOWED, UPCAST, PRECISION,
-        )
-        blocks = next_blocks
+    acc, m_i, l_i, blocks = attend_tiles(
+        q, acc, m_i, l_i, blocks, k_base, v_base, table, start_slot, first, seq_len, step, seq_len, rows, lo, window,
+        stride_ks, stride_vs, qk_scale,
+        BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, False, WINDOWED, UPCAST, PRECISION,
+    )
 
     # An empty slice (or an empty sequence) leaves l_i == 0: it contributes nothing.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -16,14 +16,14 @@ import triton.language as tl
 
 from kernels.triton_common import (
     LOG2E,
-    attend_tile,
+    attend_tiles,
     cdiv,
     dot_precision,
     interpreter_upcast,
     launch,
-    pipeline_stages,
     pdl_options,
     sequence_base,
+    tile_blocks,
     wait_for_inputs,
 )
 
@@ -33,7 +33,7 @@ class PrefillConfig:
     block_m: int
     block_n: int
     num_warps: int
-    num_stages: int  # K/V pipeline depth (``pipeline_stages`` adds paging's stage)
+    num_stages: int  # Triton's, the same for both addressings (see ``triton_common.attend_tiles``)
 
 
 # Keys per sequence (a host-side bound) up to which 16-bit prefill takes the small tile.
@@ -44,12 +44,13 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device, max_
                    ) -> PrefillConfig:
     """Tile shape for ``head_dim`` and the longest sequence, from the compiler's register report for sm_90 (no
     spills for 16-bit types; fp32's split tf32 products get small tiles and still spill a little) and H100 sweeps
-    (``python -m kernels.bench --sections tune``; ``experiments/h100-2026-11-26-roofline/``). For 16-bit types
-    and head_dim <= 128, sequences of at most ``SHORT_SEQUENCE`` keys take 64 x 32 tiles: a query tile then has
-    few key tiles to loop over, and more, smaller programs fill the device (16 x 512: 149 µs contiguous and 171
-    µs paged against 181 and 211 with 128 x 128 tiles). Longer ones take 128 x 128 tiles three K/V stages deep
-    (1 x 4,096: 312 and 394 µs, against 334 and 397 two deep). The choice depends on shapes alone, never on the
-    addressing: both run the same pipeline."""
+    (``python -m kernels.bench --sections tune``; ``experiments/h100-2026-11-26-roofline/``, and for both
+    addressings at seven tiles ``experiments/h100-2026-11-27-prefill/``). For 16-bit types and head_dim <= 128,
+    sequences of at most ``SHORT_SEQUENCE`` keys take 64 x 32 tiles: a query tile then has few key tiles to loop
+    over, and more, smaller programs fill the device (16 x 512: 149 µs contiguous and 162 µs paged against 187 and
+    205 with 128 x 128 tiles). Longer ones take 128 x 128 tiles three K/V stages deep (1 x 4,096: 317 and 347 µs,
+    against 334 and 374 two deep). The choice depends on shapes alone, never on the addressing: both compile with
+    the same options."""
     if device.type != "cuda":
         return PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
@@ -95,31 +96,33 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    offs = tl.arange(0, BLOCK_N)
     diag_end = tl.minimum(context + m0 + BLOCK_M, seq_len)
     if WINDOWED:
         # A sliding window: keys from the first one the tile's first row sees, every tile masked.
         lo = tl.maximum(context + m0 - window + 1, 0)
-        for start in range(lo // BLOCK_N * BLOCK_N, diag_end, BLOCK_N):
-            acc, m_i, l_i = attend_tile(
-                q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, diag_end, q_pos, lo, window,
-                stride_ks, stride_vs, qk_scale,
-                BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, True, True, UPCAST, PRECISION,
-            )
+        first = lo // BLOCK_N * BLOCK_N
+        blocks = tile_blocks(table, first + offs, first + offs < diag_end, BLOCK_SIZE, PAGED)
+        acc, m_i, l_i, blocks = attend_tiles(
+            q, acc, m_i, l_i, blocks, k_base, v_base, table, start_slot, first, diag_end, BLOCK_N, diag_end,
+            q_pos, lo, window, stride_ks, stride_vs, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, True, True, UPCAST, PRECISION,
+        )
     else:
-        # Keys before the tile's first query position are visible to every row: no mask.
+        # Keys before the tile's first query position are visible to every row: no mask. Only the tiles on the
+        # diagonal pay for it; they start where the unmasked ones end, with the entries those loaded ahead.
         full_end = (context + m0) // BLOCK_N * BLOCK_N
-        for start in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = attend_tile(
-                q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, seq_len, q_pos, 0, 0,
-                stride_ks, stride_vs, qk_scale,
-                BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, False, False, False, UPCAST, PRECISION,
-            )
-        for start in range(full_end, diag_end, BLOCK_N):
-            acc, m_i, l_i = attend_tile(
-                q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, diag_end, q_pos, 0, 0,
-                stride_ks, stride_vs, qk_scale,
-                BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, True, False, UPCAST, PRECISION,
-            )
+        blocks = tile_blocks(table, offs, offs < seq_len, BLOCK_SIZE, PAGED)
+        acc, m_i, l_i, blocks = attend_tiles(
+            q, acc, m_i, l_i, blocks, k_base, v_base, table, start_slot, 0, full_end, BLOCK_N, seq_len,
+            q_pos, 0, 0, stride_ks, stride_vs, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, False, False, False, UPCAST, PRECISION,
+        )
+        acc, m_i, l_i, blocks = attend_tiles(
+            q, acc, m_i, l_i, blocks, k_base, v_base, table, start_slot, full_end, diag_end, BLOCK_N, diag_end,
+            q_pos, 0, 0, stride_ks, stride_vs, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, True, False, UPCAST, PRECISION,
+        )
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_ptrs = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :]
@@ -163,6 +166,6 @@ def prefill(
         BLOCK_SIZE=block_size if paged else 1, PAGED=paged, WINDOWED=bool(window),
         UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
         **pdl_options(q.device),
-        num_warps=config.num_warps, num_stages=pipeline_stages(config.num_stages, paged),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
