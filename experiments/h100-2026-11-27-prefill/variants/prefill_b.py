@@ -1,0 +1,197 @@
+"""Varlen causal attention for prefill and chunked prefill, reading keys and values from the cache.
+
+Grid ``(query_heads, query_tiles, batch)``: heads vary fastest so the query heads of one
+KV head run side by side and share its tiles in L2, and the heaviest (last) query tiles
+start first. The ``q_len`` new tokens of a sequence are its last positions: a tile sees
+every earlier key unmasked, and only the tiles on its diagonal pay for the causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import (
+    LOG2E,
+    attend_slots,
+    attend_tile,
+    tile_blocks,
+    tile_slots,
+    cdiv,
+    dot_precision,
+    interpreter_upcast,
+    launch,
+    pipeline_stages,
+    pdl_options,
+    sequence_base,
+    wait_for_inputs,
+)
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int  # K/V pipeline depth (``pipeline_stages`` adds paging's stage)
+
+
+# Keys per sequence (a host-side bound) up to which 16-bit prefill takes the small tile.
+SHORT_SEQUENCE = 1024
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device, max_seq_len: int | None = None
+                   ) -> PrefillConfig:
+    """Tile shape for ``head_dim`` and the longest sequence, from the compiler's register report for sm_90 (no
+    spills for 16-bit types; fp32's split tf32 products get small tiles and still spill a little) and H100 sweeps
+    (``python -m kernels.bench --sections tune``; ``experiments/h100-2026-11-26-roofline/``). For 16-bit types
+    and head_dim <= 128, sequences of at most ``SHORT_SEQUENCE`` keys take 64 x 32 tiles: a query tile then has
+    few key tiles to loop over, and more, smaller programs fill the device (16 x 512: 149 µs contiguous and 171
+    µs paged against 181 and 211 with 128 x 128 tiles). Longer ones take 128 x 128 tiles three K/V stages deep
+    (1 x 4,096: 312 and 394 µs, against 334 and 397 two deep). The choice depends on shapes alone, never on the
+    addressing: both run the same pipeline."""
+    if device.type != "cuda":
+        return PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return PrefillConfig(64, 32, 4, 2) if head_dim <= 128 else PrefillConfig(32, 32, 4, 1)
+    if head_dim <= 128:
+        if max_seq_len is not None and max_seq_len <= SHORT_SEQUENCE:
+            return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
+        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _slots(blocks, start, pos, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, NARROW: tl.constexpr):
+    if PAGED:
+        if NARROW:
+            slots = blocks * BLOCK_SIZE + (pos % BLOCK_SIZE)
+        else:
+            slots = blocks.to(tl.int64) * BLOCK_SIZE + (pos % BLOCK_SIZE)
+    else:
+        if NARROW:
+            slots = start.to(tl.int32) + pos
+        else:
+            slots = start + pos
+    return slots
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, query_start_ptr, seq_lens_ptr, addr_ptr, qk_scale, window,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_addr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, WINDOWED: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr, NARROW: tl.constexpr = False,
+):
+    wait_for_inputs(PDL)
+    head = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + b).to(tl.int32)
+    q_len = tl.load(query_start_ptr + b + 1).to(tl.int32) - q_start
+    m0 = tile * BLOCK_M
+    if m0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    context = seq_len - q_len
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < q_len
+    tokens = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q_pos = context + rows
+    kv_head = head // GROUP
+    table, start_slot = sequence_base(addr_ptr, b, stride_addr, PAGED)
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    diag_end = tl.minimum(context + m0 + BLOCK_M, seq_len)
+    if WINDOWED:
+        # A sliding window: keys from the first one the tile's first row sees, every tile masked.
+        lo = tl.maximum(context + m0 - window + 1, 0)
+        for start in range(lo // BLOCK_N * BLOCK_N, diag_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                q, acc, m_i, l_i, k_base, v_base, table, start_slot, start, diag_end, q_pos, lo, window,
+                stride_ks, stride_vs, qk_scale,
+                BLOCK_N, HEAD_DIM, BLOCK_SIZE, PAGED, True, True, True, UPCAST, PRECISION,
+            )
+    else:
+        # Keys before the tile's first query position are visible to every row: no mask. Each tile's block-table
+        # entries are loaded a tile ahead (by hand, as decode does), so paging needs no pipeline stage of its own.
+        full_end = (context + m0) // BLOCK_N * BLOCK_N
+        offs = tl.arange(0, BLOCK_N)
+        blocks = tile_blocks(table, offs, offs < seq_len, BLOCK_SIZE, PAGED)
+        for start in range(0, full_end, BLOCK_N):
+            pos = start + offs
+            nxt = pos + BLOCK_N
+            next_blocks = tile_blocks(table, nxt, nxt < seq_len, BLOCK_SIZE, PAGED)
+            acc, m_i, l_i = attend_slots(
+                q, acc, m_i, l_i, k_base, v_base, _slots(blocks, start_slot, pos, BLOCK_SIZE, PAGED, NARROW), pos,
+                seq_len, q_pos, 0, 0, stride_ks, stride_vs, qk_scale,
+                HEAD_DIM, False, False, False, UPCAST, PRECISION,
+            )
+            blocks = next_blocks
+        for start in range(full_end, diag_end, BLOCK_N):
+            pos = start + offs
+            nxt = pos + BLOCK_N
+            next_blocks = tile_blocks(table, nxt, nxt < diag_end, BLOCK_SIZE, PAGED)
+            acc, m_i, l_i = attend_slots(
+                q, acc, m_i, l_i, k_base, v_base, _slots(blocks, start_slot, pos, BLOCK_SIZE, PAGED, NARROW), pos,
+                diag_end, q_pos, 0, 0, stride_ks, stride_vs, qk_scale,
+                HEAD_DIM, True, True, False, UPCAST, PRECISION,
+            )
+            blocks = next_blocks
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_ptrs = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :]
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    addr: torch.Tensor,
+    *,
+    paged: bool,
+    block_size: int,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int | None = None,
+    window: int | None = None,
+    config: PrefillConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch without checks. ``addr`` is the block table (paged) or ``seq_starts``;
+    ``max_query_len`` (a host-side bound) sizes the grid, ``max_seq_len`` (another, or None) picks the tile;
+    ``window``: a sliding window (None: none)."""
+    tokens, num_heads, head_dim = q.shape
+    batch = query_start_loc.shape[0] - 1
+    config = config or prefill_config(head_dim, q.dtype, q.device, max_seq_len)
+    if out is None:  # else the caller's [T, Hq, D] view (unit stride in D), written in place
+        out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if tokens == 0 or batch == 0 or max_query_len <= 0:
+        return out
+    grid = (num_heads, cdiv(max_query_len, config.block_m), batch)
+    launch(
+        _prefill_kernel, grid,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, addr, scale * LOG2E, window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1), addr.stride(0),
+        GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_SIZE=block_size if paged else 1, PAGED=paged, WINDOWED=bool(window),
+        UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
+        **pdl_options(q.device), NARROW=max(k_cache.numel(), v_cache.numel()) < 2**31,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
