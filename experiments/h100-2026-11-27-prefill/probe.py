@@ -3,8 +3,8 @@
 Variants: ``base`` is kernels/triton_prefill.py; in call 2, ``a`` and ``b`` were ``variants/``: ``a`` loads each
 tile's block-table entries a tile ahead by hand and gives both addressings the same num_stages; ``b`` is ``a`` with
 32-bit slot arithmetic where the cache plane allows it (both addressings). From call 3 on, ``a`` is in the kernel
-and the variants are ``old`` (OLD=dir holding ``kernels_old``, the session's start with its imports renamed) and
-``base``. Every variant's output is checked against ``base`` with the same addressing (the paged table is a shuffle); each case's
+and the variants are ``old`` and ``base``. OLD=dir holding ``kernels_old``: the session's start's kernels with
+their imports renamed (call 2's variants build on its helpers, and ``base`` is then that tree's kernel). Every variant's output is checked against ``base`` with the same addressing (the paged table is a shuffle); each case's
 variants and peers are timed in interleaved passes (CUDA-graph replay, L2 flushed, as kernels.bench), and the
 table gives medians and every pass.
 
@@ -39,10 +39,10 @@ def load(name: str):
     return mod
 
 
-if "variants" in sys.argv:
-    MODS = {"base": triton_prefill, "a": load("a"), "b": load("b")}
+sys.path.insert(0, os.environ["OLD"])
+if "variants" in sys.argv:  # they build on the old kernels' helpers (call 2 ran them against 5563564's tree)
+    MODS = {"base": importlib.import_module("kernels_old.triton_prefill"), "a": load("a"), "b": load("b")}
 else:
-    sys.path.insert(0, os.environ["OLD"])
     MODS = {"old": importlib.import_module("kernels_old.triton_prefill"), "base": triton_prefill}
 
 

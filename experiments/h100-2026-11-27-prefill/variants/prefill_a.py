@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import (
+from kernels_old.triton_common import (
     LOG2E,
     attend_slots,
     attend_tile,
