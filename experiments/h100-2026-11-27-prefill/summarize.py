@@ -1,7 +1,8 @@
 """Old against new, per engine, and paged against contiguous within each side: medians with 95% bootstrap intervals
 (harness.bench.stats).
 
-``python summarize.py RUNS`` where RUNS (a folder or a ``.tgz`` of one holding ``runs/``) has Hydra sweeps named
+``python summarize.py RUNS...`` where each RUNS (a folder, or a ``.tgz`` of one holding ``runs/``; several are pooled
+by sweep name, as calls 6 and 7's serve runs) has Hydra sweeps named
 ``{workload}_{side}/`` (side old or new; workloads throughput, seed_8b, longprompt: both engines, 3 repeats each) or
 ``offline{C}_{side}/`` (the serve workload, paged, C clients).
 """
@@ -21,8 +22,8 @@ from harness.bench.stats import median_ci, ratio_ci
 WORKLOADS = ("throughput", "seed_8b", "longprompt", "offline64", "offline16")
 
 
-def _runs(runs: Path, name: str) -> pd.DataFrame | None:
-    files = glob.glob(str(runs / name / "*" / "run.parquet"))
+def _runs(roots: list[Path], name: str) -> pd.DataFrame | None:
+    files = [f for runs in roots for f in glob.glob(str(runs / name / "*" / "run.parquet"))]
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
 
 
@@ -36,7 +37,7 @@ def _ratio(a: pd.Series, b: pd.Series) -> str:
     return f"{r.value:.3f} [{r.low:.3f}-{r.high:.3f}]"
 
 
-def workload(runs: Path, name: str) -> None:
+def workload(runs: list[Path], name: str) -> None:
     frames = {side: f for side in ("old", "new") if (f := _runs(runs, f"{name}_{side}")) is not None}
     if not frames:
         return
@@ -56,16 +57,19 @@ def workload(runs: Path, name: str) -> None:
                   f"TTFT p50 {_ratio(p['ttft_p50'], c['ttft_p50'])}")
 
 
-def main(src: Path) -> None:
-    for name in WORKLOADS:
-        workload(src, name)
+def main(sources: list[Path]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        roots = []
+        for i, src in enumerate(sources):
+            if src.suffix == ".tgz":
+                with tarfile.open(src) as t:
+                    t.extractall(f"{tmp}/{i}", filter="data")
+                roots.append(Path(tmp) / str(i) / "runs")
+            else:
+                roots.append(src)
+        for name in WORKLOADS:
+            workload(roots, name)
 
 
 if __name__ == "__main__":
-    src = Path(sys.argv[1])
-    if src.suffix == ".tgz":
-        with tempfile.TemporaryDirectory() as tmp, tarfile.open(src) as t:
-            t.extractall(tmp, filter="data")
-            main(Path(tmp) / "runs")
-    else:
-        main(src)
+    main([Path(a) for a in sys.argv[1:]])
