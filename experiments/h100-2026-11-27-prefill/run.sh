@@ -7,6 +7,7 @@
 #               and the peers), PASSES passes (default 3); VARIANTS=1: call 2's variants/ instead of OLD
 #   PART tune:  probe.py tune (tile configurations of this tree's kernel)
 #   PART kernels: the kernel GPU tests on this tree
+#   PART decode: decode_ab.py (decode of the session's start, OLD=dir with kernels_old, against this tree's)
 #   PART model: the engines' GPU tests (tests/test_gpu_model.py: every engine equal to one-at-a-time greedy) and
 #               async scheduling's (call 4 ran them with -m gpu, which selected none)
 #   PART heads: throughput and seed_8b (python -m harness +experiment=EXP engine=contiguous,paged repeats=3;
@@ -63,6 +64,8 @@ elif [ "$part" = bench ]; then
   timeout 240 $py -m kernels.bench --sections prefill --peers flashinfer,sdpa_flash,sdpa_cudnn --out "$out/prefill" \
       2>&1 | grep -v Warning > "$out/bench_prefill.log"
   tail -n 30 "$out/bench_prefill.log"
+elif [ "$part" = decode ]; then
+  timeout 200 $py $here/decode_ab.py ${PASSES:-5} 2>&1 | grep -v Warning | tee "$out/decode.log"
 elif [ "$part" = kernels ]; then
   timeout 240 $py -m pytest -q -m gpu tests/test_kernels_triton.py tests/test_kernels_sm90.py --tb=short 2>&1 \
       | tail -30 > "$out/kernels.log"
