@@ -6,12 +6,14 @@ tile's block-table entries a tile ahead by hand and gives both addressings the s
 and the variants are ``old`` and ``base``. OLD=dir holding ``kernels_old``: the session's start's kernels with
 their imports renamed (call 2's variants build on its helpers, and ``base`` is then that tree's kernel). Every variant's output is checked against ``base`` with the same addressing (the paged table is a shuffle); each case's
 variants and peers are timed in interleaved passes (CUDA-graph replay, L2 flushed, as kernels.bench), and the
-table gives medians and every pass.
+table gives medians and every pass. Calls 2 and 3 timed the SDPA peers outside their backend context (mended
+since): both SDPA rows of their logs are torch's default choice, not the backend they name.
 
 python probe.py [PASSES] [tune] [variants]
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -52,6 +54,12 @@ def ours(mod, q, cache, qsl, addr, chunk, paged, config=None):
                                scale=HD ** -0.5, max_query_len=chunk, max_seq_len=cache.length, config=config)
 
 
+def _timed(fn, context) -> float:
+    """``time_us`` inside the peer's context (SDPA's backend selection); calls 2 and 3 ran without it."""
+    with context():
+        return time_us(fn, 40)
+
+
 def case(batch: int, context: int, chunk: int, passes: int, configs: dict | None = None) -> list[tuple]:
     total = context + chunk
     cache = Cache(batch, total, DT, DEV)
@@ -59,7 +67,7 @@ def case(batch: int, context: int, chunk: int, passes: int, configs: dict | None
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEV) * chunk
     addrs = {False: cache.addressing(0), True: cache.addressing(BS)}
     refs = {paged: ours(triton_prefill, q, cache, qsl, addrs[paged], chunk, paged)() for paged in (False, True)}
-    fns = {}
+    fns, contexts = {}, {}
     for name, mod in MODS.items():
         for cname, cfg in (configs or {None: None}).items():
             for paged in (False, True):
@@ -79,9 +87,10 @@ def case(batch: int, context: int, chunk: int, passes: int, configs: dict | None
                     print(f"  {name}: mismatch {err:.3g}")
                     continue
                 fns[(name, "peer")] = peer.call
+                contexts[(name, "peer")] = peer.context
             except Exception as exc:  # noqa: BLE001 - a peer's failure is its row's
                 print(f"  {name}: {peers.reason(exc)}")
-    timers = {k: (lambda fn=fn: time_us(fn, 40)) for k, fn in fns.items()}
+    timers = {k: (lambda fn=fn, k=k: _timed(fn, contexts.get(k, contextlib.nullcontext))) for k, fn in fns.items()}
     times = interleaved(timers, passes)
     flops = causal_flops(batch, context, chunk)
     rows = []
