@@ -159,11 +159,13 @@ def attend_tiles(
     """``attend_slots`` over the tiles of ``BLOCK_N`` keys that start at ``first, first + step, ...`` before ``end``
     (``m_i`` in log2 units). ``blocks`` holds the first tile's ``tile_blocks`` entries; each next tile's are loaded,
     masked by ``limit``, while this one is attended (software pipelining by hand), and the last ones loaded are
-    returned with the state: the entries of the tile at ``end``, where a following range starts.
+    returned with the state: the entries of the tile after the last one attended, which is the tile at ``end``
+    where a range is a whole number of steps (prefill's are, so a following range starts with them).
 
     Loaded inside the tile, the entries would be a load that the K/V copies depend on: Triton's pipeliner then
     buffers one K/V tile fewer for the paged variant than for the contiguous one at the same ``num_stages``
-    (sm_90, Triton 3.6; ``tests/test_kernels_sm90.py`` compiles both and compares their shared memory). Loaded a
+    (prefill on sm_90, Triton 3.6 and 3.7; ``tests/test_kernels_sm90.py`` compiles both and compares their shared
+    memory). Loaded a
     tile ahead, both addressings compile with the same options and buffer the same K/V tiles."""
     offs = tl.arange(0, BLOCK_N)
     for start in range(first, end, step):

@@ -6,12 +6,14 @@ of a loop is not in the source: loaded inside a tile, the block-table entries ma
 the paged prefill than for the contiguous one at the same ``num_stages`` (sm_90, Triton 3.6 and 3.7), so that a
 timing of the two measured a shallower pipeline as well as the addressing. Each launch here is recorded as the
 wrapper makes it (CPU tensors standing in), with the configuration the wrapper picks on a GPU, then compiled for
-sm_90 as Triton would compile it there, and the two variants' shared memory compared.
+sm_90 as Triton would compile it there, and the two variants' shared memory compared. (Decode's split kernel
+loads its entries a tile ahead too, but at its two stages an entry load inside the tile costs it no buffer: shared
+memory cannot tell there, so it is not tested so.)
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import triton_decode, triton_prefill  # noqa: E402
+from kernels import triton_prefill  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 GPU = torch.device("cuda")  # only read for its type: the configurations a GPU gets
@@ -32,8 +34,10 @@ TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"
 
 
 def _ptxas_present() -> bool:
-    nvidia = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    return nvidia.exists() or shutil.which("ptxas") is not None
+    """Triton compiles with the ptxas its wheel bundles, or the one ``TRITON_PTXAS_PATH`` names."""
+    named = os.environ.get("TRITON_PTXAS_PATH")
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return Path(named).is_file() if named else bundled.is_file()
 
 
 pytestmark = pytest.mark.skipif(not _ptxas_present(), reason="Triton's NVIDIA backend has no ptxas here")
@@ -108,21 +112,3 @@ def test_paged_prefill_buffers_the_same_kv_tiles_as_contiguous(monkeypatch, leng
     entries = config.num_stages * config.block_n * 4
     assert contiguous >= config.num_stages * kv_stage, (contiguous, config)
     assert contiguous <= paged <= contiguous + entries, (contiguous, paged, config)
-
-
-@pytest.mark.slow
-def test_paged_decode_buffers_the_same_kv_tiles_as_contiguous(monkeypatch):
-    batch, length = 4, 4096
-    k, v = _cache(batch * length)
-    q = torch.empty(batch, HEADS, HEAD_DIM, dtype=torch.bfloat16)
-    lens = torch.full((batch,), length, dtype=torch.int32)
-    config = triton_decode.decode_config(HEAD_DIM, torch.bfloat16, GPU)
-    shared = {}
-    for paged in (False, True):
-        addr, block_size = _addressing(paged, batch, length)
-        launches = _recorded(monkeypatch, triton_decode, lambda: triton_decode.decode(
-            q, k, v, lens, addr, paged=paged, block_size=block_size, scale=0.1, max_seq_len=length, num_splits=4,
-            config=config))
-        fn, args, kwargs = launches[0]
-        shared[paged] = _compile_sm90(fn, args, kwargs).metadata.shared
-    assert shared[False] <= shared[True] <= shared[False] + config.num_stages * config.block_n * 4, shared
