@@ -7,9 +7,9 @@
 #           text as a server makes it), then served with the engine in its own process (behind one API
 #           process, and behind two: server.api_server_count=2) and on a thread of the server, with the CPU
 #           seconds of every process and thread (experiments/proc_cpu.py)
-#   PART measure: what KV accounting costs a step (benchmarks/kv_accounting.py), the prefill kernel's
-#           extra paged stage (benchmarks/prefill_stages.py), and `throughput` for contiguous and paged,
-#           3 interleaved repeats
+#   PART measure: what KV accounting costs a step (benchmarks/kv_accounting.py) and `throughput` for contiguous
+#           and paged, 3 interleaved repeats (the prefill kernel's extra paged stage, benchmarks/prefill_stages.py
+#           until 2026-11-27, is gone: experiments/h100-2026-11-27-prefill/)
 #   PART sweep: the main job, `concurrency_sweep`, for our engines (every contiguous reservation
 #           policy and paged) at CONCURRENCY (default 1,4,16,64,256), REPEATS interleaved repeats (default 3)
 #   PART baselines: the same sweep for the transformers baselines (hf, hf_paged), BASELINE_REPEATS (default 1)
@@ -34,7 +34,6 @@ serve_workload=(model=$model workload=fixed workload.num_requests=${REQUESTS:-25
 levels=${CONCURRENCY:-1,4,16,64,256}
 if [ "$part" = measure ]; then
   $py -m benchmarks.kv_accounting --out "$out/kv_accounting.csv" 2>&1 | tee "$out/kv_accounting.log"
-  $py -m benchmarks.prefill_stages --out "$out/prefill_stages.csv" 2>&1 | tee "$out/prefill_stages.log"
   $py -m harness +experiment=throughput engine=contiguous,paged repeats=3 report=false \
       hydra.sweep.dir="$runs/throughput" 2>&1 | tee "$out/throughput.log"
   pack throughput
