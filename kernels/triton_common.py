@@ -228,13 +228,13 @@ def attend_slots(
     return acc, m_new, l_i
 
 
-# -- repeating a recorded launch ------------------------------------------------------------------
+# -- launching -------------------------------------------------------------------------------------
 
 
 @dataclass
 class Launch:
     """A launch of a compiled kernel: its grid and every argument in the kernel's signature order (constexprs
-    included), as ``CompiledKernel[grid]`` takes them."""
+    included), as ``CompiledKernel.run`` takes them."""
 
     compiled: Any
     grid: tuple[int, int, int]
@@ -243,27 +243,108 @@ class Launch:
 
 _RECORDING: contextvars.ContextVar[list[Launch | None] | None] = contextvars.ContextVar("launches", default=None)
 
+# (kernel, device, the runtime arguments' ``specialization_keys``, the keyword arguments) -> the compiled kernel and
+# the arguments that follow the positional ones, in signature order.
+_COMPILED: dict[tuple, tuple[CompiledKernel, tuple]] = {}
 
-def launch(fn: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-    """``fn[grid](*args, **kwargs)``; inside ``recording()`` it also keeps what launching it again takes (None
-    where it cannot: the interpreter's functions, a launch Triton compiles asynchronously)."""
-    compiled = fn[grid](*args, **kwargs)
-    recorded = _RECORDING.get()
-    if recorded is None:
-        return
-    if not isinstance(fn, JITFunction) or not isinstance(compiled, CompiledKernel):
-        recorded.append(None)
-        return
-    names, defaults = _signature(fn)
-    values = list(args) + [kwargs[name] if name in kwargs else defaults[name] for name in names[len(args):]]
-    recorded.append(Launch(compiled, tuple(grid) + (1,) * (3 - len(grid)), values))
+
+@dataclass(frozen=True)
+class _Signature:
+    names: tuple[str, ...]
+    defaults: dict[str, Any]
+    constexpr: tuple[bool, ...]  # per parameter
 
 
 @functools.lru_cache(maxsize=None)
-def _signature(fn: JITFunction) -> tuple[tuple[str, ...], dict[str, Any]]:
-    """A kernel's parameter names in order, and the defaults of those that have one."""
+def _signature(fn: JITFunction) -> _Signature:
+    """A kernel's parameter names in order, the defaults of those that have one, and which are constexprs."""
     params = inspect.signature(fn.fn).parameters.values()
-    return tuple(p.name for p in params), {p.name: p.default for p in params if p.default is not p.empty}
+    return _Signature(tuple(p.name for p in params), {p.name: p.default for p in params if p.default is not p.empty},
+                      tuple(p.is_constexpr for p in fn.params))
+
+
+def specialization_keys(args: tuple) -> list:
+    """What Triton compiles each runtime argument's value into (``native_specialize_impl``): a tensor's dtype and
+    whether its address is a multiple of 16; an int's type by range, whether it is 1 (a constant) and whether it is
+    a multiple of 16; a float is fp32 and a bool u1 whatever their value. Two calls whose arguments have equal keys
+    run the same compiled kernel (``tests/test_kernels_triton.py`` checks this against Triton's own). The keys of
+    different kinds never compare equal (as ``1 == True`` would). One comprehension, the common types inline: it
+    runs on every launch, where a function call per argument cost more than the rest of the launch."""
+    return [(a.dtype, a.data_ptr() % 16 == 0) if a.__class__ is torch.Tensor
+            else ("1" if a == 1 else "D" if a % 16 == 0 else "i") if a.__class__ is int and -0x80000000 <= a < 0x80000000
+            else _other_key(a) for a in args]
+
+
+def _other_key(a: Any) -> Any:
+    if a is None:
+        return None
+    if isinstance(a, bool):
+        return bool
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, int):
+        if -0x80000000 <= a < 0x80000000:
+            return "1" if a == 1 else "D" if a % 16 == 0 else "i"
+        return "u64" if a >= 1 << 63 else "i64", a % 16 == 0
+    if isinstance(a, float):
+        return float
+    return a  # anything else by value: a miss costs only Triton's own launch path
+
+
+def _launch_hooks() -> bool:
+    """Whether a profiler has hooked Triton's launches (they then go through Triton's path, which calls them)."""
+    return bool(triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls)
+
+
+def _run(compiled: CompiledKernel, grid: tuple[int, int, int], stream: int, args: list | tuple) -> None:
+    """Launch ``compiled`` through its launcher (what ``CompiledKernel[grid]`` does, without the hooks' metadata)."""
+    if _launch_hooks():
+        compiled[grid](*args, stream=stream)
+    else:
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args)
+
+
+def launch(fn: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """``fn[grid](*args, **kwargs)``, with constexprs and options passed by keyword.
+
+    A kernel launched before with arguments of the same ``specialization_keys`` and keywords is launched through the
+    compiled kernel Triton returned then: Triton's own path (argument binding, cache key, launch metadata, hook
+    chains) cost the host 23-35 µs a launch on the lent machines (experiments/h100-2026-11-26-roofline/), and an
+    eager model step makes hundreds; this one took an eager decode call of two launches from 88 to 57 µs
+    (experiments/h100-2026-11-27-launch/).
+    Everything else (the first launch of a specialization, the interpreter, a profiler's launch hooks) goes through
+    Triton. Inside ``recording()`` it also keeps what launching it again takes (None where it cannot: the
+    interpreter's functions, a launch Triton compiles asynchronously)."""
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    if not isinstance(fn, JITFunction):
+        fn[grid](*args, **kwargs)
+        _record(None)
+        return
+    device = torch.cuda.current_device()
+    key = (fn, device, *specialization_keys(args), *kwargs.items())
+    hit = _COMPILED.get(key)
+    if hit is None or _launch_hooks():
+        sig = _signature(fn)
+        if any(sig.constexpr[:len(args)]):
+            raise TypeError(f"{fn.__name__}: pass constexprs by keyword (they are cached by value)")
+        compiled = fn[grid](*args, **kwargs)
+        if not isinstance(compiled, CompiledKernel):
+            _record(None)
+            return
+        hit = compiled, tuple(kwargs[n] if n in kwargs else sig.defaults[n] for n in sig.names[len(args):])
+        _COMPILED[key] = hit
+    else:
+        _run(hit[0], grid, torch._C._cuda_getCurrentRawStream(device), args + hit[1])
+    if _RECORDING.get() is not None:
+        _record(Launch(hit[0], grid, [*args, *hit[1]]))
+
+
+def _record(launched: Launch | None) -> None:
+    """Append to the innermost ``recording()``, if any."""
+    recorded = _RECORDING.get()
+    if recorded is not None:
+        recorded.append(launched)
 
 
 @contextlib.contextmanager
@@ -286,17 +367,16 @@ def repeater(launches: list[Launch | None], replaced: tuple[torch.Tensor, ...]) 
     swaps = [[(i, j) for i, a in enumerate(x.args) for j, r in enumerate(replaced) if a is r] for x in launches]
     device = replaced[0].device
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    runners = [x.compiled[x.grid] for x in launches]
     like = [(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in replaced]
 
     def again(*tensors: torch.Tensor) -> None:
         if [(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors] != like:
             raise ValueError("a repeated launch takes tensors of the recorded ones' shape, strides, dtype, device "
                              "and 16-byte alignment")
-        for x, run, where in zip(launches, runners, swaps):
+        for x, where in zip(launches, swaps):
             args = x.args
             for i, j in where:
                 args[i] = tensors[j]
-            run(*args, stream=stream)
+            _run(x.compiled, x.grid, stream, args)
 
     return again

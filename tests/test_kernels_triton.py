@@ -40,6 +40,29 @@ def test_host_int_helpers_equal_tritons(n, b):
     assert cdiv(n, b) == triton.cdiv(n, b)
 
 
+def test_specialization_keys_refine_tritons_own_specialization():
+    """``launch`` reuses a compiled kernel for arguments whose ``specialization_keys`` equal those of the launch that
+    compiled it: every pair of arguments with equal keys must be one that Triton itself would compile the same. Over
+    tensors at every alignment and dtype, ints around each boundary Triton draws (1, multiples of 16, the 32-bit and
+    64-bit ranges), floats, bools and None."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from kernels.triton_common import specialization_keys
+
+    base = {dtype: torch.zeros(64, dtype=dtype) for dtype in (torch.bfloat16, torch.float32, torch.int32)}
+    tensors = [t[i:] for t in base.values() for i in range(0, 9)]
+    ints = [s * (b + d) for b in (0, 1, 16, 32, 1 << 31, 1 << 32, 1 << 63) for d in (-1, 0, 1) for s in (1, -1)]
+    ints = [i for i in ints if -(1 << 63) <= i < 1 << 64]
+    args = tensors + [torch.nn.Parameter(t, requires_grad=False) for t in tensors[:3]] + ints + [
+        0.0, 1.0, -2.5, 1e30, True, False, None]
+    tritons: dict = {}
+    for a, key in zip(args, specialization_keys(args), strict=True):
+        tritons.setdefault(key, set()).add(native_specialize_impl(BaseBackend, a, False, True, True))
+    assert all(len(v) == 1 for v in tritons.values()), {k: v for k, v in tritons.items() if len(v) > 1}
+    assert len(tritons) > 12  # the keys do tell the arguments apart
+
+
 def test_load_backend_picks_triton_by_name():
     assert load_backend("triton") is triton_ops
 
@@ -568,6 +591,35 @@ def test_repeater_refuses_what_was_not_recorded():
 
 
 @pytest.mark.gpu
+def test_gpu_launch_reuses_a_compiled_kernel_only_for_its_specialization():
+    """``launch`` relaunches the kernel Triton compiled for the same specialization: a second call of the same
+    arguments adds no compiled kernel, a tensor at an address that is not a multiple of 16 (which Triton compiles
+    without that assumption) gets its own, and every call gives the reference's result. With a profiler's launch hook
+    set, every launch goes through Triton, which calls it."""
+    import triton
+
+    from kernels.triton_layers import _silu_and_mul_kernel
+
+    def compiled() -> set[int]:
+        return {id(c) for key, (c, _) in triton_common._COMPILED.items() if key[0] is _silu_and_mul_kernel}
+
+    base = torch.randn(4 * 256 + 1, device="cuda", dtype=torch.bfloat16)
+    aligned, shifted = base[:1024].view(4, 256), base[1:1025].view(4, 256)
+    assert aligned.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0
+    for x in (aligned, aligned, shifted, shifted):
+        assert torch.equal(triton_ops.silu_and_mul(x), reference.silu_and_mul(x))
+    assert len(compiled()) == 2
+    hooked = []
+    triton.knobs.runtime.launch_enter_hook.add(hooked.append)
+    try:
+        triton_ops.silu_and_mul(aligned)
+        triton_ops.silu_and_mul(aligned)
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hooked.append)
+    assert len(hooked) == 2 and len(compiled()) == 2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("paged", [True, False], ids=["paged", "contiguous"])
 @pytest.mark.parametrize("decodes, chunks", [([1500] * 8, []), ([3, 4000], [(100, 700), (0, 33)]), ([], [(0, 900)])])
 def test_gpu_repeated_attention_equals_a_call_per_layer(paged, decodes, chunks):
@@ -617,9 +669,11 @@ def test_repeater_swaps_exactly_the_recorded_planes():
 
     calls = []
 
-    class Compiled:
-        def __getitem__(self, grid):
-            return lambda *args, stream=None: calls.append((grid, args, stream))
+    class Compiled:  # as much of a CompiledKernel as a launch reads
+        function = packed_metadata = None
+
+        def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+            calls.append(((gx, gy, gz), args, stream))
 
     k0, v0, q, part = torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(3, 2, 8), torch.zeros(3)
     launches = [Launch(Compiled(), (3, 2, 1), [q, k0, v0, 1.5, part, 16]),
