@@ -29,18 +29,22 @@ def _require(cond: bool, message: str | Callable[[], str]) -> None:
 
 
 def check_block_size(block_size: int) -> None:
-    _require(
-        isinstance(block_size, int) and 1 <= block_size <= 256 and block_size & (block_size - 1) == 0,
-        lambda: f"block_size must be a power of two in [1, 256], got {block_size!r}",
-    )
+    if not (isinstance(block_size, int) and 1 <= block_size <= 256 and block_size & (block_size - 1) == 0):
+        raise KernelArgumentError(f"block_size must be a power of two in [1, 256], got {block_size!r}")
 
 
 def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    _require(k_cache.dim() == 3, lambda: f"k_cache must be [num_slots, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
-    _require(k_cache.shape == v_cache.shape, lambda: f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    _require(k_cache.dtype == v_cache.dtype, lambda: f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
-    _require(k_cache.dtype in _FLOAT_TYPES, lambda: f"cache dtype must be fp16, bf16 or fp32, got {k_cache.dtype}")
-    _require(k_cache.device == v_cache.device, "k_cache and v_cache are on different devices")
+    # The checks on every eager attention call raise directly: a message closure per check cost more than the check.
+    if k_cache.dim() != 3:
+        raise KernelArgumentError(f"k_cache must be [num_slots, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise KernelArgumentError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if k_cache.dtype != v_cache.dtype:
+        raise KernelArgumentError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    if k_cache.dtype not in _FLOAT_TYPES:
+        raise KernelArgumentError(f"cache dtype must be fp16, bf16 or fp32, got {k_cache.dtype}")
+    if k_cache.device != v_cache.device:
+        raise KernelArgumentError("k_cache and v_cache are on different devices")
 
 
 def check_addressing(
@@ -90,21 +94,28 @@ def check_addressing(
 
 def check_out(out: torch.Tensor, q: torch.Tensor) -> None:
     """An attention output to write into: q's shape, dtype and device, unit stride in the head dim."""
-    _require(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device,
-             lambda: f"out must be {tuple(q.shape)} {q.dtype} on {q.device} like q, got {tuple(out.shape)} "
-                     f"{out.dtype} on {out.device}")
-    _require(out.stride(-1) == 1, lambda: f"out must have unit stride in its last dim, got strides {out.stride()}")
+    if not (out.shape == q.shape and out.dtype == q.dtype and out.device == q.device):
+        raise KernelArgumentError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} like q, got "
+                                  f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.stride(-1) != 1:
+        raise KernelArgumentError(f"out must have unit stride in its last dim, got strides {out.stride()}")
 
 
 def check_query(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """Shapes, dtypes and devices of the query against the cache (no device sync)."""
     check_cache_pair(k_cache, v_cache)
-    _require(q.dim() == 3, lambda: f"q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
-    _require(q.dtype == k_cache.dtype, lambda: f"q is {q.dtype} but the cache is {k_cache.dtype}")
-    _require(q.device == k_cache.device, lambda: f"q is on {q.device} but the cache is on {k_cache.device}")
-    _require(q.shape[2] == k_cache.shape[2], lambda: f"q head_dim {q.shape[2]} != cache head_dim {k_cache.shape[2]}")
-    _require(q.shape[1] % k_cache.shape[1] == 0,
-             lambda: f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[1]} KV heads")
+    if q.dim() != 3:
+        raise KernelArgumentError(f"q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
+    if q.dtype != k_cache.dtype:
+        raise KernelArgumentError(f"q is {q.dtype} but the cache is {k_cache.dtype}")
+    if q.device != k_cache.device:
+        raise KernelArgumentError(f"q is on {q.device} but the cache is on {k_cache.device}")
+    _, heads, head_dim = q.shape
+    _, kv_heads, cache_head_dim = k_cache.shape
+    if head_dim != cache_head_dim:
+        raise KernelArgumentError(f"q head_dim {head_dim} != cache head_dim {cache_head_dim}")
+    if heads % kv_heads:
+        raise KernelArgumentError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
 
 
 def check_attention_args(
@@ -239,17 +250,17 @@ def check_rotary_args(
 def check_triton_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """A power-of-two head_dim (a tile dimension) and unit-stride rows."""
     head_dim = k_cache.shape[-1]
-    _require(16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0,
-             lambda: f"the Triton kernels need a power-of-two head_dim in [16, 256], got {head_dim}")
-    _require(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1,
-             lambda: f"k_cache and v_cache rows must be contiguous (stride(-1) == 1), got strides {k_cache.stride()} "
-                     f"and {v_cache.stride()}")
+    if not (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0):
+        raise KernelArgumentError(f"the Triton kernels need a power-of-two head_dim in [16, 256], got {head_dim}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise KernelArgumentError(f"k_cache and v_cache rows must be contiguous (stride(-1) == 1), got strides "
+                                  f"{k_cache.stride()} and {v_cache.stride()}")
 
 
 def check_addressing_mode(block_tables: torch.Tensor | None, seq_starts: torch.Tensor | None, block_size: int) -> None:
     """Exactly one addressing mode, and a valid block size for paging."""
-    _require((block_tables is None) != (seq_starts is None),
-             "pass exactly one of block_tables (paged) or seq_starts (contiguous)")
+    if (block_tables is None) == (seq_starts is None):
+        raise KernelArgumentError("pass exactly one of block_tables (paged) or seq_starts (contiguous)")
     if block_tables is not None:
         check_block_size(block_size)
 

@@ -10,6 +10,7 @@ be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,7 @@ class DecodeConfig:
     min_tiles_per_split: int = 4
 
 
+@functools.lru_cache(maxsize=None)
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
     """Tile shape for ``head_dim``: 16 KiB of K (and as much V) per tile on the GPU, 8 KiB for
     fp32, whose split tf32 products need more registers."""
@@ -186,34 +188,37 @@ def decode(
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    config = config or decode_config(head_dim, q.dtype, q.device)
+    device = q.device
+    config = config or decode_config(head_dim, q.dtype, device)
     if num_splits is None:
         span = max_seq_len if not window else min(max_seq_len, window + config.block_n)
-        num_splits = num_kv_splits(batch, num_kv_heads, span, sm_count(q.device), config)
+        num_splits = num_kv_splits(batch, num_kv_heads, span, sm_count(device), config)
     if out is None:  # else the caller's [B, Hq, D] view (unit stride in D), written in place
-        out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+        out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=device)
     if batch == 0:
         return out
     split = num_splits > 1
     part_out = part_lse = out  # placeholders, never touched when not split
     if split:
-        part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=device)
+    # Strides as tuples: this runs on every eager call, where each call of ``stride(i)`` costs the host.
+    q_stride, k_stride, v_stride, o_stride = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
     launch(
         _decode_split_kernel, (batch, num_kv_heads, num_splits),
         q, k_cache, v_cache, seq_lens, addr, out, part_out, part_lse,
         scale * LOG2E, num_splits, addr.shape[1] * block_size if paged else 0, window or 0,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), addr.stride(0),
+        q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1], o_stride[0], o_stride[1],
+        addr.stride(0),
         GROUP=group, GROUP_P=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size if paged else 1, PAGED=paged, SPLIT=split,
-        WINDOWED=bool(window), UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
-        **pdl_options(q.device), num_warps=config.num_warps, num_stages=config.num_stages,
+        WINDOWED=bool(window), UPCAST=interpreter_upcast(device), PRECISION=dot_precision(q.dtype),
+        **pdl_options(device), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
         launch(
             _decode_merge_kernel, (batch, num_heads),
-            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_P=next_power_of_2(num_splits), **pdl_options(q.device), num_warps=4,
+            part_out, part_lse, out, num_splits, o_stride[0], o_stride[1],
+            HEAD_DIM=head_dim, SPLITS_P=next_power_of_2(num_splits), **pdl_options(device), num_warps=4,
         )
     return out

@@ -173,8 +173,9 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     kernels launch as programmatic dependents (sm_90 and later), for 16-bit inputs of at most
     ``triton_linear.MAX_ROWS`` rows (a decode step's). What it saves is its launches' overlap with their
     neighbours' on the device, which shows where the graph's replay keeps the host off the critical path; eager
-    steps, whose Triton launches cost the host 23-35 µs each (experiments/h100-2026-11-26-roofline/), keep
-    cuBLAS. The two round differently, so a replayed step and an eager one of the same rows may differ in the last
+    steps, where a Triton launch costs the host more than a cuBLAS call (23-35 µs each through Triton's own path,
+    experiments/h100-2026-11-26-roofline/; less through ``triton_common.launch``'s direct one, not measured for
+    this kernel), keep cuBLAS. The two round differently, so a replayed step and an eager one of the same rows may differ in the last
     bits (docs/methodology.md, "What a comparison holds equal"). An eager call that a capture would give the kernel
     reserves the kernel's ticket counters (``triton_linear.reserve``): graphs are captured after eager warm-up runs
     of the same shapes, and a capture must not allocate them. A capture that finds none (no warm-up) keeps
@@ -223,8 +224,9 @@ def write_kv(
 def repeatable(attend: Callable[[torch.Tensor, torch.Tensor], object], k_cache: torch.Tensor,
                v_cache: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], object]:
     """Run ``attend(k_cache, v_cache)`` (one layer's attention calls) and return what runs the same launches over
-    another layer's cache planes, through the compiled kernels (``triton_common.repeater``): ~10 µs a launch
-    instead of a wrapper's ~80. Every other argument is reused as it is, so ``attend`` must read buffers the caller
+    another layer's cache planes, through the compiled kernels (``triton_common.repeater``): a decode call of two
+    launches repeated so cost the host 16 µs against 60 for a call of the wrapper (H100 host,
+    experiments/h100-2026-11-27-launch/). Every other argument is reused as it is, so ``attend`` must read buffers the caller
     refills between repeats, not copies it makes (as the piecewise graphs' queries and outputs are). Where the
     launches cannot be repeated so (the interpreter), it returns ``attend``."""
     with triton_common.recording() as launches:

@@ -151,21 +151,23 @@ def prefill(
     ``window``: a sliding window (None: none)."""
     tokens, num_heads, head_dim = q.shape
     batch = query_start_loc.shape[0] - 1
-    config = config or prefill_config(head_dim, q.dtype, q.device, max_seq_len)
+    device = q.device
+    config = config or prefill_config(head_dim, q.dtype, device, max_seq_len)
     if out is None:  # else the caller's [T, Hq, D] view (unit stride in D), written in place
-        out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+        out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=device)
     if tokens == 0 or batch == 0 or max_query_len <= 0:
         return out
     grid = (num_heads, cdiv(max_query_len, config.block_m), batch)
+    q_stride, k_stride, v_stride, o_stride = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
     launch(
         _prefill_kernel, grid,
         q, k_cache, v_cache, out, query_start_loc, seq_lens, addr, scale * LOG2E, window or 0,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), addr.stride(0),
+        q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1], o_stride[0], o_stride[1],
+        addr.stride(0),
         GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_SIZE=block_size if paged else 1, PAGED=paged, WINDOWED=bool(window),
-        UPCAST=interpreter_upcast(q.device), PRECISION=dot_precision(q.dtype),
-        **pdl_options(q.device),
+        UPCAST=interpreter_upcast(device), PRECISION=dot_precision(q.dtype),
+        **pdl_options(device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
