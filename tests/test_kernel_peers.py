@@ -243,6 +243,9 @@ def test_decode_rows_put_peers_beside_ours(fake_bench):
     assert good.ratio_to_ours == pytest.approx(0.8)  # 8 us over our best, contiguous at 10
     assert good.graph_us == 7.0 and good.host_us == 100.0 and by_name["paged"].host_us == 50.0
     assert by_name["paged"].host_us_passes == "50.000;50.000;50.000"  # the host cost too: a median of 3 passes
+    # Ours also repeated through triton_ops.repeatable, as the engines' later layers call it; peers are not.
+    assert by_name["paged"].host_repeat_us == 50.0 and by_name["contiguous"].host_repeat_us == 50.0
+    assert math.isnan(good.host_repeat_us) and math.isnan(by_name["sdpa"].host_repeat_us)
     assert by_name["flex"].peer_status.startswith("mismatch") and math.isnan(by_name["flex"].time_us)
     assert by_name["sdpa_flash"].peer_status == "unavailable: no flash here" and by_name["sdpa_flash"].block_size == 0
     assert by_name["sdpa_cudnn"].peer_status == "failed: RuntimeError: boom"
@@ -252,6 +255,8 @@ def test_decode_rows_put_peers_beside_ours(fake_bench):
     assert "    2     64     12.0     10.0     11.0      9.0      flashinfer      8.0   0.80      flashinfer      7.0   0.78" in text
     assert "decode vs fastest peer: worst x 0.78 at b2 ctx64 (flashinfer, graph) (>= 1.00, graph replay)" in text
     assert "eager host us/call b2 ctx64: contiguous 50.0, paged 50.0, flashinfer 100.0; paged/contiguous 1.00" in text
+    assert "  repeated (triton_ops.repeatable, as in the engines' layers after the first): contiguous 50.0, paged 50.0; " \
+           "paged/contiguous 1.00" in text
     assert "decode sdpa_flash: unavailable: no flash here [b2 ctx64]" in text
 
 
