@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 13, session 17: the eager launch path. On the GPU machine, from the repo root:
+#   experiments/h100-2026-11-27-launch/run.sh OUT PART
+#   PART kernels: the kernel GPU tests on this tree (every kernel against its reference, repeated launches, graphs)
+#   PART host:    host_probe.py (an eager attention call's host cost, the session's start, OLD=dir with kernels_old,
+#                 against this tree, beside SDPA cuDNN / flash and FlashInfer), PASSES passes (default 5)
+#   PART pdl:     pdl_probe.py (the eager decode's host cost with programmatic dependent launch on and off, at
+#                 batch 1 and 8, as a call and repeated), PASSES passes (default 5)
+#   PART bench:   python -m kernels.bench --quick --sections peers --decode-cases 1x4096,8x4096 --passes 5 (the
+#                 bench's own host-cost rows and ratio lines)
+#   PART model:   the engines' GPU tests (tests/test_gpu_model.py: every engine equal to one-at-a-time greedy)
+#   PART eager:   engines with CUDA graphs off (enforce_eager=true through engine_overrides), where every kernel launches from Python:
+#                 qwen3-0.6b, 64 requests of 512 tokens, 64 out, offline, both engines, 3 repeats, HEAD (HEAD_TREE=
+#                 a git archive of the session's start) then this tree
+#   PART throughput: the issue's throughput workload (engine=contiguous,paged repeats=3, CUDA graphs on), HEAD then
+#                 this tree
+set -uo pipefail
+out=${1:?output directory}; part=${2:?part}
+py=${PYTHON:-python3}
+here=$PWD/experiments/h100-2026-11-27-launch
+mkdir -p "$out"
+root_of() { case $1 in old) echo "${HEAD_TREE:?HEAD_TREE=dir of the tree at the session start}";; *) echo "$PWD";; esac; }
+ab() {  # ab NAME TIMEOUT ARGS...: the sweep once per side, old then new, into $out/runs/NAME_SIDE
+  name=$1; limit=$2; shift 2
+  for side in old new; do
+    root=$(root_of $side)
+    (cd "$root" && PYTHONPATH=$root:${PYTHONPATH:-} timeout $limit $py -m harness -m "$@" report=false \
+        hydra.sweep.dir="$out/runs/${name}_$side" 2>&1 | grep -v WARNING | tail -1)
+  done
+}
+if [ "$part" = kernels ]; then
+  timeout 240 $py -m pytest -q -m gpu tests/test_kernels_triton.py tests/test_kernel_peers.py --tb=short 2>&1 \
+      | tail -30 > "$out/kernels.log"
+  tail -n 3 "$out/kernels.log"
+elif [ "$part" = host ]; then
+  timeout 300 $py $here/host_probe.py ${PASSES:-5} 2>&1 | grep -v Warning > "$out/host.log"
+  sed -n '/^SUMMARY/,$p' "$out/host.log"
+elif [ "$part" = pdl ]; then
+  timeout 240 $py $here/pdl_probe.py ${PASSES:-5} 2>&1 | grep -v Warning | tee "$out/pdl.log"
+elif [ "$part" = bench ]; then
+  timeout 300 $py -m kernels.bench --quick --sections peers --decode-cases 1x4096,8x4096 --passes 5 \
+      --out "$out/peers" 2>&1 | grep -v Warning > "$out/bench_peers.log"
+  grep -E "eager host|repeated|decode b|prefill b" "$out/bench_peers.log" | tail -n 12
+elif [ "$part" = model ]; then
+  timeout 420 $py -m pytest -q -m gpu -s tests/test_gpu_model.py --tb=short 2>&1 \
+      | grep -E "requests equal|agreeing|passed|failed|Error|assert" | tail -30 > "$out/model.log"
+  tail -n 4 "$out/model.log"
+elif [ "$part" = eager ] || [ "$part" = throughput ]; then
+  if [ "$part" = eager ]; then
+    ab eager 240 model=qwen3-0.6b engine=contiguous,paged workload=fixed workload.num_requests=64 \
+        workload.prompt.value=512 workload.output.value=64 arrival=offline repeats=3 name=eager \
+        +engine_overrides.contiguous.enforce_eager=true +engine_overrides.paged.enforce_eager=true
+  else
+    ab throughput 280 +experiment=throughput engine=contiguous,paged repeats=3
+  fi 2>&1 | tee "$out/$part.log"
+  $py "$here/summarize.py" "$out/runs" | tee -a "$out/$part.log"
+  tar czf "$out/${part}_runs.tgz" -C "$out" runs && rm -rf "$out/runs"
+fi
