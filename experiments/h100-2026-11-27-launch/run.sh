@@ -53,6 +53,6 @@ elif [ "$part" = eager ] || [ "$part" = throughput ]; then
   else
     ab throughput 280 +experiment=throughput engine=contiguous,paged repeats=3
   fi 2>&1 | tee "$out/$part.log"
-  $py "$here/summarize.py" "$out/runs" | tee -a "$out/$part.log"
+  $py "$here/../h100-2026-11-27-prefill/summarize.py" "$out/runs" | tee -a "$out/$part.log"
   tar czf "$out/${part}_runs.tgz" -C "$out" runs && rm -rf "$out/runs"
 fi

@@ -3,7 +3,8 @@
 
 ``python summarize.py RUNS...`` where each RUNS (a folder, or a ``.tgz`` of one holding ``runs/``; several are pooled
 by sweep name, as calls 6 and 7's serve runs) has Hydra sweeps named
-``{workload}_{side}/`` (side old or new; workloads throughput, seed_8b, longprompt: both engines, 3 repeats each) or
+``{workload}_{side}/`` (side old or new; workloads throughput, seed_8b, longprompt, and session 17's eager: both
+engines, 3 repeats each) or
 ``offline{C}_{side}/`` (the serve workload, paged, C clients).
 """
 
@@ -19,7 +20,7 @@ import pandas as pd
 
 from harness.bench.stats import median_ci, ratio_ci
 
-WORKLOADS = ("throughput", "seed_8b", "longprompt", "offline64", "offline16")
+WORKLOADS = ("throughput", "seed_8b", "longprompt", "eager", "offline64", "offline16")
 
 
 def _runs(roots: list[Path], name: str) -> pd.DataFrame | None:
