@@ -84,8 +84,8 @@ def copy_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src: torch.Ten
     if src.numel() == 0:
         return
     grid = (src.numel(), num_layers * 2, cdiv(block_elems, _COPY_CHUNK))
-    _copy_blocks_kernel[grid](
-        src_cache, dst_cache, src, dst, block_elems,
+    launch(
+        _copy_blocks_kernel, grid, src_cache, dst_cache, src, dst, block_elems,
         src_cache.stride(0), src_cache.stride(1), dst_cache.stride(0), dst_cache.stride(1),
         CHUNK=min(_COPY_CHUNK, next_power_of_2(block_elems)), num_warps=4,
     )

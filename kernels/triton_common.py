@@ -236,7 +236,7 @@ class Launch:
     """A launch of a compiled kernel: its grid and every argument in the kernel's signature order (constexprs
     included), as ``CompiledKernel.run`` takes them."""
 
-    compiled: Any
+    compiled: CompiledKernel
     grid: tuple[int, int, int]
     args: list
 
@@ -271,11 +271,14 @@ def specialization_keys(args: tuple) -> list:
     different kinds never compare equal (as ``1 == True`` would). One comprehension, the common types inline: it
     runs on every launch, where a function call per argument cost more than the rest of the launch."""
     return [(a.dtype, a.data_ptr() % 16 == 0) if a.__class__ is torch.Tensor
-            else ("1" if a == 1 else "D" if a % 16 == 0 else "i") if a.__class__ is int and -0x80000000 <= a < 0x80000000
+            else ("1" if a == 1 else "D" if a % 16 == 0 else "i")
+            if a.__class__ is int and -0x80000000 <= a < 0x80000000
             else _other_key(a) for a in args]
 
 
 def _other_key(a: Any) -> Any:
+    """``specialization_keys`` of the rest: the comprehension's cases again for subclasses (``nn.Parameter``, an
+    ``IntEnum``), ints past 32 bits, bools, floats, None; anything else by value."""
     if a is None:
         return None
     if isinstance(a, bool):
@@ -288,12 +291,14 @@ def _other_key(a: Any) -> Any:
         return "u64" if a >= 1 << 63 else "i64", a % 16 == 0
     if isinstance(a, float):
         return float
-    return a  # anything else by value: a miss costs only Triton's own launch path
+    return a
 
 
 def _launch_hooks() -> bool:
-    """Whether a profiler has hooked Triton's launches (they then go through Triton's path, which calls them)."""
-    return bool(triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls)
+    """Whether a profiler has hooked Triton's launches (they then go through Triton's path, which calls them): a
+    hook chain with hooks in it, or a hook set the older way, as a function."""
+    enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter) or getattr(leave, "calls", leave))
 
 
 def _run(compiled: CompiledKernel, grid: tuple[int, int, int], stream: int, args: list | tuple) -> None:
@@ -308,22 +313,27 @@ def _run(compiled: CompiledKernel, grid: tuple[int, int, int], stream: int, args
 def launch(fn: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """``fn[grid](*args, **kwargs)``, with constexprs and options passed by keyword.
 
-    A kernel launched before with arguments of the same ``specialization_keys`` and keywords is launched through the
-    compiled kernel Triton returned then: Triton's own path (argument binding, cache key, launch metadata, hook
-    chains) cost the host 23-35 µs a launch on the lent machines (experiments/h100-2026-11-26-roofline/), and an
-    eager model step makes hundreds; this one took an eager decode call of two launches from 88 to 57 µs
-    (experiments/h100-2026-11-27-launch/).
-    Everything else (the first launch of a specialization, the interpreter, a profiler's launch hooks) goes through
-    Triton. Inside ``recording()`` it also keeps what launching it again takes (None where it cannot: the
-    interpreter's functions, a launch Triton compiles asynchronously)."""
+    A kernel launched before with arguments of the same ``specialization_keys`` and the same keywords (by value and
+    type) is launched through the compiled kernel Triton returned then: Triton's own path (argument binding, cache
+    key, launch metadata, hook chains) cost the host 23-35 µs a launch on the lent machines
+    (experiments/h100-2026-11-26-roofline/), and an eager model step makes hundreds; with the attention wrappers'
+    own trims this took an eager decode call of two launches from 88 to 57 µs (experiments/h100-2026-11-27-launch/).
+    Everything else goes through Triton: the first launch of a specialization, the interpreter, a profiler's launch
+    hooks, arguments that cannot be keyed (unhashable ones). What Triton also keys on but this does not is fixed for
+    a process here: its debug and instrumentation knobs, pre-run hooks, and the kernels' global values. Inside
+    ``recording()`` it also keeps what launching it again takes (None where it cannot: the interpreter's functions,
+    a launch Triton compiles asynchronously)."""
     grid = tuple(grid) + (1,) * (3 - len(grid))
     if not isinstance(fn, JITFunction):
         fn[grid](*args, **kwargs)
         _record(None)
         return
     device = torch.cuda.current_device()
-    key = (fn, device, *specialization_keys(args), *kwargs.items())
-    hit = _COMPILED.get(key)
+    key = (fn, device, *specialization_keys(args), *kwargs.items(), *map(type, kwargs.values()))
+    try:
+        hit = _COMPILED.get(key)
+    except TypeError:  # an unhashable argument: Triton's path, uncached
+        key, hit = None, None
     if hit is None or _launch_hooks():
         sig = _signature(fn)
         if any(sig.constexpr[:len(args)]):
@@ -333,9 +343,12 @@ def launch(fn: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
             _record(None)
             return
         hit = compiled, tuple(kwargs[n] if n in kwargs else sig.defaults[n] for n in sig.names[len(args):])
-        _COMPILED[key] = hit
-    else:
-        _run(hit[0], grid, torch._C._cuda_getCurrentRawStream(device), args + hit[1])
+        if key is not None:
+            _COMPILED[key] = hit
+    else:  # no hooks: straight to the launcher
+        compiled = hit[0]
+        compiled.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *hit[1])
     if _RECORDING.get() is not None:
         _record(Launch(hit[0], grid, [*args, *hit[1]]))
 

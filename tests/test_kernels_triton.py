@@ -591,24 +591,32 @@ def test_repeater_refuses_what_was_not_recorded():
 
 
 @pytest.mark.gpu
-def test_gpu_launch_reuses_a_compiled_kernel_only_for_its_specialization():
-    """``launch`` relaunches the kernel Triton compiled for the same specialization: a second call of the same
-    arguments adds no compiled kernel, a tensor at an address that is not a multiple of 16 (which Triton compiles
-    without that assumption) gets its own, and every call gives the reference's result. With a profiler's launch hook
-    set, every launch goes through Triton, which calls it."""
+def test_gpu_launch_reuses_a_compiled_kernel_only_for_its_specialization(monkeypatch):
+    """``launch`` relaunches the kernel Triton compiled for the same specialization without going through Triton: a
+    second call of the same arguments does not reach Triton's path, a tensor at an address that is not a multiple of
+    16 (which Triton compiles without that assumption) does, once, and gets a kernel of its own; every call gives the
+    reference's result. With a profiler's launch hook set, every launch goes through Triton, which calls it."""
     import triton
 
     from kernels.triton_layers import _silu_and_mul_kernel
 
-    def compiled() -> set[int]:
-        return {id(c) for key, (c, _) in triton_common._COMPILED.items() if key[0] is _silu_and_mul_kernel}
+    monkeypatch.setattr(triton_common, "_COMPILED", {})  # as in a process that has not launched it yet
+    through_triton = []
+    tritons_run = _silu_and_mul_kernel.run
 
+    def counted(*args, **kwargs):
+        through_triton.append(kwargs["grid"])
+        return tritons_run(*args, **kwargs)
+
+    monkeypatch.setattr(_silu_and_mul_kernel, "run", counted)
     base = torch.randn(4 * 256 + 1, device="cuda", dtype=torch.bfloat16)
     aligned, shifted = base[:1024].view(4, 256), base[1:1025].view(4, 256)
     assert aligned.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0
-    for x in (aligned, aligned, shifted, shifted):
+    for x, via_triton in ((aligned, 1), (aligned, 1), (shifted, 2), (shifted, 2)):
         assert torch.equal(triton_ops.silu_and_mul(x), reference.silu_and_mul(x))
-    assert len(compiled()) == 2
+        assert len(through_triton) == via_triton
+    kernels = {id(c) for c, _ in triton_common._COMPILED.values()}
+    assert len(kernels) == 2
     hooked = []
     triton.knobs.runtime.launch_enter_hook.add(hooked.append)
     try:
@@ -616,7 +624,63 @@ def test_gpu_launch_reuses_a_compiled_kernel_only_for_its_specialization():
         triton_ops.silu_and_mul(aligned)
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hooked.append)
-    assert len(hooked) == 2 and len(compiled()) == 2
+    assert len(hooked) == 2 and len(through_triton) == 4
+
+
+def test_launch_reaches_triton_only_for_a_new_specialization(monkeypatch):
+    """``launch``'s cache on the CPU, with Triton's path and the compiled kernel's launcher faked: the same keys go
+    straight to the launcher (current stream, every argument in signature order); a misaligned tensor, an int no
+    longer a multiple of 16, a keyword of another type (``X=1`` after ``X=True``, which Triton compiles apart though
+    they hash equal), an unhashable keyword or a profiler's hook go through Triton; a positional constexpr is
+    refused."""
+    import triton
+    import triton.language as tl
+    from triton.compiler.compiler import CompiledKernel
+
+    @triton.jit
+    def kernel(x_ptr, n, X: tl.constexpr, Y: tl.constexpr = 3):
+        pass
+
+    class Compiled(CompiledKernel):
+        function = packed_metadata = None
+
+        def __init__(self):  # noqa: D107 - no module to load
+            self.launched = []
+
+        def run(self, *args):
+            self.launched.append(args)
+
+    through_triton = []
+
+    def tritons_path(*args, grid, warmup, **kwargs):
+        through_triton.append((args, kwargs))
+        return Compiled()
+
+    monkeypatch.setattr(kernel, "run", tritons_path)
+    monkeypatch.setattr(triton_common, "_COMPILED", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    t = torch.zeros(64)
+    launch = triton_common.launch
+    launch(kernel, (2,), t, 16, X=True)
+    first = triton_common._COMPILED[next(iter(triton_common._COMPILED))][0]
+    launch(kernel, (2,), t, 32, X=True)  # 32: a multiple of 16 as well
+    assert len(through_triton) == 1
+    assert first.launched == [(2, 1, 1, 7, None, None, None, None, None, t, 32, True, 3)]
+    for args, kwargs in (((t[1:], 16), {"X": True}), ((t, 17), {"X": True}), ((t, 16), {"X": 1}),
+                         ((t, 16), {"X": [1]}), ((t, 16), {"X": [1]})):
+        launch(kernel, (2,), *args, **kwargs)
+    assert len(through_triton) == 6 and len(first.launched) == 1
+    launch(kernel, (2,), t, 16, X=1)  # cached by now
+    assert len(through_triton) == 6
+    triton.knobs.runtime.launch_enter_hook.add(print)
+    try:
+        launch(kernel, (2,), t, 16, X=True)
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(print)
+    assert len(through_triton) == 7 and len(first.launched) == 1
+    with pytest.raises(TypeError, match="constexprs by keyword"):
+        launch(kernel, (2,), t, 5, True)
 
 
 @pytest.mark.gpu
