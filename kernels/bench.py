@@ -683,7 +683,8 @@ def peer_summary(rows: list[Row]) -> list[str]:
         lines.append(f"eager host us/call b{batch} ctx{context}: " + ", ".join(f"{name} {t:.1f}" for name, t in host.items())
                      + f"; paged/contiguous {host.get('paged', math.nan) / host.get('contiguous', math.nan):.2f}"
                      + f", ours (slower addressing) / fastest SDPA {ours_host / sdpa:.2f} (<= 1)")
-        again = {r.addressing: r.host_repeat_us for r in rows if (r.kernel, r.batch, r.context) == ("decode", batch, context)
+        again = {r.addressing: r.host_repeat_us for r in rows
+                 if (r.kernel, r.batch, r.context) == ("decode", batch, context)
                  and not math.isnan(r.host_repeat_us) and r.block_size in (0, PEER_BLOCK_SIZE)}
         if again:
             ours_again = max(again.get("paged", math.nan), again.get("contiguous", math.nan))

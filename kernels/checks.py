@@ -3,7 +3,10 @@
 A bad argument must be a clear Python error before launch, never a device fault. The
 checks read shapes and dtypes only, except the bound check of block tables and seq_starts,
 which reads one max() from the device: callers in a hot loop that build those tables
-themselves (the engines) pass ``validate=False``.
+themselves (the engines) pass ``validate=False``. The checks every eager attention call runs
+(``check_query``, ``check_cache_pair``, ``check_triton_cache``, ``check_addressing_mode``,
+``check_out``) raise directly: a message closure per check, as ``_require`` takes, cost more
+than the check.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ def check_block_size(block_size: int) -> None:
 
 
 def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    # The checks on every eager attention call raise directly: a message closure per check cost more than the check.
     if k_cache.dim() != 3:
-        raise KernelArgumentError(f"k_cache must be [num_slots, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
+        raise KernelArgumentError(
+            f"k_cache must be [num_slots, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
     if k_cache.shape != v_cache.shape:
         raise KernelArgumentError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     if k_cache.dtype != v_cache.dtype:

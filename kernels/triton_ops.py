@@ -171,15 +171,15 @@ def rotary_write_kv(
 def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether a linear layer takes ``triton_linear.skinny_linear``: while a CUDA graph is captured on a GPU whose
     kernels launch as programmatic dependents (sm_90 and later), for 16-bit inputs of at most
-    ``triton_linear.MAX_ROWS`` rows (a decode step's). What it saves is its launches' overlap with their
-    neighbours' on the device, which shows where the graph's replay keeps the host off the critical path; eager
-    steps, where a Triton launch costs the host more than a cuBLAS call (23-35 µs each through Triton's own path,
-    experiments/h100-2026-11-26-roofline/; less through ``triton_common.launch``'s direct one, not measured for
-    this kernel), keep cuBLAS. The two round differently, so a replayed step and an eager one of the same rows may differ in the last
-    bits (docs/methodology.md, "What a comparison holds equal"). An eager call that a capture would give the kernel
-    reserves the kernel's ticket counters (``triton_linear.reserve``): graphs are captured after eager warm-up runs
-    of the same shapes, and a capture must not allocate them. A capture that finds none (no warm-up) keeps
-    cuBLAS."""
+    ``triton_linear.MAX_ROWS`` rows (a decode step's). What it saves is its launches' overlap with their neighbours'
+    on the device, which shows where the graph's replay keeps the host off the critical path; eager steps, where a
+    Triton launch costs the host more than a cuBLAS call (23-35 µs each through Triton's own path,
+    experiments/h100-2026-11-26-roofline/; less through ``triton_common.launch``'s direct one, not measured for this
+    kernel), keep cuBLAS. The two round differently, so a replayed step and an eager one of the same rows may differ
+    in the last bits (docs/methodology.md, "What a comparison holds equal"). An eager call that a capture would give
+    the kernel reserves the kernel's ticket counters (``triton_linear.reserve``): graphs are captured after eager
+    warm-up runs of the same shapes, and a capture must not allocate them. A capture that finds none (no warm-up)
+    keeps cuBLAS."""
     if not (x.is_cuda and x.numel() <= triton_linear.MAX_ROWS * x.shape[-1]
             and x.dtype in triton_linear.DTYPES and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype) and weight.shape[0] <= triton_linear.MAX_WEIGHT_ROWS
@@ -226,9 +226,9 @@ def repeatable(attend: Callable[[torch.Tensor, torch.Tensor], object], k_cache: 
     """Run ``attend(k_cache, v_cache)`` (one layer's attention calls) and return what runs the same launches over
     another layer's cache planes, through the compiled kernels (``triton_common.repeater``): a decode call of two
     launches repeated so cost the host 16 µs against 60 for a call of the wrapper (H100 host,
-    experiments/h100-2026-11-27-launch/). Every other argument is reused as it is, so ``attend`` must read buffers the caller
-    refills between repeats, not copies it makes (as the piecewise graphs' queries and outputs are). Where the
-    launches cannot be repeated so (the interpreter), it returns ``attend``."""
+    experiments/h100-2026-11-27-launch/). Every other argument is reused as it is, so ``attend`` must read buffers
+    the caller refills between repeats, not copies it makes (as the piecewise graphs' queries and outputs are).
+    Where the launches cannot be repeated so (the interpreter), it returns ``attend``."""
     with triton_common.recording() as launches:
         attend(k_cache, v_cache)
     return triton_common.repeater(launches, (k_cache, v_cache)) or attend

@@ -205,7 +205,8 @@ class FakePeers:
 @pytest.fixture
 def fake_bench(monkeypatch):
     """Our kernels replaced by the reference, peers by ``FakePeers``; time_us gives ours 10
-    (contiguous), 12 (paged 16) and 30 (SDPA) per pass, graph_us 9 and 11, eager_us 50."""
+    (contiguous), 12 (paged 16) and 30 (SDPA) per pass, graph_us 9 and 11, eager_us 50, and 20 for our
+    call repeated through ``repeatable``."""
     fake = FakePeers()
     monkeypatch.setattr(bench.triton_ops, "decode_attention", reference.decode_attention)
     monkeypatch.setattr(bench.triton_ops, "prefill_attention", reference.prefill_attention)
@@ -224,7 +225,17 @@ def fake_bench(monkeypatch):
 
     monkeypatch.setattr(bench, "time_us", cycling("time"))
     monkeypatch.setattr(bench, "graph_us", cycling("graph"))
-    monkeypatch.setattr(bench, "eager_us", cycling("host"))
+    host = cycling("host")
+    repeated = set()
+    real_repeated = bench._repeated
+
+    def repeated_call(*args):
+        call = real_repeated(*args)
+        repeated.add(call)
+        return call
+
+    monkeypatch.setattr(bench, "_repeated", repeated_call)
+    monkeypatch.setattr(bench, "eager_us", lambda fn, *args: 20.0 if fn in repeated else host(fn, *args))
     return fake
 
 
@@ -244,7 +255,7 @@ def test_decode_rows_put_peers_beside_ours(fake_bench):
     assert good.graph_us == 7.0 and good.host_us == 100.0 and by_name["paged"].host_us == 50.0
     assert by_name["paged"].host_us_passes == "50.000;50.000;50.000"  # the host cost too: a median of 3 passes
     # Ours also repeated through triton_ops.repeatable, as the engines' later layers call it; peers are not.
-    assert by_name["paged"].host_repeat_us == 50.0 and by_name["contiguous"].host_repeat_us == 50.0
+    assert by_name["paged"].host_repeat_us == 20.0 and by_name["contiguous"].host_repeat_us == 20.0
     assert math.isnan(good.host_repeat_us) and math.isnan(by_name["sdpa"].host_repeat_us)
     assert by_name["flex"].peer_status.startswith("mismatch") and math.isnan(by_name["flex"].time_us)
     assert by_name["sdpa_flash"].peer_status == "unavailable: no flash here" and by_name["sdpa_flash"].block_size == 0
@@ -255,7 +266,7 @@ def test_decode_rows_put_peers_beside_ours(fake_bench):
     assert "    2     64     12.0     10.0     11.0      9.0      flashinfer      8.0   0.80      flashinfer      7.0   0.78" in text
     assert "decode vs fastest peer: worst x 0.78 at b2 ctx64 (flashinfer, graph) (>= 1.00, graph replay)" in text
     assert "eager host us/call b2 ctx64: contiguous 50.0, paged 50.0, flashinfer 100.0; paged/contiguous 1.00" in text
-    assert "  repeated (triton_ops.repeatable, as in the engines' layers after the first): contiguous 50.0, paged 50.0; " \
+    assert "  repeated (triton_ops.repeatable, as in the engines' layers after the first): contiguous 20.0, paged 20.0; " \
            "paged/contiguous 1.00" in text
     assert "decode sdpa_flash: unavailable: no flash here [b2 ctx64]" in text
 
