@@ -63,6 +63,32 @@ def test_specialization_keys_refine_tritons_own_specialization():
     assert len(tritons) > 12  # the keys do tell the arguments apart
 
 
+@given(batch=st.integers(1, 512), context=st.integers(1, 1 << 17), sms=st.integers(1, 256))
+def test_decode_split_count_is_a_power_of_two_within_its_bound(batch, context, sms):
+    """The split count fills the device at a power of two, unless that would pass the useful bound (splits of at
+    least four tiles, or of one where fewer would leave SMs idle), which then caps it; and never more splits than
+    tiles."""
+    from kernels.triton_decode import DecodeConfig, num_kv_splits
+
+    config = DecodeConfig(block_n=64, num_warps=4, num_stages=2)
+    splits = num_kv_splits(batch, 8, context, sms, config)
+    tiles = -(-context // 64)
+    assert 1 <= splits <= tiles
+    assert splits & (splits - 1) == 0 or splits == tiles or splits == -(-tiles // config.min_tiles_per_split)
+
+
+def test_decode_split_counts_at_the_measured_shapes():
+    """The counts an H100 (132 SMs) gets at the shapes of experiments/h100-2026-11-27-launch/'s sweep, where a
+    power of two beat the unrounded count (7 -> 8 at batch 8 x 4,096, 50 -> 64 at batch 1 x 4,096)."""
+    from kernels.triton_decode import DecodeConfig, num_kv_splits
+
+    config = DecodeConfig(block_n=64, num_warps=4, num_stages=2)
+    got = {(b, c): num_kv_splits(b, 8, c, 132, config) for b, c in
+           ((1, 4096), (4, 1024), (8, 4096), (8, 16384), (2, 16384), (16, 4096), (64, 4096))}
+    assert got == {(1, 4096): 64, (4, 1024): 16, (8, 4096): 8, (8, 16384): 8, (2, 16384): 32, (16, 4096): 4,
+                   (64, 4096): 1}
+
+
 def test_load_backend_picks_triton_by_name():
     assert load_backend("triton") is triton_ops
 
