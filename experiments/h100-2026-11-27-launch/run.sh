@@ -2,10 +2,14 @@
 # Issue 13, session 17: the eager launch path. On the GPU machine, from the repo root:
 #   experiments/h100-2026-11-27-launch/run.sh OUT PART
 #   PART kernels: the kernel GPU tests on this tree (every kernel against its reference, repeated launches, graphs)
+#   PART tests5:  call 5's subset: the GPU launch test's first version and the bench's repeated rows
 #   PART host:    host_probe.py (an eager attention call's host cost, the session's start, OLD=dir with kernels_old,
 #                 against this tree, beside SDPA cuDNN / flash and FlashInfer), PASSES passes (default 5)
 #   PART pdl:     pdl_probe.py (the eager decode's host cost with programmatic dependent launch on and off, at
 #                 batch 1 and 8, as a call and repeated), PASSES passes (default 5)
+#   PART splits:  splits_probe.py (decode at the heuristic's split count and others, beside SDPA cuDNN, graph replay)
+#   PART sweep:   splits_sweep.py (decode at every power-of-two split count and the heuristic's, batch 1-128 x
+#                 context 1,024-16,384, both addressings, beside SDPA cuDNN), PASSES passes (default 3)
 #   PART bench:   python -m kernels.bench --quick --sections peers --decode-cases 1x4096,8x4096 --passes 5 (the
 #                 bench's own host-cost rows and ratio lines)
 #   PART model:   the engines' GPU tests (tests/test_gpu_model.py: every engine equal to one-at-a-time greedy)
@@ -35,6 +39,13 @@ if [ "$part" = kernels ]; then
 elif [ "$part" = host ]; then
   timeout 300 $py $here/host_probe.py ${PASSES:-5} 2>&1 | grep -v Warning > "$out/host.log"
   sed -n '/^SUMMARY/,$p' "$out/host.log"
+elif [ "$part" = tests5 ]; then
+  timeout 240 $py -m pytest -q -m gpu tests/test_kernels_triton.py tests/test_kernel_peers.py \
+      -k "launch_reuses or repeated or programmatic or bench or peers" --tb=short 2>&1 | tail -5 | tee "$out/tests5.log"
+elif [ "$part" = splits ]; then
+  timeout 200 $py $here/splits_probe.py ${PASSES:-5} 2>&1 | grep -v Warning | tee "$out/splits.log"
+elif [ "$part" = sweep ]; then
+  timeout 480 $py $here/splits_sweep.py "$out" ${PASSES:-3} 2>&1 | grep -v Warning | tee "$out/sweep.log"
 elif [ "$part" = pdl ]; then
   timeout 240 $py $here/pdl_probe.py ${PASSES:-5} 2>&1 | grep -v Warning | tee "$out/pdl.log"
 elif [ "$part" = bench ]; then
