@@ -24,6 +24,27 @@ from kernels.triton_common import sm_count
 DEV, DT, HEADS, HD, BS = torch.device("cuda"), torch.bfloat16, 32, 128, 16
 
 
+def time_counts(cache: Cache, q: torch.Tensor, candidates: list[int], passes: int) -> dict[tuple[str, int], float]:
+    """Median graph time per call of our decode at each split count, both addressings, and of SDPA cuDNN (key
+    ("sdpa_cudnn", 0)), over interleaved passes."""
+    batch, ctx = cache.batch, cache.length
+    timers = {}
+    for name, addr, paged in (("contiguous", cache.seq_starts, False), ("paged", cache.block_table(BS), True)):
+        for splits in candidates:
+            fn = (lambda addr=addr, paged=paged, splits=splits: triton_decode.decode(
+                q, cache.k, cache.v, cache.seq_lens, addr, paged=paged, block_size=BS if paged else 1,
+                scale=HD ** -0.5, max_seq_len=ctx, num_splits=splits))
+            timers[(name, splits)] = (lambda fn=fn: graph_us(fn, 20))
+    k4, v4 = (x.view(batch, ctx, 8, HD).transpose(1, 2) for x in (cache.k, cache.v))
+    q4 = q.view(batch, 1, HEADS, HD).transpose(1, 2)
+
+    def sdpa_timer() -> float:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, enable_gqa=True), 20)
+    timers[("sdpa_cudnn", 0)] = sdpa_timer
+    return {k: statistics.median(v) for k, v in interleaved(timers, passes).items()}
+
+
 def main() -> None:
     out, passes = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 3
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -36,22 +57,7 @@ def main() -> None:
             chosen = triton_decode.num_kv_splits(batch, 8, ctx, sm_count(DEV), config)
             tiles = ctx // config.block_n
             candidates = sorted({1 << k for k in range(tiles.bit_length()) if 1 << k <= min(tiles, 64)} | {chosen})
-            timers = {}
-            for name, addr, paged in (("contiguous", cache.seq_starts, False), ("paged", cache.block_table(BS), True)):
-                for splits in candidates:
-                    fn = (lambda addr=addr, paged=paged, splits=splits: triton_decode.decode(
-                        q, cache.k, cache.v, cache.seq_lens, addr, paged=paged, block_size=BS if paged else 1,
-                        scale=HD ** -0.5, max_seq_len=ctx, num_splits=splits))
-                    timers[(name, splits)] = (lambda fn=fn: graph_us(fn, 20))
-            k4, v4 = (x.view(batch, ctx, 8, HD).transpose(1, 2) for x in (cache.k, cache.v))
-            q4 = q.view(batch, 1, HEADS, HD).transpose(1, 2)
-
-            def sdpa_timer() -> float:
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    return graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q4, k4, v4, enable_gqa=True), 20)
-            timers[("sdpa_cudnn", 0)] = sdpa_timer
-            times = {k: statistics.median(v) for k, v in interleaved(timers, passes).items()}
+            times = time_counts(cache, q, candidates, passes)
             sdpa = times[("sdpa_cudnn", 0)]
             line = [f"b{batch:<3} x {ctx:<5} heuristic {chosen:2d}  sdpa {sdpa:7.1f}"]
             for name in ("contiguous", "paged"):
@@ -61,7 +67,7 @@ def main() -> None:
                 rows += [{"batch": batch, "context": ctx, "addressing": name, "splits": s, "heuristic": chosen,
                           "graph_us": times[(name, s)], "sdpa_cudnn_us": sdpa} for s in candidates]
             print("  ".join(line), flush=True)
-            del cache, timers
+            del cache
             torch.cuda.empty_cache()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "splits_sweep.csv", "w", newline="") as f:

@@ -23,15 +23,7 @@ out=${1:?output directory}; part=${2:?part}
 py=${PYTHON:-python3}
 here=$PWD/experiments/h100-2026-11-27-prefill
 mkdir -p "$out"
-root_of() { case $1 in old) echo "${HEAD_TREE:?HEAD_TREE=dir of the tree at the session start}";; *) echo "$PWD";; esac; }
-ab() {  # ab NAME TIMEOUT ARGS...: the sweep once per side, old then new, into $out/runs/NAME_SIDE
-  name=$1; limit=$2; shift 2
-  for side in old new; do
-    root=$(root_of $side)
-    (cd "$root" && PYTHONPATH=$root:${PYTHONPATH:-} timeout $limit $py -m harness -m "$@" report=false \
-        hydra.sweep.dir="$out/runs/${name}_$side" 2>&1 | grep -v WARNING | tail -1)
-  done
-}
+source "$PWD/experiments/ab.sh"
 if [ "$part" = check ]; then
   timeout 240 $py -m pytest -q -m gpu tests/test_kernels_triton.py --tb=short 2>&1 | tail -30 > "$out/check_kernels.log"
   timeout 150 $py -m pytest -q -m gpu -s tests/test_gpu_model.py -k decode_step_replayed --tb=short 2>&1 \
