@@ -284,10 +284,11 @@ def _other_key(a: Any) -> Any:
     if isinstance(a, bool):
         return bool
     if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
+        return specialization_keys((a.as_subclass(torch.Tensor),))[0]
     if isinstance(a, int):
+        a = int(a)
         if -0x80000000 <= a < 0x80000000:
-            return "1" if a == 1 else "D" if a % 16 == 0 else "i"
+            return specialization_keys((a,))[0]
         return "u64" if a >= 1 << 63 else "i64", a % 16 == 0
     if isinstance(a, float):
         return float
@@ -301,13 +302,17 @@ def _launch_hooks() -> bool:
     return bool(getattr(enter, "calls", enter) or getattr(leave, "calls", leave))
 
 
+def _launch_compiled(compiled: CompiledKernel, grid: tuple[int, int, int], stream: int, args: list | tuple) -> None:
+    """Launch ``compiled`` through its launcher: what ``CompiledKernel[grid]`` does, without the hooks' metadata."""
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+
+
 def _run(compiled: CompiledKernel, grid: tuple[int, int, int], stream: int, args: list | tuple) -> None:
-    """Launch ``compiled`` through its launcher (what ``CompiledKernel[grid]`` does, without the hooks' metadata)."""
+    """``_launch_compiled``, or Triton's own ``CompiledKernel[grid]`` where a profiler has hooked the launches."""
     if _launch_hooks():
         compiled[grid](*args, stream=stream)
     else:
-        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args)
+        _launch_compiled(compiled, grid, stream, args)
 
 
 def launch(fn: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
@@ -346,9 +351,7 @@ def launch(fn: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
         if key is not None:
             _COMPILED[key] = hit
     else:  # no hooks: straight to the launcher
-        compiled = hit[0]
-        compiled.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *hit[1])
+        _launch_compiled(hit[0], grid, torch._C._cuda_getCurrentRawStream(device), (*args, *hit[1]))
     if _RECORDING.get() is not None:
         _record(Launch(hit[0], grid, [*args, *hit[1]]))
 
