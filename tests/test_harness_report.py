@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from engines.step_clock import HOST_PHASES
+from harness.bench import report as report_module
 from harness.bench.report import (
     METHODOLOGY,
     REPO,
@@ -312,3 +314,21 @@ def test_virtual_contiguous_runs_get_their_ratios_against_both_other_strategies(
     at4 = {r["against"]: r for r in rows if r["concurrency (closed-loop clients)"] == "4"}
     assert at4["paged"]["output tok/s ratio"].startswith("1.35")  # 310 / 230
     assert at4["contiguous"]["output tok/s ratio"].startswith("2.82")  # 310 / 110
+
+
+@pytest.mark.parametrize("engines", [1, 3])
+def test_the_step_anatomy_legend_sits_below_the_axis_label_for_any_number_of_engines(tmp_path, monkeypatch, engines):
+    """The legend is placed a fixed distance under the axes: placed by a fraction of the axes' height, a one-engine
+    figure's legend covered its axis label."""
+    saved = {}
+    monkeypatch.setattr(report_module.plt, "close", lambda fig: saved.setdefault("fig", fig))
+    chosen = pd.DataFrame([{"engine_label": f"engine{k}", "n": 3, "step_ms": 5.0, "step_gpu_ms": 4.0,
+                            "gpu_busy_frac": 0.9, "in_step_frac": 0.95, **{f"step_{p}_ms": 0.5 for p in HOST_PHASES}}
+                           for k in range(engines)])
+    ok = pd.DataFrame({"hardware": ["cpu"], "model": ["tiny"], "workload_label": ["fixed"]})
+    report_module.fig_step_anatomy(chosen, ok, None, tmp_path, [])
+    fig = saved["fig"]
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend, label = ax.get_legend().get_window_extent(renderer), ax.xaxis.label.get_window_extent(renderer)
+    assert legend.y1 <= label.y0, (legend, label)

@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import ScaledTranslation  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -760,7 +761,10 @@ def fig_step_anatomy(chosen: pd.DataFrame, ok: pd.DataFrame, x: str | None, out:
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
     ax.set_xlim(0, 1.6 * max(1e-3, float(np.nanmax(chosen[["step_ms", "step_gpu_ms"]].to_numpy(dtype=float)))))
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (1.2 + 0.5 * len(names)) - 0.12),
+    # Below the tick labels and the axis label at a fixed distance in inches: a fraction of the axes' height put
+    # a one-engine figure's legend over its axis label.
+    below = ScaledTranslation(0, -0.42, fig.dpi_scale_trans)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=ax.transAxes + below,
               ncol=len(HOST_PHASES) + 1, frameon=False)
     figure = Figure("step_anatomy", "Where a step's time goes",
                     caption(ok, x, "Mean host wall time of an engine step split by phase (schedule, KV manager calls, "
