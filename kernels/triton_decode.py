@@ -73,7 +73,10 @@ def num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
     divides evenly and no split carries a tile more than the others: over 24 shapes (batch 1-128, context 1,024-16,384,
     CUDA-graph replays on an H100), 7 splits at batch 8 x 4,096 took 53.6 µs contiguous where 8 took 50.5, and 50
     splits at batch 1 x 4,096 8.7 µs where 64 took 8.0. Rounded so, the slower addressing took on average 3.6% longer
-    than at the fastest count measured for it, against 5.2% unrounded (experiments/h100-2026-11-27-launch/)."""
+    than at the fastest count measured for it, against 5.2% unrounded (experiments/h100-2026-11-27-launch/). Those
+    were 20 calls back to back, which read a cache under 50 MB from L2; timed one call at a time with L2 flushed, as
+    an engine step reads each layer's cache, the rule is 1.0% over the fastest count on average and 5.6% at worst
+    (batch 16 x 1,024, where 2 splits beat its 4), so it stays (experiments/h100-2026-11-27-closing/)."""
     programs = max(1, batch * num_kv_heads)
     wanted = cdiv(config.waves * num_sms, programs)
     tiles = cdiv(max(1, max_seq_len), config.block_n)
