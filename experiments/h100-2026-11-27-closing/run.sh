@@ -9,6 +9,8 @@
 #                 model.source=random for seed_8b)
 #   PART serve:   experiments/gpu_reference_runs.sh OUT serve (the serve workload offline, with text, and over HTTP)
 #   PART bench:   python -m kernels.bench --sections peers (decode and prefill beside every peer)
+#   PART eager:   eager_profile.py (an eager decode call at batch 1 and 8: the host's time to issue it, the wall
+#                 time, each kernel's device time and the device's idle gaps, PDL on and off)
 #   PART before:  the issue's start against this tree, one side after the other (experiments/ab.sh; HEAD_TREE= a
 #                 git archive of acadd34, the step anatomy added to the host path as the issue found it):
 #                 throughput (engine=contiguous,paged repeats=3) and the serve workload offline (paged, seeds 0-2)
@@ -49,6 +51,8 @@ elif [ "$part" = before ] || [ "$part" = before8b ]; then
     ab seed_8b 280 +experiment=seed_8b engine=contiguous,paged repeats=3 model.source=random
   fi 2>&1 | tee "$out/$part.log"
   tar czf "$out/${part}_runs.tgz" -C "$out" runs && rm -rf "$out/runs"
+elif [ "$part" = eager ]; then
+  timeout 200 $py $here/eager_profile.py 2>&1 | grep -v Warning | tee "$out/eager.log"
 elif [ "$part" = bench ]; then
   timeout ${LIMIT:-300} $py -m kernels.bench --sections peers --passes ${PASSES:-3} --out "$out/peers" 2>&1 \
       | grep -v Warning > "$out/bench_peers.log"
