@@ -8,6 +8,8 @@
 #   PART heads:   the issue's workloads on this tree: throughput and seed_8b (engine=contiguous,paged repeats=3;
 #                 model.source=random for seed_8b)
 #   PART serve:   experiments/gpu_reference_runs.sh OUT serve (the serve workload offline, with text, and over HTTP)
+#   PART tiles:   prefill_tiles.py (prefill tiles that fit two to four programs an SM, against the rule's, both
+#                 addressings, beside SDPA cuDNN), PASSES passes (default 3); MID=1: the rule's boundary instead
 #   PART bench:   python -m kernels.bench --sections peers (decode and prefill beside every peer)
 #   PART eager:   eager_profile.py (an eager decode call at batch 1 and 8: the host's time to issue it, the wall
 #                 time, each kernel's device time and the device's idle gaps, PDL on and off)
@@ -51,6 +53,8 @@ elif [ "$part" = before ] || [ "$part" = before8b ]; then
     ab seed_8b 280 +experiment=seed_8b engine=contiguous,paged repeats=3 model.source=random
   fi 2>&1 | tee "$out/$part.log"
   tar czf "$out/${part}_runs.tgz" -C "$out" runs && rm -rf "$out/runs"
+elif [ "$part" = tiles ]; then
+  timeout 300 $py $here/prefill_tiles.py ${PASSES:-3} ${MID:+mid} 2>&1 | grep -v Warning | tee "$out/tiles.log"
 elif [ "$part" = eager ]; then
   timeout 200 $py $here/eager_profile.py 2>&1 | grep -v Warning | tee "$out/eager.log"
 elif [ "$part" = bench ]; then
