@@ -11,11 +11,11 @@ python splits_cold.py OUT [PASSES]
 """
 from __future__ import annotations
 
-import csv
 import statistics
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -75,10 +75,7 @@ def main() -> None:
             del cache
             torch.cuda.empty_cache()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "splits_cold.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    pd.DataFrame(rows).to_csv(out / "splits_cold.csv", index=False)
 
 
 if __name__ == "__main__":
