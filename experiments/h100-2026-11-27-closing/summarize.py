@@ -88,7 +88,8 @@ def serve(root: Path) -> None:
 def splits() -> None:
     """The rule's split count against the fastest count measured, hot and cold, and against SDPA cuDNN."""
     d = pd.read_csv(HERE / "splits_cold_call1.csv")
-    print("\ndecode's split count (call 1): the slower addressing at the rule's count")
+    print("\ndecode's split count (call 1): at the rule's count, the worse of the two addressings' time over its own fastest"
+          " count, and the slower addressing against SDPA cuDNN")
     print("| mode | mean time over the fastest count | worst | shapes below 0.95x SDPA cuDNN | worst x SDPA |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for mode, g in d.groupby("mode", sort=False):
